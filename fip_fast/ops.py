@@ -1,0 +1,141 @@
+"""The one dispatcher: every fused op of fip_fast is reached through here.
+
+An *implementation* ("impl") is a backend module that provides the same functions with the same signatures as
+the kernel-level ops of :mod:`fip_fast.reference` plus ``available(device) -> (ok, reason)``:
+
+==============  ==================================  =====================================================
+impl            module                              where it runs
+==============  ==================================  =====================================================
+``reference``   :mod:`fip_fast.reference`           anywhere; plain loops, the spec
+``foreach``     :mod:`fip_fast._foreach`            anywhere; ``torch._foreach_*`` (the CPU default)
+``triton``      :mod:`fip_fast.kernels`             CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``)
+``cuda``        :mod:`fip_fast._cuda`               CUDA tensors, when the C++/CUDA extension is built
+==============  ==================================  =====================================================
+
+``impl="auto"`` picks, for the device of the tensors, the first available of ``cuda``, ``triton``, ``foreach``
+(CUDA tensors) or ``foreach`` (elsewhere).  Each fallback is logged once at INFO level with its reason;
+asking explicitly for an unavailable impl raises :class:`ImplUnavailableError` naming what is missing — never a
+silent fallback.
+
+Usage::
+
+    from fip_fast import ops
+    fn = ops.get("fip_step_", impl="auto", device=p.device)
+    fn(params, grads, ...)
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from functools import lru_cache
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("fip_fast")
+
+OPS = ("fisher_accumulate_", "global_norm", "perturb_", "fip_step_", "spectral_weight", "spectral_linear_grad")
+IMPLS = ("reference", "foreach", "triton", "cuda")
+_MODULES = {
+    "reference": "fip_fast.reference",
+    "foreach": "fip_fast._foreach",
+    "triton": "fip_fast.kernels",
+    "cuda": "fip_fast._cuda",
+}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "foreach")}
+
+
+class ImplUnavailableError(RuntimeError):
+    """An implementation that was asked for by name cannot run here (the message says why)."""
+
+
+@lru_cache(maxsize=None)
+def _module(impl: str) -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module(_MODULES[impl]), ""
+    except Exception as exc:  # ImportError, or a broken optional dependency
+        return None, f"import of {_MODULES[impl]} failed: {type(exc).__name__}: {exc}"
+
+
+def availability(impl: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """(ok, reason) for running ``impl`` on tensors of ``device``."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {('auto',) + IMPLS}")
+    if impl == "reference":
+        return True, ""
+    mod, reason = _module(impl)
+    if mod is None:
+        return False, reason
+    check = getattr(mod, "available", None)
+    return check(torch.device(device)) if check is not None else (True, "")
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def resolve(impl: str, device: torch.device | str = "cpu") -> str:
+    """The concrete impl name for ``impl`` ("auto" or a name) on ``device``; raises if a named impl can't run."""
+    device = torch.device(device)
+    if impl != "auto":
+        ok, reason = availability(impl, device)
+        if not ok:
+            raise ImplUnavailableError(f"impl={impl!r} is not available for {device.type} tensors: {reason}")
+        return impl
+    for cand in _AUTO_ORDER.get(device.type, ("foreach",)):
+        ok, reason = availability(cand, device)
+        if ok:
+            return cand
+        key = (device.type, cand)
+        if key not in _logged:
+            _logged.add(key)
+            logger.info("fip_fast: impl=%r skipped for %s tensors: %s", cand, device.type, reason)
+    return "foreach"
+
+
+def get(op: str, impl: str = "auto", device: torch.device | str = "cpu") -> Callable:
+    """The function implementing ``op`` with ``impl`` (resolved for ``device``)."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    name = resolve(impl, device)
+    mod = importlib.import_module(_MODULES[name]) if name == "reference" else _module(name)[0]
+    fn = getattr(mod, op, None)
+    if fn is None:
+        raise ImplUnavailableError(f"impl={name!r} does not implement {op!r}")
+    return fn
+
+
+def fisher_accumulate_(fisher, grads, beta, alpha, *, impl: str = "auto"):
+    """F ← β·F + α·g² for every tensor of the lists (see :func:`fip_fast.reference.fisher_accumulate_`)."""
+    if fisher:
+        get("fisher_accumulate_", impl, fisher[0].device)(fisher, grads, beta, alpha)
+
+
+def global_norm(tensors, *, impl: str = "auto"):
+    """(global L2 norm, found_inf) as 0-dim fp32 tensors (see :func:`fip_fast.reference.global_norm`)."""
+    dev = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    return get("global_norm", impl, dev)(tensors)
+
+
+def perturb_(params, grads, scale, found_inf=None, *, impl: str = "auto"):
+    """θ ← θ + scale·g unless found_inf (see :func:`fip_fast.reference.perturb_`)."""
+    if params:
+        get("perturb_", impl, params[0].device)(params, grads, scale, found_inf)
+
+
+def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, *, impl: str = "auto",
+              **hyper):
+    """The fused optimizer step (see :func:`fip_fast.reference.fip_step_` for the contract)."""
+    if params:
+        get("fip_step_", impl, params[0].device)(params, grads, grads_pert, fisher0, anchor, momentum_buf,
+                                                 fisher, pert, **hyper)
+
+
+def spectral_weight(U, S, delta, Vh, residual=None, relative=False, *, impl: str = "auto"):
+    """W(δ) (see :func:`fip_fast.reference.spectral_weight`)."""
+    return get("spectral_weight", impl, U.device)(U, S, delta, Vh, residual, relative)
+
+
+def spectral_linear_grad(x, grad_out, U, S, delta, Vh, relative=False, *, impl: str = "auto"):
+    """(δ-gradient, per-sample squared δ-gradients) (see :func:`fip_fast.reference.spectral_linear_grad`)."""
+    return get("spectral_linear_grad", impl, U.device)(x, grad_out, U, S, delta, Vh, relative)
