@@ -208,10 +208,16 @@ class Blend(Attack):
 class SIG(Attack):
     """SIG (Barni et al. 2019): clean-label; add a horizontal sinusoid ``Δ·sin(2π·j·f / W)`` to target images.
 
-    Only target-class training samples are poisoned and their labels are kept.  ``delta`` is the amplitude
-    in [0, 1] pixel units (paper: 20/255 on a 0‥255 scale → 0.078), ``freq`` the number of periods across the
-    image (paper: 6).  ``test_delta`` lets the test-time trigger be stronger, as in the paper's evaluation;
-    default: the same as ``delta``.
+    Only target-class training samples are poisoned and their labels are kept.  ``delta`` is the training
+    amplitude in [0, 1] pixel units, ``freq`` the number of periods across the image (paper: 6).
+    ``test_delta`` is the test-time amplitude (``None``: same as ``delta``); a stronger test-time signal is the
+    usual way SIG is evaluated, since a clean-label trigger is learned more weakly than a relabelled one.
+
+    Defaults, measured on MNIST-5k / :class:`~fip_fast.models.DemoCNN` / 4 epochs: the CIFAR amplitude
+    20/255 ≈ 0.08 is invisible to a digit classifier, Δ = 0.2 with test Δ = 0.2 reaches only ≈ 64 % ASR, and
+    poisoning the *whole* target class (rate 0.1) reaches 97 % but costs 10 points of clean accuracy (clean
+    target digits are no longer recognised without the signal).  Δ_train = 0.2, Δ_test = 0.3 at rate 0.08
+    (≈ 80 % of the target class) gives ≈ 100 % ASR at unchanged clean accuracy.
     """
 
     name = "sig"
@@ -219,7 +225,7 @@ class SIG(Attack):
     default_rate = 0.08  # of the whole set: ≈ 80 % of one class on a balanced 10-class set
 
     def __init__(self, target: int = 0, image_shape: Shape = (1, 28, 28), seed: int = 0,
-                 delta: float = 0.2, freq: float = 6.0, test_delta: Optional[float] = None):
+                 delta: float = 0.2, freq: float = 6.0, test_delta: Optional[float] = 0.3):
         super().__init__(target, image_shape, seed)
         self.delta, self.freq = float(delta), float(freq)
         self.test_delta = float(test_delta) if test_delta is not None else self.delta

@@ -1,0 +1,397 @@
+"""Safe, atomic file I/O.
+
+Loading never runs arbitrary pickled code: checkpoints are read with ``safetensors`` or with
+``torch.load(weights_only=True)``; anything else (a pickled ``nn.Module``, custom classes) is refused with an
+:class:`UnsafeCheckpointError` that says how to convert the file.
+
+Writing is atomic: data go to a temporary file in the destination's directory (same file system), are flushed
+and fsync'ed, and only then ``os.replace``-d onto the destination — a crash or an exception leaves either the old
+file or the new one, never a torn one, and no temporary behind.  Outputs may never overwrite an input
+(:class:`OverwriteInputError`).
+
+:class:`Checkpointer` saves / resumes an interrupted loop (model, optimizer, step, RNG states).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import random
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "UnsafeCheckpointError",
+    "OverwriteInputError",
+    "check_not_input",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_savefig",
+    "load_state_dict",
+    "load_weights",
+    "save_state_dict",
+    "save_model",
+    "Checkpointer",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint would need full (code-executing) unpickling to load; it was refused."""
+
+
+class OverwriteInputError(ValueError):
+    """An output path is one of the inputs; writing it would destroy the data being processed."""
+
+
+# --------------------------------------------------------------------------------------------------- paths
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_input(output: PathLike, *inputs: Optional[PathLike]) -> None:
+    """Raise :class:`OverwriteInputError` if ``output`` names the same file as any of ``inputs``.
+
+    Compares resolved paths (symlinks, ``..``) and, when both exist, the file identity (hard links).
+    """
+    out = Path(output)
+    for inp in inputs:
+        if inp is None:
+            continue
+        i = Path(inp)
+        if out.resolve() == i.resolve() or _same_file(out, i):
+            raise OverwriteInputError(
+                f"refusing to overwrite the input file {str(i)!r} with an output; choose a different output path")
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, protect: Optional[List[PathLike]] = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically, on error it is removed.
+
+    The temporary name keeps ``path``'s suffix, so writers that infer the format from the extension
+    (``matplotlib.savefig``, ``safetensors``) behave as with the real name.
+
+    Args:
+        protect: input paths that ``path`` must not be (see :func:`check_not_input`).
+    """
+    dest = Path(path)
+    check_not_input(dest, *(protect or []))
+    directory = dest.parent if str(dest.parent) else Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {directory}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{dest.suffix}", dir=directory)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported on every platform / file system, hence best effort.
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, *, protect: Optional[List[PathLike]] = None) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path, protect=protect) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: PathLike, text: str, *, protect: Optional[List[PathLike]] = None) -> Path:
+    """Write UTF-8 ``text`` (JSON, Markdown, CSV…) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"), protect=protect)
+
+
+def atomic_write_json(path: PathLike, obj: Any, *, protect: Optional[List[PathLike]] = None, indent: int = 2) -> Path:
+    """Serialize ``obj`` as JSON (serialized fully before the file is touched) and write it atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n", protect=protect)
+
+
+def atomic_savefig(fig, path: PathLike, *, protect: Optional[List[PathLike]] = None, **savefig_kwargs) -> Path:
+    """``fig.savefig`` to ``path`` atomically (format from the suffix unless ``format=`` is given)."""
+    savefig_kwargs.setdefault("format", Path(path).suffix.lstrip(".") or None)
+    with atomic_path(path, protect=protect) as tmp:
+        fig.savefig(tmp, **savefig_kwargs)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+_UNSAFE_HINT = (
+    "fip_fast loads only safetensors files or weights-only torch checkpoints (plain dicts of tensors, numbers, "
+    "strings, lists), because unpickling anything else can execute arbitrary code. If you trust this file, "
+    "convert it once in your own environment:\n"
+    "    obj = torch.load(path, weights_only=False)\n"
+    "    sd = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj\n"
+    "    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')"
+)
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    # Content sniffing: 8-byte little-endian header length, then a JSON object.
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+        return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
+    except OSError:
+        return False
+
+
+def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint safely: ``.safetensors`` or ``torch.load(weights_only=True)``.
+
+    Returns whatever the file holds as a dict (for a safetensors file: ``{name: Tensor}``).  A checkpoint that
+    wraps the weights (``{"state_dict": …}`` / ``{"model": …}``) is returned as is — see :func:`load_weights`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: the file needs full unpickling (e.g. a pickled ``nn.Module``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if _is_safetensors(p):
+        from safetensors.torch import load_file
+
+        return load_file(str(p), device=str(map_location))
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"{p} is not a weights-only checkpoint and was not loaded.\n{_UNSAFE_HINT}\n"
+                                    f"(torch said: {str(e).splitlines()[0]})") from e
+    except RuntimeError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise UnsafeCheckpointError(f"{p} is not a weights-only checkpoint and was not loaded.\n{_UNSAFE_HINT}") from e
+        raise ValueError(f"{p}: not a readable checkpoint (corrupt, truncated, or not a torch/safetensors file): "
+                         f"{e}") from e
+    except Exception as e:  # the weights-only unpickler raises IndexError, EOFError… on truncated files
+        raise ValueError(f"{p}: not a readable checkpoint (corrupt, truncated, or not a torch/safetensors file): "
+                         f"{type(e).__name__}: {e}") from e
+    if not isinstance(obj, Mapping):
+        raise UnsafeCheckpointError(f"{p} holds a {type(obj).__name__}, not a state dict.\n{_UNSAFE_HINT}")
+    return dict(obj)
+
+
+def _unwrap(sd: Mapping[str, Any]) -> Dict[str, Tensor]:
+    for key in ("state_dict", "model_state_dict", "model"):
+        if key in sd and isinstance(sd[key], Mapping):
+            return _unwrap(sd[key])
+    # Checkpoints saved from DataParallel / DistributedDataParallel prefix every key with "module.".
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def load_weights(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
+    """Load the weights at ``path`` safely into ``model`` (in place) and return it.
+
+    Accepts a bare state dict or one wrapped under ``state_dict`` / ``model_state_dict`` / ``model``, with or
+    without a ``module.`` prefix.
+    """
+    sd = _unwrap(load_state_dict(path, map_location="cpu"))
+    tensors = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+    try:
+        model.load_state_dict(tensors, strict=strict)
+    except RuntimeError as e:
+        raise RuntimeError(f"the weights in {path} do not fit this model architecture: {e}") from e
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- saving
+def _plain_tensors(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """CPU, contiguous, storage-disjoint copies — safetensors refuses tensors that share memory (tied weights)."""
+    out: Dict[str, Tensor] = {}
+    seen = set()
+    for k, v in sd.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"state dict entry {k!r} is a {type(v).__name__}, not a tensor")
+        t = v.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if (t.numel() and key in seen) or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # shared or a view into a larger storage
+        seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
+        out[k] = t
+    return out
+
+
+def save_state_dict(sd: Mapping[str, Tensor], path: PathLike, *, metadata: Optional[Dict[str, str]] = None,
+                    protect: Optional[List[PathLike]] = None) -> Path:
+    """Save a ``{name: Tensor}`` dict as safetensors, atomically; ``metadata`` values must be strings."""
+    from safetensors.torch import save_file
+
+    tensors = _plain_tensors(sd)
+    with atomic_path(path, protect=protect) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return Path(path)
+
+
+def save_model(model: Union[nn.Module, Mapping[str, Tensor]], path: PathLike, *,
+               metadata: Optional[Dict[str, str]] = None, protect: Optional[List[PathLike]] = None) -> Path:
+    """Save a model's state dict (parameters and buffers) as safetensors, atomically.
+
+    Args:
+        protect: input paths (e.g. the checkpoint that was purified) that must not be overwritten.
+    """
+    sd = model.state_dict() if isinstance(model, nn.Module) else model
+    return save_state_dict(sd, path, metadata=metadata, protect=protect)
+
+
+# --------------------------------------------------------------------------------------------------- resume
+def _plain(obj: Any, where: str = "state") -> Any:
+    """Convert ``obj`` to what ``torch.load(weights_only=True)`` accepts; fail loudly on anything else."""
+    if obj is None or isinstance(obj, (bool, int, float, str, Tensor, torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, list):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    raise TypeError(f"{where} is a {type(obj).__name__}, which a weights-only checkpoint cannot hold")
+
+
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])],
+        "python": _plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Periodic, atomic checkpoints of a training / purification loop, and resumption from the latest one.
+
+    Each checkpoint ``<directory>/<prefix>-<step:08d>.pt`` is a ``torch.save`` of a plain dict
+    ``{"step", "model", "optimizer", "rng", "extra"}`` that loads with ``weights_only=True``; optimizer state
+    (momentum buffers, step counts, hyper-parameters such as ``betas`` tuples) is converted to plain types on
+    the way out.  Only the newest ``keep`` checkpoints are kept.
+
+    Usage::
+
+        ckpt = Checkpointer("run/ckpt", every=100)
+        start = ckpt.resume(model, optimizer)        # 0 when there is nothing to resume
+        for step in range(start, total):
+            ...
+            ckpt.maybe_save(step + 1, model, optimizer)
+    """
+
+    _PATTERN = r"^{prefix}-(\d+)\.pt$"
+
+    def __init__(self, directory: PathLike, every: int = 100, keep: int = 2, prefix: str = "ckpt"):
+        if every < 1 or keep < 1:
+            raise ValueError("every and keep must be ≥ 1")
+        self.directory, self.every, self.keep, self.prefix = Path(directory), int(every), int(keep), prefix
+        self._re = re.compile(self._PATTERN.format(prefix=re.escape(prefix)))
+        self.extra: Dict[str, Any] = {}  # the "extra" dict of the checkpoint last resumed from
+
+    def path_for(self, step: int) -> Path:
+        return self.directory / f"{self.prefix}-{step:08d}.pt"
+
+    def checkpoints(self) -> List[Path]:
+        """Existing checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := self._re.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def save(self, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+             extra: Optional[Mapping[str, Any]] = None) -> Path:
+        """Write the checkpoint for ``step`` atomically and prune old ones."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "step": int(step),
+            "model": _plain(model.state_dict(), "model"),
+            "optimizer": _plain(optimizer.state_dict(), "optimizer") if optimizer is not None else None,
+            "rng": _rng_state(),
+            "extra": _plain(dict(extra or {}), "extra"),
+        }
+        path = self.path_for(step)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+        for old in self.checkpoints()[:-self.keep]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+        return path
+
+    def maybe_save(self, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                   extra: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
+        """Save when ``step`` is a positive multiple of ``every``; return the path written, if any."""
+        return self.save(step, model, optimizer, extra) if step > 0 and step % self.every == 0 else None
+
+    def load_latest(self, map_location: Union[str, torch.device] = "cpu") -> Optional[Dict[str, Any]]:
+        """The newest readable checkpoint's payload (``weights_only=True``), or None when there is none.
+
+        A checkpoint that fails to load (e.g. truncated by a copy) is skipped in favour of the previous one.
+        """
+        for path in reversed(self.checkpoints()):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # truncated / corrupt: IndexError, EOFError, UnpicklingError, RuntimeError…
+                warnings.warn(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}", stacklevel=2)
+                continue
+        return None
+
+    def resume(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+               restore_rng: bool = True, map_location: Union[str, torch.device] = "cpu") -> int:
+        """Restore model, optimizer and RNG states from the latest checkpoint; return its step (0 if none)."""
+        payload = self.load_latest(map_location)
+        if payload is None:
+            return 0
+        model.load_state_dict(payload["model"])
+        if optimizer is not None and payload.get("optimizer") is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        if restore_rng:
+            _set_rng_state(payload["rng"])
+        self.extra = payload.get("extra", {})
+        return int(payload["step"])
