@@ -5,7 +5,7 @@
 // scalar (misaligned / tail) paths, the found_inf skip and the device-scalar reads.  What it cannot check: the
 // CUDA launch itself, warp-level reductions (emulated by summing thread partials in order), memory ordering.
 //
-//   g++ -std=c++17 -O1 -shared -fPIC -I<cuda>/include -o libfipemu.so emulate.cpp
+//   g++ -std=c++17 -O1 -ffp-contract=off -Wno-unknown-pragmas -shared -fPIC -I<cuda>/include -o libfipemu.so emulate.cpp
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -87,7 +87,6 @@ int fipemu_fip_step(int param_dtype, int grad_dtype, int anchor_dtype, int n, vo
   a.beta = static_cast<float>(scal[9]);
   a.one_minus_beta = static_cast<float>(1.0 - scal[9]);
   a.damping = static_cast<float>(scal[10]);
-  a.beta_d = scal[9];
   a.nesterov = flags[0];
   a.has_grad_pert = flags[1];
   a.has_restore = flags[2];

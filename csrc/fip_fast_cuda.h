@@ -73,7 +73,6 @@ struct StepArgs {
   float beta;                 // (float) beta
   float one_minus_beta;       // (float) (1.0 - beta), computed in double like the reference
   float damping;
-  double beta_d;              // beta for the bias correction 1 - beta^step (computed in double)
   bool nesterov;
   bool has_grad_pert;
   bool has_restore;           // fd restore theta -= restore_scale * g (ignored when has_pert)

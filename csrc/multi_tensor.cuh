@@ -3,8 +3,7 @@
 // emulation test (csrc/emulate.cpp loops over blocks and threads), which is how the arithmetic, the chunk lookup,
 // the vector/scalar paths and the found_inf skip are checked against fip_fast.reference without a GPU.
 //
-// Only CUDA headers.  All arithmetic in fp32 (the bias correction 1 - beta^t in double), results rounded to the
-// storage dtype with round-to-nearest-even.
+// Only CUDA headers.  All arithmetic in fp32, results rounded to the storage dtype with round-to-nearest-even.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -165,8 +164,8 @@ FIP_HD void fip_step_block(const StepEntry* table, int ntensors, int64_t chunk, 
   const bool has_restore = !has_pert && a.has_restore;
   const float rs = has_restore ? read(a.restore_scale) : 0.0f;
   const float nps = has_pert ? read(a.next_pert_scale) : 0.0f;
-  float bias_corr = 1.0f;
-  if (a.precondition) bias_corr = static_cast<float>(1.0 - pow(a.beta_d, static_cast<double>(read(a.step))));
+  // The bias correction is an fp32 number (reference: 1.0 - fp32(beta) ** fp32(step)).
+  const float bias_corr = a.precondition ? 1.0f - powf(a.beta, read(a.step)) : 1.0f;
   const bool has_anchor = e.fisher0 != nullptr;  // the binding leaves fisher0 null when eta_r == 0
   const bool has_gp = a.has_grad_pert;
 
