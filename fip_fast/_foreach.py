@@ -26,7 +26,8 @@ def _skip(found_inf: Optional[Scalar]) -> bool:
 
 
 def _fp32(ts: Sequence[Tensor]) -> list[Tensor]:
-    return [t if t.dtype == torch.float32 else t.float() for t in ts]
+    """fp32 views/copies for the math (fp64 stays fp64, as in the reference)."""
+    return [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in ts]
 
 
 def _scaled(ts: list[Tensor], s: Scalar) -> list[Tensor]:
@@ -101,7 +102,8 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
     torch._foreach_add_(fisher, torch._foreach_mul(g, g), alpha=1.0 - beta)
     # 4. preconditioning
     if precondition:
-        bc = 1.0 - beta ** (step if not isinstance(step, Tensor) else step.float())
+        t = step.float() if isinstance(step, Tensor) else torch.tensor(float(step))
+        bc = 1.0 - torch.tensor(beta, dtype=torch.float32, device=t.device) ** t
         den = torch._foreach_div(fisher, bc)
         torch._foreach_add_(den, damping)
         torch._foreach_div_(d, den)

@@ -119,6 +119,7 @@ class FIP(Optimizer):
         self._skip_warned = False
         self._calls_since_check = 0
         self._perturbed = False          # lagged: parameters currently hold θ + e
+        self._suspended = False          # lagged: inside unperturbed(), the perturbation is taken off
         super().__init__(params, defaults)
         if impl not in ("auto", "reference"):
             for dev in {p.device for g in self.param_groups for p in g["params"]}:
@@ -210,12 +211,12 @@ class FIP(Optimizer):
             yield
             return
         self._apply_pert(-1.0)
-        self._perturbed = False
+        self._perturbed, self._suspended = False, True
         try:
             yield
         finally:
             self._apply_pert(1.0)
-            self._perturbed = True
+            self._perturbed, self._suspended = True, False
 
     @torch.no_grad()
     def _apply_pert(self, sign: float) -> None:
@@ -229,7 +230,7 @@ class FIP(Optimizer):
         ``with opt.unperturbed():``; :meth:`load_state_dict` re-applies the stored perturbation ``pert`` to the
         (unperturbed) parameters, so load the model's weights first, then the optimizer's."""
         sd = super().state_dict()
-        sd["fip_perturbed"] = self._perturbed
+        sd["fip_perturbed"] = self._perturbed or self._suspended
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -52,6 +52,11 @@ __all__ = [
 ]
 
 
+def _acc(t: Tensor) -> Tensor:
+    """The accumulation dtype of the spec: fp32 for fp32/fp16/bf16 tensors; fp64 stays fp64 (for tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _f(x: Scalar) -> float:
     """A Python float from a number or a 0-dim tensor (the reference may sync; it is the slow path)."""
     return float(x.item()) if isinstance(x, Tensor) else float(x)
@@ -183,7 +188,7 @@ def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta: 
     """F ← β·F + α·g² for every pair (fp32 math; ``fisher`` is fp32 state, ``grads`` any float dtype)."""
     b, a = _f(beta), _f(alpha)
     for f, g in zip(fisher, grads):
-        f.copy_(b * f.float() + a * g.float().pow(2))
+        f.copy_(b * _acc(f) + a * _acc(g).pow(2))
 
 
 @torch.no_grad()
@@ -195,7 +200,7 @@ def global_norm(tensors: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor]:
     sq = torch.zeros((), dtype=torch.float32, device=dev)
     for t in tensors:
         if t is not None:
-            sq = sq + t.float().pow(2).sum()
+            sq = sq + _acc(t).pow(2).sum()
     norm = sq.sqrt()
     return norm, (~torch.isfinite(norm)).float()
 
@@ -210,7 +215,7 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale: Scalar,
         return
     s = _f(scale)
     for p, g in zip(params, grads):
-        p.copy_(p.float() + s * g.float())
+        p.copy_(_acc(p) + s * _acc(g))
 
 
 def mix_coefficient(eta_F: float, gnorm: Tensor, rho: float, max_mix: float) -> Tensor:
@@ -264,7 +269,7 @@ def fip_step_(
 
            fisher = β·fisher + (1 − β)·g²
 
-    4. optional preconditioning: d = d / (fisher / (1 − β^step) + damping)
+    4. optional preconditioning: d = d / (fisher / (1 − β^step) + damping)   (1 − β^step in fp32)
     5. momentum: buf = μ·buf + d;  u = d + μ·buf if nesterov else buf;  θ ← θ − lr·u
     6. lagged estimator (pert is not None)::
 
@@ -287,24 +292,25 @@ def fip_step_(
     rs = None if restore_scale is None else _f(restore_scale)
     nps = 0.0 if next_pert_scale is None else _f(next_pert_scale)
     for i, p in enumerate(params):
-        g = grads[i].float()
-        theta = p.float()
+        g = _acc(grads[i])
+        theta = _acc(p)
         # 1. restore
         if pert is not None:
             theta = theta - pert[i]
         elif rs is not None:
             theta = theta - rs * g
         # 2. direction
-        d = g if grads_pert is None else g + mix_ * (grads_pert[i].float() - g)
+        d = g if grads_pert is None else g + mix_ * (_acc(grads_pert[i]) - g)
         if fisher0[i] is not None and eta_r != 0.0:
-            d = d + eta_r * fisher0[i].float() * (theta - anchor[i].float())
+            d = d + eta_r * _acc(fisher0[i]) * (theta - _acc(anchor[i]))
         if weight_decay != 0.0:
             d = d + weight_decay * theta
         # 3. Fisher EMA
         fisher[i].copy_(beta * fisher[i] + (1.0 - beta) * g * g)
         # 4. preconditioning
-        if precondition:
-            d = d / (fisher[i] / (1.0 - beta ** t) + damping)
+        if precondition:   # the bias correction is an fp32 number, as every fast path computes it
+            bc = 1.0 - torch.tensor(beta, dtype=torch.float32) ** torch.tensor(t, dtype=torch.float32)
+            d = d / (fisher[i] / bc + damping)
         # 5. momentum and update
         buf = momentum_buf[i]
         buf.copy_(momentum * buf + d)
@@ -330,10 +336,10 @@ def spectral_weight(U: Tensor, S: Tensor, delta: Tensor, Vh: Tensor, residual: O
     fp32.  The rank-k form of METHOD.md is W − U_k·diag(S_k)·Vh_k + U_k·diag(relu(S_k+δ))·Vh_k; its first two
     terms are the frozen ``residual``.
     """
-    s = S.float() * (1.0 + delta.float()) if relative else S.float() + delta.float()
-    W = (U.float() * torch.relu(s)) @ Vh.float()
+    s = _acc(S) * (1.0 + _acc(delta)) if relative else _acc(S) + _acc(delta)
+    W = (_acc(U) * torch.relu(s)) @ _acc(Vh)
     if residual is not None:
-        W = W + residual.float()
+        W = W + _acc(residual)
     return W.to(U.dtype)
 
 
@@ -351,10 +357,10 @@ def spectral_linear_grad(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, delt
     """
     if x.dim() == 2:
         x, grad_out = x.unsqueeze(1), grad_out.unsqueeze(1)
-    a = x.float() @ Vh.float().t()
-    b = grad_out.float() @ U.float()
+    a = _acc(x) @ _acc(Vh).t()
+    b = _acc(grad_out) @ _acc(U)
     ds = (a * b).sum(1)                                           # (N, r)
-    s = S.float() * (1.0 + delta.float()) if relative else S.float() + delta.float()
-    jac = (s > 0).float() * (S.float() if relative else 1.0)
+    s = _acc(S) * (1.0 + _acc(delta)) if relative else _acc(S) + _acc(delta)
+    jac = (s > 0).float() * (_acc(S) if relative else 1.0)
     per_sample = ds * jac
     return per_sample.sum(0), per_sample.pow(2)
