@@ -106,7 +106,7 @@ def _linear_layers(model: nn.Module, wanted: set[int]) -> tuple[list[tuple[nn.Mo
 
     layers, covered = [], set()
     for m in model.modules():
-        if type(m) is nn.Linear and id(m.weight) in wanted:
+        if type(m) is nn.Linear and id(getattr(m, "weight", None)) in wanted:   # a spectral base has none
             layers.append((m, "linear"))
             covered.add(id(m.weight))
             if m.bias is not None:
