@@ -18,9 +18,12 @@
 // capture is refused with a clear error (warm up once before capturing).
 #include <torch/extension.h>
 
-#include <ATen/cuda/CUDAContext.h>
+// Only c10's CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS / cuSPARSE / cuSOLVER headers, which
+// minimal toolkits lack and these kernels don't need.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <pybind11/stl.h>
 
 #include <atomic>
@@ -116,9 +119,19 @@ const Entry* upload(const std::vector<Entry>& entries, const at::Device& dev, cu
   return reinterpret_cast<const Entry*>(t.data_ptr());
 }
 
-int64_t chunk_for(int64_t total_numel) {
-  return pick_chunk(total_numel, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+int sm_count(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  cache[device] = n;
+  return n;
 }
+
+int64_t chunk_for(int64_t total_numel, const at::Device& dev) { return pick_chunk(total_numel, sm_count(dev.index())); }
 
 // ------------------------------------------------------------------------------------------------ validation
 
@@ -182,8 +195,8 @@ std::string fisher_accumulate(const TensorList& fisher, const TensorList& grads,
   if (groups.empty()) return "";
   c10::cuda::CUDAGuard guard(dev);
   const DevScalar b = dev_scalar(beta_t, beta, dev, "beta"), a = dev_scalar(alpha_t, alpha, dev, "alpha");
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev.index()).stream();
-  const int64_t chunk = chunk_for(total);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const int64_t chunk = chunk_for(total, dev);
   for (auto& kv : groups) {
     const int64_t nchunks = assign_chunks(kv.second, chunk);
     const PairEntry* table = upload(kv.second, dev, stream);
@@ -221,8 +234,8 @@ std::string perturb(const TensorList& params, const TensorList& grads, const Opt
   c10::cuda::CUDAGuard guard(dev);
   const DevScalar s = dev_scalar(scale_t, scale, dev, "scale");
   const float* fi = flag_ptr(found_inf, dev);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev.index()).stream();
-  const int64_t chunk = chunk_for(total);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const int64_t chunk = chunk_for(total, dev);
   for (auto& kv : groups) {
     const int64_t nchunks = assign_chunks(kv.second, chunk);
     const PairEntry* table = upload(kv.second, dev, stream);
@@ -354,8 +367,8 @@ std::string fip_step(const TensorList& params, const TensorList& grads, const st
   a.damping = static_cast<float>(damping);
   a.nesterov = nesterov;
 
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev.index()).stream();
-  const int64_t chunk = chunk_for(total);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const int64_t chunk = chunk_for(total, dev);
   for (auto& kv : groups) {
     const int64_t nchunks = assign_chunks(kv.second, chunk);
     const StepEntry* table = upload(kv.second, dev, stream);
@@ -391,8 +404,8 @@ std::tuple<at::Tensor, at::Tensor, std::string> global_norm(const TensorList& te
     total += t.numel();
   }
   c10::cuda::CUDAGuard guard(dev);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(dev.index()).stream();
-  const int64_t chunk = chunk_for(total);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const int64_t chunk = chunk_for(total, dev);
   int64_t npartials = 0;
   for (auto& kv : groups) npartials += assign_chunks(kv.second, chunk);
   at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kFloat).device(dev));

@@ -77,6 +77,6 @@ def build_kwargs() -> dict:
         name="fip_fast._C",
         sources=[os.path.join(rel, s) for s in cu.CSRC_SOURCES],
         include_dirs=[HERE],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},  # C++ standard: torch's choice
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}

@@ -184,8 +184,8 @@ def _jit_build():
     return cpp_extension.load(
         name="fip_fast_C",
         sources=[os.path.join(src, s) for s in CSRC_SOURCES],
-        extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17"],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3"],  # the C++ standard is torch's choice (C++17 or C++20)
         extra_include_paths=[src],
         build_directory=build_dir,
         with_cuda=True,
