@@ -1,0 +1,219 @@
+"""Plumbing shared by the baselines: batches sampled from the clean set, freezing, counting, timing.
+
+The common calling convention of every baseline::
+
+    model, info = run_<name>(model, clean_loader, steps=…, lr=…, *, batch_size=128, seed=0, device=None,
+                             loss_fn=None, progress=True, **method_options)
+
+* ``model`` is purified **in place** and returned (in eval mode, ``requires_grad`` flags as they were).
+* ``clean_loader`` is either an iterable of ``(x, y)`` batches (a ``DataLoader``, a list of tuples, dicts with
+  ``x``/``y`` or ``input_ids``/``labels``) — cycled when exhausted — or a pair of tensors ``(x, y)`` holding the
+  whole clean set, from which mini-batches of ``batch_size`` are drawn **with replacement** (the authors' FIP
+  protocol: 2000 iterations sampled with replacement from 1 % of the data).
+* ``info`` is a plain dict: ``method``, ``steps``, ``wall_time_s`` (purification only, CUDA-synchronized),
+  ``trainable_params`` (number of scalars the method updates), ``loss_history`` (a few (step, loss) pairs),
+  ``skipped_steps`` (non-finite gradients), plus method-specific entries.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger("fip_fast")
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` from a tuple/list batch or a dict with ``x``/``y`` or ``input_ids``/``labels``."""
+    if isinstance(batch, dict):
+        x = batch["input_ids"] if "input_ids" in batch else batch["x"]
+        y = batch["labels"] if "labels" in batch else batch["y"]
+        return x, y
+    return batch[0], batch[1]
+
+
+def _is_tensor_pair(obj: Any) -> bool:
+    return (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, Tensor) for t in obj)
+            and obj[0].dim() >= 1 and obj[1].dim() >= 1 and obj[0].shape[0] == obj[1].shape[0]
+            and obj[0].shape[0] > 1)
+
+
+def batch_stream(clean_loader: Any, batch_size: int = 128, seed: int = 0,
+                 device: Optional[torch.device] = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """An endless stream of ``(x, y)`` mini-batches on ``device`` (see the module docstring).
+
+    A pair of tensors is sampled with replacement by a private ``torch.Generator`` seeded with ``seed``; any other
+    iterable is re-iterated when exhausted (its own shuffling, if any, applies).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if _is_tensor_pair(clean_loader):
+        x, y = clean_loader
+        g = torch.Generator().manual_seed(int(seed))
+        n = x.shape[0]
+        while True:
+            idx = torch.randint(n, (batch_size,), generator=g)
+            xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
+            yield (xb.to(device), yb.to(device)) if device is not None else (xb, yb)
+    else:
+        empty = True
+        while True:
+            for batch in clean_loader:
+                empty = False
+                xb, yb = split_batch(batch)
+                yield (xb.to(device), yb.to(device)) if device is not None else (xb, yb)
+            if empty:
+                raise ValueError("clean_loader yielded no batches")
+
+
+def clean_tensors(clean_loader: Any, max_batches: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """The clean set as one ``(x, y)`` pair (concatenating the loader's batches once)."""
+    if _is_tensor_pair(clean_loader):
+        return clean_loader[0], clean_loader[1]
+    xs, ys = [], []
+    for b, batch in enumerate(clean_loader):
+        if max_batches is not None and b >= max_batches:
+            break
+        x, y = split_batch(batch)
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise ValueError("clean_loader yielded no batches")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def fixed_batches(clean_loader: Any, batch_size: int = 128, max_batches: Optional[int] = None
+                  ) -> list[tuple[Tensor, Tensor]]:
+    """The clean set as a finite list of batches, in order, without replacement (for Fisher / salience)."""
+    if _is_tensor_pair(clean_loader):
+        x, y = clean_loader
+        out = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    else:
+        out = [split_batch(b) for b in clean_loader]
+    if max_batches is not None:
+        out = out[:max_batches]
+    if not out:
+        raise ValueError("clean_loader yielded no batches")
+    return out
+
+
+def count_trainable(params: Iterable[Tensor]) -> int:
+    return int(sum(p.numel() for p in params))
+
+
+@contextlib.contextmanager
+def only_trainable(model: nn.Module, params: Sequence[Tensor]):
+    """Inside the block exactly ``params`` have ``requires_grad``; every flag is restored on exit."""
+    ids = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in ids)
+        yield
+    finally:
+        for p, r in saved:
+            p.requires_grad_(r)
+
+
+@contextlib.contextmanager
+def module_modes(model: nn.Module, train: bool):
+    """Set the whole model to train/eval mode inside the block; restore each module's own flag afterwards."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, t in saved:
+            m.training = t
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall-clock seconds of a block, synchronizing CUDA at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = float("nan")
+
+    def __enter__(self):
+        sync(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self._t0
+        return False
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="step")
+
+
+def grads_finite(params: Sequence[Tensor]) -> bool:
+    gs = [p.grad for p in params if p.grad is not None]
+    if not gs:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in gs]).all())
+
+
+def default_loss(loss_fn: Optional[LossFn]) -> LossFn:
+    return loss_fn if loss_fn is not None else F.cross_entropy
+
+
+def history_every(steps: int, points: int = 20) -> int:
+    return max(1, int(math.ceil(steps / points)))
+
+
+def check_common(steps: int, lr: float) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be an int ≥ 0, got {steps!r}")
+    if not (lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}")
+
+
+PathOrModule = Union[str, nn.Module]
+
+
+def find_layer(model: nn.Module, layer: Optional[PathOrModule] = None,
+               types: tuple[type, ...] = (nn.Linear, nn.Conv2d)) -> tuple[str, nn.Module]:
+    """``(name, module)``: ``layer`` by qualified name (or the module itself); default the **last** module of
+    ``types`` in ``model.named_modules()`` order — for a classifier, its output layer."""
+    named = list(model.named_modules())
+    if layer is None:
+        cands = [(n, m) for n, m in named if isinstance(m, types)]
+        if not cands:
+            raise ValueError(f"model has no layer of type {[t.__name__ for t in types]}")
+        return cands[-1]
+    if isinstance(layer, nn.Module):
+        for n, m in named:
+            if m is layer:
+                return n, m
+        raise ValueError("layer is not a sub-module of model")
+    mods = dict(named)
+    if layer not in mods:
+        raise ValueError(f"model has no sub-module named {layer!r}; e.g. "
+                         f"{[n for n, m in named if isinstance(m, types)][-5:]}")
+    return layer, mods[layer]
