@@ -12,10 +12,11 @@
 //  * inputs that are wrong for every implementation (list lengths, shapes, a fisher0 without its anchor): an
 //    exception (TORCH_CHECK).
 //
-// Tensor tables live in device memory.  They are content-addressed in a small LRU cache (key: device, stream and
-// the table's bytes), so an optimizer that calls with the same tensors every step uploads its tables once; a
-// cache miss costs one pinned host-to-device copy, stream-ordered (no synchronisation).  A miss during CUDA-graph
-// capture is refused with a clear error (warm up once before capturing).
+// Tensor tables live in device memory.  They are content-addressed in a small LRU cache (key: device and the
+// table's bytes), so an optimizer that calls with the same tensors every step uploads its tables once; a miss costs
+// one pinned host-to-device copy, stream-ordered (no synchronisation).  A table reused on another stream is
+// record_stream()-ed; one used during CUDA-graph capture is pinned (never evicted: the graph keeps its pointer).  A
+// miss during capture is refused with a clear error: run the op once with the same tensors before capturing.
 #include <torch/extension.h>
 
 // Only c10's CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS / cuSPARSE / cuSOLVER headers, which
@@ -28,10 +29,12 @@
 
 #include <atomic>
 #include <cstring>
+#include <iterator>
 #include <list>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -72,34 +75,53 @@ std::string str(at::ScalarType t) { return std::string(c10::toString(t)); }
 
 class TableCache {
  public:
-  at::Tensor get(const void* data, size_t n, const at::Device& dev, cudaStream_t stream) {
+  // The device copy of `n` bytes of table for `dev`, used by a kernel about to be launched on `stream`.
+  at::Tensor get(const void* data, size_t n, const at::Device& dev, const c10::cuda::CUDAStream& stream) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
+    const bool capturing = capture != cudaStreamCaptureStatusNone;
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = items_.begin(); it != items_.end(); ++it) {
-      if (it->device == dev.index() && it->stream == stream && it->bytes.size() == n &&
-          std::memcmp(it->bytes.data(), data, n) == 0) {
-        items_.splice(items_.begin(), items_, it);
-        return items_.front().table;
+      if (it->device != dev.index() || it->bytes.size() != n || std::memcmp(it->bytes.data(), data, n) != 0) continue;
+      if (capturing) {
+        // A captured graph keeps this pointer: never free the table (tables are a few KB).
+        it->pinned = true;
+      } else if (stream.stream() != it->alloc_stream && it->used_on.insert(stream.stream()).second) {
+        // Used on another stream than the one it was allocated on: tell the caching allocator, so that freeing
+        // it at eviction waits for that stream's work.
+        it->table.record_stream(stream);
       }
+      items_.splice(items_.begin(), items_, it);
+      return items_.front().table;
     }
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+    TORCH_CHECK(!capturing,
                 "fip_fast CUDA: a new tensor table would have to be uploaded during CUDA-graph capture; call the op "
-                "once with the same tensors before capturing (the table is then cached)");
+                "once with the same tensors before capturing (the table is then cached and reused by the graph)");
     at::Tensor host = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     std::memcpy(host.data_ptr(), data, n);
     at::Tensor table = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kByte).device(dev));
-    table.copy_(host, /*non_blocking=*/true);  // current stream == stream; the pinned block is event-protected
+    table.copy_(host, /*non_blocking=*/true);  // on the current stream (== stream); the pinned block is event-protected
     count(kUploads);
-    items_.push_front(Item{dev.index(), stream, std::string(static_cast<const char*>(data), n), table});
-    if (items_.size() > kMaxItems) items_.pop_back();  // freed stream-ordered on `stream`, where it was used
+    items_.push_front(Item{dev.index(), stream.stream(), {}, false, std::string(static_cast<const char*>(data), n), table});
+    // Evict the least recently used unpinned table; freed stream-ordered (record_stream covers other streams).
+    if (items_.size() > kMaxItems) {
+      for (auto it = std::prev(items_.end());; --it) {
+        if (!it->pinned) {
+          items_.erase(it);
+          break;
+        }
+        if (it == items_.begin()) break;
+      }
+    }
     return table;
   }
 
  private:
   struct Item {
     int device;
-    cudaStream_t stream;
+    cudaStream_t alloc_stream;
+    std::set<cudaStream_t> used_on;
+    bool pinned;
     std::string bytes;
     at::Tensor table;
   };
@@ -114,7 +136,7 @@ TableCache& table_cache() {
 }
 
 template <typename Entry>
-const Entry* upload(const std::vector<Entry>& entries, const at::Device& dev, cudaStream_t stream) {
+const Entry* upload(const std::vector<Entry>& entries, const at::Device& dev, const c10::cuda::CUDAStream& stream) {
   at::Tensor t = table_cache().get(entries.data(), entries.size() * sizeof(Entry), dev, stream);
   return reinterpret_cast<const Entry*>(t.data_ptr());
 }
@@ -195,11 +217,12 @@ std::string fisher_accumulate(const TensorList& fisher, const TensorList& grads,
   if (groups.empty()) return "";
   c10::cuda::CUDAGuard guard(dev);
   const DevScalar b = dev_scalar(beta_t, beta, dev, "beta"), a = dev_scalar(alpha_t, alpha, dev, "alpha");
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const c10::cuda::CUDAStream cstream = c10::cuda::getCurrentCUDAStream(dev.index());
+  cudaStream_t stream = cstream.stream();
   const int64_t chunk = chunk_for(total, dev);
   for (auto& kv : groups) {
     const int64_t nchunks = assign_chunks(kv.second, chunk);
-    const PairEntry* table = upload(kv.second, dev, stream);
+    const PairEntry* table = upload(kv.second, dev, cstream);
     check_launch(launch_fisher_accumulate(static_cast<DType>(kv.first), table, static_cast<int>(kv.second.size()),
                                           nchunks, chunk, b, a, stream), "fisher_accumulate_kernel");
     count(kFisherAcc);
@@ -234,11 +257,12 @@ std::string perturb(const TensorList& params, const TensorList& grads, const Opt
   c10::cuda::CUDAGuard guard(dev);
   const DevScalar s = dev_scalar(scale_t, scale, dev, "scale");
   const float* fi = flag_ptr(found_inf, dev);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const c10::cuda::CUDAStream cstream = c10::cuda::getCurrentCUDAStream(dev.index());
+  cudaStream_t stream = cstream.stream();
   const int64_t chunk = chunk_for(total, dev);
   for (auto& kv : groups) {
     const int64_t nchunks = assign_chunks(kv.second, chunk);
-    const PairEntry* table = upload(kv.second, dev, stream);
+    const PairEntry* table = upload(kv.second, dev, cstream);
     check_launch(launch_perturb(static_cast<DType>(kv.first.first), static_cast<DType>(kv.first.second), table,
                                 static_cast<int>(kv.second.size()), nchunks, chunk, s, fi, stream),
                  "perturb_kernel");
@@ -367,11 +391,12 @@ std::string fip_step(const TensorList& params, const TensorList& grads, const st
   a.damping = static_cast<float>(damping);
   a.nesterov = nesterov;
 
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const c10::cuda::CUDAStream cstream = c10::cuda::getCurrentCUDAStream(dev.index());
+  cudaStream_t stream = cstream.stream();
   const int64_t chunk = chunk_for(total, dev);
   for (auto& kv : groups) {
     const int64_t nchunks = assign_chunks(kv.second, chunk);
-    const StepEntry* table = upload(kv.second, dev, stream);
+    const StepEntry* table = upload(kv.second, dev, cstream);
     check_launch(launch_fip_step(static_cast<DType>(std::get<0>(kv.first)), static_cast<DType>(std::get<1>(kv.first)),
                                  static_cast<DType>(std::get<2>(kv.first)), table, static_cast<int>(kv.second.size()),
                                  nchunks, chunk, a, stream),
@@ -404,7 +429,8 @@ std::tuple<at::Tensor, at::Tensor, std::string> global_norm(const TensorList& te
     total += t.numel();
   }
   c10::cuda::CUDAGuard guard(dev);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const c10::cuda::CUDAStream cstream = c10::cuda::getCurrentCUDAStream(dev.index());
+  cudaStream_t stream = cstream.stream();
   const int64_t chunk = chunk_for(total, dev);
   int64_t npartials = 0;
   for (auto& kv : groups) npartials += assign_chunks(kv.second, chunk);
@@ -414,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, std::string> global_norm(const TensorList& te
   int64_t offset = 0;
   for (auto& kv : groups) {
     const int64_t nchunks = kv.second.back().chunk_start + (kv.second.back().numel + chunk - 1) / chunk;
-    const NormEntry* table = upload(kv.second, dev, stream);
+    const NormEntry* table = upload(kv.second, dev, cstream);
     check_launch(launch_l2norm_partials(static_cast<DType>(kv.first), table, static_cast<int>(kv.second.size()),
                                         nchunks, chunk, pp + offset, stream),
                  "l2norm_partials_kernel");
