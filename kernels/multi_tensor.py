@@ -1,0 +1,339 @@
+"""Multi-tensor launch machinery: one Triton launch covers every tensor of a list (of several parallel lists).
+
+Layout
+------
+An op works on ``S`` parallel *slots* (for ``fip_step_``: params, grads, grads_pert, fisher0, anchor, momentum,
+fisher, pert) of ``T`` tensors each; tensor ``i`` of every slot has the same number of elements ``n_i``.  The
+host builds, once per distinct list of tensors, one int64 device buffer holding
+
+==============  ============  =====================================================================
+view            shape         meaning
+==============  ============  =====================================================================
+``ptrs``        (S·T,)        ``data_ptr()`` of tensor i of slot s at ``s·T + i`` (0 where None)
+``codes``       (S·T,)        dtype code of that tensor (:data:`DTYPE_CODES`), read only for mixed slots
+``sizes``       (T,)          ``n_i`` (elements)
+``chunk_t``     (C,)          tensor index handled by program ``pid``
+``chunk_s``     (C,)          first element (int64) handled by program ``pid``; a multiple of ``BLOCK``
+==============  ============  =====================================================================
+
+with ``C = Σ_i ceil(n_i / BLOCK)``: the grid is ``(C,)`` and program ``pid`` processes elements
+``[chunk_s[pid], min(chunk_s[pid] + BLOCK, n_i))`` of tensor ``chunk_t[pid]`` in every slot.  Empty tensors
+get no program; an empty list (or a list of empty tensors) launches nothing.  All offsets are int64, so a
+single tensor may exceed 2³¹ elements.
+
+Caching
+-------
+The buffer is cached (LRU, :data:`CACHE_SIZE` entries) under a key made of the device, ``BLOCK`` and, for every
+tensor of every slot, ``(data_ptr, numel, dtype, is_contiguous)``: the key determines the buffer completely, so
+a hit is always correct even if tensors were freed and others allocated at the same addresses.  In the steady
+state of an optimizer the tensors never move, so every step after the first is a hit: no host-to-device copy,
+no allocation, one kernel launch.  A miss costs one synchronous host-to-device copy of the buffer.
+
+Dtypes
+------
+One launch covers tensors of different dtypes.  Each slot gets a compile-time dtype ``DT``: 0 fp32, 1 fp16,
+2 bf16 when every tensor of the slot has that dtype (straight-line code), or :data:`MIXED` (3) when they differ,
+in which case the kernel branches per program on ``codes`` (a uniform branch: all threads of a program agree).
+So there is never more than one launch per op call, whatever the mix of dtypes.  Math is fp32 in every case.
+
+Alignment
+---------
+When every pointer is 16-byte aligned (true for whole tensors from the caching allocator; a view with a
+storage offset may not be) the kernels tell the compiler so (``ALIGNED``) and full blocks are processed
+without a mask, which lets Triton emit 128-bit vector loads and stores; the last, partial block of each
+tensor is masked.  Checked in AOT compilation for sm_90 (``ld.global.v4`` in the PTX), not timed (no GPU).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MIXED = 3
+CACHE_SIZE = 64
+
+#: scalar modes (see :func:`scalar_arg`): absent, a host value baked into the launch, a 0-dim device tensor
+ABSENT, VALUE, POINTER = 0, 1, 2
+
+
+class TensorTable(NamedTuple):
+    """The device-side description of one multi-tensor launch (see the module docstring)."""
+
+    ptrs: Tensor
+    codes: Tensor
+    sizes: Tensor
+    chunk_t: Tensor
+    chunk_s: Tensor
+    n_tensors: int
+    n_chunks: int
+    dt: tuple[int, ...]          # per slot: 0/1/2 uniform dtype, MIXED, or 0 for an absent slot
+    aligned: bool
+
+
+_cache: "OrderedDict[tuple, TensorTable]" = OrderedDict()
+
+
+def _entry_key(t: Optional[Tensor]):
+    if t is None:
+        return None
+    return (t.data_ptr(), t.numel(), t.dtype, t.is_contiguous())
+
+
+def tensor_table(slots: Sequence[Optional[Sequence[Optional[Tensor]]]], block: int, device: torch.device,
+                 min_chunks: int = 0, names: Sequence[str] = ()) -> TensorTable:
+    """The (cached) :class:`TensorTable` for ``slots``: a list of S parallel lists of T tensors each.
+
+    A slot may be ``None`` (absent: its row of ``ptrs`` is 0); an entry may be ``None`` (its pointer is 0; the
+    kernel must test for it).  Slot 0 must have no ``None`` entries: it defines the sizes.  ``min_chunks``
+    pads the grid with empty chunks (tensor 0, start 0, for kernels that must run at least once even when all
+    tensors are empty, like the norm whose last program writes the result).  ``names`` label slots in errors.
+
+    Raises:
+        ValueError: lists of different lengths, mismatched numels, non-contiguous tensors, wrong device.
+        TypeError: a dtype other than fp32/fp16/bf16.
+    """
+    key = (device, block, min_chunks,
+           tuple(None if s is None else tuple(_entry_key(t) for t in s) for s in slots))
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    table = _build(slots, block, device, min_chunks, names)
+    _cache[key] = table
+    if len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return table
+
+
+def _build(slots, block, device, min_chunks, names) -> TensorTable:
+    n_slots = len(slots)
+    n_tensors = len(slots[0])
+    label = (lambda s: names[s] if s < len(names) else f"slot {s}")
+    sizes = []
+    for i, t in enumerate(slots[0]):
+        if t is None:
+            raise ValueError(f"{label(0)}[{i}] is None")
+        sizes.append(t.numel())
+    ptrs = np.zeros((n_slots, n_tensors), dtype=np.int64)
+    codes = np.zeros((n_slots, n_tensors), dtype=np.int64)
+    dt = []
+    aligned = True
+    for s, lst in enumerate(slots):
+        if lst is None:
+            dt.append(0)
+            continue
+        if len(lst) != n_tensors:
+            raise ValueError(f"{label(s)} has {len(lst)} tensors, {label(0)} has {n_tensors}")
+        seen = set()
+        for i, t in enumerate(lst):
+            if t is None:
+                continue
+            if t.dtype not in DTYPE_CODES:
+                raise TypeError(f"{label(s)}[{i}] has dtype {t.dtype}; the Triton kernels take fp32, fp16 and bf16 "
+                                "(use impl='foreach' or 'reference' for other dtypes)")
+            if t.numel() != sizes[i]:
+                raise ValueError(f"{label(s)}[{i}] has {t.numel()} elements, {label(0)}[{i}] has {sizes[i]}")
+            if t.device != device:
+                raise ValueError(f"{label(s)}[{i}] is on {t.device}, expected {device}")
+            if not t.is_contiguous():
+                raise ValueError(f"{label(s)}[{i}] is not contiguous")
+            ptrs[s, i] = t.data_ptr()
+            codes[s, i] = DTYPE_CODES[t.dtype]
+            seen.add(codes[s, i])
+            aligned &= (t.data_ptr() % 16 == 0) or t.numel() == 0
+        dt.append(int(next(iter(seen))) if len(seen) == 1 else (MIXED if seen else 0))
+
+    sz = np.asarray(sizes, dtype=np.int64)
+    per = (sz + block - 1) // block
+    n_chunks = int(per.sum())
+    chunk_t = np.repeat(np.arange(n_tensors, dtype=np.int64), per)
+    first = np.concatenate([[0], np.cumsum(per)[:-1]]).astype(np.int64) if n_tensors else np.zeros(0, np.int64)
+    chunk_s = (np.arange(n_chunks, dtype=np.int64) - first[chunk_t]) * block
+    if n_chunks < min_chunks:
+        pad = min_chunks - n_chunks
+        chunk_t = np.concatenate([chunk_t, np.zeros(pad, np.int64)])
+        chunk_s = np.concatenate([chunk_s, np.zeros(pad, np.int64)])
+        n_chunks = min_chunks
+
+    flat = np.concatenate([ptrs.reshape(-1), codes.reshape(-1), sz, chunk_t, chunk_s])
+    # One host-to-device copy for the whole table; the views below share its storage.
+    buf = torch.from_numpy(flat).to(device)
+    o = np.cumsum([0, n_slots * n_tensors, n_slots * n_tensors, n_tensors, n_chunks, n_chunks])
+    v = [buf[o[k]:o[k + 1]] for k in range(5)]
+    return TensorTable(v[0], v[1], v[2], v[3], v[4], n_tensors, n_chunks, tuple(dt), aligned)
+
+
+def clear_cache() -> None:
+    """Drop every cached table (tests; or to release device memory held by tables)."""
+    _cache.clear()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scalars: Python numbers are baked into the launch; 0-dim device tensors are read by pointer in the kernel
+# ----------------------------------------------------------------------------------------------------------
+
+def f32(x: float) -> float:
+    """``x`` rounded to fp32, as a Python float.
+
+    Kernel float arguments are fp32 on the GPU but Python doubles in the interpreter; rounding on the host makes
+    both see the same value, the one PyTorch uses when it multiplies an fp32 tensor by a Python scalar."""
+    return float(np.float32(x))
+
+
+def scalar_arg(x, device: torch.device, dummy: Tensor) -> tuple[Tensor, float, int]:
+    """``(pointer, value, mode)`` for a kernel scalar that may be ``None``, a number or a 0-dim tensor.
+
+    * ``None`` → ``(dummy, 0.0, ABSENT)``
+    * a number, or a one-element tensor on another device (e.g. a CPU ``step`` count beside CUDA parameters:
+      reading it costs no device sync) → ``(dummy, f32(x), VALUE)``
+    * a one-element tensor on ``device`` → ``(x, 0.0, POINTER)``: the kernel loads it; no ``.item()``, no sync.
+    """
+    if x is None:
+        return dummy, 0.0, ABSENT
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"expected a 0-dim (one-element) tensor, got shape {tuple(x.shape)}")
+        if x.device == device:
+            return x, 0.0, POINTER
+        return dummy, f32(float(x.item())), VALUE
+    return dummy, f32(float(x)), VALUE
+
+
+@triton.jit
+def read_scalar(ptr, val, MODE: tl.constexpr):
+    """The fp32 value of a scalar passed as (pointer, value, mode); see :func:`scalar_arg`."""
+    if MODE == 2:
+        return tl.load(ptr).to(tl.float32)
+    else:
+        return val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device-side helpers: typed access through an int64 address from the pointer table
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _typed(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    p = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _load_t(addr, offs, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    p = _typed(addr, DTYPE, ALIGNED)
+    if MASKED:
+        x = tl.load(p + offs, mask=mask, other=0.0)
+    else:
+        x = tl.load(p + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def load_f32(addr, offs, mask, code, DT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """Elements ``offs`` of the tensor at int64 address ``addr`` as fp32 (masked lanes read 0).
+
+    ``DT`` is the slot's compile-time dtype (0 fp32, 1 fp16, 2 bf16, 3 mixed: branch on the runtime ``code``).
+    ``MASKED`` False is for full blocks: no mask lets the compiler vectorize."""
+    if DT == 0:
+        x = _load_t(addr, offs, mask, tl.float32, ALIGNED, MASKED)
+    elif DT == 1:
+        x = _load_t(addr, offs, mask, tl.float16, ALIGNED, MASKED)
+    elif DT == 2:
+        x = _load_t(addr, offs, mask, tl.bfloat16, ALIGNED, MASKED)
+    else:
+        if code == 0:
+            x = _load_t(addr, offs, mask, tl.float32, ALIGNED, MASKED)
+        elif code == 1:
+            x = _load_t(addr, offs, mask, tl.float16, ALIGNED, MASKED)
+        else:
+            x = _load_t(addr, offs, mask, tl.bfloat16, ALIGNED, MASKED)
+    return x
+
+
+@triton.jit
+def _store_t(addr, offs, x, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    p = _typed(addr, DTYPE, ALIGNED)
+    # .to() rounds to nearest even, like Tensor.copy_ from fp32
+    if MASKED:
+        tl.store(p + offs, x.to(DTYPE), mask=mask)
+    else:
+        tl.store(p + offs, x.to(DTYPE))
+
+
+@triton.jit
+def store_f32(addr, offs, x, mask, code, DT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """Store fp32 ``x`` into the tensor at ``addr`` in its own dtype (see :func:`load_f32` for the flags)."""
+    if DT == 0:
+        _store_t(addr, offs, x, mask, tl.float32, ALIGNED, MASKED)
+    elif DT == 1:
+        _store_t(addr, offs, x, mask, tl.float16, ALIGNED, MASKED)
+    elif DT == 2:
+        _store_t(addr, offs, x, mask, tl.bfloat16, ALIGNED, MASKED)
+    else:
+        if code == 0:
+            _store_t(addr, offs, x, mask, tl.float32, ALIGNED, MASKED)
+        elif code == 1:
+            _store_t(addr, offs, x, mask, tl.float16, ALIGNED, MASKED)
+        else:
+            _store_t(addr, offs, x, mask, tl.bfloat16, ALIGNED, MASKED)
+
+
+@triton.jit
+def chunk_of(chunk_t, chunk_s, sizes, BLOCK: tl.constexpr):
+    """(tensor index, first element, tensor numel) of this program's chunk."""
+    pid = tl.program_id(0)
+    t = tl.load(chunk_t + pid)
+    # chunk starts are multiples of BLOCK by construction; saying so lets the compiler prove the alignment of
+    # start + arange(BLOCK) and vectorize (with the pointer hint in _typed)
+    start = tl.multiple_of(tl.load(chunk_s + pid), BLOCK)
+    n = tl.load(sizes + t)
+    return t, start, n
+
+
+@triton.jit
+def slot_addr(ptrs, codes, s, n_tensors, t, DT: tl.constexpr):
+    """(int64 address, runtime dtype code) of tensor ``t`` of slot ``s``; the code is read only for mixed slots."""
+    addr = tl.load(ptrs + s * n_tensors + t)
+    if DT == 3:
+        code = tl.load(codes + s * n_tensors + t)
+    else:
+        code = 0
+    return addr, code
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-device scratch
+# ----------------------------------------------------------------------------------------------------------
+
+_counters: dict = {}
+_dummies: dict = {}
+
+
+def dummy(device: torch.device) -> Tensor:
+    """A 1-element fp32 tensor on ``device``: the pointer passed for absent scalars (never dereferenced)."""
+    d = _dummies.get(device)
+    if d is None:
+        d = _dummies[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return d
+
+
+def done_counter(device: torch.device) -> Tensor:
+    """An int32 zero on ``device`` for the "last program finalizes" reductions, one per (device, stream).
+
+    The kernels that use it count finished programs with an atomic add; the program that sees the last count
+    writes the result and resets the counter to 0, so it is zero again after every launch (no memset launch).
+    One per stream, because two launches running concurrently on different streams would share the count."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    c = _counters.get(key)
+    if c is None:
+        c = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return c
