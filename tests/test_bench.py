@@ -1,0 +1,100 @@
+"""Smoke test of the benchmarks (issue 6): ``python -m bench ops --quick`` and ``python -m bench end_to_end
+--quick`` run on tiny sizes and write JSON of the documented schema; ``python -m bench report`` turns it into
+markdown.  Timings are not checked (CI machines are noisy)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(proc, timeout=120):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+ENV_KEYS = {"schema", "device", "versions", "date", "load_before", "load_after", "quick", "config"}
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    ops_json, e2e_json = tmp / "ops.json", tmp / "e2e.json"
+    # Both at once: the two commands are independent and CI time is the sum otherwise.
+    p1 = _run(["ops", "--quick", "--silent", "--out", str(ops_json)], tmp)
+    p2 = _run(["end_to_end", "--quick", "--silent", "--out", str(e2e_json), "--no-cache"], tmp)
+    _wait(p1), _wait(p2)
+    return json.loads(ops_json.read_text()), json.loads(e2e_json.read_text()), tmp
+
+
+def test_ops_quick_schema(quick_results):
+    ops, _, _ = quick_results
+    assert ENV_KEYS <= ops.keys() and ops["schema"] == "fip_fast.bench.ops/1" and ops["quick"] is True
+    assert ops["device"]["type"] in ("cpu", "cuda") and ops["versions"]["torch"]
+    bw = ops["copy_bandwidth"]
+    assert bw["gbps"] > 0 and bw["median_s"] > 0
+    assert {"fisher_accumulate_", "global_norm", "perturb_", "fip_step_/plain", "fip_step_/fd_mix",
+            "fip_step_/lagged"} <= ops["bytes_accounting"].keys()
+    assert {"reference", "foreach", "triton", "cuda"} <= ops["impls"].keys()
+    for name, info in ops["impls"].items():
+        assert info["available"] or info["reason"], name          # every skip says why
+    res = ops["results"]
+    seen = {(r["op"], r.get("variant")) for r in res if r["status"] == "ok"}
+    assert {("fisher_accumulate_", None), ("global_norm", None), ("perturb_", None), ("fip_step_", "plain"),
+            ("fip_step_", "fd_mix"), ("fip_step_", "lagged"), ("spectral_weight", None),
+            ("spectral_linear_grad", None)} <= seen
+    assert not [r for r in res if r["status"] == "error"], [r for r in res if r["status"] == "error"]
+    for r in res:
+        assert r["status"] in ("ok", "skipped")
+        if r["status"] == "ok":
+            assert r["p20_s"] <= r["median_s"] <= r["p80_s"]
+            if r["bytes_per_elem"]:
+                assert r["bytes"] == r["bytes_per_elem"] * r["numel"] and r["gbps"] > 0 and r["pct_copy_bw"] > 0
+            if r.get("max_abs_err_vs_reference") is not None:
+                assert r["max_abs_err_vs_reference"] < 1e-3, r        # every impl computes the same op
+    assert {h["optimizer"] for h in ops["host_step"]} >= {"sgd_foreach", "fip_plain", "fip_lagged", "fip_fd"}
+
+
+def test_end_to_end_quick_schema(quick_results):
+    _, e2e, _ = quick_results
+    assert ENV_KEYS <= e2e.keys() and e2e["schema"] == "fip_fast.bench.end_to_end/1"
+    sec, = e2e["step_time"]
+    assert {m["method"] for m in sec["methods"]} == {"sgd", "fip_fd", "fip_lagged", "fip_batch", "fast_fip"}
+    for m in sec["methods"]:
+        assert m["mean_step_s"] > 0 and m["cycle_p20_s"] <= m["cycle_median_s"] <= m["cycle_p80_s"]
+        assert m["trainable"] > 0
+    fast = next(m for m in sec["methods"] if m["method"] == "fast_fip")
+    full = next(m for m in sec["methods"] if m["method"] == "fip_fd")
+    assert fast["trainable"] < full["trainable"]
+    tta = e2e["time_to_asr"]
+    assert tta["asr_threshold"] == 0.05 and len(tta["methods"]) == 5
+    for m in tta["methods"]:
+        assert isinstance(m["reached"], bool) and m["steps"] >= 1 and 0.0 <= m["asr"] <= 1.0
+
+
+def test_report_markdown(quick_results):
+    ops, e2e, tmp = quick_results
+    from bench.report import markdown_for
+    md_ops, md_e2e = markdown_for(ops), markdown_for(e2e)
+    assert "copy bandwidth" in md_ops.lower() and "| fip_step_/fd_mix |" in md_ops
+    assert "Per-step time" in md_e2e and "ASR" in md_e2e
+
+
+def test_dispatcher_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0 and "ops" in out.stdout and "end_to_end" in out.stdout
