@@ -1,1 +1,53 @@
-"""Baseline defenses from the same line of work (FT, FT-SAM, NGF, salience + adaptive regularization)."""
+"""Baseline defenses from the same line of work (FT, FT-SAM, NGF, salience + adaptive regularization).
+
+Every baseline is a *runner* with one calling convention (see :mod:`fip_fast.baselines._common`)::
+
+    model, info = run_<name>(model, clean, steps=…, lr=…, *, batch_size=128, seed=0, device=None,
+                             loss_fn=None, progress=True, **options)
+
+==============  =========================================  ==============================================
+method name     function                                   what it trains
+==============  =========================================  ==============================================
+``ft``          :func:`~.ft.run_ft`                        all parameters, SGD + momentum (the control)
+``ft_sam``      :func:`~.ft_sam.run_ft_sam`                all parameters, SAM(SGD + momentum)
+``ngf``         :func:`~.ngf.run_ngf`                      one layer (the classifier), K-FAC / diagonal
+                                                           natural gradient + Fisher anchor
+``salience_ar`` :func:`~.salience_ar.run_salience_ar`      suspicious neurons (benign-salience ranking) +
+                                                           adaptive magnitude-scaled regularizer
+==============  =========================================  ==============================================
+
+Importing this package registers the four names with :func:`fip_fast.purify.register_method`
+(``kind="runner"``), so ``purify(model, clean, method="ngf", curvature="diag")`` works; :mod:`fip_fast.purify`
+imports this package on the first lookup of an unknown method name.
+"""
+from __future__ import annotations
+
+import logging
+
+from .ft import run_ft
+from .ft_sam import SAM, run_ft_sam
+from .ngf import KFAC, NaturalGradient, run_ngf
+from .salience_ar import run_salience_ar
+
+__all__ = ["run_ft", "run_ft_sam", "run_ngf", "run_salience_ar", "SAM", "KFAC", "NaturalGradient", "RUNNERS"]
+
+RUNNERS = {
+    "ft": (run_ft, "FT: plain fine-tuning of all parameters on the clean set (SGD + momentum), the control"),
+    "ft_sam": (run_ft_sam, "FT-SAM: fine-tuning with sharpness-aware minimization (two-pass SAM step)"),
+    "ngf": (run_ngf, "NGF: natural-gradient (K-FAC) fine-tuning of the classifier + Fisher anchor"),
+    "salience_ar": (run_salience_ar, "Salience-AR: benign-salience neuron ranking + adaptive magnitude-scaled "
+                                     "regularizer"),
+}
+
+
+def _register() -> None:
+    try:
+        from ..purify import register_method
+    except ImportError as e:  # purify is optional for the baselines themselves
+        logging.getLogger("fip_fast").debug("fip_fast.baselines: purify not importable (%s); not registering", e)
+        return
+    for name, (fn, desc) in RUNNERS.items():
+        register_method(name, fn, kind="runner", description=desc, overwrite=True)
+
+
+_register()

@@ -1,0 +1,257 @@
+"""Baselines comparison: FIP, Fast FIP, FT, FT-SAM, NGF and Salience-AR on the bundled MNIST demo.
+
+For every attack and seed: split MNIST-5k (:func:`fip_fast.data.split_dataset`, seed = the run's seed), poison the
+training part with the attack (its default rate), train the demo CNN (:func:`fip_fast.train.train_backdoored`,
+its defaults), then purify a copy of the backdoored model with every method through :func:`fip_fast.purify.purify`
+on the defender's clean set (the split's ``val`` part, ≈ 4.4 % of the training pool, 220 images) with the **same
+step count and batch size for every method**.  Measured: clean test ACC, ASR and RA on the triggered test set,
+wall time of the purification (``purify``'s total minus its clean-validation evaluations), trainable parameters,
+and λ_max of the Hessian (power iteration on a fixed batch of clean test images, all parameters) after.
+
+Selection uses clean data only: FIP / Fast FIP return the latest clean-val-acceptable step (purify's rule), the
+baselines return their last step.  Test ASR is measured, never used.
+
+Usage::
+
+    python bench/baselines.py                         # the documented run (see --help for the knobs)
+    python bench/baselines.py --attacks badnets --seeds 0 --steps 20   # a smoke run
+
+Writes ``bench/results/baselines_cpu.json`` (every run) and ``bench/results/baselines_cpu.md`` (mean ± std table,
+the command, date, machine, versions).  Partial results are written after every model, so an interrupted run
+still leaves a table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("fast_fip", "fip", "ft", "ft_sam", "ngf", "salience_ar")
+ROOT = Path(__file__).resolve().parent
+OUT_JSON = ROOT / "results" / "baselines_cpu.json"
+OUT_MD = ROOT / "results" / "baselines_cpu.md"
+
+
+def _versions() -> dict:
+    import numpy
+    import fip_fast
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+           "fip_fast": fip_fast.__version__}
+    try:
+        import subprocess
+
+        out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT.parent, capture_output=True,
+                                    text=True, timeout=10).stdout.strip()
+    except Exception:
+        pass
+    return out
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def backdoored_model(attack: str, seed: int, epochs: int, cache: Path):
+    from fip_fast.attacks import make_attack
+    from fip_fast.data import load_mnist5k, split_dataset
+    from fip_fast.models import demo_cnn
+    from fip_fast.train import train_backdoored
+
+    x, y = load_mnist5k()
+    sp = split_dataset(x, y, seed=seed)
+    atk = make_attack(attack, seed=seed)
+    torch.manual_seed(seed)
+    model = demo_cnn()
+    f = cache / f"{attack}_s{seed}_e{epochs}.pt"
+    t0 = time.perf_counter()
+    if f.is_file():
+        model.load_state_dict(torch.load(f, weights_only=True))
+        model.eval()
+    else:
+        xp, yp, _ = atk.poison_train(*sp.train, seed=seed)
+        train_backdoored(model, xp, yp, epochs=epochs, seed=seed, progress=False)
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), f)
+    return model, sp, atk, time.perf_counter() - t0
+
+
+def measure(model, sp, atk, trig, lam_batch: int, lam_iters: int) -> dict:
+    from fip_fast.metrics import evaluate
+    from fip_fast.smoothness import hessian_max_eigenvalue
+
+    m = evaluate(model, sp.test, trig, atk.target)
+    xs, ys = sp.test[0][:lam_batch], sp.test[1][:lam_batch]
+    ps = list(model.parameters())
+    m["lambda_max"] = hessian_max_eigenvalue(model, xs, ys, params=ps, iters=lam_iters, seed=0)
+    return m
+
+
+def _stats(vals):
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+
+
+def summarize(runs: list[dict]) -> dict:
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["attack"], r["method"]), []).append(r)
+    out = {}
+    for (attack, method), rs in groups.items():
+        out[f"{attack}/{method}"] = {k: _stats([r[k] for r in rs]) for k in
+                                     ("acc", "asr", "ra", "time_s", "trainable_params", "lambda_max")}
+    return out
+
+
+def write_md(doc: dict, path: Path) -> None:
+    runs, cfg = doc["runs"], doc["config"]
+    attacks = [a for a in cfg["attacks"] if any(r["attack"] == a for r in runs)]
+    methods = ["none"] + list(cfg["methods"])
+    summ = summarize(runs)
+    lines = [
+        "# Baselines on the MNIST demo (CPU)",
+        "",
+        f"Reproduce: `{doc['command']}`",
+        "",
+        f"Date: {doc['date']} · machine: {doc['machine']} · load average at start / end: {doc['load_start']} / "
+        f"{doc.get('load_end', 'n/a')} · versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
+        "",
+        f"Setup: demo CNN ({cfg['model_params']:,} parameters) trained {cfg['train_epochs']} epochs on poisoned "
+        f"MNIST-5k (attack default rate), clean set = the split's val part ({cfg['n_clean']} images; purify holds "
+        f"out 20 % of it for clean validation), **{cfg['steps']} steps, batch {cfg['batch_size']} for every "
+        f"method** (the methods' own defaults are 300 steps; reduced to fit the CPU budget), every other option "
+        f"at the method's default. Seeds {cfg['seeds']} (data split, poisoning, training, purification); "
+        f"{cfg['torch_threads']} torch thread(s) on a shared CPU, so wall times are noisy (compare within a "
+        "column). λ_max: power iteration "
+        f"({cfg['lambda_iters']} Hessian-vector products) on {cfg['lambda_batch']} clean test images, all "
+        "parameters, eval mode. `none` = the backdoored model before purification. ACC/ASR/RA in %, mean ± std "
+        "over seeds (n = number of seeds).",
+        "",
+        "Selection used clean data only (FIP / Fast FIP: purify's latest-acceptable-clean-val rule; baselines: "
+        "last step). Test ASR was never used to choose anything.",
+        "",
+    ]
+    for attack in attacks:
+        lines += [f"## {attack}", "",
+                  "| method | ACC % | ASR % | RA % | time s | trainable params | λ_max after | n |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for method in methods:
+            key = f"{attack}/{method}"
+            if key not in summ:
+                continue
+            s = summ[key]
+
+            def pm(k, scale=1.0, fmt="{:.1f}"):
+                m, sd, _ = s[k]
+                if math.isnan(m):
+                    return "–"
+                return (fmt + " ± " + fmt).format(m * scale, sd * scale)
+
+            tp = s["trainable_params"][0]
+            lines.append(f"| {method} | {pm('acc', 100)} | {pm('asr', 100)} | {pm('ra', 100)} | "
+                         f"{pm('time_s') if method != 'none' else '–'} | "
+                         f"{'–' if math.isnan(tp) else f'{int(round(tp)):,}'} | {pm('lambda_max', 1, '{:.2f}')} | "
+                         f"{s['acc'][2]} |")
+        lines.append("")
+    if doc.get("notes"):
+        lines += ["## Notes", ""] + [f"* {n}" for n in doc["notes"]] + [""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--attacks", nargs="+", default=["badnets", "blend"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--train-epochs", type=int, default=4)
+    p.add_argument("--lambda-batch", type=int, default=64)
+    p.add_argument("--lambda-iters", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default=os.environ.get("FIP_BENCH_CACHE", "/tmp/fip_fast_bench_models"))
+    p.add_argument("--out-json", default=str(OUT_JSON))
+    p.add_argument("--out-md", default=str(OUT_MD))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from fip_fast.models import demo_cnn
+    from fip_fast.purify import purify
+
+    cmd = "python bench/baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    doc = {
+        "command": cmd.strip(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(), "versions": _versions(), "load_start": _load(),
+        "config": {"attacks": args.attacks, "seeds": args.seeds, "methods": args.methods, "steps": args.steps,
+                   "batch_size": args.batch_size, "train_epochs": args.train_epochs,
+                   "lambda_batch": args.lambda_batch, "lambda_iters": args.lambda_iters,
+                   "torch_threads": args.threads, "model_params": sum(p.numel() for p in demo_cnn().parameters()),
+                   "n_clean": None},
+        "runs": [], "notes": [],
+    }
+    t_start = time.perf_counter()
+    for seed in args.seeds:
+        for attack in args.attacks:
+            model0, sp, atk, t_train = backdoored_model(attack, seed, args.train_epochs, Path(args.cache))
+            doc["config"]["n_clean"] = int(sp.val[1].numel())
+            trig = atk.triggered_test(*sp.test)
+            base = measure(model0, sp, atk, trig, args.lambda_batch, args.lambda_iters)
+            doc["runs"].append({"attack": attack, "seed": seed, "method": "none", **base, "time_s": None,
+                                "trainable_params": None, "train_s": t_train})
+            print(f"[{time.perf_counter() - t_start:7.1f}s] {attack} seed {seed}: backdoored "
+                  f"acc {base['acc']:.3f} asr {base['asr']:.3f} λ {base['lambda_max']:.2f} (train {t_train:.0f}s)",
+                  flush=True)
+            for method in args.methods:
+                model = copy.deepcopy(model0)
+                model, rep = purify(model, sp.val, method=method, steps=args.steps, batch_size=args.batch_size,
+                                    seed=seed, progress=False)
+                t = rep.timings
+                t_method = t.get("total", float("nan")) - t.get("eval", 0.0)
+                m = measure(model, sp, atk, trig, args.lambda_batch, args.lambda_iters)
+                doc["runs"].append({"attack": attack, "seed": seed, "method": method, **m, "time_s": t_method,
+                                    "trainable_params": rep.trainable_params, "steps_run": rep.steps_run,
+                                    "selected_step": rep.selected_step, "val_acc_before": rep.initial.get("val_acc"),
+                                    "val_acc_after": rep.final.get("val_acc"), "timings": t})
+                print(f"[{time.perf_counter() - t_start:7.1f}s]   {method:12s} acc {m['acc']:.3f} asr {m['asr']:.3f} "
+                      f"ra {m['ra']:.3f} λ {m['lambda_max']:.2f} time {t_method:.1f}s "
+                      f"params {rep.trainable_params}", flush=True)
+            doc["load_end"] = _load()
+            doc["elapsed_s"] = time.perf_counter() - t_start
+            doc["summary"] = summarize(doc["runs"])
+            Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out_json).write_text(json.dumps(doc, indent=1, default=str))
+            write_md(doc, Path(args.out_md))
+    print(f"done in {time.perf_counter() - t_start:.0f}s → {args.out_json}, {args.out_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
