@@ -60,7 +60,9 @@ def ops_markdown(d: dict) -> str:
     md.append(f"* **Copy bandwidth** (`dst.copy_(src)`, {bw['numel'] / 2**20:g} Mi fp32 elements, 8 B/element): "
               f"**{bw['gbps']:.1f} GB/s** (median {_ms(bw['median_s'])}, p20–p80 {_ms(bw['p20_s'])}–"
               f"{_ms(bw['p80_s'])})"
-              + (f"; by CPU time {bw['gbps_cpu_time']:.1f} GB/s" if bw.get("gbps_cpu_time") else ""))
+              + (f"; by CPU time {bw['gbps_cpu_time']:.1f} GB/s" if bw.get("gbps_cpu_time") else "")
+              + (" — the better of the measurements at the start / end of the run: "
+                 + " / ".join(f"{b['gbps']:.1f}" for b in bw["runs"]) + " GB/s" if bw.get("runs") else ""))
     md.append(f"* **Timer**: {next((r.get('timer') for r in d['results'] if r.get('timer')), '–')}; "
               f"{d['config']['timing']}")
     md.append(f"* **compile**: {d['config'].get('compile_note')}")
