@@ -128,13 +128,13 @@ EvalFn = Callable[[nn.Module], Dict[str, Any]]
 #: Defaults of the built-in methods (see the module docstring and docs/demo.md for how they were chosen).
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     "fip": dict(
-        steps=300, batch_size=64, lr=0.01, momentum=0.9, eta_F=0.005, eta_r=1.0, rho=0.3, max_mix=1.0,
-        trace_every=1, trace_estimator="fd", weight_decay=0.0,
+        steps=150, batch_size=64, lr=0.05, momentum=0.9, eta_F=0.005, eta_r=1.0, rho=0.5, max_mix=1.0,
+        trace_every=1, trace_estimator="fd", weight_decay=0.03,
     ),
     "fast_fip": dict(
-        steps=300, batch_size=64, lr=0.01, momentum=0.9, eta_F=0.005, eta_r=1.0, rho=0.3, max_mix=1.0,
-        trace_every=1, trace_estimator="fd", weight_decay=0.0,
-        lr_delta=0.05, rho_delta=0.3, relative=True, rank=None, fast_fip_extra="bias_bn",
+        steps=150, batch_size=64, lr=0.1, momentum=0.9, eta_F=0.005, eta_r=1.0, rho=0.5, max_mix=1.0,
+        trace_every=1, trace_estimator="fd", weight_decay=0.01,
+        lr_delta=0.5, rho_delta=2.0, relative=True, rank=None, fast_fip_extra="bias_bn",
     ),
 }
 _LOOP_DEFAULTS = dict(val_fraction=0.2, val_margin=0.03, patience=3, eval_every=None, lr_schedule="cosine")
@@ -406,7 +406,14 @@ def _normalized_fisher(model: nn.Module, ctx: MethodContext, groups: Sequence[Se
     return out
 
 
+_FIP_OPTIONS = ("momentum", "weight_decay", "eta_F", "eta_r", "trace_every", "trace_estimator", "max_mix")
+
+
 def _fip_kwargs(o: Dict[str, Any]) -> Dict[str, Any]:
+    unknown = sorted(set(o) - set(_FIP_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown FIP option(s) {unknown}; known: {sorted(_FIP_OPTIONS)} plus lr, rho (and "
+                        "lr_delta, rho_delta, relative, rank, fast_fip_extra, layer_types for fast_fip)")
     return dict(momentum=o["momentum"], weight_decay=o["weight_decay"], eta_F=o["eta_F"], eta_r=o["eta_r"],
                 trace_every=int(o["trace_every"]), trace_estimator=o["trace_estimator"], max_mix=o["max_mix"])
 
@@ -696,6 +703,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
             report.initial = ex["initial"]
             a0 = report.initial.get("val_acc", a0)
         report.resumed_from = start
+        opt_groups = purifier.optimizer.param_groups if purifier.optimizer is not None else []  # new dicts
         logger.info("fip_fast.purify: resumed %s from step %d", spec.name, start)
 
     bar = tqdm(total=n_steps, initial=start, desc=spec.name, disable=not progress, leave=False, unit="step")
