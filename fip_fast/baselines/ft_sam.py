@@ -32,6 +32,11 @@ from ._common import (LossFn, Timer, batch_stream, check_common, count_trainable
 __all__ = ["SAM", "run_ft_sam"]
 
 
+def _acc(t: Tensor) -> Tensor:
+    """At least fp32 arithmetic (fp64 stays fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-aware minimization around a base optimizer.
 
@@ -75,9 +80,9 @@ class SAM(torch.optim.Optimizer):
         if not ps:
             return torch.zeros(())
         if group["adaptive"]:
-            terms = [((p.abs() + group["eta"]) * p.grad).float().norm() for p in ps]
+            terms = [_acc((p.abs() + group["eta"]) * p.grad).norm() for p in ps]
         else:
-            terms = [p.grad.float().norm() for p in ps]
+            terms = [_acc(p.grad).norm() for p in ps]
         return torch.stack(terms).norm()
 
     @torch.no_grad()
@@ -91,9 +96,9 @@ class SAM(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                e = p.grad.float() * scale
+                e = _acc(p.grad) * scale.to(_acc(p.grad).dtype)
                 if group["adaptive"]:
-                    e = e * (p.abs().float() + group["eta"]).pow(2)
+                    e = e * (_acc(p.abs()) + group["eta"]).pow(2)
                 e = e.to(p.dtype)
                 self.state[p]["old_p"] = p.detach().clone()
                 p.add_(e)
