@@ -451,3 +451,13 @@ def test_tensor_pair_and_loader_inputs_agree():
         torch.testing.assert_close(p, q)
     _, i3 = run_ft(copy.deepcopy(net), (x, y), steps=3, batch_size=4, progress=False)
     assert i3["steps"] == 3 and i1["trainable_params"] == sum(p.numel() for p in net.parameters())
+
+
+def test_ngf_on_a_named_conv_layer(backdoored):
+    net, clean, _, _ = backdoored
+    m, info = run_ngf(copy.deepcopy(net), clean, steps=3, batch_size=16, layer="0", progress=False)
+    assert info["layer"] == "0" and info["trainable_params"] == 8 * 9 + 8
+    moved = {n for (n, p), (_, q) in zip(m.named_parameters(), net.named_parameters()) if not torch.equal(p, q)}
+    assert moved == {"0.weight", "0.bias"}
+    with pytest.raises(ValueError, match="no sub-module"):
+        run_ngf(copy.deepcopy(net), clean, steps=1, layer="nope", progress=False)
