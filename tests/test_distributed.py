@@ -1,0 +1,260 @@
+"""DDP and FSDP2 purification, 2 processes with gloo on CPU, against a single-process run on the same global batch.
+
+One spawn (module fixture) runs every scenario on both ranks and saves what each rank ends with; the tests
+compare those results with the same scenario run here in one process on the whole global batch.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from fip_fast import distributed as fd
+from fip_fast import ops, spectral
+from fip_fast.fisher import estimate_fisher
+from fip_fast.optim import FIP
+
+WORLD = 2
+GLOBAL_B = 8
+STEPS = 4
+TIMEOUT_S = 75
+ATOL = 2e-5
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+# ------------------------------------------------------------------------------------------- scenarios
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
+
+
+def _data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(GLOBAL_B, 6, generator=g) for _ in range(STEPS)]
+    ys = [torch.randint(0, 3, (GLOBAL_B,), generator=g) for _ in range(STEPS)]
+    fx = torch.randn(2 * GLOBAL_B, 6, generator=g)
+    fy = torch.randint(0, 3, (2 * GLOBAL_B,), generator=g)
+    return xs, ys, fx, fy
+
+
+def _local(t):
+    return t[list(fd.shard_indices(len(t)))]
+
+
+def _full(t):
+    return t.full_tensor() if fd.is_dtensor(t) else t.detach().clone()
+
+
+def _named_full(model):
+    return {n: _full(p) for n, p in fd.unwrap(model).named_parameters()}
+
+
+def _run(kind: str, estimator: str, spectral_mode: bool, fsdp: bool, ckpt_dir=None, raw: bool = False) -> dict:
+    """One purification of 4 steps; runs identically with or without a process group."""
+    xs, ys, fx, fy = _data()
+    model = _model()
+    if spectral_mode:
+        params = spectral.reparameterize(model, relative=True)
+    else:
+        params = list(model.parameters())
+    # F0 on this rank's share of the clean data: estimate_fisher all-reduces it (before wrapping / sharding).
+    fx_l, fy_l = _local(fx), _local(fy)
+    f0 = estimate_fisher(model, [(fx_l[:3], fy_l[:3]), (fx_l[3:], fy_l[3:])], params=params, normalize="max")
+    f0_named = fd.fisher_by_name(model, f0)
+    out = {"fisher": {k: v.clone() for k, v in f0_named.items()}}
+    hyper = dict(lr=0.1, momentum=0.9, eta_F=0.5, eta_r=1.0, rho=0.2, trace_every=2, trace_estimator=estimator,
+                 weight_decay=1e-3)
+    if fsdp:
+        fd.shard_fsdp(model, units=[model[0], model[2]])
+        f0s = fd.shard_fisher(model, f0_named)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = (FIP if raw else fd.fip_for_fsdp)(params, fisher0=f0s, **hyper)
+        net = model
+    else:
+        net = fd.wrap_ddp(model) if kind == "ddp" else model
+        opt = fd.fip_for_fsdp(params, fisher0=f0, **hyper)
+    gnorms = []
+    for x, y in zip(xs, ys):
+        xl, yl = _local(x), _local(y)
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(xl), yl)
+            loss.backward()
+            return loss
+
+        if estimator == "fd":
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+        # the group norm the optimizer computes (on the gradient left in .grad), vs the norm of the full grads
+        g = [p.grad for p in params if p.grad is not None]
+        n, _ = ops.global_norm(g, impl=opt.impl)
+        n = n.full_tensor() if fd.is_dtensor(n) else n
+        ref = torch.sqrt(sum(_full(t).float().pow(2).sum() for t in g))
+        gnorms.append((float(n), float(ref)))
+    with opt.unperturbed():
+        out["params"] = _named_full(model)
+    out["gnorms"] = gnorms
+    out["momentum"] = {n: _full(opt.state[p]["momentum_buffer"]) for n, p in fd.unwrap(model).named_parameters()
+                       if p in opt.state}
+    if ckpt_dir is not None:
+        x, y = xs[0], ys[0]
+        xl, yl = _local(x), _local(y)
+
+        def closure2(m=net, o=opt):
+            o.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(m(xl), yl)
+            loss.backward()
+            return loss
+
+        with opt.unperturbed():
+            fd.save_checkpoint(ckpt_dir, model, opt, extra={"step": STEPS})
+        # a fresh model + optimizer, sharded the same way, loaded from the checkpoint
+        model2 = _model(seed=5)
+        if spectral_mode:
+            spectral.reparameterize(model2, relative=True)
+        if fsdp:
+            fd.shard_fsdp(model2, units=[model2[0], model2[2]])
+        p2 = [p for p in model2.parameters() if p.requires_grad]
+        f02 = fd.shard_fisher(model2, {k: torch.zeros_like(v) for k, v in f0_named.items()}) if fsdp else \
+            {p: torch.zeros_like(p) for p in p2}
+        opt2 = fd.fip_for_fsdp(p2, fisher0=f02, **hyper)
+        closure2(model2, opt2)              # materialize lazily created state so the loaded keys match
+        opt2.zero_grad(set_to_none=True)
+        extra = fd.load_checkpoint(ckpt_dir, model2, opt2)
+        out["ckpt_extra"] = extra
+        out["ckpt_params"] = _named_full(model2)
+        out["ckpt_state_keys"] = sorted(opt2.state[p2[0]].keys())
+        out["ckpt_fisher0"] = {n: _full(opt2.state[p]["fisher0"]) for n, p in model2.named_parameters()
+                               if p in opt2.state and "fisher0" in opt2.state[p]}
+        # one more step from the original and from the restored pair: identical
+        for m, o in ((net, opt), (model2, opt2)):
+            if estimator == "fd":
+                o.step(lambda m=m, o=o: closure2(m, o))
+            else:
+                closure2(m, o)
+                o.step()
+        with opt.unperturbed(), opt2.unperturbed():
+            out["after_orig"] = _named_full(model)
+            out["after_ckpt"] = _named_full(model2)
+    return out
+
+
+SCENARIOS = {
+    "ddp_full_fd": dict(kind="ddp", estimator="fd", spectral_mode=False, fsdp=False),
+    "ddp_fast_lagged": dict(kind="ddp", estimator="lagged", spectral_mode=True, fsdp=False),
+    "fsdp_full_fd": dict(kind="fsdp", estimator="fd", spectral_mode=False, fsdp=True),
+    "fsdp_fast_fd_ckpt": dict(kind="fsdp", estimator="fd", spectral_mode=True, fsdp=True, ckpt=True),
+    # raw FIP (not the wrapper, which refuses 'lagged' on DTensors): documents the core limitation
+    "fsdp_full_lagged": dict(kind="fsdp", estimator="lagged", spectral_mode=False, fsdp=True, raw=True),
+}
+
+
+def _worker(rank: int, world: int, port: int, outdir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    r, w, _ = fd.init_from_env(backend="gloo", timeout_s=60)
+    assert (r, w) == (rank, world)
+    results = {}
+    try:
+        for name, sc in SCENARIOS.items():
+            sc = dict(sc)
+            ckpt = os.path.join(outdir, f"ckpt_{name}") if sc.pop("ckpt", False) else None
+            try:
+                results[name] = _run(ckpt_dir=ckpt, **sc)
+            except Exception as exc:  # report, keep going
+                import traceback
+                results[name] = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+            fd.barrier()
+    finally:
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        fd.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"2-process run did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single_results():
+    assert not dist.is_initialized()
+    out = {}
+    for name, sc in SCENARIOS.items():
+        sc = {k: v for k, v in sc.items() if k != "ckpt"}
+        out[name] = _run(**dict(sc, kind="single", fsdp=False))
+    return out
+
+
+def _close(a: dict, b: dict, atol=ATOL):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+LAGGED_FSDP_XFAIL = pytest.mark.xfail(
+    strict=True, reason="core: fip_fast/_foreach.py fip_step_ writes the lagged perturbation with "
+    "torch._foreach_copy_, which has no DTensor sharding strategy (torch 2.13); remove this mark when fixed")
+
+
+@pytest.mark.parametrize("name", [n if n != "fsdp_full_lagged" else pytest.param(n, marks=LAGGED_FSDP_XFAIL)
+                                  for n in SCENARIOS])
+def test_matches_single_process(name, dist_results, single_results):
+    ref = single_results[name]
+    for r, res in enumerate(dist_results):
+        got = res[name]
+        assert "error" not in got, got.get("error")
+        _close(got["fisher"], ref["fisher"])             # F0 all-reduced over ranks == F0 of the global data
+        _close(got["params"], ref["params"])             # same trajectory as one process on the global batch
+        _close(got["momentum"], ref["momentum"])
+        # the suppressor's group norm is the norm over the full (unsharded, all-reduced) gradient
+        for (n, full), (n_ref, _) in zip(got["gnorms"], ref["gnorms"]):
+            assert n == pytest.approx(full, rel=1e-5)
+            assert n == pytest.approx(n_ref, rel=1e-4)
+    # every rank ends with the same model
+    _close(dist_results[0][name]["params"], dist_results[1][name]["params"], atol=0)
+
+
+def test_fip_for_fsdp_refuses_lagged_on_dtensors(dist_results):
+    err = dist_results[0]["fsdp_full_lagged"].get("error", "")
+    assert "_foreach_copy_" in err or not err          # the core limitation fip_for_fsdp guards against
+
+
+def test_fsdp_state_is_sharded_and_checkpoint_roundtrip(dist_results):
+    for res in dist_results:
+        got = res["fsdp_fast_fd_ckpt"]
+        assert "error" not in got, got.get("error")
+        assert got["ckpt_extra"] == {"step": STEPS}
+        _close(got["ckpt_params"], got["params"], atol=0)                 # loaded weights == saved weights
+        _close(got["ckpt_fisher0"], {k: v for k, v in got["fisher"].items()}, atol=1e-6)  # F0 restored, fp32
+        assert {"anchor", "fisher", "fisher0", "momentum_buffer", "step"} <= set(got["ckpt_state_keys"])
+        _close(got["after_ckpt"], got["after_orig"], atol=1e-6)          # resumes exactly
