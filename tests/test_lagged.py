@@ -5,7 +5,6 @@ import contextlib
 import copy
 import os
 import socket
-import sys
 import tempfile
 import time
 
@@ -17,7 +16,6 @@ from torch import nn
 from fip_fast import FIP, ops
 from fip_fast.integrations import drop_perturbation, find_fip
 
-STATE_KEYS = ("step", "momentum_buffer", "fisher", "anchor", "fisher0", "pert")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
