@@ -110,6 +110,23 @@ def hessian_max_eigenvalue(
     return float(lam)
 
 
+def _batched_quadratic_forms(grads: Sequence[Tensor], params: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
+    """``v_kᵀ·H·v_k`` for a block of probes ``v[i]`` of shape ``(b, *params[i].shape)`` → ``(b,)``.
+
+    One vmapped double backward (``is_grads_batched``) for the whole block; models that ``vmap`` cannot trace
+    fall back to one product per probe (same probes, same result up to rounding).
+    """
+    b = v[0].shape[0]
+    try:
+        hv = torch.autograd.grad(grads, params, grad_outputs=list(v), retain_graph=True, allow_unused=True,
+                                 is_grads_batched=True)
+        hv = [torch.zeros_like(vi) if h is None else h for h, vi in zip(hv, v)]
+        return sum((vi * h).flatten(1).sum(1) for vi, h in zip(v, hv)).detach()
+    except RuntimeError:
+        return torch.stack([_dot([vi[k] for vi in v], hessian_vector_product(grads, params, [vi[k] for vi in v]))
+                            for k in range(b)])
+
+
 def hessian_trace(
     model: nn.Module,
     x: Tensor,
@@ -119,21 +136,25 @@ def hessian_trace(
     params: Optional[Sequence[Tensor]] = None,
     samples: int = 100,
     seed: int = 0,
+    batch_size: int = 32,
 ) -> float:
     """Tr(H) of the mean loss on ``(x, y)`` by Hutchinson's estimator, ``mean_k v_kᵀ·H·v_k``, Rademacher ``v_k``.
 
     Unbiased; its standard error falls as 1/√samples (for a diagonal H the estimate is exact with any number of
-    samples, since v_i² = 1).  ``samples`` is the number of Hessian-vector products.
+    samples, since v_i² = 1).  ``samples`` is the number of Hessian-vector products; they are computed
+    ``batch_size`` at a time with one batched double backward (memory: ``batch_size`` copies of the
+    parameters).  The probes depend only on ``seed``, ``samples`` and ``batch_size``.
     """
     ps = _trainable(model, params)
     g = torch.Generator().manual_seed(seed)
-    total = 0.0
+    samples, total = max(1, samples), 0.0
     with eval_mode(model), torch.enable_grad():
         grads = _gradients_with_graph(model, x, y, loss_fn, ps)
-        for _ in range(max(1, samples)):
-            v = [_rademacher(p.shape, p.dtype, p.device, g) for p in ps]
-            total += float(_dot(v, hessian_vector_product(grads, ps, v)))
-    return total / max(1, samples)
+        for start in range(0, samples, max(1, batch_size)):
+            b = min(batch_size, samples - start)
+            v = [_rademacher((b,) + tuple(p.shape), p.dtype, p.device, g) for p in ps]
+            total += float(_batched_quadratic_forms(grads, ps, v).sum())
+    return total / samples
 
 
 def _per_sample_sq_norms_func(model, x, y, loss_fn, ps, chunk_size) -> Tensor:

@@ -54,21 +54,26 @@ def test_frozen_submodule_stays_in_eval():
 
 
 # --------------------------------------------------------------------------------------------- smoothness
-def _quadratic(d=6, seed=0):
-    """Linear model + loss ½·mean (w·x)²  ⇒  H = XᵀX / N exactly."""
+def _quadratic(eigs=(4.0, 2.0, 1.0, 0.5, 0.3, 0.1), seed=0):
+    """Linear model + loss ½·mean (w·x)²  ⇒  H = XᵀX / N exactly; X built so that H = Q·diag(eigs)·Qᵀ."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(40, d, generator=g, dtype=torch.float64)
+    d = len(eigs)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    x = (d ** 0.5) * torch.diag(torch.tensor(eigs, dtype=torch.float64).sqrt()) @ q.T  # N = d samples
     model = nn.Linear(d, 1, bias=False).double()
     loss_fn = lambda out, y: 0.5 * (out.squeeze(1) - y).pow(2).mean()  # noqa: E731
-    y = torch.zeros(40, dtype=torch.float64)
-    return model, x, y, loss_fn, x.T @ x / 40
+    y = torch.zeros(d, dtype=torch.float64)
+    return model, x, y, loss_fn, x.T @ x / d
 
 
 def test_lambda_max_on_quadratic():
     model, x, y, loss_fn, H = _quadratic()
-    exact = float(torch.linalg.eigvalsh(H).max())
-    lam = hessian_max_eigenvalue(model, x, y, loss_fn=loss_fn, iters=500, tol=1e-10, seed=0)
-    assert lam == pytest.approx(exact, rel=1e-6)
+    assert torch.allclose(torch.linalg.eigvalsh(H).max(), torch.tensor(4.0, dtype=torch.float64))
+    lam = hessian_max_eigenvalue(model, x, y, loss_fn=loss_fn, iters=500, tol=1e-12, seed=0)
+    assert lam == pytest.approx(4.0, rel=1e-8)
+    # Hutchinson's estimate of this dense (non-diagonal) H is unbiased: close to Tr H = 7.9 with many probes.
+    assert hessian_trace(model, x, y, loss_fn=loss_fn, samples=4000, seed=0, batch_size=500) == \
+        pytest.approx(7.9, rel=0.03)
 
 
 def test_lambda_max_diagonal_known():
@@ -137,3 +142,43 @@ def test_sharpness_dict_restores_mode():
     assert s["lambda_max"] > 0 and s["trace_f"] > 0
     assert model.training
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers())), "BN statistics untouched"
+
+
+# --------------------------------------------------------------------------------------------- models evaluated here
+@pytest.mark.parametrize("name, shape", [("cnn", (1, 28, 28)), ("cnn", (3, 32, 32)),
+                                         ("preact_resnet18", (3, 32, 32)), ("resnet18", (1, 32, 32))])
+def test_build_model_shapes(name, shape):
+    from fip_fast.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model(name, num_classes=7, in_channels=shape[0])
+    assert m(torch.rand((2,) + shape)).shape == (2, 7)
+
+
+def test_build_model_import_string_and_errors():
+    from fip_fast.models import DemoCNN, build_model
+
+    m = build_model("fip_fast.models:DemoCNN", num_classes=3, in_channels=1, width=4)
+    assert isinstance(m, DemoCNN) and m.classifier[-1].out_features == 3
+    assert isinstance(build_model("torch.nn:Identity"), nn.Module)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg99")
+    with pytest.raises(ValueError, match="cannot import"):
+        build_model("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="no attribute"):
+        build_model("fip_fast.models:nothing")
+
+
+def test_train_backdoored_is_deterministic():
+    from fip_fast.models import build_model
+    from fip_fast.train import train_backdoored
+
+    x, y = torch.rand(48, 1, 12, 12), torch.arange(48) % 3
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = build_model("cnn", num_classes=3, width=4, hidden=8)
+        runs.append(train_backdoored(m, x, y, epochs=2, batch_size=16, seed=5, progress=False))
+    assert not runs[0].training
+    for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values()):
+        assert torch.equal(a, b)
