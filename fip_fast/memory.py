@@ -1,0 +1,266 @@
+"""Memory accounting for FIP and Fast FIP: what a purification holds, measured and per parameter.
+
+Measured (:func:`measure`, one optimizer step of a real model):
+    * parameters (trainable / frozen), gradients, buffers — with the spectral buffers ``U``, ``S``, ``Vh`` and
+      ``residual`` of Fast FIP broken out — and the optimizer state, by summing ``numel·element_size`` of the
+      live tensors (storage-deduplicated);
+    * activations: on CUDA the step's peak ``torch.cuda.max_memory_allocated`` minus what was allocated before
+      it; on CPU there is no allocator counter, so the bytes of the tensors *saved for backward* are summed
+      with ``torch.autograd.graph.saved_tensors_hooks`` during the forward passes (storage-deduplicated, parameters
+      and buffers excluded).  That is a measurement of what autograd keeps alive between forward and backward
+      (the dominant term), not of transient workspace inside kernels — not ``tracemalloc`` (which does not see
+      torch's allocations) and not a formula.
+
+Analytical (:func:`bytes_per_param`, :func:`max_params`): bytes per parameter of the selected (linear) layers
+for each mode, from the tensors each mode keeps, and the largest model that fits a given memory.  The terms
+(b = bytes of the parameter dtype, 2 for bf16; fp32 optimizer state, as FIP keeps):
+
+=========================  ======================================================================
+mode                       per parameter of a selected m×n layer
+=========================  ======================================================================
+inference only             b (the weight)
+FIP (fd)                   b weight + b grad + b second grad g' (fd keeps g while the second
+                           backward writes g') + 4 momentum + 4 Fisher EMA + b anchor θ0 + 4 F0
+FIP (lagged)               as fd without g', plus 4 for the stored perturbation
+Fast FIP, full rank        U (m×r) + Vh (r×n), r = min(m, n): b·(m·r + r·n)/(m·n) = b·(1 + r/max(m,n))
+                           ≤ 2b, plus W(δ) materialized in the forward and saved for backward: b
+Fast FIP, rank k           residual b + W(δ) b + b·k·(m + n)/(m·n) (U_k, Vh_k); δ, S, state O(k)
+=========================  ======================================================================
+
+The ``foreach`` implementation (the CPU default) also makes fp32 working copies of θ, g (and g') for each
+group during the fused step — a transient of about 12–16 bytes per trainable parameter that the Triton/CUDA
+kernels do not allocate; :func:`bytes_per_param` reports it separately (``foreach_transient``).
+Activations are per token and depend on batch, sequence length and checkpointing, so they are not in the
+per-parameter numbers; :func:`measure` reports them for a concrete batch.
+
+No GPU was available when this module was written: every number in ``docs/large-models.md`` is either a CPU
+measurement of the tensors above or this arithmetic.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["tensor_bytes", "MemoryReport", "model_memory", "optimizer_state_bytes", "saved_activation_bytes",
+           "measure", "bytes_per_param", "max_params", "MODES", "GB"]
+
+GB = 1e9
+MODES = ("inference", "fip", "fip_lagged", "fast_fip", "fast_fip_rank_k")
+
+
+def _storage_key(t: Tensor):
+    try:
+        return (t.untyped_storage().data_ptr(), t.device)
+    except Exception:       # wrapper subclasses (DTensor): fall back on identity
+        return (id(t), t.device)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def tensor_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and repeats counted once; DTensors: the local
+    shard)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not isinstance(t, Tensor):
+            continue
+        t = _local(t)
+        key = _storage_key(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            total += t.untyped_storage().nbytes()
+        except Exception:
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class MemoryReport:
+    """Bytes held by a model + optimizer (see the module docstring for what each field measures)."""
+    params_trainable: int = 0
+    params_frozen: int = 0
+    grads: int = 0
+    buffers_spectral: dict = field(default_factory=dict)   # {"U": …, "S": …, "Vh": …, "residual": …}
+    buffers_other: int = 0
+    optimizer_state: int = 0
+    activations: Optional[int] = None
+    activations_how: str = ""
+    n_trainable: int = 0
+    n_params_total: int = 0             # of the original model (spectral layers counted as their weight)
+
+    @property
+    def total_static(self) -> int:
+        return (self.params_trainable + self.params_frozen + self.grads + sum(self.buffers_spectral.values())
+                + self.buffers_other + self.optimizer_state)
+
+    @property
+    def total(self) -> int:
+        return self.total_static + (self.activations or 0)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["total_static"], d["total"] = self.total_static, self.total
+        return d
+
+
+def model_memory(model: nn.Module) -> MemoryReport:
+    """Parameters, gradients and buffers of ``model`` (spectral buffers broken out)."""
+    from .spectral import SpectralLayer
+
+    rep = MemoryReport()
+    params = list(model.parameters())
+    rep.params_trainable = tensor_bytes(p for p in params if p.requires_grad)
+    rep.params_frozen = tensor_bytes(p for p in params if not p.requires_grad)
+    rep.grads = tensor_bytes(p.grad for p in params)
+    rep.n_trainable = sum(p.numel() for p in params if p.requires_grad)
+    spec = {"U": [], "S": [], "Vh": [], "residual": []}
+    spec_ids = set()
+    n_total = sum(p.numel() for p in params)
+    for m in model.modules():
+        if isinstance(m, SpectralLayer):
+            for k in spec:
+                t = getattr(m, k)
+                if t is not None:
+                    spec[k].append(t)
+                    spec_ids.add(id(t))
+            n_total += m.weight_shape.numel() - m.delta.numel()
+    rep.n_params_total = n_total
+    rep.buffers_spectral = {k: tensor_bytes(v) for k, v in spec.items()}
+    rep.buffers_other = tensor_bytes(b for b in model.buffers() if id(b) not in spec_ids)
+    return rep
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state``."""
+    return tensor_bytes(v for st in optimizer.state.values() for v in st.values() if isinstance(v, Tensor))
+
+
+@contextlib.contextmanager
+def saved_activation_bytes(model: Optional[nn.Module] = None):
+    """Context manager counting the bytes autograd saves for backward inside it (yields a dict whose
+    ``"bytes"`` is filled on exit; parameters and buffers of ``model`` are not activations and are skipped)."""
+    exclude = set()
+    if model is not None:
+        exclude = {_storage_key(_local(t)) for t in list(model.parameters()) + list(model.buffers())}
+    seen: set = set()
+    out = {"bytes": 0}
+
+    def pack(t: Tensor):
+        try:
+            lt = _local(t)
+            key = _storage_key(lt)
+            if key not in exclude and key not in seen:
+                seen.add(key)
+                out["bytes"] += lt.untyped_storage().nbytes()
+        except Exception:
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
+
+
+def measure(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], None],
+            device: Optional[torch.device] = None) -> MemoryReport:
+    """Run ``step()`` (one optimizer step, closure included) and report the memory (see the module docstring).
+
+    On CUDA: activations = peak allocated during the step − allocated before it − the gradients and state the
+    step created; on CPU: bytes saved for backward (``saved_tensors_hooks``) during the step's forwards (for an
+    fd suppressor step: the larger of the two passes is what is alive at once; the hook sees both, and the
+    maximum over passes is reported by counting storages per pass and keeping the largest)."""
+    device = device or next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        rep = model_memory(model)
+        rep.optimizer_state = optimizer_state_bytes(optimizer)
+        rep.activations = max(0, peak - before - rep.grads - rep.optimizer_state)
+        rep.activations_how = "cuda max_memory_allocated (peak − before − grads − new state)"
+        return rep
+    passes: list[int] = []
+    exclude = {_storage_key(_local(t)) for t in list(model.parameters()) + list(model.buffers())}
+    current: dict = {"seen": set(), "bytes": 0}
+
+    def pack(t: Tensor):
+        try:
+            lt = _local(t)
+            key = _storage_key(lt)
+            if key not in exclude and key not in current["seen"]:
+                current["seen"].add(key)
+                current["bytes"] += lt.untyped_storage().nbytes()
+        except Exception:
+            pass
+        return t
+
+    def pre_hook(mod, args):          # a new forward pass starts at the root module
+        if current["bytes"]:
+            passes.append(current["bytes"])
+        current["seen"], current["bytes"] = set(), 0
+
+    h = model.register_forward_pre_hook(pre_hook)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step()
+    finally:
+        h.remove()
+    passes.append(current["bytes"])
+    rep = model_memory(model)
+    rep.optimizer_state = optimizer_state_bytes(optimizer)
+    rep.activations = max(passes)
+    rep.activations_how = "cpu: bytes saved for backward (saved_tensors_hooks), largest forward pass"
+    return rep
+
+
+# ------------------------------------------------------------------------------------------- analytical
+def bytes_per_param(mode: str, param_bytes: int = 2, *, m: int = 4096, n: int = 4096, k: int = 64) -> dict:
+    """Bytes per parameter of a selected m×n layer for ``mode`` (see the table in the module docstring).
+
+    Returns ``{"persistent": …, "step_transient": …, "foreach_transient": …, "total": persistent +
+    step_transient}``; ``foreach_transient`` (fp32 working copies of the ``foreach`` impl) is extra.
+    ``step_transient`` counts what exists only between forward and optimizer step (gradients, g', W(δ))."""
+    b = float(param_bytes)
+    r = min(m, n)
+    if mode == "inference":
+        pers, trans, fe = b, 0.0, 0.0
+    elif mode == "fip":
+        pers, trans, fe = b + 4 + 4 + b + 4, 2 * b, 16.0
+    elif mode == "fip_lagged":
+        pers, trans, fe = b + 4 + 4 + b + 4 + 4, b, 12.0
+    elif mode == "fast_fip":
+        pers, trans, fe = b * (m * r + r * n) / (m * n), b, 0.0
+    elif mode == "fast_fip_rank_k":
+        kk = min(k, r)
+        pers, trans, fe = b + b * kk * (m + n) / (m * n), b, 0.0
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return dict(persistent=pers, step_transient=trans, foreach_transient=fe, total=pers + trans)
+
+
+def max_params(memory_bytes: float, mode: str, param_bytes: int = 2, *, activation_bytes: float = 0.0,
+               shards: int = 1, shard_buffers: bool = False, **shape) -> float:
+    """The largest number of (selected-layer) parameters whose purification fits ``memory_bytes`` per device.
+
+    ``shards``: FSDP world size.  Parameters, gradients and optimizer state are divided by it; Fast FIP's
+    ``U``/``Vh``/``residual`` are *buffers*, which FSDP2 does not shard, so they are divided only with
+    ``shard_buffers=True`` (what would need them registered as frozen parameters — see docs/large-models.md).
+    """
+    bp = bytes_per_param(mode, param_bytes, **shape)
+    free = memory_bytes - activation_bytes
+    if mode.startswith("fast_fip"):
+        buf = bp["persistent"]
+        per = (buf / shards if shard_buffers else buf) + bp["step_transient"]
+    else:
+        per = bp["total"] / shards
+    return max(0.0, free / per)
