@@ -15,7 +15,19 @@ are poisoned is a fixed function of the ``seed`` given to :meth:`poison_train`.
 
 Registry: :data:`ATTACKS` and :func:`make_attack`.  Defaults (``default_rate`` and the trigger parameters) were
 chosen to be the standard ones from the literature where these reach ≥ 95 % ASR on the demo CNN / MNIST-5k in a
-few epochs; where they do not, the docstring of the class says what changed and why.
+few epochs; where they do not, the docstring of the class says what changed and why.  Measured (split seed 0,
+4 280 training images, :class:`~fip_fast.models.DemoCNN`, ``train_backdoored`` defaults: Adam 2e-3, 4 epochs,
+batch 64; a clean model: ACC 98.4 %):
+
+=========  ========  =======  =======
+attack     poisoned  ACC      ASR
+=========  ========  =======  =======
+badnets    428       97.6 %   100 %
+blend      428       98.2 %   100 %
+sig        342       97.6 %   100 %
+trojan     428       98.0 %   99.8 %
+wanet      428       96.2 %   97.3 %
+=========  ========  =======  =======
 """
 from __future__ import annotations
 
@@ -306,8 +318,8 @@ class WaNet(Attack):
     Paper defaults: k = 4, s = 0.5, poison rate 0.1 and a noise ("cross") mode that additionally warps
     ``cross_ratio × n_poison`` samples with *random* fields while keeping their labels, so the network must
     learn the specific warp.  Those paper settings need ~100 epochs; to reach high ASR in the demo's few epochs
-    the default strength here is s = 1.0 (still a visually subtle, sub-pixel-to-1-pixel warp on 28×28) and the
-    noise mode is off (``noise=True`` turns it on).
+    the default strength here is s = 1.0 (still visually subtle: pixels move ≈ 0.5 px on average, ≲ 2 px at
+    most) and the noise mode is off (``noise=True`` turns it on).
     """
 
     name = "wanet"
