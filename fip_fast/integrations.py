@@ -87,19 +87,7 @@ def drop_perturbation(opt: Any) -> None:
     fip = find_fip(opt)
     if fip is None:
         raise TypeError(f"drop_perturbation needs a fip_fast.FIP (or a wrapper of one), got {type(opt).__name__}")
-    # FIP._suspended: inside unperturbed() the parameters already hold θ (the stored e is re-added on exit).
-    suspended = bool(getattr(fip, "_suspended", False))
-    for group in fip.param_groups:
-        by_dev: dict[torch.device, list] = {}
-        for p in group["params"]:
-            st = fip.state.get(p, {})
-            if "pert" in st:
-                by_dev.setdefault(p.device, []).append((p, st["pert"]))
-        for dev, items in by_dev.items():
-            ps, es = [p for p, _ in items], [e for _, e in items]
-            if not suspended:
-                ops.perturb_(ps, es, -1.0, impl=fip.impl)
-            torch._foreach_zero_(es)
+    fip.remove_perturbation()
 
 
 class _FIPCallbackMixin:

@@ -200,6 +200,27 @@ class FIP(Optimizer):
         """``loss.backward()``, keeping the graph of the gradient when the suppressor needs double backward."""
         loss.backward(create_graph=self.create_graph)
 
+    @property
+    def is_perturbed(self) -> bool:
+        """Whether the parameters currently hold θ + e (``"lagged"`` only; False inside :meth:`unperturbed`)."""
+        return self._perturbed
+
+    @torch.no_grad()
+    def remove_perturbation(self) -> None:
+        """Remove the lagged perturbation for good: θ ← θ − e and e ← 0 for every parameter.
+
+        Use it where training *ends* (before returning, evaluating or saving the model of a hand-written loop).
+        The optimizer stays consistent: the next :meth:`step` has nothing to restore and the suppressor resumes
+        at its next scheduled call.  Idempotent; a no-op for the other estimators.  Inside :meth:`unperturbed`
+        the parameters already hold θ, so only e is zeroed.  θ is recovered as (θ + e) − e.
+        """
+        if self._perturbed:
+            self._apply_pert(-1.0)
+        for p, st in self.state.items():
+            if "pert" in st:
+                st["pert"].zero_()
+        self._perturbed = False
+
     @contextlib.contextmanager
     def unperturbed(self):
         """Temporarily remove the lagged perturbation from the parameters (evaluate, save, log inside).
@@ -315,9 +336,9 @@ class FIP(Optimizer):
 
         for it in plan:
             self._fused_step(it)
-        for group in groups:
-            group["calls"] += 1
-        self._after_step(plan)
+        if not self._after_step(plan):
+            for group in groups:   # a skipped step leaves the suppressor schedule untouched too
+                group["calls"] += 1
         return loss
 
     def _fd_second_pass(self, items: list[dict], closure: Callable) -> None:
@@ -401,17 +422,25 @@ class FIP(Optimizer):
         if pert is not None:
             self._perturbed = True
 
-    def _after_step(self, plan: list[dict]) -> None:
+    def _after_step(self, plan: list[dict]) -> bool:
+        """Count a skip; returns whether this step was skipped when that is known on the host.
+
+        The host must know it to keep the suppressor schedule (``group["calls"]``) unchanged by a skipped step,
+        which matters only when some group has a suppressor with ``trace_every > 1``: only then (or on CPU,
+        where it is free) does this sync with the device.  Otherwise the check is deferred to the warning's
+        periodic sync."""
         if not plan:
-            return
+            return False
         infs = [it["found_inf"] for it in plan]
         total = infs[0] if len(infs) == 1 else torch.stack([f.to(infs[0].device) for f in infs]).amax()
         self._skipped = total.clone() if self._skipped is None else self._skipped + total.to(self._skipped.device)
         self._calls_since_check += 1
-        on_cpu = total.device.type == "cpu"
-        if not self._skip_warned and (on_cpu or self._calls_since_check >= _SKIP_CHECK_EVERY):
+        schedule = any(g["eta_F"] > 0 and g["trace_every"] > 1 for g in self.param_groups)
+        skipped = bool(total.item()) if (total.device.type == "cpu" or schedule) else False
+        if not self._skip_warned and (skipped or self._calls_since_check >= _SKIP_CHECK_EVERY):
             self._calls_since_check = 0
             if self._skipped.item() > 0:
                 self._skip_warned = True
                 logger.warning("fip_fast.FIP: skipped a step with non-finite gradients (parameters and state "
                                "left untouched); opt.skipped_steps counts them. This warning is shown once.")
+        return skipped

@@ -242,8 +242,6 @@ def test_internal_skip_without_scaler_trace_every_1_is_as_if_batch_never_happene
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason="optim.py: group['calls'] advances on a skipped (non-finite) step, so "
-                   "the suppressor schedule shifts by one call; see the report of issue 9")
 @pytest.mark.parametrize("poison_at", [2, 3])
 def test_internal_skip_without_scaler_keeps_suppressor_schedule(poison_at):
     """FIP's own non-finite skip (no GradScaler) should leave the schedule as if the batch had never happened —
