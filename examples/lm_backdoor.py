@@ -18,7 +18,7 @@ then FIP (all parameters) or Fast FIP (δ of every Conv1D / Linear layer, ``fip_
 suppressor.  Usage::
 
     python examples/lm_backdoor.py                    # ≈ 1–2 min on 2 CPU cores
-    python examples/lm_backdoor.py --small            # the CPU-small setting of tests/test_lm_backdoor.py
+    python examples/lm_backdoor.py --small            # the CPU-small setting of tests/test_hf.py::test_lm_backdoor_small
 """
 from __future__ import annotations
 
