@@ -331,7 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hyper = dict(HYPER, trace_every=args.trace_every)
     quick = args.quick
     methods = args.methods or list(METHODS)
-    models = args.models or (["synthetic_cnn"] if quick else ["demo_cnn", "resnet18"])
+    models = [] if args.no_step_time else (args.models or (["synthetic_cnn"] if quick else ["demo_cnn", "resnet18"]))
     secs = []
     for mname in models:
         gpu = device.type == "cuda"
@@ -384,6 +384,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=("mnist", "synthetic"), default=None,
                    help="backdoor task for time-to-ASR (default mnist; synthetic with --quick)")
     p.add_argument("--no-asr", action="store_true", help="skip the time-to-ASR part")
+    p.add_argument("--no-step-time", action="store_true", help="skip the per-step time part")
     p.add_argument("--asr", type=float, default=0.05, help="ASR threshold")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
