@@ -50,9 +50,9 @@ class Config:
     n_clean: int = 200             # the defender's clean set
     n_test: int = 500
     n_layer: int = 2
-    n_embd: int = 48
+    n_embd: int = 32
     n_head: int = 4
-    train_steps: int = 500
+    train_steps: int = 400
     train_batch: int = 32
     train_lr: float = 3e-3
     # Purification.  FIP: all parameters; the suppressor at the max_mix cap (η_F large enough that

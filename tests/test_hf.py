@@ -194,3 +194,26 @@ def test_torch_multihead_attention_out_proj_is_skipped():
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     with pytest.raises(ValueError):
         hf.reparameterize_transformer(layer)
+
+
+@pytest.mark.slow
+def test_lm_backdoor_small():
+    """examples/lm_backdoor.py --small: a trigger token forces a target continuation in a tiny GPT-2; FIP and
+    Fast FIP on clean sequences remove it (ASR ≤ 5 %) with clean next-token accuracy within 1 point and
+    perplexity within 10 %."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "lm_backdoor.py"
+    spec = importlib.util.spec_from_file_location("lm_backdoor", path)
+    lb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lb)
+    cfg = lb.Config.small()
+    cfg.modes = ("fip", "fast_fip")
+    res = lb.run(cfg, log=None)
+    bd = res["backdoored"]
+    assert bd["asr"] >= 0.9 and bd["acc"] >= 0.85, bd           # the backdoor was implanted, the task learned
+    for mode in ("fip", "fast_fip"):
+        r = res[mode]
+        assert r["asr"] <= 0.05, (mode, r)
+        assert r["acc"] >= bd["acc"] - 0.01, (mode, r)
+        assert r["ppl"] <= bd["ppl"] * 1.10, (mode, r)
