@@ -89,7 +89,7 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
         torch._foreach_mul_(d, mix)
         torch._foreach_add_(d, g)
     else:
-        d = [x.clone() for x in g]
+        d = torch._foreach_mul(g, 1.0)   # a copy in one multi-tensor op, not one clone per tensor
     idx = [i for i, f0 in enumerate(fisher0) if f0 is not None]
     if idx and eta_r != 0.0:
         diff = torch._foreach_sub([theta[i] for i in idx], _fp32([anchor[i] for i in idx]))
