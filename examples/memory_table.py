@@ -91,7 +91,7 @@ def main(argv=None):
               f"| {mb(s['residual'])} | {mb(r['optimizer_state'])} | {mb(r['activations'])} | {mb(r['total'])} |")
     print("(MiB; activations: " + rows[0]["activations_how"] + ")")
     pb = 2 if args.dtype == "bf16" else 4
-    print(f"\nanalytical, {'bf16' if pb == 2 else 'fp32'} weights, 4096×4096 layers, rank-k k={args.rank}:")
+    print(f"\nanalytical, bf16 weights, 4096×4096 layers, rank-k k={args.rank}:")
     out_an = {}
     for mode in memory.MODES:
         bp = memory.bytes_per_param(mode, 2, m=4096, n=4096, k=args.rank)
