@@ -29,6 +29,8 @@ import itertools
 import os
 import subprocess
 import sys
+sys.path.insert(0, os.path.dirname(__file__))
+from _isolate import in_fresh_process  # noqa: E402
 from unittest import mock
 
 import pytest
@@ -580,6 +582,7 @@ _lib_ok = _OK and K._lib.AVAILABLE
 
 
 @pytest.mark.skipif(not _lib_ok, reason="torch.library.custom_op needs torch >= 2.4")
+@in_fresh_process
 def test_custom_ops_opcheck():
     lib = K._lib
     gen = torch.Generator().manual_seed(12)
@@ -598,6 +601,7 @@ def test_custom_ops_opcheck():
 
 
 @pytest.mark.skipif(not _lib_ok, reason="torch.library.custom_op needs torch >= 2.4")
+@in_fresh_process
 def test_torch_compile_traces_the_ops():
     """fullgraph=True: no graph break — the calls become custom ops with fake implementations."""
     gen = torch.Generator().manual_seed(13)

@@ -15,6 +15,9 @@ from torch import nn
 
 from fip_fast import FIP, ops
 from fip_fast.integrations import drop_perturbation, find_fip
+import sys  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))  # noqa: E402
+from _isolate import in_fresh_process  # noqa: E402
 
 
 
@@ -309,6 +312,7 @@ def _ddp_worker(rank, world, port, out_dir, steps):
         dist.destroy_process_group()
 
 
+@in_fresh_process
 def test_ddp_two_process_gloo_perturbation_identical_on_ranks():
     import torch._dynamo  # noqa: F401  (DDP() imports it: ~5 s; done once here, inherited by the forked workers)
     import torch.multiprocessing as mp
