@@ -226,6 +226,7 @@ def purify(model, data, cfg: Config, mode: str = "fast_fip", log=print):
 
 
 def run(cfg: Config, log=print) -> dict:
+    log = log or (lambda *a, **k: None)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     t0 = time.perf_counter()
     data = make_data(cfg)

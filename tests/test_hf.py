@@ -203,9 +203,11 @@ def test_lm_backdoor_small():
     perplexity within 10 %."""
     import importlib.util
     import pathlib
+    import sys
     path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "lm_backdoor.py"
     spec = importlib.util.spec_from_file_location("lm_backdoor", path)
     lb = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("lm_backdoor", lb)           # dataclasses look their module up there
     spec.loader.exec_module(lb)
     cfg = lb.Config.small()
     cfg.modes = ("fip", "fast_fip")
