@@ -16,7 +16,6 @@ At the end the purified weights are gathered, merged (no SVD left) and saved by 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F

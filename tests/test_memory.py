@@ -1,5 +1,4 @@
 """fip_fast.memory: measured bytes equal the tensors each mode must hold; analytical table is consistent."""
-import copy
 
 import pytest
 import torch
