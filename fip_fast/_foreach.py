@@ -121,8 +121,9 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
         if next_pert_scale is None:
             torch._foreach_zero_(pert)
         else:
-            torch._foreach_copy_(pert, _scaled(g, next_pert_scale)) if hasattr(torch, "_foreach_copy_") else \
-                [p.copy_(s) for p, s in zip(pert, _scaled(g, next_pert_scale))]
+            # zero + add rather than _foreach_copy_, which has no sharding rule for FSDP2's DTensors
+            torch._foreach_zero_(pert)
+            torch._foreach_add_(pert, _scaled(g, next_pert_scale))
             torch._foreach_add_(theta, pert)
     _write_back(params, theta)
 

@@ -11,7 +11,6 @@ DDP (:func:`wrap_ddp`)
       e = ρ·g/‖g‖ is built from that all-reduced g (identical on every rank), the second closure call's
       backward is all-reduced too, and the fused step is the same arithmetic on the same numbers on every rank.
     * ``"lagged"``: the next perturbation is also built from the all-reduced g, so ranks stay bit-identical.
-      (Under FSDP2 ``"lagged"`` does not run yet — see :func:`fip_for_fsdp`.)
 FSDP2 (:func:`shard_fsdp`, ``torch.distributed.fsdp.fully_shard``, present in torch ≥ 2.6 and working on CPU
 with gloo in the torch 2.13 used here)
     * Reparameterize (``fip_fast.spectral`` / ``fip_fast.hf``) **before** sharding: the SVD needs the whole
@@ -272,21 +271,11 @@ def fip_for_fsdp(params, **kwargs):
     reduced across the mesh: a Replicate DTensor), while the Triton/CUDA kernels cannot take DTensors and the
     ``reference`` impl mixes plain tensors with DTensors.  So ``impl`` is forced to ``"foreach"`` (``"auto"``
     or unset) when a parameter is a DTensor, and any other explicit choice raises.  For plain parameters it is
-    exactly ``FIP``.
-
-    ``trace_estimator="lagged"`` on DTensor parameters raises ``NotImplementedError``: the core foreach step
-    uses ``torch._foreach_copy_``, which DTensor cannot shard-propagate (torch 2.13); ``"fd"`` works."""
+    exactly ``FIP``.  Both ``"fd"`` and ``"lagged"`` run on DTensor parameters."""
     from .optim import FIP
     params = list(params)
     flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     if any(is_dtensor(p) for p in flat):
-        ests = {g.get("trace_estimator") for g in params if isinstance(g, dict)} | {kwargs.get("trace_estimator")}
-        if "lagged" in ests:
-            raise NotImplementedError(
-                "trace_estimator='lagged' on FSDP2 (DTensor) parameters: the core foreach step "
-                "(fip_fast/_foreach.py, fip_step_) writes the next perturbation with torch._foreach_copy_, which "
-                "has no DTensor sharding rule in this torch; use trace_estimator='fd' (or DDP) until the core "
-                "replaces it (e.g. _foreach_zero_ + _foreach_add_)")
         impl = kwargs.get("impl", "auto")
         if impl not in ("auto", "foreach"):
             raise ValueError(f"FSDP2 (DTensor) parameters need impl='foreach' (the group norm must be global); "
@@ -307,7 +296,7 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     m = unwrap(model)
     if optimizer is not None:
         msd, osd = get_state_dict(m, optimizer)
-        perturbed = bool(getattr(optimizer, "_perturbed", False))
+        perturbed = bool(getattr(optimizer, "is_perturbed", False))
         state = {"model": msd, "optim": osd, "fip_perturbed": perturbed}
     else:
         state = {"model": get_model_state_dict(m)}

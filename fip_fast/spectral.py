@@ -136,7 +136,7 @@ class SpectralLayer(nn.Module):
             U, S, Vh = U[:, :k], S[:k], V[:, :k].t()
         else:
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            U, S, Vh = U[:, :k], S[:k], Vh[:k]
+            U, S, Vh = U[:, :k], S[:k].clone(), Vh[:k]   # clone: don't keep the full spectrum's storage
         residual = None
         if k < r_full:
             residual = (W - (U * S) @ Vh).to(weight.dtype)
@@ -178,7 +178,7 @@ class SpectralLayer(nn.Module):
     def to_base(self) -> nn.Module:
         """The original layer with W(δ) baked in as an ordinary parameter."""
         w = self.weight().detach().to(self.U.dtype)
-        self.base.weight = nn.Parameter(w.clone(), requires_grad=self.weight_requires_grad)
+        self.base.weight = nn.Parameter(w.contiguous().clone(), requires_grad=self.weight_requires_grad)
         return self.base
 
 

@@ -155,7 +155,6 @@ SCENARIOS = {
     "ddp_fast_lagged": dict(kind="ddp", estimator="lagged", spectral_mode=True, fsdp=False),
     "fsdp_full_fd": dict(kind="fsdp", estimator="fd", spectral_mode=False, fsdp=True),
     "fsdp_fast_fd_ckpt": dict(kind="fsdp", estimator="fd", spectral_mode=True, fsdp=True, ckpt=True),
-    # raw FIP (not the wrapper, which refuses 'lagged' on DTensors): documents the core limitation
     "fsdp_full_lagged": dict(kind="fsdp", estimator="lagged", spectral_mode=False, fsdp=True, raw=True),
 }
 
@@ -177,7 +176,7 @@ def _worker(rank: int, world: int, port: int, outdir: str):
                 import traceback
                 results[name] = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
             fd.barrier()
-        # the wrapper refuses 'lagged' on DTensor parameters (the core foreach step can't run it yet)
+        # the wrapper accepts 'lagged' on DTensor parameters (the core foreach step shards-propagates it)
         m = _model()
         fd.shard_fsdp(m)
         try:
@@ -230,13 +229,7 @@ def _close(a: dict, b: dict, atol=ATOL):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
-LAGGED_FSDP_XFAIL = pytest.mark.xfail(
-    strict=True, reason="core: fip_fast/_foreach.py fip_step_ writes the lagged perturbation with "
-    "torch._foreach_copy_, which has no DTensor sharding strategy (torch 2.13); remove this mark when fixed")
-
-
-@pytest.mark.parametrize("name", [n if n != "fsdp_full_lagged" else pytest.param(n, marks=LAGGED_FSDP_XFAIL)
-                                  for n in SCENARIOS])
+@pytest.mark.parametrize("name", list(SCENARIOS))
 def test_matches_single_process(name, dist_results, single_results):
     ref = single_results[name]
     for r, res in enumerate(dist_results):
@@ -255,9 +248,8 @@ def test_matches_single_process(name, dist_results, single_results):
 
 def test_fip_for_fsdp_refuses_lagged_on_dtensors(dist_results):
     for res in dist_results:
-        assert res["wrapper_lagged"].startswith("NotImplementedError") and "_foreach_copy_" in res["wrapper_lagged"]
-    err = dist_results[0]["fsdp_full_lagged"].get("error", "")
-    assert "_foreach_copy_" in err or not err          # the core limitation fip_for_fsdp guards against
+        assert res["wrapper_lagged"] == "accepted"
+    assert "error" not in dist_results[0]["fsdp_full_lagged"]
 
 
 def test_fsdp_state_is_sharded_and_checkpoint_roundtrip(dist_results):
