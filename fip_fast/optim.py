@@ -416,8 +416,8 @@ class FIP(Optimizer):
             ps, it["g"], it["gp"], [s.get("fisher0") for s in st], [s.get("anchor") for s in st],
             [s["momentum_buffer"] for s in st], [s["fisher"] for s in st], pert, impl=it["impl"],
             lr=h["lr"], momentum=h["momentum"], nesterov=h["nesterov"], weight_decay=h["weight_decay"],
-            eta_r=h["eta_r"], beta=h["beta"], mix=it["mix"], restore_scale=it["restore"] if it["gp"] is not None
-            and h["trace_estimator"] == "fd" else None, precondition=h["precondition"] == "fisher",
+            eta_r=h["eta_r"], beta=h["beta"], mix=it["mix"], restore_scale=it["restore"],   # set by the fd second pass only
+            precondition=h["precondition"] == "fisher",
             damping=h["damping"], step=steps[0], next_pert_scale=next_scale, found_inf=it["found_inf"])
         if pert is not None:
             self._perturbed = True
