@@ -181,6 +181,19 @@ def _default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def save_results(res: dict, path: Path, *, markdown: bool = False, silent: bool = False) -> dict:
+    """Write a benchmark's result JSON (and its markdown table if asked), saying where unless ``silent``."""
+    write_json(res, path)
+    if not silent:
+        print(f"wrote {path}")
+    if markdown:
+        from .report import write_markdown
+        md = write_markdown(path)
+        if not silent:
+            print(f"wrote {md}")
+    return res
+
+
 def pick_device(name: Optional[str]) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

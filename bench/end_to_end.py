@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import RESULTS_DIR, device_tag, environment, loadavg, percentile, pick_device, summarize, sync, write_json
+from . import RESULTS_DIR, device_tag, environment, loadavg, percentile, pick_device, summarize, save_results, sync
 
 SCHEMA = "fip_fast.bench.end_to_end/1"
 METHODS = ("sgd", "fip_fd", "fip_lagged", "fip_batch", "fast_fip")
@@ -409,15 +409,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     device = pick_device(args.device)
     path = Path(args.out) if args.out else \
         RESULTS_DIR / f"end_to_end_{device_tag(device)}{'_quick' if args.quick else ''}.json"
-    write_json(res, path)
-    if not args.silent:
-        print(f"wrote {path}")
-    if args.markdown:
-        from .report import write_markdown
-        md = write_markdown(path)
-        if not args.silent:
-            print(f"wrote {md}")
-    return res
+    return save_results(res, path, markdown=args.markdown, silent=args.silent)
 
 
 if __name__ == "__main__":

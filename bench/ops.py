@@ -47,7 +47,7 @@ from torch import nn
 from fip_fast import ops as fops
 from fip_fast import reference
 
-from . import RESULTS_DIR, device_tag, environment, loadavg, pick_device, time_fn, write_json
+from . import RESULTS_DIR, device_tag, environment, loadavg, pick_device, save_results, time_fn
 
 SCHEMA = "fip_fast.bench.ops/1"
 
@@ -596,15 +596,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     device = torch.device(res["device"]["type"])
     tag = device_tag(device) if device.type != "cuda" else device_tag(torch.device("cuda"))
     path = Path(args.out) if args.out else RESULTS_DIR / f"ops_{tag}{'_quick' if args.quick else ''}.json"
-    write_json(res, path)
-    if not args.silent:
-        print(f"wrote {path}")
-    if args.markdown:
-        from .report import write_markdown
-        md = write_markdown(path)
-        if not args.silent:
-            print(f"wrote {md}")
-    return res
+    return save_results(res, path, markdown=args.markdown, silent=args.silent)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
+from .reference import mix_coefficient
 
 logger = logging.getLogger("fip_fast")
 
@@ -346,7 +347,7 @@ class FIP(Optimizer):
             h = it["group"]
             it["restore"] = h["rho"] / it["gnorm"].clamp_min(_TINY)
             ops.perturb_(it["ps"], it["g"], it["restore"], it["found_inf"], impl=it["impl"])
-            it["mix"] = torch.clamp(2.0 * h["eta_F"] * it["gnorm"] / h["rho"], max=h["max_mix"])
+            it["mix"] = mix_coefficient(h["eta_F"], it["gnorm"], h["rho"], h["max_mix"])
         # Keep g alive; the second backward writes fresh gradient tensors.
         for it in items:
             for p in it["ps"]:
@@ -408,10 +409,11 @@ class FIP(Optimizer):
         pert = next_scale = None
         if h["trace_estimator"] == "lagged":
             pert = [s["pert"] for s in st]
-            # The next call is a suppressor call: perturb along g by r = min(2·η_F·‖g‖, max_mix·ρ).
+            # The next call is a suppressor call: perturb along g by r = min(2·η_F·‖g‖, max_mix·ρ);
+            # the kernel scales g, and r/‖g‖ = c·ρ/‖g‖ with c the fd mix coefficient.
             if h["eta_F"] > 0 and (h["calls"] + 1) % h["trace_every"] == 0:
-                next_scale = torch.clamp(2.0 * h["eta_F"] * torch.ones_like(it["gnorm"]),
-                                         max=h["max_mix"] * h["rho"] / it["gnorm"].clamp_min(_TINY))
+                next_scale = mix_coefficient(h["eta_F"], it["gnorm"], h["rho"], h["max_mix"]) * (
+                    h["rho"] / it["gnorm"].clamp_min(_TINY))
         ops.fip_step_(
             ps, it["g"], it["gp"], [s.get("fisher0") for s in st], [s.get("anchor") for s in st],
             [s["momentum_buffer"] for s in st], [s["fisher"] for s in st], pert, impl=it["impl"],
