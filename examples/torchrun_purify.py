@@ -4,6 +4,9 @@
     torchrun --nproc_per_node=2 examples/torchrun_purify.py --mode fip --parallel fsdp --out runs/fsdp
     python examples/torchrun_purify.py --mode fast_fip            # the same, single process
 
+(For a torchvision-style classifier checkpoint the CLI does the same without a script:
+``torchrun --nproc_per_node=2 -m fip_fast.cli purify --distributed ddp …``.)
+
 Every rank builds the same data; rank 0 trains the backdoored model (or loads ``--model``) and broadcasts it.
 The defender's clean set is split across ranks (:func:`fip_fast.distributed.shard_indices`): F0 is estimated on
 each rank's share and all-reduced by :func:`fip_fast.fisher.estimate_fisher`; each step draws one global batch
@@ -29,12 +32,17 @@ import lm_backdoor as lb  # noqa: E402
 from fip_fast import distributed as fd  # noqa: E402
 from fip_fast import hf, spectral  # noqa: E402
 from fip_fast.fisher import estimate_fisher  # noqa: E402
+from fip_fast.io import UnsafeCheckpointError, load_weights  # noqa: E402
 
 
 def get_model(args, cfg, data):
     model = lb.make_model(cfg)
     if args.model:
-        model.load_state_dict(torch.load(args.model, map_location="cpu"))
+        # The model under purification is untrusted: safetensors or a weights-only torch file, never a pickle.
+        try:
+            load_weights(model, args.model)
+        except UnsafeCheckpointError as e:
+            raise SystemExit(f"--model: {e}") from e
         return model.eval()
     state = None
     if fd.is_rank0():
@@ -60,7 +68,8 @@ def main(argv=None):
     ap.add_argument("--mode", choices=["fip", "fast_fip"], default="fast_fip")
     ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
     ap.add_argument("--estimator", choices=["fd", "lagged"], default="fd")
-    ap.add_argument("--model", help="state dict of a backdoored lm_backdoor model (default: train one)")
+    ap.add_argument("--model", help="weights of a backdoored lm_backdoor model: .safetensors or a weights-only "
+                    "torch state dict such as purified.pt (pickles are refused; default: train one)")
     ap.add_argument("--small", action="store_true", help="lm_backdoor's CPU-small configuration")
     ap.add_argument("--set", nargs="*", default=[], help="override lm_backdoor.Config fields, e.g. fip_steps=20")
     ap.add_argument("--out", default="runs/torchrun_purify")

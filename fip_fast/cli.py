@@ -12,7 +12,8 @@
     Purify your own model: an architecture (registry name or ``module:factory``), a checkpoint (safetensors or a
     weights-only ``.pt``; a pickled module is refused), clean data (``.npz`` or image folder), optionally clean
     test data and triggered test data (for reporting only — never for selection).  Writes the purified weights
-    (safetensors) and the same report folder.
+    (safetensors) and the same report folder.  ``--distributed ddp`` under ``torchrun`` runs it data-parallel:
+    ``torchrun --nproc_per_node=2 -m fip_fast.cli purify --distributed ddp …`` (same result as one process).
 
 Every flag is documented in ``fip-fast <command> --help``.
 """
@@ -386,7 +387,74 @@ def _check_fits(model, x, y, what: str, num_classes: int) -> None:
         raise CLIError(f"{what}: labels go up to {int(y.max())} but the model has {k} outputs")
 
 
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_TORCHRUN_CMD = "torchrun --nproc_per_node=N -m fip_fast.cli purify --distributed ddp ..."
+
+
+def _init_distributed(args: argparse.Namespace):
+    """``--distributed``: check the torchrun environment, initialize the process group, pick this rank's device.
+
+    Returns the device: ``cpu`` (gloo) for ``--device cpu``; ``cuda:LOCAL_RANK`` (nccl) for ``--device cuda`` /
+    ``auto`` on a CUDA machine."""
+    import torch
+
+    if args.distributed == "fsdp":
+        raise CLIError("--distributed fsdp is not supported by `fip-fast purify` (DDP only): the loop's clean-val "
+                       "selection, evaluation and merge need the full weights.  Use --distributed ddp, or FSDP2 "
+                       "through fip_fast.distributed as examples/torchrun_purify.py --parallel fsdp does")
+    missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
+    if missing:
+        raise CLIError(f"--distributed {args.distributed} needs the environment torchrun sets up ({', '.join(missing)} "
+                       f"not set): launch with `{_TORCHRUN_CMD}`, or drop --distributed for one process")
+    if args.resume and not args.checkpoint_dir:
+        raise CLIError("--resume needs --checkpoint-dir")
+    dev = _device(args.device)
+    local = int(os.environ["LOCAL_RANK"])
+    if dev.type == "cuda":
+        if args.device not in ("cuda", "auto"):
+            raise CLIError(f"--device {args.device}: with --distributed each rank uses cuda:LOCAL_RANK; pass "
+                           "--device cuda (or auto)")
+        if local >= torch.cuda.device_count():
+            raise CLIError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise CLIError(f"--device {args.device} is not supported with --distributed (cpu, cuda or auto)")
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        kw: Dict[str, Any] = dict(backend="nccl" if dev.type == "cuda" else "gloo",
+                                  timeout=datetime.timedelta(seconds=args.dist_timeout))
+        if dev.type == "cuda":
+            kw["device_id"] = dev
+        dist.init_process_group(**kw)
+    return dev
+
+
 def cmd_purify(args: argparse.Namespace) -> int:
+    if not getattr(args, "distributed", None):
+        return _cmd_purify(args, None)
+    dev = _init_distributed(args)
+    import torch.distributed as dist
+
+    try:
+        rc = _cmd_purify(args, dev)
+        # Ranks > 0 return as soon as purify() does; rank 0 still measures, writes and saves.  Leave together,
+        # so that no rank tears its connections down under another (gloo aborts on a closed peer).
+        dist.barrier()
+        return rc
+    finally:
+        dist.destroy_process_group()
+
+
+def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
+    """``fip-fast purify``; ``dist_device`` is this rank's device under ``--distributed`` (else None).
+
+    Under ``--distributed`` every rank loads the same checkpoint and data (every error is raised on every rank,
+    before any collective), :func:`fip_fast.purify.purify` runs with ``distributed="ddp"``, and only rank 0
+    measures the test metrics and λ_max, prints, writes the report folder and saves the weights."""
     import torch
 
     from . import metrics
@@ -396,9 +464,17 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = _device(args.device)
-    progress = not args.no_progress
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    distributed = dist_device is not None
+    if distributed:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    main_rank = rank == 0
+    dev = dist_device if distributed else _device(args.device)
+    progress = not args.no_progress and main_rank
+    say = (lambda *a: None) if (args.quiet or not main_rank) else (lambda *a: print(*a, flush=True))
     if args.method not in available_methods():
         raise CLIError(f"--method: unknown method {args.method!r}; available: {available_methods()}")
     ck = Path(args.checkpoint)
@@ -446,13 +522,15 @@ def cmd_purify(args: argparse.Namespace) -> int:
         return r
 
     has_eval = test is not None or trig is not None
-    before = report_metrics(model) if has_eval else {}
+    before = report_metrics(model) if has_eval and main_rank else {}
     xl, yl = x[:args.lambda_batch].to(dev), y[:args.lambda_batch].to(dev)
-    lam0 = _lambda_max(model, xl, yl, args.lambda_iters)
+    lam0 = _lambda_max(model, xl, yl, args.lambda_iters) if main_rank else float("nan")
     kw = _parse_set(args.set)
     for k in ("steps", "batch_size", "lr"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
+    if distributed:
+        kw["distributed"] = "ddp"
     try:
         model, rep = purify(model, (x, y), method=args.method, eval_fn=report_metrics if has_eval else None,
                             eval_every=args.eval_every, val_fraction=args.val_fraction, seed=args.seed,
@@ -460,6 +538,12 @@ def cmd_purify(args: argparse.Namespace) -> int:
                             checkpoint_every=args.checkpoint_every, resume=args.resume, **kw)
     except TypeError as e:
         raise CLIError(f"--set: {e}") from e
+    except ValueError as e:
+        if distributed and "distributed" in str(e):
+            raise CLIError(f"--distributed: {e}") from e
+        raise
+    if not main_rank:                 # every rank holds the same purified model; rank 0 reports and saves it
+        return 0
     after = report_metrics(model) if has_eval else {}
     lam = _lambda_max(model, xl, yl, args.lambda_iters)
     before_row = {"method": "input", **before, "lambda_max": lam0, "wall_s": None,
@@ -470,7 +554,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
     payload = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "before": before_row,
                "results": [row], "reports": {args.method: rep.to_dict()}}
     intro = [f"`fip-fast purify --method {args.method}` on `{ck}` ({args.arch}), clean data `{args.clean}` "
-             f"({x.shape[0]} samples), {time.strftime('%Y-%m-%d')}.",
+             f"({x.shape[0]} samples), {time.strftime('%Y-%m-%d')}"
+             + (f", DDP over {world} processes ({dev.type})" if distributed else "") + ".",
              "Test/triggered data were used for reporting only."]
     _write_report(out, f"fip-fast purify: {args.method}", intro, before_row, [row], payload)
     save_path.parent.mkdir(parents=True, exist_ok=True)
@@ -564,6 +649,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint-dir", default=None, help="save purification checkpoints here")
     q.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
     q.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --checkpoint-dir")
+    q.add_argument("--distributed", choices=("ddp", "fsdp"), default=None,
+                   help="data-parallel purification over the processes of a torchrun launch: "
+                   f"`{_TORCHRUN_CMD.replace('N', '2', 1)}` (or torchrun with the installed fip-fast console script's "
+                   "path — the Python entry-point file, not a shell shim such as pyenv's).  Every rank loads the same checkpoint and clean "
+                   "data; F0 is estimated on each rank's share and all-reduced, every step's global batch "
+                   "(--batch-size, divisible by the number of processes) is split across ranks under DDP, so the "
+                   "run equals the single-process run; rank 0 prints, writes the report and saves the weights.  "
+                   "--device cpu uses gloo, --device cuda uses nccl and cuda:LOCAL_RANK.  Only 'ddp' is "
+                   "implemented here ('fsdp' is refused with an explanation; FSDP2 is available through "
+                   "fip_fast.distributed, see examples/torchrun_purify.py).  BatchNorm: SyncBatchNorm on CUDA; on "
+                   "CPU (no SyncBatchNorm in torch) each rank's local statistics — not identical to one process, "
+                   "recorded in the report.  Without a torchrun environment this flag is an error")
+    q.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds a rank waits in a collective "
+                   "before failing, with --distributed (default: 1800)")
     q.set_defaults(func=cmd_purify)
     return p
 

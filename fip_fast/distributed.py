@@ -64,7 +64,7 @@ logger = logging.getLogger("fip_fast")
 __all__ = ["init_from_env", "is_distributed", "rank", "world_size", "is_rank0", "rank0_print", "Rank0Filter",
            "barrier", "cleanup", "wrap_ddp", "unwrap", "shard_fsdp", "is_dtensor", "fisher_by_name",
            "shard_fisher", "fip_for_fsdp", "save_checkpoint", "load_checkpoint", "shard_indices",
-           "broadcast_object"]
+           "broadcast_object", "batchnorm_modules", "to_sync_batchnorm", "average_buffers"]
 
 
 # ------------------------------------------------------------------------------------------- process group
@@ -155,17 +155,67 @@ def wrap_ddp(model: nn.Module, device: Optional[torch.device] = None, **kwargs) 
     """``DistributedDataParallel(model)`` when a process group is initialized, else ``model`` unchanged.
 
     Reparameterize (Fast FIP) *before* wrapping: DDP registers its gradient hooks on the parameters that
-    require grad when it is constructed.  ``broadcast_buffers`` defaults to ``False`` here — FIP has no running
-    statistics to sync, and the SVD buffers are identical on every rank when the model was (as it must be).
+    require grad when it is constructed.  Buffers are broadcast from rank 0 once, at construction, but not before
+    every forward (``forward_sync_buffers=False`` where torch has it, else ``broadcast_buffers=False``) — FIP
+    has no running statistics that need it, and the SVD buffers are identical on every rank.
     """
     if not is_distributed():
         return model
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel as DDP
     device = device or next(model.parameters()).device
-    kwargs.setdefault("broadcast_buffers", False)
+    if "broadcast_buffers" not in kwargs and "forward_sync_buffers" not in kwargs:
+        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+            kwargs["forward_sync_buffers"] = False
+        else:
+            kwargs["broadcast_buffers"] = False
     if device.type == "cuda":
         kwargs.setdefault("device_ids", [device.index])
     return DDP(model, **kwargs)
+
+
+def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every BatchNorm layer (``_BatchNorm``: 1d/2d/3d/Sync) of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def to_sync_batchnorm(model: nn.Module):
+    """Replace every BatchNorm of ``model`` (in place, not the root) by ``nn.SyncBatchNorm`` sharing the *same*
+    parameter and buffer tensors (``SyncBatchNorm.convert_sync_batchnorm``), so that train-mode statistics are
+    those of the global batch.  Returns ``restore()``, which puts the original modules back (they hold the
+    current values, since the tensors are shared) — the model is again of its original architecture.
+
+    ``SyncBatchNorm`` synchronizes on CUDA (and XPU/HPU) only; torch refuses it on CPU tensors."""
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        raise ValueError("to_sync_batchnorm: the root module itself is a BatchNorm; wrap it in a container")
+    originals = batchnorm_modules(model)
+    for name, m in originals:
+        parent, _, child = name.rpartition(".")
+        model.get_submodule(parent).add_module(child, nn.SyncBatchNorm.convert_sync_batchnorm(m))
+
+    def restore() -> None:
+        for name, m in originals:
+            parent, _, child = name.rpartition(".")
+            m.training = model.get_submodule(name).training
+            model.get_submodule(parent).add_module(child, m)
+
+    return restore
+
+
+@torch.no_grad()
+def average_buffers(modules: Iterable[nn.Module]) -> None:
+    """All-reduce-average the floating-point buffers of ``modules`` over ranks (e.g. BatchNorm running
+    statistics accumulated from each rank's local batches), so every rank holds the same values.  No-op
+    without a process group."""
+    if not is_distributed():
+        return
+    w = world_size()
+    for m in modules:
+        for b in m.buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                dist.all_reduce(b)
+                b.div_(w)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -277,16 +277,27 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def _val_metrics(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, device: torch.device,
-                 batch_size: int = 512) -> Dict[str, float]:
-    """Clean-validation loss and accuracy, in eval mode (every module's own flag restored)."""
+                 batch_size: int = 512, shard: Optional[Tuple[int, int]] = None) -> Dict[str, float]:
+    """Clean-validation loss and accuracy, in eval mode (every module's own flag restored).
+
+    ``shard=(rank, world)``: this rank evaluates its contiguous block of the N samples
+    (:func:`fip_fast.distributed.shard_indices`) and the sums (loss·samples, correct, samples) are all-reduced,
+    so every rank returns the same numbers — the metrics of all N samples."""
     if x.shape[0] == 0:
         return {"val_loss": float("nan"), "val_acc": float("nan")}
+    lo, hi = 0, x.shape[0]
+    if shard is not None:
+        from .distributed import shard_indices
+
+        r = shard_indices(x.shape[0], *shard)
+        lo, hi = r.start, r.stop
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         tot, correct, n = 0.0, 0, 0
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        for i in range(lo, hi, batch_size):
+            j = min(i + batch_size, hi)
+            xb, yb = x[i:j].to(device), y[i:j].to(device)
             out = model(xb)
             tot += float(loss_fn(out, yb)) * yb.shape[0]
             if out.dim() == 2 and yb.dim() == 1:
@@ -295,6 +306,12 @@ def _val_metrics(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, device
     finally:
         for m, t in modes:
             m.training = t
+    if shard is not None:
+        import torch.distributed as dist
+
+        sums = torch.tensor([tot, float(correct), float(n)], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        tot, correct, n = float(sums[0]), int(sums[1]), int(sums[2])
     return {"val_loss": tot / n, "val_acc": correct / n}
 
 
@@ -315,11 +332,23 @@ class MethodContext:
     seed: int
     progress: bool
     resuming: bool = False          # True when the optimizer state will be loaded from a checkpoint
+    rank: int = 0                   # this process's rank and the number of processes (purify(distributed=…))
+    world_size: int = 1
 
     def fisher_loader(self, batch_size: int = 128) -> List[Tuple[Tensor, Tensor]]:
-        """The purification data as a list of batches (no replacement), for Fisher estimation."""
-        return [(self.x_train[i:i + batch_size], self.y_train[i:i + batch_size])
-                for i in range(0, self.x_train.shape[0], batch_size)]
+        """The purification data as a list of batches (no replacement), for Fisher estimation.
+
+        In a distributed run (``world_size > 1``) only this rank's contiguous share of the samples
+        (:func:`fip_fast.distributed.shard_indices`): :func:`fip_fast.estimate_fisher` all-reduces the sums and
+        sample counts, so every rank gets F0 of the whole purification part."""
+        lo, hi = 0, self.x_train.shape[0]
+        if self.world_size > 1:
+            from .distributed import shard_indices
+
+            r = shard_indices(hi, self.rank, self.world_size)
+            lo, hi = r.start, r.stop
+        return [(self.x_train[i:min(i + batch_size, hi)], self.y_train[i:min(i + batch_size, hi)])
+                for i in range(lo, hi, batch_size)]
 
 
 class Purifier:
@@ -338,6 +367,13 @@ class Purifier:
     def finalize(self, model: nn.Module) -> nn.Module:
         """Called once at the end with unperturbed weights: e.g. merge a reparameterization back."""
         return model
+
+    def distribute(self, wrap: Optional[Callable[[nn.Module], nn.Module]]) -> None:
+        """Run the training forward/backward of :meth:`step` through ``wrap(model)`` from now on (``purify``
+        passes a ``DistributedDataParallel`` wrapper under ``distributed="ddp"``); ``wrap=None`` goes back to the
+        plain model.  A purifier that cannot do this does not support distributed purification."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement distribute(): this method cannot run "
+                                  "under purify(distributed=…); use OptimizerPurifier or implement distribute()")
 
     @property
     def skipped_steps(self) -> int:
@@ -387,6 +423,18 @@ class OptimizerPurifier(Purifier):
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return self._finalize(model) if self._finalize is not None else model
+
+    def distribute(self, wrap: Optional[Callable[[nn.Module], nn.Module]]) -> None:
+        """The closure calls ``wrap(model)`` (e.g. DDP) instead of the model; ``wrap=None`` undoes it."""
+        base = getattr(self, "_base_model", None)
+        if wrap is None:
+            if base is not None:
+                self.model, self._base_model = base, None
+            return
+        if base is not None:
+            raise RuntimeError("distribute() was already called; call distribute(None) first")
+        self._base_model = self.model
+        self.model = wrap(self.model)
 
 
 def _normalized_fisher(model: nn.Module, ctx: MethodContext, groups: Sequence[Sequence[Tensor]]
@@ -560,7 +608,8 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
            patience: Optional[int] = None, batch_size: Optional[int] = None, lr: Optional[float] = None,
            seed: int = 0, device: Optional[Union[str, torch.device]] = None, loss_fn: Optional[LossFn] = None,
            progress: bool = True, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 50,
-           resume: bool = False, **options: Any) -> Tuple[nn.Module, PurifyReport]:
+           resume: bool = False, distributed: Optional[str] = None,
+           **options: Any) -> Tuple[nn.Module, PurifyReport]:
     """Purify ``model`` of a backdoor using the small clean set ``clean_loader``; return ``(model, report)``.
 
     Args:
@@ -580,13 +629,49 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         device: where to purify (default: the model's device); data are moved per batch.
         loss_fn: ``loss_fn(output, y) -> scalar`` (default mean cross-entropy).  progress: tqdm bar.
         checkpoint_dir / checkpoint_every / resume: periodic checkpoints and resuming (``kind="loop"`` methods).
+        distributed: ``None`` (one process) or ``"ddp"``: data-parallel purification over the ranks of an
+            initialized default process group (``torchrun`` + :func:`fip_fast.distributed.init_from_env`), see
+            "Distributed purification" below.  ``"fsdp"`` is refused (not implemented in ``purify``: use
+            :mod:`fip_fast.distributed` directly, as ``examples/torchrun_purify.py --parallel fsdp`` does).
         **options: method options, e.g. ``eta_F``, ``eta_r``, ``rho``, ``trace_estimator``, ``lr_delta``,
             ``rho_delta`` for FIP / Fast FIP (see :data:`DEFAULTS`), or a runner's own keyword arguments.
+
+    Distributed purification (``distributed="ddp"``, ``kind="loop"`` methods only)
+        Call it on every rank with the same model θ0, the same clean data and the same arguments.  It computes
+        what the single-process call computes on the same global batches:
+
+        * **F0**: each rank estimates the Fisher on its contiguous share of the purification part
+          (:meth:`MethodContext.fisher_loader`); :func:`fip_fast.estimate_fisher` all-reduces sums and counts.
+        * **Model**: after the method's builder has prepared it (Fast FIP: reparameterized, δ created) the
+          training forward runs through ``DistributedDataParallel`` (:func:`fip_fast.distributed.wrap_ddp`),
+          which averages the gradients inside ``backward()`` — also in the second (perturbed) pass of the fd
+          suppressor.  The FIP step then does identical arithmetic on identical numbers on every rank.
+        * **Batches**: step ``t`` draws ONE global batch of ``batch_size`` indices from ``(seed, t)`` — the
+          same on every rank — and rank r runs its contiguous slice of ``batch_size / world_size`` samples, so
+          the averaged gradient is the global-batch gradient.  ``batch_size`` must be divisible by the world size.
+        * **Validation / selection**: each rank evaluates its slice of the clean validation set and the sums
+          are all-reduced, so every rank sees the same clean-val metrics and takes the same selection and
+          early-stopping decisions; ``eval_fn`` runs on rank 0 only and its result is broadcast.  Every rank
+          returns the same model and an identical report.
+        * **BatchNorm**: on CUDA every BatchNorm is temporarily converted to ``nn.SyncBatchNorm`` (global-batch
+          statistics, exact), and converted back at the end.  On CPU torch has no SyncBatchNorm: each rank
+          normalizes with its *local* slice's statistics (the gradient then differs from a single-process run)
+          and the running statistics are averaged over ranks before every evaluation; this is logged as a
+          warning and recorded as ``report.config["batchnorm"] = "local"``.  Models without BatchNorm (or
+          on CUDA) match the single-process run within float tolerance (``tests/test_distributed_purify.py``).
+        * **Checkpoints**: rank 0 writes them (``checkpoint_dir`` must be visible to every rank, e.g. one
+          node); all ranks resume from the same file.  The progress bar shows on rank 0 only.
     """
     from tqdm.auto import tqdm
 
     t_total = time.perf_counter()
     spec = get_method(method)
+    dist_mode = _check_distributed(distributed, spec.kind, spec.name)
+    from . import distributed as fd
+
+    rank, world = (fd.rank(), fd.world_size()) if dist_mode else (0, 1)
+    is_main = rank == 0
+    progress = bool(progress) and is_main
     dev = torch.device(device) if device is not None else _model_device(model)
     model.to(dev)
     loss_fn = loss_fn or F.cross_entropy
@@ -627,20 +712,52 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     total_params = sum(p.numel() for p in model.parameters())
     config = {"method": spec.name, "kind": spec.kind, **opts, **loop, "seed": seed, "device": str(dev),
               "n_clean_train": int(x_tr.shape[0]), "n_clean_val": int(x_va.shape[0])}
+    bn_layers = [m for _, m in fd.batchnorm_modules(model)]
+    bn_local = False                  # BatchNorm statistics of the local slice (CPU DDP): averaged before evals
+    if dist_mode:
+        bs_global = int(opts.get("batch_size", 0) or 0)
+        if bs_global % world:
+            raise ValueError(f"purify(distributed={dist_mode!r}): batch_size {bs_global} is not divisible by the "
+                             f"world size {world} (each rank runs batch_size / world_size samples of every global "
+                             "batch)")
+        bn_local = bool(bn_layers) and dev.type not in ("cuda", "xpu", "hpu")
+        config.update(distributed=dist_mode, world_size=world,
+                      batchnorm=("local" if bn_local else "sync") if bn_layers else "none")
+        if bn_local and is_main:
+            logger.warning("fip_fast.purify: distributed=%r on %s with BatchNorm: torch's SyncBatchNorm needs "
+                           "CUDA, so each rank normalizes with its local slice's statistics (not identical to a "
+                           "single-process run) and running statistics are averaged over ranks before every "
+                           "evaluation", dist_mode, dev.type)
     report = PurifyReport(method=spec.name, config=config, total_params=total_params)
     t_eval = 0.0
+    val_shard = (rank, world) if dist_mode else None
 
     def evaluate(m: nn.Module) -> Dict[str, Any]:
         nonlocal t_eval
         _sync(dev)
         t0 = time.perf_counter()
-        out: Dict[str, Any] = _val_metrics(m, x_va, y_va, loss_fn, dev) if has_val else {}
+        if bn_local:
+            fd.average_buffers(bn_layers)
+        out: Dict[str, Any] = _val_metrics(m, x_va, y_va, loss_fn, dev, shard=val_shard) if has_val else {}
         if eval_fn is not None:
-            modes = [(mm, mm.training) for mm in m.modules()]
-            res = eval_fn(m)
-            for mm, t in modes:
-                mm.training = t
-            out["eval"] = dict(res) if res is not None else {}
+            res: Any = None
+            if is_main:
+                modes = [(mm, mm.training) for mm in m.modules()]
+                try:
+                    res = eval_fn(m)
+                    res = dict(res) if res is not None else {}
+                except Exception as e:
+                    if not dist_mode:
+                        raise
+                    res = _RankError(f"eval_fn raised on rank 0: {type(e).__name__}: {e}")
+                finally:
+                    for mm, t in modes:
+                        mm.training = t
+            if dist_mode:
+                res = fd.broadcast_object(res)
+                if isinstance(res, _RankError):
+                    raise RuntimeError(res.message)
+            out["eval"] = res
         _sync(dev)
         t_eval += time.perf_counter() - t0
         return out
@@ -667,18 +784,27 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
 
         ckpt = Checkpointer(checkpoint_dir, every=max(1, int(checkpoint_every)), prefix=f"purify-{spec.name}")
         resuming = bool(resume) and ckpt.load_latest() is not None
+        if dist_mode:
+            resuming = bool(fd.broadcast_object(resuming))
     elif resume:
         raise ValueError("resume=True needs checkpoint_dir")
 
     _sync(dev)
     t0 = time.perf_counter()
-    ctx = MethodContext(x_tr, y_tr, dev, loss_fn, seed, progress, resuming=resuming)
+    ctx = MethodContext(x_tr, y_tr, dev, loss_fn, seed, progress, resuming=resuming, rank=rank, world_size=world)
     sig = inspect.signature(spec.fn).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in sig.values()):
         unknown = [k for k in opts if k not in sig]
         if unknown:
             raise TypeError(f"method {spec.name!r} does not accept option(s) {unknown}")
     purifier: Purifier = spec.fn(model, ctx, **opts)
+    restore_bn: Optional[Callable[[], None]] = None
+    if dist_mode:
+        # After the builder (Fast FIP has reparameterized): DDP registers its hooks on the parameters that
+        # require grad now.  SyncBatchNorm shares the BatchNorm tensors, so the optimizer's references stay valid.
+        if bn_layers and not bn_local:
+            restore_bn = fd.to_sync_batchnorm(model)
+        purifier.distribute(lambda m: fd.wrap_ddp(m, device=dev))
     _sync(dev)
     report.timings["setup"] = time.perf_counter() - t0
     report.trainable_params = int(sum(p.numel() for p in purifier.params))
@@ -692,6 +818,9 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     sel_ok, sel_acc = False, -1.0      # is the current selection acceptable; its clean-val accuracy
     if resuming:
         start = ckpt.resume(model, purifier.optimizer, restore_rng=True, map_location=dev)
+        if dist_mode and int(fd.broadcast_object(start)) != start:
+            raise RuntimeError(f"rank {rank} resumed from step {start} but rank 0 from another step: every rank "
+                               f"must see the same checkpoint directory {checkpoint_dir}")
         ex = ckpt.extra
         report.history = list(ex.get("history", []))
         report.selected_step = int(ex.get("selected_step", 0))
@@ -712,9 +841,15 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     step = start
     n_tr = x_tr.shape[0]
     stop = False
+    mine = None
+    if dist_mode:                     # this rank's slice of every global batch
+        r = fd.shard_indices(bs, rank, world)
+        mine = slice(r.start, r.stop)
     try:
         for step in range(start, n_steps):
-            idx = _batch_indices(n_tr, bs, seed, step)
+            idx = _batch_indices(n_tr, bs, seed, step)     # the global batch: the same on every rank
+            if mine is not None:
+                idx = idx[mine]
             xb, yb = x_tr[idx].to(dev, non_blocking=True), y_tr[idx].to(dev, non_blocking=True)
             if loop["lr_schedule"] == "cosine":
                 fac = 0.5 * (1.0 + math.cos(math.pi * step / max(1, n_steps)))
@@ -730,6 +865,10 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
             bar.update(1)
             done = step + 1
             if done % ev_every == 0 or done == n_steps:
+                if dist_mode:         # the mean of the ranks' slice losses = the global-batch loss
+                    ln = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64, device=dev)
+                    torch.distributed.all_reduce(ln)
+                    loss_sum, loss_n = float(ln[0]), int(ln[1])
                 with purifier.unperturbed():
                     rec = {"step": done, "train_loss": loss_sum / max(1, loss_n), **evaluate(model),
                            "elapsed_s": time.perf_counter() - t_total}
@@ -754,10 +893,15 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
                         report.stopped_early = True
                         stop = True
             if ckpt is not None and (done % ckpt.every == 0 or stop):
-                with purifier.unperturbed():
-                    ckpt.save(done, model, purifier.optimizer, extra={
-                        "history": report.history, "selected_step": report.selected_step, "below": below,
-                        "sel_ok": sel_ok, "sel_acc": sel_acc, "selected": selected, "initial": report.initial})
+                if bn_local:
+                    fd.average_buffers(bn_layers)
+                if is_main:           # every rank holds the same state (DDP): rank 0 writes it
+                    with purifier.unperturbed():
+                        ckpt.save(done, model, purifier.optimizer, extra={
+                            "history": report.history, "selected_step": report.selected_step, "below": below,
+                            "sel_ok": sel_ok, "sel_acc": sel_acc, "selected": selected, "initial": report.initial})
+                if dist_mode:
+                    fd.barrier()
             if stop:
                 break
         else:
@@ -770,6 +914,12 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
 
     # ---- finish: unperturbed, selected weights, merged
     t0 = time.perf_counter()
+    if dist_mode:
+        purifier.distribute(None)     # drop the DDP wrapper; the model itself is identical on every rank
+        if restore_bn is not None:
+            restore_bn()              # the original BatchNorm modules (they share the current tensors)
+        if bn_local:
+            fd.average_buffers(bn_layers)
     with purifier.unperturbed():
         final_state = _state_copy(model) if selected is None else selected
     model.load_state_dict(final_state)
@@ -785,6 +935,37 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     report.timings["eval"] = t_eval
     report.timings["total"] = time.perf_counter() - t_total
     return model, report
+
+
+class _RankError:
+    """An exception on rank 0 passed to the other ranks (so that they raise too instead of waiting)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _check_distributed(distributed: Optional[str], kind: str, name: str) -> Optional[str]:
+    """Validate ``purify(distributed=…)``; returns ``None`` (single process) or ``"ddp"``."""
+    if distributed is None or distributed is False or distributed == "none":
+        return None
+    if distributed not in ("ddp", "fsdp"):
+        raise ValueError(f"distributed must be None or 'ddp', got {distributed!r}")
+    if distributed == "fsdp":
+        raise NotImplementedError(
+            "purify(distributed='fsdp') is not implemented: the loop's selection copies, evaluation and merge need "
+            "the full weights.  Use DDP (distributed='ddp'), or FSDP2 through fip_fast.distributed (shard_fsdp, "
+            "shard_fisher, fip_for_fsdp, save_checkpoint) as in examples/torchrun_purify.py --parallel fsdp")
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "purify(distributed='ddp') needs an initialized torch.distributed process group: launch the script "
+            "with torchrun (e.g. torchrun --nproc_per_node=2 script.py) and call "
+            "fip_fast.distributed.init_from_env() before purify()")
+    if kind != "loop":
+        raise ValueError(f"method {name!r} is a kind='runner' method (its own loop): it cannot run under "
+                         "purify(distributed=…); only kind='loop' methods (fip, fast_fip, …) can")
+    return "ddp"
 
 
 def _run_runner(spec: MethodSpec, model: nn.Module, clean: Tuple[Tensor, Tensor], opts: Dict[str, Any],
