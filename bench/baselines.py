@@ -4,26 +4,35 @@ For every attack and seed: split MNIST-5k (:func:`fip_fast.data.split_dataset`, 
 training part with the attack (its default rate), train the demo CNN (:func:`fip_fast.train.train_backdoored`,
 its defaults), then purify a copy of the backdoored model with every method through :func:`fip_fast.purify.purify`
 on the defender's clean set (the split's ``val`` part, ≈ 4.4 % of the training pool, 220 images) with the **same
-step count and batch size for every method**.  Measured: clean test ACC, ASR and RA on the triggered test set,
-wall time of the purification (``purify``'s total minus its clean-validation evaluations), trainable parameters,
-and λ_max of the Hessian (power iteration on a fixed batch of clean test images, all parameters) after.
+step count and batch size for every method** (default 150 steps, batch 64: the budget of FIP's defaults).
+Measured: clean test ACC, ASR and RA on the triggered test set, wall time of the purification (``purify``'s total
+minus its clean-validation evaluations), trainable parameters, and λ_max of the Hessian (power iteration on a
+fixed batch of clean test images, all parameters) after.
 
 Selection uses clean data only: FIP / Fast FIP return the latest clean-val-acceptable step (purify's rule), the
-baselines return their last step.  Test ASR is measured, never used.
+baselines return their last step (their defaults were chosen by a clean-data rule, see
+:mod:`fip_fast.baselines`).  Test ASR is measured, never used.
+
+Incremental / resumable: every (attack, seed, method) cell is written to the JSON as soon as it is done, and a
+run skips the cells that the JSON already holds for the same configuration (steps, batch size, training epochs,
+λ_max settings, model architecture).  A long comparison can therefore be split over several invocations (e.g. one
+attack per call) and an interrupted one continues where it stopped; ``--fresh`` discards the JSON first.  A JSON
+written with a different configuration is never mixed in: the run stops and says so.
 
 Usage::
 
-    python bench/baselines.py                         # the documented run (see --help for the knobs)
-    python bench/baselines.py --attacks badnets --seeds 0 --steps 20   # a smoke run
+    python bench/baselines.py                                        # all 5 attacks × seeds 0 1 2 × 6 methods
+    python bench/baselines.py --attacks badnets --seeds 0 --steps 10 \
+        --out-json /tmp/smoke.json --out-md /tmp/smoke.md             # a smoke run
 
 Writes ``bench/results/baselines_cpu.json`` (every run) and ``bench/results/baselines_cpu.md`` (mean ± std table,
-the command, date, machine, versions).  Partial results are written after every model, so an interrupted run
-still leaves a table.
+the command, date, machine, versions).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import datetime as _dt
 import json
 import math
@@ -77,6 +86,13 @@ def _load() -> str:
         return "n/a"
 
 
+def arch_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the architecture (class name, parameter / buffer names and shapes): keys the model cache
+    and the resumable JSON, so a changed ``demo_cnn`` never reuses stale weights or results."""
+    desc = type(model).__name__ + ";" + ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    return hashlib.sha1(desc.encode()).hexdigest()[:10]
+
+
 def backdoored_model(attack: str, seed: int, epochs: int, cache: Path):
     from fip_fast.attacks import make_attack
     from fip_fast.data import load_mnist5k, split_dataset
@@ -88,7 +104,7 @@ def backdoored_model(attack: str, seed: int, epochs: int, cache: Path):
     atk = make_attack(attack, seed=seed)
     torch.manual_seed(seed)
     model = demo_cnn()
-    f = cache / f"{attack}_s{seed}_e{epochs}.pt"
+    f = cache / f"{attack}_s{seed}_e{epochs}_{arch_fingerprint(model)}.pt"
     t0 = time.perf_counter()
     if f.is_file():
         model.load_state_dict(torch.load(f, weights_only=True))
@@ -138,7 +154,7 @@ def write_md(doc: dict, path: Path) -> None:
     lines = [
         "# Baselines on the MNIST demo (CPU)",
         "",
-        f"Reproduce: `{doc['command']}`",
+        "Reproduce: " + " ; ".join(f"`{c}`" for c in doc.get("commands", [doc["command"]])),
         "",
         f"Date: {doc['date']} · machine: {doc['machine']} · load average at start / end: {doc['load_start']} / "
         f"{doc.get('load_end', 'n/a')} · versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()),
@@ -146,8 +162,8 @@ def write_md(doc: dict, path: Path) -> None:
         f"Setup: demo CNN ({cfg['model_params']:,} parameters) trained {cfg['train_epochs']} epochs on poisoned "
         f"MNIST-5k (attack default rate), clean set = the split's val part ({cfg['n_clean']} images; purify holds "
         f"out 20 % of it for clean validation), **{cfg['steps']} steps, batch {cfg['batch_size']} for every "
-        f"method** (the methods' own defaults are 300 steps; reduced to fit the CPU budget), every other option "
-        f"at the method's default. Seeds {cfg['seeds']} (data split, poisoning, training, purification); "
+        f"method**, every other option at the method's default. Seeds {cfg['seeds']} (data split, poisoning, "
+        "training, purification); "
         f"{cfg['torch_threads']} torch thread(s) on a shared CPU, so wall times are noisy (compare within a "
         "column). λ_max: power iteration "
         f"({cfg['lambda_iters']} Hessian-vector products) on {cfg['lambda_batch']} clean test images, all "
@@ -155,7 +171,8 @@ def write_md(doc: dict, path: Path) -> None:
         "over seeds (n = number of seeds).",
         "",
         "Selection used clean data only (FIP / Fast FIP: purify's latest-acceptable-clean-val rule; baselines: "
-        "last step). Test ASR was never used to choose anything.",
+        "last step, with defaults chosen by a clean-data rule — see fip_fast/baselines). Test ASR was never used to "
+        "choose anything.",
         "",
     ]
     for attack in attacks:
@@ -185,12 +202,26 @@ def write_md(doc: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+CONFIG_KEYS = ("steps", "batch_size", "train_epochs", "lambda_batch", "lambda_iters", "arch")
+
+
+def _save(doc: dict, out_json: Path, out_md: Path) -> None:
+    doc["summary"] = summarize(doc["runs"])
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_json.with_suffix(out_json.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, out_json)             # atomic: an interrupted write never corrupts the results
+    write_md(doc, out_md)
+
+
 def main(argv=None) -> int:
+    from fip_fast.attacks import ATTACKS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--attacks", nargs="+", default=["badnets", "blend"])
+    p.add_argument("--attacks", nargs="+", default=sorted(ATTACKS), choices=sorted(ATTACKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--train-epochs", type=int, default=4)
     p.add_argument("--lambda-batch", type=int, default=64)
@@ -199,37 +230,65 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=os.environ.get("FIP_BENCH_CACHE", "/tmp/fip_fast_bench_models"))
     p.add_argument("--out-json", default=str(OUT_JSON))
     p.add_argument("--out-md", default=str(OUT_MD))
+    p.add_argument("--fresh", action="store_true", help="discard an existing JSON instead of resuming from it")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from fip_fast.models import demo_cnn
     from fip_fast.purify import purify
 
-    cmd = "python bench/baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    doc = {
-        "command": cmd.strip(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _machine(), "versions": _versions(), "load_start": _load(),
-        "config": {"attacks": args.attacks, "seeds": args.seeds, "methods": args.methods, "steps": args.steps,
-                   "batch_size": args.batch_size, "train_epochs": args.train_epochs,
-                   "lambda_batch": args.lambda_batch, "lambda_iters": args.lambda_iters,
-                   "torch_threads": args.threads, "model_params": sum(p.numel() for p in demo_cnn().parameters()),
-                   "n_clean": None},
-        "runs": [], "notes": [],
-    }
+    out_json, out_md = Path(args.out_json), Path(args.out_md)
+    cmd = ("python bench/baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    m0 = demo_cnn()
+    config = {"steps": args.steps, "batch_size": args.batch_size, "train_epochs": args.train_epochs,
+              "lambda_batch": args.lambda_batch, "lambda_iters": args.lambda_iters, "arch": arch_fingerprint(m0),
+              "torch_threads": args.threads, "model_params": sum(p.numel() for p in m0.parameters()),
+              "n_clean": None}
+    doc = None
+    if out_json.is_file() and not args.fresh:
+        old = json.loads(out_json.read_text())
+        oc = old.get("config", {})
+        diff = {k: (oc.get(k), config[k]) for k in CONFIG_KEYS if oc.get(k) != config[k]}
+        if diff:
+            print(f"{out_json} was written with a different configuration {diff} (old, new); pass --fresh to "
+                  "discard it or --out-json to write elsewhere", file=sys.stderr)
+            return 2
+        doc = old
+        cmds = doc.setdefault("commands", [doc.get("command", "")])
+        if cmds[-1] != cmd:
+            cmds.append(cmd)
+        print(f"resuming from {out_json}: {len(doc['runs'])} cells already done", flush=True)
+    if doc is None:
+        doc = {"command": cmd, "commands": [cmd], "date": None, "machine": _machine(), "versions": _versions(),
+               "load_start": _load(), "config": config, "runs": [], "notes": [], "elapsed_s": 0.0}
+    doc["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cfg = doc["config"]
+    # the table lists the union of what was asked for over all (resumed) invocations, in canonical order
+    cfg["attacks"] = [a for a in sorted(ATTACKS) if a in set(cfg.get("attacks", [])) | set(args.attacks)]
+    cfg["seeds"] = sorted(set(cfg.get("seeds", [])) | set(args.seeds))
+    cfg["methods"] = [m for m in METHODS if m in set(cfg.get("methods", [])) | set(args.methods)]
+    done = {(r["attack"], r["seed"], r["method"]) for r in doc["runs"]}
+    elapsed0 = float(doc.get("elapsed_s") or 0.0)
     t_start = time.perf_counter()
+
     for seed in args.seeds:
         for attack in args.attacks:
+            todo = [m for m in ["none"] + list(args.methods) if (attack, seed, m) not in done]
+            if not todo:
+                continue
             model0, sp, atk, t_train = backdoored_model(attack, seed, args.train_epochs, Path(args.cache))
-            doc["config"]["n_clean"] = int(sp.val[1].numel())
+            cfg["n_clean"] = int(sp.val[1].numel())
             trig = atk.triggered_test(*sp.test)
-            base = measure(model0, sp, atk, trig, args.lambda_batch, args.lambda_iters)
-            doc["runs"].append({"attack": attack, "seed": seed, "method": "none", **base, "time_s": None,
-                                "trainable_params": None, "train_s": t_train})
-            print(f"[{time.perf_counter() - t_start:7.1f}s] {attack} seed {seed}: backdoored "
-                  f"acc {base['acc']:.3f} asr {base['asr']:.3f} λ {base['lambda_max']:.2f} (train {t_train:.0f}s)",
-                  flush=True)
-            for method in args.methods:
+            if "none" in todo:
+                base = measure(model0, sp, atk, trig, args.lambda_batch, args.lambda_iters)
+                doc["runs"].append({"attack": attack, "seed": seed, "method": "none", **base, "time_s": None,
+                                    "trainable_params": None, "train_s": t_train})
+                print(f"[{time.perf_counter() - t_start:7.1f}s] {attack} seed {seed}: backdoored "
+                      f"acc {base['acc']:.3f} asr {base['asr']:.3f} λ {base['lambda_max']:.2f} "
+                      f"(train {t_train:.0f}s)", flush=True)
+            for method in todo:
+                if method == "none":
+                    continue
                 model = copy.deepcopy(model0)
                 model, rep = purify(model, sp.val, method=method, steps=args.steps, batch_size=args.batch_size,
                                     seed=seed, progress=False)
@@ -243,13 +302,15 @@ def main(argv=None) -> int:
                 print(f"[{time.perf_counter() - t_start:7.1f}s]   {method:12s} acc {m['acc']:.3f} asr {m['asr']:.3f} "
                       f"ra {m['ra']:.3f} λ {m['lambda_max']:.2f} time {t_method:.1f}s "
                       f"params {rep.trainable_params}", flush=True)
+                doc["load_end"] = _load()
+                doc["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+                _save(doc, out_json, out_md)
             doc["load_end"] = _load()
-            doc["elapsed_s"] = time.perf_counter() - t_start
-            doc["summary"] = summarize(doc["runs"])
-            Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out_json).write_text(json.dumps(doc, indent=1, default=str))
-            write_md(doc, Path(args.out_md))
-    print(f"done in {time.perf_counter() - t_start:.0f}s → {args.out_json}, {args.out_md}")
+            doc["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+            _save(doc, out_json, out_md)
+    doc["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+    _save(doc, out_json, out_md)
+    print(f"done in {time.perf_counter() - t_start:.0f}s → {out_json}, {out_md}")
     return 0
 
 

@@ -389,11 +389,20 @@ def test_ft_sam_lowers_asr_and_keeps_accuracy(backdoored):
     assert info["trainable_params"] == sum(p.numel() for p in net.parameters())
 
 
-# FT, NGF and Salience-AR run through, keep the clean accuracy and change what they should — but on this backdoor
-# (like on the MNIST demo, see bench/results/baselines_cpu.md) they do NOT lower the ASR: clean fine-tuning alone
-# leaves a blend/patch backdoor in place (METHOD.md "Stability" reports the same for FT).  The xfail tests below
-# record that measured fact; they are not skipped, so a change that makes a baseline purify shows up as XPASS.
-_NO_PURIFY = pytest.mark.xfail(reason="measured: ASR stays ≈100 % on this synthetic backdoor (see comment)",
+# FT, NGF and Salience-AR run through, keep the clean accuracy and change what they should — but at their
+# defaults they do NOT lower the ASR of this backdoor.  The defaults were re-chosen (lr, weight decay, cosine
+# schedule; Salience-AR's fraction / λ; NGF's weight decay) by the clean-data rule documented in
+# fip_fast/baselines/__init__.py: the strongest pressure whose clean-val accuracy stays within 0.03 of the start on
+# this task (seeds 0, 1, 2) *and* on the MNIST demo (badnets, blend).  Measured (60 steps, batch 32, seeds 0/1/2):
+#   ft           lr 0.02, wd 0.01:  ASR 1.00 / 1.00 / 1.00.  FT does purify here at lr·wd ≥ 3e-3 (lr 0.1, wd 0.03:
+#                ASR 0.00 / 0.00 / 0.03), but at that pressure the MNIST demo loses 7–20 clean-val points.
+#   ngf          K-FAC and diagonal, classifier layer only: ASR 1.00 at the defaults; no tried setting (lr ≤ 0.3,
+#                wd ≤ 0.3) took seed 0 below 0.75 — the trigger lives in the features, the classifier alone
+#                cannot drop it with clean data.
+#   salience_ar  fraction 0.3, lr 0.05, λ 1: ASR 1.00 / 1.00 / 1.00; fraction 0.5 lowers it (0.04 / 0.47 / 0.28 at
+#                lr 0.05) but fails the clean-val margin on the MNIST demo.
+# The xfail tests record that; they are not skipped, so a change that makes a baseline purify shows up as XPASS.
+_NO_PURIFY = pytest.mark.xfail(reason="measured: ASR stays ≈100 % at the clean-val-selected defaults (see comment)",
                                strict=False)
 
 
@@ -417,7 +426,8 @@ def test_other_baselines_run_and_keep_accuracy(backdoored, baseline_runs, name):
     if name.startswith("ngf"):     # only the classifier (the last Linear) trains
         assert moved == {"7.weight", "7.bias"} and info["trainable_params"] == 32 * 4 + 4
     elif name == "salience_ar":
-        assert moved and sum(len(v) for v in info["infected"].values()) == math.ceil(0.1 * 8) + math.ceil(0.1 * 32)
+        f = info["fraction"]
+        assert moved and sum(len(v) for v in info["infected"].values()) == math.ceil(f * 8) + math.ceil(f * 32)
     else:
         assert len(moved) == len(list(m.parameters()))
     assert all(p.requires_grad for p in m.parameters())

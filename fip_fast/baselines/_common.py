@@ -187,6 +187,27 @@ def history_every(steps: int, points: int = 20) -> int:
     return max(1, int(math.ceil(steps / points)))
 
 
+SCHEDULES = ("cosine", "constant")
+
+
+def check_schedule(lr_schedule: str) -> None:
+    if lr_schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
+
+
+def lr_factor(lr_schedule: str, t: int, steps: int) -> float:
+    """Multiplier of the base learning rate at step ``t`` (0-based) of ``steps``: ``"cosine"`` decays as
+    0.5·(1 + cos(π·t/steps)) — the same rule as :func:`fip_fast.purify.purify`'s loop — ``"constant"`` is 1."""
+    if lr_schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * t / max(1, steps)))
+
+
+def set_lr(opt: torch.optim.Optimizer, base_lrs: Sequence[float], factor: float) -> None:
+    for g, lr in zip(opt.param_groups, base_lrs):
+        g["lr"] = lr * factor
+
+
 def check_common(steps: int, lr: float) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be an int ≥ 0, got {steps!r}")

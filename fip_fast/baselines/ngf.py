@@ -52,7 +52,14 @@ Defaults (chosen on clean data only)
     half: K-FAC with π-split at λ = 1e-3 / 1e-2 / 0.1 / 0.3 / 1 gave held-out loss 18.3 / 0.88 / 0.11 / 0.091 /
     0.082 (before: 0.074; without π-split λ = 1e-2 / 0.1: 15.6 / 0.16); the diagonal version at λ = 1e-2 / 0.1 gave
     0.26 / 0.11.  We took the smallest held-out clean loss: K-FAC λ = 1 with π-split, diagonal λ = 0.1.
-    No triggered data was looked at for this choice.
+    No triggered data was looked at for this choice.  The learning rate decays by a cosine to 0 (``lr_schedule``).
+    Weight decay (which purifies FT, see :mod:`.ft`) stays 0: on the synthetic backdoor of the tests (60 steps,
+    batch 32, seeds 0/1/2) every lr ∈ {0.01, 0.05, 0.1, 0.3} × wd ∈ {0, 0.01, 0.03, 0.1, 0.3} kept clean-val
+    accuracy at 100 % but no setting took seed 0's ASR below 0.75 (K-FAC 0.85, diag 0.75; seed 1 fell to 0.16–0.4,
+    seed 2 stayed 1.00); on the MNIST demo (badnets, 150 steps) K-FAC lr 0.05 with wd 0.03 / 0.1 / 0.3 left ASR at
+    97.6–98.2 % (recorded, not used).  Plausibly the trigger is carried by the features and clean data give the
+    classifier alone no signal to move off them (not verified by an ablation).  At the defaults (lr 0.01, wd 0)
+    ASR stays 1.00 on all three seeds.
 """
 from __future__ import annotations
 
@@ -64,8 +71,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._common import (LossFn, Timer, batch_stream, check_common, count_trainable, default_loss, find_layer,
-                      fixed_batches, history_every, model_device, module_modes, only_trainable, progress_bar)
+from ._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
+                      find_layer, fixed_batches, history_every, lr_factor, model_device, module_modes,
+                      only_trainable, progress_bar, set_lr)
 
 __all__ = ["KFAC", "NaturalGradient", "kfac_factors_explicit", "run_ngf", "DEFAULT_DAMPING"]
 
@@ -410,7 +418,7 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
             weight_decay: float = 0.0, damping: Optional[float] = None, pi_split: bool = True, ema: float = 0.95,
             inv_every: int = 10, beta: float = 0.95, kl_clip: Optional[float] = 1e-3, eta_r: float = 1.0,
             fisher0: Optional[dict[Tensor, Tensor]] = None, fisher_batches: Optional[int] = None,
-            batch_size: int = 128, seed: int = 0, device: Optional[torch.device] = None,
+            lr_schedule: str = "cosine", batch_size: int = 128, seed: int = 0, device: Optional[torch.device] = None,
             loss_fn: Optional[LossFn] = None, impl: str = "auto", progress: bool = True) -> tuple[nn.Module, dict]:
     """Natural Gradient Fine-tuning of one layer with the Fisher anchor.
 
@@ -430,6 +438,7 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
     from ..fisher import estimate_fisher
 
     check_common(steps, lr)
+    check_schedule(lr_schedule)
     dev = torch.device(device) if device is not None else model_device(model)
     model.to(dev)
     loss_fn = default_loss(loss_fn)
@@ -453,12 +462,14 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
                               kfac=kfac, beta=beta, damping=damping, kl_clip=kl_clip, eta_r=eta_r,
                               fisher0=fisher0 if eta_r > 0 else None, impl=impl)
         stream = batch_stream(clean_loader, batch_size, seed, dev)
+        base_lrs = [g["lr"] for g in opt.param_groups]
         hist, every, nus = [], history_every(steps), []
         bar = progress_bar(steps, f"NGF-{curvature}", progress)
         try:
             with only_trainable(model, params), module_modes(model, False):
                 for t in range(steps):
                     x, y = next(stream)
+                    set_lr(opt, base_lrs, lr_factor(lr_schedule, t, steps))
                     opt.zero_grad(set_to_none=True)
                     loss = loss_fn(model(x), y)
                     loss.backward()
