@@ -400,11 +400,16 @@ class OptimizerPurifier(Purifier):
         self._finalize = finalize
 
     def step(self, x: Tensor, y: Tensor) -> float:
+        from .optim import frozen_running_stats
+
         model, opt, loss_fn = self.model, self.optimizer, self.loss_fn
 
         def closure():
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            # The perturbed (second) pass must not fold θ + e's statistics into BatchNorm's running estimates.
+            with frozen_running_stats(model) if getattr(opt, "perturbed_pass", False) else contextlib.nullcontext():
+                out = model(x)
+            loss = loss_fn(out, y)
             if self.penalty is not None:
                 loss = loss + self.penalty()
             if hasattr(opt, "backward"):

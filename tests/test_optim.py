@@ -1,4 +1,5 @@
 """fip_fast.FIP: parity of the implementations, torch.optim conventions, estimators, skip logic, errors."""
+import contextlib
 import copy
 import io
 import logging
@@ -422,3 +423,60 @@ def test_fip_lowers_backdoor_asr_on_synthetic_task():
     assert task.asr(ft) > 0.9                    # the control: fine-tuning alone does not remove it
     assert task.asr(fip) < task.asr(ft) - 0.2, (task.asr(ft), task.asr(fip))
     assert task.acc(fip) > task.acc() - 0.05
+
+
+def test_perturbed_pass_flag_and_frozen_running_stats():
+    """The fd suppressor's second pass runs at θ + e; with ``frozen_running_stats`` it must leave BatchNorm's
+    running estimates exactly as the first (unperturbed) pass left them."""
+    from fip_fast.optim import frozen_running_stats
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)).train()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    ref = copy.deepcopy(net)
+    ref(x)                                   # one train-mode forward at θ: the expected running stats
+    opt = FIP(net.parameters(), lr=0.1, eta_F=1.0, rho=0.5, trace_every=1)
+    flags = []
+
+    def closure():
+        flags.append(opt.perturbed_pass)
+        opt.zero_grad()
+        with frozen_running_stats(net) if opt.perturbed_pass else contextlib.nullcontext():
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert flags == [False, True] and opt.perturbed_pass is False
+    bn, bn_ref = net[1], ref[1]
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var, rtol=0, atol=0)
+    assert int(bn.num_batches_tracked) == 1 and bn.track_running_stats
+    # Without the context the perturbed pass does fold θ + e into the statistics (what the flag is for).
+    net2 = copy.deepcopy(ref)
+    net2.load_state_dict(ref.state_dict())
+    opt2 = FIP(net2.parameters(), lr=0.1, eta_F=1.0, rho=0.5, trace_every=1)
+
+    def closure2():
+        opt2.zero_grad()
+        loss = F.cross_entropy(net2(x), y)
+        loss.backward()
+        return loss
+
+    before = net2[1].running_mean.clone()
+    opt2.step(closure2)
+    assert int(net2[1].num_batches_tracked) == 3 and not torch.equal(net2[1].running_mean, before)
+
+
+def test_purifier_freezes_batchnorm_stats_on_the_perturbed_pass():
+    from fip_fast.purify import OptimizerPurifier
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    ref = copy.deepcopy(net).train()
+    ref(x)
+    pur = OptimizerPurifier(net, FIP(net.parameters(), lr=0.1, eta_F=1.0, rho=0.5, trace_every=1))
+    pur.step(x, y)
+    assert int(net[1].num_batches_tracked) == 1
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=0, atol=0)

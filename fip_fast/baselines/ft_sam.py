@@ -26,10 +26,14 @@ both passes (the statistics are updated twice per step, as in the reference SAM 
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+
+from ..optim import frozen_running_stats
 
 from ._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
                       history_every, lr_factor, model_device, module_modes, only_trainable, progress_bar, set_lr)
@@ -78,6 +82,7 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.skipped_steps = 0
+        self.perturbed_pass = False     # True while step() runs the closure at θ + e
 
     @torch.no_grad()
     def _grad_norm(self, group: dict) -> Tensor:
@@ -140,7 +145,11 @@ class SAM(torch.optim.Optimizer):
         if not self.first_step():
             self.skipped_steps += 1
             return loss
-        closure()
+        self.perturbed_pass = True      # as FIP.perturbed_pass: the closure may freeze BatchNorm running stats
+        try:
+            closure()
+        finally:
+            self.perturbed_pass = False
         if not self.second_step():
             self.skipped_steps += 1
         return loss
@@ -181,7 +190,9 @@ def run_ft_sam(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float 
 
             def closure():
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
+                with frozen_running_stats(model) if opt.perturbed_pass else contextlib.nullcontext():
+                    out = model(x)
+                loss = loss_fn(out, y)
                 loss.backward()
                 return loss
 
