@@ -36,7 +36,9 @@ What :func:`purify` does for the built-in methods (``"fip"``, ``"fast_fip"``):
    acceptable point is the most purified one; choosing the *best* clean accuracy instead would typically choose
    θ0 itself, backdoor included.  θ0 is never a candidate: if no evaluation is acceptable, the evaluation with
    the highest clean-val accuracy is returned (``report.history[i]["acceptable"]`` says which were).  If the accuracy stays below a0 − 2·``val_margin`` for ``patience``
-   consecutive evaluations, the loop stops early (the run is degrading clean behaviour).
+   consecutive evaluations, the loop stops early (the run is degrading clean behaviour); ``patience=0`` never
+   stops — the default of fip and fast_fip, whose large early steps first cost clean accuracy that the cosine
+   decay then recovers (measured on the demo: clean-val 78–89 % mid-run, 94–99 % at the end).
 6. **Finish.**  A lagged perturbation is removed (the returned weights are unperturbed); Fast FIP merges
    W(δ) back (:func:`fip_fast.spectral.merge`): the returned model is an ordinary model of the original
    architecture with no ``SpectralLayer`` left, in eval mode, with its ``requires_grad`` flags as they were.
@@ -128,12 +130,12 @@ EvalFn = Callable[[nn.Module], Dict[str, Any]]
 #: Defaults of the built-in methods (see the module docstring and docs/demo.md for how they were chosen).
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     "fip": dict(
-        steps=150, batch_size=64, lr=0.05, momentum=0.9, eta_F=0.005, eta_r=1.0, rho=0.5, max_mix=1.0,
-        trace_every=1, trace_estimator="fd", weight_decay=0.03,
+        steps=300, batch_size=64, lr=0.05, momentum=0.9, eta_F=0.005, eta_r=1.0, rho=0.5, max_mix=1.0,
+        trace_every=1, trace_estimator="fd", weight_decay=0.03, patience=0,
     ),
     "fast_fip": dict(
         steps=150, batch_size=64, lr=0.1, momentum=0.9, eta_F=0.005, eta_r=1.0, rho=0.5, max_mix=1.0,
-        trace_every=1, trace_estimator="fd", weight_decay=0.01,
+        trace_every=1, trace_estimator="fd", weight_decay=0.01, patience=0,
         lr_delta=0.5, rho_delta=2.0, relative=True, rank=None, fast_fip_extra="bias_bn",
     ),
 }
@@ -629,7 +631,8 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         val_data: explicit clean validation data; default: hold out ``val_fraction`` (0.2) of ``clean_loader``,
             class-stratified.  ``val_fraction=0`` disables validation (the last step is returned).
         val_margin: selection tolerance on clean-val accuracy (default 0.03); ``patience``: evaluations below
-            a0 − 2·val_margin before stopping early (default 3).
+            a0 − 2·val_margin before stopping early (default: the method's — 0, never, for fip and
+            fast_fip, whose cosine runs dip in clean accuracy mid-run and recover; 3 otherwise).
         batch_size, lr: override the method's defaults.  seed: batch sampling (and runner) seed.
         device: where to purify (default: the model's device); data are moved per batch.
         loss_fn: ``loss_fn(output, y) -> scalar`` (default mean cross-entropy).  progress: tqdm bar.
@@ -692,8 +695,12 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
                  ("eval_every", eval_every)):
         if v is not None:
             loop[k] = v
-    if "lr_schedule" in opts and spec.kind == "loop":
-        loop["lr_schedule"] = opts.pop("lr_schedule")
+    if spec.kind == "loop":     # a method's defaults may carry loop options (e.g. fip: patience 0)
+        for k in ("lr_schedule", "patience"):
+            if k in opts:
+                v = opts.pop(k)
+                if not (k == "patience" and patience is not None):   # an explicit argument wins
+                    loop[k] = v
     if loop["lr_schedule"] not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {loop['lr_schedule']!r}")
 
@@ -894,7 +901,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
                     report.history.append(rec)
                     bar.set_postfix(loss=f"{rec['train_loss']:.3f}",
                                     **({"val_acc": f"{acc:.3f}"} if has_val else {}))
-                    if has_val and below >= int(loop["patience"]):
+                    if has_val and int(loop["patience"]) > 0 and below >= int(loop["patience"]):
                         report.stopped_early = True
                         stop = True
             if ckpt is not None and (done % ckpt.every == 0 or stop):

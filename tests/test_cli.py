@@ -165,8 +165,7 @@ def test_demo_reduced_mode(tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["demo", "--attack", "badnets", "--subsample", "2500", "--epochs", "6", "--width", "16",
             "--methods", "fast_fip,fip,ft", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-            "--no-progress", "--lambda-iters", "5", "--lambda-batch", "64", "--json", "--no-history",
-            "--steps", "100"]
+            "--no-progress", "--lambda-iters", "5", "--lambda-batch", "64", "--json", "--no-history"]
     rc, stdout, err = _run(argv, capsys)
     assert rc == 0, err
     res = json.loads(stdout.strip().splitlines()[-1])
@@ -185,11 +184,14 @@ def test_demo_reduced_mode(tmp_path, capsys):
                                                                "--no-progress", "--lambda-iters", "0"], capsys)
     assert rc == 0, err
     assert "cache" in stdout
-    # Issue 4's acceptance (FIP removes the backdoor at ≤ 2 points of accuracy) is NOT met yet on the demo CNN:
-    # measured in this reduced mode FIP kept ASR 0.94 (100 steps) / 0.73 (150 steps).  Recorded as a known
-    # shortfall rather than asserted false or dropped; the claim "the suppressor lowers ASR where fine-tuning
-    # does not" is asserted on the synthetic task in tests/test_optim.py.
+    # FIP with its defaults (300 steps) removes the backdoor.  Measured in this reduced mode (2 500 digits, 6 training
+    # epochs, seed 0, one thread; deterministic since the initial weights are seeded): backdoored ACC 91.8 / ASR
+    # 99.8; FIP 88.2 / 0.9; the FT control 89.8 / 0.4 — FIP's accuracy cost here (3.6 points) is above issue 4's 2.
+    # The bounds leave room for CPU-dependent rounding, not for a change of behaviour.
     fip = by["fip"]
-    if not (fip["asr"] < 0.5 * before["asr"] and fip["acc"] > before["acc"] - 0.05):
-        pytest.xfail(f"demo purification below acceptance (issue 4 open): fip {fip['asr']:.2f} ASR, "
-                     f"{fip['acc']:.3f} ACC vs before {before['asr']:.2f} / {before['acc']:.3f}")
+    assert fip["asr"] <= 0.10 and fip["acc"] >= before["acc"] - 0.05, (fip, before)
+    # Fast FIP does not remove BadNets from this CNN (issue 4 open; measured 90.2 / 99.3, docs/demo.md says why).
+    ff = by["fast_fip"]
+    if not (ff["asr"] < 0.5 * before["asr"] and ff["acc"] > before["acc"] - 0.05):
+        pytest.xfail(f"Fast FIP below acceptance on the demo CNN (issue 4 open): ASR {ff['asr']:.2f}, "
+                     f"ACC {ff['acc']:.3f} vs before {before['asr']:.2f} / {before['acc']:.3f}")
