@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import ops
+from ._utils import split_batch
 
 __all__ = ["estimate_fisher", "normalize_fisher", "nll_per_sample"]
 
@@ -46,13 +47,6 @@ def nll_per_sample(output: Tensor, target: Tensor) -> Tensor:
 
 def _train_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
-
-
-def _split_batch(batch) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, dict):
-        return batch["input_ids"] if "input_ids" in batch else batch["x"], batch.get("labels", batch.get("y"))
-    x, y = batch[0], batch[1]
-    return x, y
 
 
 class _LinearCapture:
@@ -219,7 +213,7 @@ def estimate_fisher(model: nn.Module, loader: Iterable, loss_fn: Optional[Callab
         for b, batch in enumerate(it):
             if max_batches is not None and b >= max_batches:
                 break
-            x, y = _split_batch(batch)
+            x, y = split_batch(batch)
             x, y = x.to(device), y.to(device)
             n_seen += x.shape[0]
             if estimator == "batch":

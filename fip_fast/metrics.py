@@ -16,6 +16,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._utils import model_device
+
 __all__ = ["eval_mode", "predict", "accuracy", "attack_success_rate", "robust_accuracy", "evaluate"]
 
 
@@ -34,18 +36,10 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 512, device: Optional[torch.device] = None) -> Tensor:
     """Predicted classes ``(N,)`` (int64, on CPU) for inputs ``x`` ``(N, ...)``, in eval mode, batched."""
-    dev = torch.device(device) if device is not None else _device_of(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
     out = []
     with eval_mode(model):

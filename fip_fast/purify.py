@@ -107,6 +107,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._utils import model_device, split_batch
+
 logger = logging.getLogger("fip_fast")
 
 __all__ = [
@@ -213,12 +215,6 @@ def get_method(name: str) -> MethodSpec:
 
 
 # =============================================================================================== data helpers
-def _split_batch(batch: Any) -> Tuple[Tensor, Tensor]:
-    if isinstance(batch, dict):
-        x = batch["input_ids"] if "input_ids" in batch else batch["x"]
-        y = batch["labels"] if "labels" in batch else batch["y"]
-        return x, y
-    return batch[0], batch[1]
 
 
 def _as_tensors(clean: Any) -> Tuple[Tensor, Tensor]:
@@ -235,7 +231,7 @@ def _as_tensors(clean: Any) -> Tuple[Tensor, Tensor]:
         batches = torch.utils.data.DataLoader(clean, batch_size=256, shuffle=False)
     xs, ys = [], []
     for b in batches:
-        x, y = _split_batch(b)
+        x, y = split_batch(b)
         xs.append(torch.as_tensor(x))
         ys.append(torch.as_tensor(y))
     if not xs:
@@ -267,14 +263,6 @@ def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
     """Batch ``step``: ``batch_size`` indices drawn with replacement; a function of (seed, step) only."""
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (2 ** 62))
     return torch.randint(n, (batch_size,), generator=g)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -680,7 +668,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     rank, world = (fd.rank(), fd.world_size()) if dist_mode else (0, 1)
     is_main = rank == 0
     progress = bool(progress) and is_main
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     model.to(dev)
     loss_fn = loss_fn or F.cross_entropy
 

@@ -26,26 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._utils import model_device, split_batch  # noqa: F401  (re-exported to the baselines)
+
 logger = logging.getLogger("fip_fast")
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` from a tuple/list batch or a dict with ``x``/``y`` or ``input_ids``/``labels``."""
-    if isinstance(batch, dict):
-        x = batch["input_ids"] if "input_ids" in batch else batch["x"]
-        y = batch["labels"] if "labels" in batch else batch["y"]
-        return x, y
-    return batch[0], batch[1]
 
 
 def _is_tensor_pair(obj: Any) -> bool:

@@ -1,0 +1,25 @@
+"""Small helpers shared by the pipeline modules (purify, fisher, metrics, train, baselines)."""
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def split_batch(batch: Any) -> Tuple[Tensor, Tensor]:
+    """``(x, y)`` from a tuple/list batch or a dict with ``x``/``y`` or ``input_ids``/``labels``."""
+    if isinstance(batch, dict):
+        x = batch["input_ids"] if "input_ids" in batch else batch["x"]
+        y = batch["labels"] if "labels" in batch else batch["y"]
+        return x, y
+    return batch[0], batch[1]
