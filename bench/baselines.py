@@ -1,10 +1,10 @@
 """Baselines comparison: FIP, Fast FIP, FT, FT-SAM, NGF and Salience-AR on the bundled MNIST demo.
 
-For every attack and seed: split MNIST-5k (:func:`fip_fast.data.split_dataset`, seed = the run's seed), poison the
-training part with the attack (its default rate), train the demo CNN (:func:`fip_fast.train.train_backdoored`,
-its defaults), then purify a copy of the backdoored model with every method through :func:`fip_fast.purify.purify`
-on the defender's clean set (the split's ``val`` part, ≈ 4.4 % of the training pool, 220 images) with the **same
-step count and batch size for every method** (default 150 steps, batch 64: the budget of FIP's defaults).
+For every attack and seed: build the backdoored model of ``fip-fast demo --attack A --seed S`` (the demo's split,
+attack at its default rate, CNN and training: :data:`fip_fast.cli.DEMO_DEFAULTS`), then purify a copy of it with
+every method through :func:`fip_fast.purify.purify` on the defender's clean set (the split's ``val`` part, 10 % of
+the training pool, 400 images) with the **same step count and batch size for every method** (default 300 steps,
+batch 64: the budget of FIP's defaults).
 Measured: clean test ACC, ASR and RA on the triggered test set, wall time of the purification (``purify``'s total
 minus its clean-validation evaluations), trainable parameters, and λ_max of the Hessian (power iteration on a
 fixed batch of clean test images, all parameters) after.
@@ -94,24 +94,29 @@ def arch_fingerprint(model: torch.nn.Module) -> str:
 
 
 def backdoored_model(attack: str, seed: int, epochs: int, cache: Path):
+    """The backdoored model of ``fip-fast demo --attack <attack> --seed <seed> --epochs <epochs>``: the demo's split,
+    attack, CNN and training (:data:`fip_fast.cli.DEMO_DEFAULTS`), in the demo's order of seeding, so seed 0 /
+    badnets is the very model the demo purifies."""
     from fip_fast.attacks import make_attack
+    from fip_fast.cli import DEMO_DEFAULTS as D
     from fip_fast.data import load_mnist5k, split_dataset
     from fip_fast.models import demo_cnn
     from fip_fast.train import train_backdoored
 
     x, y = load_mnist5k()
-    sp = split_dataset(x, y, seed=seed)
-    atk = make_attack(attack, seed=seed)
+    sp = split_dataset(x, y, test_fraction=D["test_fraction"], val_fraction=D["val_fraction"], seed=seed)
+    atk = make_attack(attack, image_shape=tuple(x.shape[1:]), seed=seed)
     torch.manual_seed(seed)
-    model = demo_cnn()
+    model = demo_cnn(in_channels=x.shape[1], width=D["width"], hidden=D["hidden"])
     f = cache / f"{attack}_s{seed}_e{epochs}_{arch_fingerprint(model)}.pt"
     t0 = time.perf_counter()
     if f.is_file():
         model.load_state_dict(torch.load(f, weights_only=True))
         model.eval()
     else:
+        torch.manual_seed(seed)
         xp, yp, _ = atk.poison_train(*sp.train, seed=seed)
-        train_backdoored(model, xp, yp, epochs=epochs, seed=seed, progress=False)
+        train_backdoored(model, xp, yp, epochs=epochs, lr=D["train_lr"], seed=seed, progress=False)
         cache.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), f)
     return model, sp, atk, time.perf_counter() - t0
@@ -221,9 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--attacks", nargs="+", default=sorted(ATTACKS), choices=sorted(ATTACKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--train-epochs", type=int, default=4)
+    p.add_argument("--train-epochs", type=int, default=None, help="default: the demo's")
     p.add_argument("--lambda-batch", type=int, default=64)
     p.add_argument("--lambda-iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
@@ -234,12 +239,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from fip_fast.cli import DEMO_DEFAULTS
     from fip_fast.models import demo_cnn
     from fip_fast.purify import purify
 
+    if args.train_epochs is None:
+        args.train_epochs = DEMO_DEFAULTS["epochs"]
     out_json, out_md = Path(args.out_json), Path(args.out_md)
     cmd = ("python bench/baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    m0 = demo_cnn()
+    m0 = demo_cnn(width=DEMO_DEFAULTS["width"], hidden=DEMO_DEFAULTS["hidden"])
     config = {"steps": args.steps, "batch_size": args.batch_size, "train_epochs": args.train_epochs,
               "lambda_batch": args.lambda_batch, "lambda_iters": args.lambda_iters, "arch": arch_fingerprint(m0),
               "torch_threads": args.threads, "model_params": sum(p.numel() for p in m0.parameters()),

@@ -38,6 +38,9 @@ __all__ = ["main", "build_parser"]
 
 _CACHE_VERSION = 2   # 2: initial weights seeded (1 trained from unseeded initial weights)
 
+#: The demo task's defaults (``fip-fast demo`` flags); ``bench/baselines.py`` builds the same backdoored models.
+DEMO_DEFAULTS = dict(epochs=10, train_lr=2e-3, width=16, hidden=256, test_fraction=0.2, val_fraction=0.1)
+
 
 class CLIError(Exception):
     """A user error: printed as ``fip-fast: error: …`` with exit status 2."""
@@ -607,17 +610,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated methods to run "
                    f"(default: {','.join(DEMO_METHODS)}; ft = the fine-tuning control; any registered "
                    "method also works)")
-    d.add_argument("--epochs", type=int, default=10, help="backdoor training epochs (default: 10)")
-    d.add_argument("--train-lr", type=float, default=2e-3, help="backdoor training learning rate (Adam, "
-                   "default: 2e-3)")
-    d.add_argument("--width", type=int, default=16, help="demo CNN width: conv channels width, 2·width "
-                   "(default: 16)")
-    d.add_argument("--hidden", type=int, default=256, help="demo CNN hidden Linear units (default: 256)")
+    d.add_argument("--epochs", type=int, default=DEMO_DEFAULTS["epochs"], help="backdoor training epochs "
+                   f"(default: {DEMO_DEFAULTS['epochs']})")
+    d.add_argument("--train-lr", type=float, default=DEMO_DEFAULTS["train_lr"], help="backdoor training learning "
+                   f"rate (Adam, default: {DEMO_DEFAULTS['train_lr']:g})")
+    d.add_argument("--width", type=int, default=DEMO_DEFAULTS["width"], help="demo CNN width: conv channels width, "
+                   f"2·width (default: {DEMO_DEFAULTS['width']})")
+    d.add_argument("--hidden", type=int, default=DEMO_DEFAULTS["hidden"], help="demo CNN hidden Linear units "
+                   f"(default: {DEMO_DEFAULTS['hidden']})")
     d.add_argument("--subsample", type=int, default=0, help="use only this many MNIST images (0: all 5000; "
                    "for quick tests)")
-    d.add_argument("--test-fraction", type=float, default=0.2, help="test split fraction (default: 0.2)")
-    d.add_argument("--val-fraction", type=float, default=0.1, help="defender's clean set, as a fraction of the "
-                   "training pool (default: 0.1)")
+    d.add_argument("--test-fraction", type=float, default=DEMO_DEFAULTS["test_fraction"], help="test split "
+                   f"fraction (default: {DEMO_DEFAULTS['test_fraction']})")
+    d.add_argument("--val-fraction", type=float, default=DEMO_DEFAULTS["val_fraction"], help="defender's clean "
+                   f"set, as a fraction of the training pool (default: {DEMO_DEFAULTS['val_fraction']})")
     d.add_argument("--cache-dir", default=os.environ.get("FIP_FAST_CACHE", "~/.cache/fip_fast"),
                    help="where backdoored models are cached, keyed by configuration (default: $FIP_FAST_CACHE "
                    "or ~/.cache/fip_fast)")

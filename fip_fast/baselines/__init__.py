@@ -32,7 +32,10 @@ seed 0; 150 steps, batch 64).  On the synthetic task alone every candidate kept 
 MNIST demo is what bounds the pressure.  Test ASR was recorded, never used.  Outcome (ASR on the synthetic task,
 seeds 0/1/2, at the defaults): FT-SAM 0.00 / 0.00 / 0.02; FT, NGF (K-FAC and diag), Salience-AR 1.00 / 1.00 / 1.00 —
 these three purify only at pressures the clean-val rule rejects on MNIST (FT, Salience-AR) or not at all (NGF on
-the classifier); the numbers are in each module's docstring and in ``tests/test_baselines.py``.
+the classifier); the numbers are in each module's docstring and in ``tests/test_baselines.py``.  Each of the three
+does lower it once its knob is turned past what the rule accepts on MNIST (FT lr 0.1 / wd 0.03: 0.00 on every seed;
+NGF K-FAC damping 1e-3: 0.32 / 0.00 / 0.35; Salience-AR fraction 0.5, λ 10: 0.20 / 0.13 / 0.25), which
+``test_baseline_mechanism_lowers_asr_at_higher_pressure`` checks.
 """
 from __future__ import annotations
 

@@ -59,7 +59,11 @@ Defaults (chosen on clean data only)
     seed 2 stayed 1.00); on the MNIST demo (badnets, 150 steps) K-FAC lr 0.05 with wd 0.03 / 0.1 / 0.3 left ASR at
     97.6–98.2 % (recorded, not used).  Plausibly the trigger is carried by the features and clean data give the
     classifier alone no signal to move off them (not verified by an ablation).  At the defaults (lr 0.01, wd 0)
-    ASR stays 1.00 on all three seeds.
+    ASR stays 1.00 on all three seeds.  What does purify is a small damping: K-FAC at λ = 1e-3 without KL clipping
+    took the synthetic ASR to 0.32 / 0.00 / 0.35 (the natural-gradient step is large along features that clean data
+    rarely activate; ``tests/test_baselines.py::test_baseline_mechanism_lowers_asr_at_higher_pressure``), but on the
+    MNIST demo the same λ drops clean test accuracy to 17–36 % (clean-val 12–41 %), so the clean-data rule rejects
+    it; λ = 1e-2 kept 87 % and left ASR at 79 %.
 """
 from __future__ import annotations
 
