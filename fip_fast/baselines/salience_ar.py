@@ -72,9 +72,10 @@ Adaptive regularizer (infected neurons' weights only; biases are not penalized)
 
 Defaults: fraction 0.3, λ 1, lr 0.05 (cosine decay to 0, ``lr_schedule``), others_lr_scale 0.1 — chosen on clean
 data only (rule in :mod:`fip_fast.baselines`: the strongest fraction·lr·λ whose clean-val accuracy stays within 0.03
-of the start), with the explicit regularizer step, 150 steps, on the synthetic backdoor of the tests (60 steps, batch
+of the start), with the earlier explicit regularizer step, on the synthetic backdoor of the tests (60 steps, batch
 32, seeds 0/1/2: every fraction ∈ {0.1, 0.3, 0.5} × lr ∈ {0.01, 0.05, 0.1} × λ ∈ {1, 3, 10} kept 100 % clean-val
-accuracy unless the explicit step diverged; ASR fell only with fraction 0.5) and the MNIST demo (badnets, blend).
+accuracy unless the explicit step diverged; ASR fell only with fraction 0.5) and the MNIST demo (badnets, blend;
+150 steps).
 Re-measured with the semi-implicit step (2026-12-01):
 
 * synthetic backdoor, ACC / ASR on seeds 0/1/2: fraction 0.3 (any λ ≤ 10): 1.00 / 1.00 on every seed; fraction 0.5,
