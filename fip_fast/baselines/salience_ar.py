@@ -211,7 +211,8 @@ def adaptive_reg_step_(w: Tensor, mask: Tensor, scale: float, lam: float, lr: fl
 
     = w − lr·∂R/∂w / (1 + lr·λ·|w|/scale): the explicit step up to O(lr²), but it only ever shrinks w toward 0, for
     any lr·λ (see the module docstring for why the explicit step is not used)."""
-    return w.div_(1 + (lr * lam / scale) * w.abs() * _row_mask(mask, w))
+    c = w.abs().mul_(lr * lam / scale).mul_(_row_mask(mask, w)).add_(1)    # one temporary per call (every step)
+    return w.div_(c)
 
 
 def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.05, *,
