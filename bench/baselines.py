@@ -2,7 +2,7 @@
 
 For every attack and seed: build the backdoored model of ``fip-fast demo --attack A --seed S`` (the demo's split,
 attack at its default rate, CNN and training: :data:`fip_fast.cli.DEMO_DEFAULTS`), then purify a copy of it with
-every method through :func:`fip_fast.purify.purify` on the defender's clean set (the split's ``val`` part, 10 % of
+every method through :func:`fip_fast.pipeline.purify` on the defender's clean set (the split's ``val`` part, 10 % of
 the training pool, 400 images) with the **same step count and batch size for every method** (default 300 steps,
 batch 64: the budget of FIP's defaults).
 Measured: clean test ACC, ASR and RA on the triggered test set, wall time of the purification (``purify``'s total
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
 
     from fip_fast.cli import DEMO_DEFAULTS
     from fip_fast.models import demo_cnn
-    from fip_fast.purify import purify
+    from fip_fast.pipeline import purify
 
     if args.train_epochs is None:
         args.train_epochs = DEMO_DEFAULTS["epochs"]

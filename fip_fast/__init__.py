@@ -4,25 +4,47 @@ Public names (imported lazily, so ``import fip_fast`` stays light):
 
 * :class:`FIP` — the optimizer (``fip_fast.optim``)
 * :func:`estimate_fisher` — diagonal empirical Fisher (``fip_fast.fisher``)
-* :func:`purify` — the purification pipeline (``fip_fast.purify``)
+* :func:`purify` — the purification pipeline (``fip_fast.pipeline.purify``)
 * :mod:`spectral` — Fast FIP's spectral reparameterization (``reparameterize``, ``merge``)
 * :mod:`reference` — the readable specification every fast path is tested against
 """
 from __future__ import annotations
 
 import importlib
+import sys
+import types
+import warnings
 
 __version__ = "0.1.0"
-__all__ = ["FIP", "estimate_fisher", "purify", "spectral", "reference", "ops", "__version__"]
+__all__ = ["FIP", "estimate_fisher", "purify", "pipeline", "spectral", "reference", "ops", "__version__"]
 
 _LAZY = {
     "FIP": ("fip_fast.optim", "FIP"),
     "estimate_fisher": ("fip_fast.fisher", "estimate_fisher"),
-    "purify": ("fip_fast.purify", "purify"),
+    "purify": ("fip_fast.pipeline", "purify"),
+    "pipeline": ("fip_fast.pipeline", None),
     "spectral": ("fip_fast.spectral", None),
     "reference": ("fip_fast.reference", None),
     "ops": ("fip_fast.ops", None),
 }
+
+
+class _MovedModule(types.ModuleType):
+    """``fip_fast.purify`` as a *module* path (``from fip_fast.purify import register_method``) until 0.2: the module
+    was renamed ``fip_fast.pipeline`` so that the package attribute ``fip_fast.purify`` is always the function (an
+    attribute and a submodule of one name replace each other on import).  Forwards with a DeprecationWarning."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        warnings.warn("the module path fip_fast.purify is deprecated: import from fip_fast.pipeline (the function "
+                      "stays fip_fast.purify)", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("fip_fast.pipeline"), name)
+
+
+# Registered before anything can import a submodule of that name, so `import fip_fast.purify` finds the alias and
+# never rebinds the package attribute (the function) to a module.
+sys.modules.setdefault(f"{__name__}.purify", _MovedModule(f"{__name__}.purify"))
 
 
 def __getattr__(name: str):

@@ -228,7 +228,7 @@ def _write_report(out: Path, title: str, intro: List[str], before_row: Dict[str,
                     md.append(line)
                 md.append("")
         atomic_write_text(tmp / "report.md", "\n".join(md))
-        from .purify import _jsonable
+        from .pipeline import _jsonable
 
         atomic_write_json(tmp / "report.json", _jsonable(payload))
 
@@ -247,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from . import attacks, data, metrics, models, train
     from .io import load_weights, save_model
-    from .purify import purify
+    from .pipeline import purify
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,7 +259,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in DEMO_METHODS:
-            from .purify import available_methods
+            from .pipeline import available_methods
 
             if m not in available_methods():
                 raise CLIError(f"--methods: unknown method {m!r}; choose from {list(DEMO_METHODS)} or "
@@ -354,7 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _write_report(out, f"fip-fast demo: {args.attack}", intro, before_row, rows, payload)
     say(f"report written to {out}/")
     if args.json:
-        from .purify import _jsonable
+        from .pipeline import _jsonable
 
         print(json.dumps(_jsonable({"before": before_row, "results": [
             {k: v for k, v in r.items() if k != "history"} for r in rows], "total_s": total})))
@@ -457,14 +457,14 @@ def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
     """``fip-fast purify``; ``dist_device`` is this rank's device under ``--distributed`` (else None).
 
     Under ``--distributed`` every rank loads the same checkpoint and data (every error is raised on every rank,
-    before any collective), :func:`fip_fast.purify.purify` runs with ``distributed="ddp"``, and only rank 0
+    before any collective), :func:`fip_fast.pipeline.purify` runs with ``distributed="ddp"``, and only rank 0
     measures the test metrics and λ_max, prints, writes the report folder and saves the weights."""
     import torch
 
     from . import metrics
     from .io import OverwriteInputError, UnsafeCheckpointError, check_not_input, load_weights, save_model
     from .models import build_model
-    from .purify import available_methods, purify
+    from .pipeline import available_methods, purify
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -472,7 +472,7 @@ def test_baseline_mechanism_lowers_asr_at_higher_pressure(backdoored, name):
 
 
 def test_registered_with_purify(backdoored):
-    purify_mod = pytest.importorskip("fip_fast.purify")
+    purify_mod = pytest.importorskip("fip_fast.pipeline")
     assert {"ft", "ft_sam", "ngf", "salience_ar"} <= set(purify_mod.available_methods())
     net, clean, _, _ = backdoored
     m, rep = purify_mod.purify(copy.deepcopy(net), clean, method="ngf", steps=5, batch_size=16, progress=False,

@@ -22,7 +22,7 @@ from torch import nn
 
 from fip_fast import cli
 from fip_fast.io import load_state_dict
-from fip_fast.purify import purify
+from fip_fast.pipeline import purify
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 120          # a hang guard; the run takes ≈10 s on 2 CPU cores
@@ -142,7 +142,7 @@ def test_purify_distributed_argument_errors():
 
 
 def test_fisher_loader_shards_the_purification_part():
-    from fip_fast.purify import MethodContext
+    from fip_fast.pipeline import MethodContext
 
     x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
     parts = [MethodContext(x, y, torch.device("cpu"), None, 0, False, rank=r, world_size=3).fisher_loader(2)

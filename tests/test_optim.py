@@ -469,7 +469,7 @@ def test_perturbed_pass_flag_and_frozen_running_stats():
 
 
 def test_purifier_freezes_batchnorm_stats_on_the_perturbed_pass():
-    from fip_fast.purify import OptimizerPurifier
+    from fip_fast.pipeline import OptimizerPurifier
 
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip_fast import purify as P
+from fip_fast import pipeline as P
 from fip_fast.spectral import SpectralLayer
 
 TARGET = 0

@@ -16,14 +16,14 @@ method name     function                                   what it trains
                                                            adaptive magnitude-scaled regularizer
 ==============  =========================================  ==============================================
 
-Importing this package registers the four names with :func:`fip_fast.purify.register_method`
-(``kind="runner"``), so ``purify(model, clean, method="ngf", curvature="diag")`` works; :mod:`fip_fast.purify`
+Importing this package registers the four names with :func:`fip_fast.pipeline.register_method`
+(``kind="runner"``), so ``purify(model, clean, method="ngf", curvature="diag")`` works; :mod:`fip_fast.pipeline`
 imports this package on the first lookup of an unknown method name.
 
 How the defaults were chosen (clean data only)
 ----------------------------------------------
 Every runner decays its learning rate with a cosine to 0 over the run (``lr_schedule="cosine"``, as
-:func:`fip_fast.purify.purify`'s loop; ``"constant"`` keeps it).  The purification-pressure knobs (FT: lr × weight
+:func:`fip_fast.pipeline.purify`'s loop; ``"constant"`` keeps it).  The purification-pressure knobs (FT: lr × weight
 decay; NGF: lr, weight decay; Salience-AR: infected fraction, lr, λ) were chosen by purify's rule: among the
 candidates whose **clean-validation** accuracy stays within 0.03 of the starting accuracy, take the strongest
 pressure.  Clean-val sets: the synthetic backdoor of ``tests/test_baselines.py`` (an independent clean draw of 400
@@ -59,7 +59,7 @@ RUNNERS = {
 
 def _register() -> None:
     try:
-        from ..purify import register_method
+        from ..pipeline import register_method
     except ImportError as e:  # purify is optional for the baselines themselves
         logging.getLogger("fip_fast").debug("fip_fast.baselines: purify not importable (%s); not registering", e)
         return

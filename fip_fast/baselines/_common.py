@@ -182,7 +182,7 @@ def check_schedule(lr_schedule: str) -> None:
 
 def lr_factor(lr_schedule: str, t: int, steps: int) -> float:
     """Multiplier of the base learning rate at step ``t`` (0-based) of ``steps``: ``"cosine"`` decays as
-    0.5·(1 + cos(π·t/steps)) — the same rule as :func:`fip_fast.purify.purify`'s loop — ``"constant"`` is 1."""
+    0.5·(1 + cos(π·t/steps)) — the same rule as :func:`fip_fast.pipeline.purify`'s loop — ``"constant"`` is 1."""
     if lr_schedule == "constant":
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * t / max(1, steps)))

@@ -1,8 +1,8 @@
-"""``fip_fast.purify``: the purification pipeline — one entry point for FIP, Fast FIP and the baselines.
+"""``fip_fast.pipeline``: the purification pipeline — one entry point for FIP, Fast FIP and the baselines.
 
 ::
 
-    from fip_fast.purify import purify
+    from fip_fast import purify
     model, report = purify(model, (x_clean, y_clean), method="fast_fip")   # or "fip", "ft", "ngf", …
     print(report.summary())
 
@@ -63,7 +63,7 @@ Two kinds of plug-ins share the ``purify(model, clean, method=NAME, …)`` entry
     :class:`OptimizerPurifier` wraps any ``torch.optim.Optimizer`` (closure-based or not), so a baseline that is
     "some optimizer on the clean loss" is a few lines::
 
-        from fip_fast.purify import register_method, OptimizerPurifier
+        from fip_fast.pipeline import register_method, OptimizerPurifier
 
         @register_method("my_ft", kind="loop", defaults={"lr": 0.01})
         def build_my_ft(model, ctx, lr):
@@ -195,7 +195,7 @@ def _load_plugins() -> None:
     try:
         importlib.import_module("fip_fast.baselines")
     except Exception as e:  # a broken optional plug-in must not break fip / fast_fip
-        logger.warning("fip_fast.purify: importing fip_fast.baselines failed (%s: %s); baselines unavailable",
+        logger.warning("fip_fast.pipeline: importing fip_fast.baselines failed (%s: %s); baselines unavailable",
                        type(e).__name__, e)
 
 
@@ -724,7 +724,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         config.update(distributed=dist_mode, world_size=world,
                       batchnorm=("local" if bn_local else "sync") if bn_layers else "none")
         if bn_local and is_main:
-            logger.warning("fip_fast.purify: distributed=%r on %s with BatchNorm: torch's SyncBatchNorm needs "
+            logger.warning("fip_fast.pipeline: distributed=%r on %s with BatchNorm: torch's SyncBatchNorm needs "
                            "CUDA, so each rank normalizes with its local slice's statistics (not identical to a "
                            "single-process run) and running statistics are averaged over ranks before every "
                            "evaluation", dist_mode, dev.type)
@@ -833,7 +833,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
             a0 = report.initial.get("val_acc", a0)
         report.resumed_from = start
         opt_groups = purifier.optimizer.param_groups if purifier.optimizer is not None else []  # new dicts
-        logger.info("fip_fast.purify: resumed %s from step %d", spec.name, start)
+        logger.info("fip_fast.pipeline: resumed %s from step %d", spec.name, start)
 
     bar = tqdm(total=n_steps, initial=start, desc=spec.name, disable=not progress, leave=False, unit="step")
     t_loop = 0.0
@@ -924,7 +924,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         final_state = _state_copy(model) if selected is None else selected
     model.load_state_dict(final_state)
     if report.selected_step != report.steps_run:
-        logger.info("fip_fast.purify: returning the weights of step %d (clean-val selection)", report.selected_step)
+        logger.info("fip_fast.pipeline: returning the weights of step %d (clean-val selection)", report.selected_step)
     # A lagged optimizer would re-apply its perturbation on the next step; the model is handed back here, so the
     # optimizer is dropped with the purifier.
     model = purifier.finalize(model)
