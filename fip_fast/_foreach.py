@@ -100,11 +100,9 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
     # 3. Fisher EMA
     torch._foreach_mul_(fisher, beta)
     torch._foreach_add_(fisher, torch._foreach_mul(g, g), alpha=1.0 - beta)
-    # 4. preconditioning
+    # 4. preconditioning, with each tensor's own bias correction 1 − β^t_i (fp32, as the reference)
     if precondition:
-        t = step.float() if isinstance(step, Tensor) else torch.tensor(float(step))
-        bc = 1.0 - torch.tensor(beta, dtype=torch.float32, device=t.device) ** t
-        den = torch._foreach_div(fisher, bc)
+        den = torch._foreach_div(fisher, _bias_corrections(beta, step, len(params), fisher[0].device))
         torch._foreach_add_(den, damping)
         torch._foreach_div_(d, den)
     # 5. momentum and update
@@ -116,16 +114,22 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
     else:
         u = momentum_buf
     torch._foreach_sub_(theta, _scaled(u, lr))
-    # 6. lagged perturbation
+    # 6. next lagged perturbation: stored only (the optimizer applies it at the next training forward).
+    # zero + add rather than _foreach_copy_, which has no sharding rule for FSDP2's DTensors.
     if pert is not None:
-        if next_pert_scale is None:
-            torch._foreach_zero_(pert)
-        else:
-            # zero + add rather than _foreach_copy_, which has no sharding rule for FSDP2's DTensors
-            torch._foreach_zero_(pert)
+        torch._foreach_zero_(pert)
+        if next_pert_scale is not None:
             torch._foreach_add_(pert, _scaled(g, next_pert_scale))
-            torch._foreach_add_(theta, pert)
     _write_back(params, theta)
+
+
+def _bias_corrections(beta: float, step, n: int, device: torch.device) -> list[Tensor]:
+    """[1 − β^t_i] as fp32 0-dim tensors on ``device``: ``step`` is one count for all tensors or one per tensor."""
+    steps = list(step) if isinstance(step, (list, tuple)) else [step] * n
+    t = torch.stack([s.to(device=device, dtype=torch.float32).reshape(()) if isinstance(s, Tensor)
+                     else torch.tensor(float(s), dtype=torch.float32, device=device) for s in steps])
+    bc = 1.0 - torch.tensor(beta, dtype=torch.float32, device=device) ** t
+    return list(bc.unbind())
 
 
 def spectral_weight(U, S, delta, Vh, residual=None, relative=False):

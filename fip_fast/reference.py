@@ -269,11 +269,15 @@ def fip_step_(
 
            fisher = β·fisher + (1 − β)·g²
 
-    4. optional preconditioning: d = d / (fisher / (1 − β^step) + damping)   (1 − β^step in fp32)
+    4. optional preconditioning: d = d / (fisher / (1 − β^t_i) + damping)   (1 − β^t_i in fp32; t_i is tensor
+       i's own step count, so a parameter that received its first gradient late gets its own correction)
     5. momentum: buf = μ·buf + d;  u = d + μ·buf if nesterov else buf;  θ ← θ − lr·u
-    6. lagged estimator (pert is not None)::
+    6. lagged estimator (pert is not None): store the next perturbation, do **not** apply it::
 
-           pert = next_pert_scale·g  (0 if next_pert_scale is None);  θ ← θ + pert
+           pert = next_pert_scale·g  (0 if next_pert_scale is None)
+
+       The optimizer applies it (``perturb_(params, pert, 1.0)``) lazily, at the first training forward after the
+       step, so that between steps the parameters always hold the unperturbed θ.
 
     If ``found_inf`` is given and non-zero nothing is written at all (parameters and every state tensor keep
     their bits).  ``mix`` is read only when ``grads_pert`` is given.
@@ -283,11 +287,13 @@ def fip_step_(
         grads: g, same shapes.  grads_pert: g' (gradient at θ+e) or ``None``.
         fisher0, anchor: F0 and θ0 per tensor, or ``None`` for tensors without a CDA anchor.
         momentum_buf, fisher: fp32 state, same shapes.  pert: fp32 lagged-perturbation state, or ``None``.
-        step: the step count t ≥ 1 used for the bias correction (already counting this step).
+        step: the step count t ≥ 1 used for the bias correction (already counting this step): one number or
+            0-dim tensor for every tensor, or a sequence with one per tensor (``state["step"]`` of each parameter).
     """
     if found_inf is not None and _f(found_inf) != 0.0:
         return
-    lr_, t = _f(lr), _f(step)
+    lr_ = _f(lr)
+    steps = [_f(t) for t in step] if isinstance(step, (list, tuple)) else [_f(step)] * len(params)
     mix_ = _f(mix) if grads_pert is not None else 0.0
     rs = None if restore_scale is None else _f(restore_scale)
     nps = 0.0 if next_pert_scale is None else _f(next_pert_scale)
@@ -309,18 +315,16 @@ def fip_step_(
         fisher[i].copy_(beta * fisher[i] + (1.0 - beta) * g * g)
         # 4. preconditioning
         if precondition:   # the bias correction is an fp32 number, as every fast path computes it
-            bc = 1.0 - torch.tensor(beta, dtype=torch.float32) ** torch.tensor(t, dtype=torch.float32)
+            bc = 1.0 - torch.tensor(beta, dtype=torch.float32) ** torch.tensor(steps[i], dtype=torch.float32)
             d = d / (fisher[i] / bc + damping)
         # 5. momentum and update
         buf = momentum_buf[i]
         buf.copy_(momentum * buf + d)
         u = d + momentum * buf if nesterov else buf
         theta = theta - lr_ * u
-        # 6. next lagged perturbation
+        # 6. next lagged perturbation: stored, applied later by the optimizer
         if pert is not None:
-            e = nps * g
-            pert[i].copy_(e)
-            theta = theta + e
+            pert[i].copy_(nps * g)
         p.copy_(theta)
 
 
