@@ -200,7 +200,12 @@ def _images_to_tensor(arr: np.ndarray, where: str) -> Tensor:
 
 
 def _labels_to_tensor(arr: np.ndarray, where: str) -> Tensor:
-    arr = np.asarray(arr).squeeze()
+    arr = np.asarray(arr)
+    # (N,), (N, 1) or (1, N) — but not .squeeze(), which turns the labels of ONE sample into a 0-d array.
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    elif arr.ndim == 2 and 1 in arr.shape:
+        arr = arr.reshape(-1)
     if arr.ndim != 1:
         raise DatasetError(f"{where}: labels must be a 1-D array of class indices, got shape {arr.shape}")
     if np.issubdtype(arr.dtype, np.floating):

@@ -22,7 +22,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Self, Union
 
 import numpy as np
 import torch
@@ -30,8 +30,10 @@ from torch import Tensor, nn
 
 __all__ = [
     "UnsafeCheckpointError",
+    "CheckpointError",
     "OverwriteInputError",
     "check_not_input",
+    "StagedOutputs",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -39,6 +41,8 @@ __all__ = [
     "atomic_savefig",
     "load_state_dict",
     "load_weights",
+    "read_weights",
+    "validate_state_dict",
     "save_state_dict",
     "save_model",
     "Checkpointer",
@@ -49,6 +53,12 @@ PathLike = Union[str, os.PathLike]
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint would need full (code-executing) unpickling to load; it was refused."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: unreadable, truncated, or its tensors are not valid weights for the model.
+
+    The message names the file and says what is wrong with it."""
 
 
 class OverwriteInputError(ValueError):
@@ -67,6 +77,7 @@ def check_not_input(output: PathLike, *inputs: Optional[PathLike]) -> None:
     """Raise :class:`OverwriteInputError` if ``output`` names the same file as any of ``inputs``.
 
     Compares resolved paths (symlinks, ``..``) and, when both exist, the file identity (hard links).
+    An input that is a folder (an image-folder dataset) protects everything inside it too.
     """
     out = Path(output)
     for inp in inputs:
@@ -75,7 +86,35 @@ def check_not_input(output: PathLike, *inputs: Optional[PathLike]) -> None:
         i = Path(inp)
         if out.resolve() == i.resolve() or _same_file(out, i):
             raise OverwriteInputError(
-                f"refusing to overwrite the input file {str(i)!r} with an output; choose a different output path")
+                f"refusing to overwrite the input file {str(i)!r} with an output {str(out)!r}; choose a different "
+                "output path")
+        if i.is_dir() and out.resolve().is_relative_to(i.resolve()):
+            raise OverwriteInputError(
+                f"refusing to write the output {str(out)!r} inside the input folder {str(i)!r}; choose a "
+                "different output path")
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; restored at once (the process's threads do not create files here).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(tmp: Path) -> None:
+    """Give a finished temporary the permissions of an ordinary new file (0o666 & ~umask).
+
+    ``tempfile.mkstemp`` creates 0o600 files; without this every output would be private to its owner."""
+    os.chmod(tmp, 0o666 & ~_umask())
+
+
+def _temp_beside(dest: Path) -> Path:
+    directory = dest.parent if str(dest.parent) else Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {directory}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{dest.suffix}", dir=directory)
+    os.close(fd)
+    return Path(tmp_name)
 
 
 @contextlib.contextmanager
@@ -90,21 +129,90 @@ def atomic_path(path: PathLike, *, protect: Optional[List[PathLike]] = None) -> 
     """
     dest = Path(path)
     check_not_input(dest, *(protect or []))
-    directory = dest.parent if str(dest.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {directory}")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{dest.suffix}", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temp_beside(dest)
     try:
         yield tmp
         _fsync(tmp)
+        _publish_mode(tmp)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(directory)
+    _fsync_dir(tmp.parent)
+
+
+class StagedOutputs:
+    """Several output files replaced together, only once every one of them is complete.
+
+    :meth:`path` yields a temporary beside each destination (checked against ``protect`` first, see
+    :func:`check_not_input`); :meth:`commit` renames all of them into place; leaving the ``with`` block with an
+    exception (or :meth:`discard`) removes the temporaries and leaves every existing destination untouched —
+    a run that fails while writing (disk full, a crash in a writer) never costs the previous results.
+    Only the named destinations are ever replaced; nothing else in their folders is touched.
+
+    Usage::
+
+        with StagedOutputs(protect=[checkpoint, clean]) as staged:
+            with staged.path(out / "report.md") as tmp:
+                tmp.write_text(md)
+            with staged.path(out / "model.safetensors") as tmp:
+                save_model(model, tmp)
+        # both files replaced here, together
+    """
+
+    def __init__(self, protect: Optional[List[PathLike]] = None):
+        self.protect = [p for p in (protect or []) if p is not None]
+        self._staged: List[tuple] = []
+
+    @contextlib.contextmanager
+    def path(self, dest: PathLike) -> Iterator[Path]:
+        dest = Path(dest)
+        check_not_input(dest, *self.protect)
+        if any(d == dest for _, d in self._staged):
+            raise ValueError(f"{dest} was staged twice")
+        tmp = _temp_beside(dest)
+        try:
+            yield tmp
+            _fsync(tmp)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        self._staged.append((tmp, dest))
+
+    def commit(self) -> List[Path]:
+        """Move every staged file into place; returns the destinations."""
+        for tmp, dest in self._staged:
+            check_not_input(dest, *self.protect)       # again: the tree may have changed while writing
+        done = []
+        for tmp, dest in self._staged:
+            _publish_mode(tmp)
+            os.replace(tmp, dest)
+            done.append(dest)
+        for d in {dest.parent for dest in done}:
+            _fsync_dir(d)
+        self._staged = []
+        return done
+
+    def discard(self) -> None:
+        for tmp, _ in self._staged:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        self._staged = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.discard()
+                raise
+        else:
+            self.discard()
 
 
 def _fsync(path: Path) -> None:
@@ -170,6 +278,16 @@ def _is_safetensors(path: Path) -> bool:
         return False
 
 
+def _read_safetensors(p: Path, map_location: Union[str, torch.device]) -> Dict[str, Any]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p), device=str(map_location))
+    except Exception as e:  # SafetensorError (header too large, truncated…), OSError
+        raise CheckpointError(f"{p}: not a readable safetensors file (corrupt, truncated, or another format "
+                              f"renamed .safetensors): {type(e).__name__}: {e}") from e
+
+
 def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Load a checkpoint safely: ``.safetensors`` or ``torch.load(weights_only=True)``.
 
@@ -178,15 +296,18 @@ def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cp
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        CheckpointError: ``path`` is a folder, empty, truncated or not a checkpoint at all.
         UnsafeCheckpointError: the file needs full unpickling (e.g. a pickled ``nn.Module``).
     """
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a folder, not a checkpoint file")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: the file is empty (0 bytes)")
     if _is_safetensors(p):
-        from safetensors.torch import load_file
-
-        return load_file(str(p), device=str(map_location))
+        return _read_safetensors(p, map_location)
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -195,34 +316,95 @@ def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cp
     except RuntimeError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
             raise UnsafeCheckpointError(f"{p} is not a weights-only checkpoint and was not loaded.\n{_UNSAFE_HINT}") from e
-        raise ValueError(f"{p}: not a readable checkpoint (corrupt, truncated, or not a torch/safetensors file): "
-                         f"{e}") from e
+        raise CheckpointError(f"{p}: not a readable checkpoint (corrupt, truncated, or not a torch/safetensors "
+                              f"file): {e}") from e
     except Exception as e:  # the weights-only unpickler raises IndexError, EOFError… on truncated files
-        raise ValueError(f"{p}: not a readable checkpoint (corrupt, truncated, or not a torch/safetensors file): "
-                         f"{type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{p}: not a readable checkpoint (corrupt, truncated, or not a torch/safetensors "
+                              f"file): {type(e).__name__}: {e}") from e
     if not isinstance(obj, Mapping):
         raise UnsafeCheckpointError(f"{p} holds a {type(obj).__name__}, not a state dict.\n{_UNSAFE_HINT}")
     return dict(obj)
 
 
-def _unwrap(sd: Mapping[str, Any]) -> Dict[str, Tensor]:
+def _unwrap(sd: Mapping[Any, Any]) -> Dict[str, Any]:
     for key in ("state_dict", "model_state_dict", "model"):
         if key in sd and isinstance(sd[key], Mapping):
             return _unwrap(sd[key])
     # Checkpoints saved from DataParallel / DistributedDataParallel prefix every key with "module.".
-    if sd and all(k.startswith("module.") for k in sd):
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
         return {k[len("module."):]: v for k, v in sd.items()}
     return dict(sd)
+
+
+def read_weights(path: PathLike) -> Dict[str, Tensor]:
+    """The weight tensors of the checkpoint at ``path`` (unwrapped, see :func:`load_weights`), on the CPU.
+
+    Protects the caller from files that only look like state dicts: keys must be strings and there must be at
+    least one tensor (non-tensor entries such as an ``epoch`` counter are dropped).
+
+    Raises:
+        CheckpointError / UnsafeCheckpointError / FileNotFoundError: see :func:`load_state_dict`.
+    """
+    sd = _unwrap(load_state_dict(path, map_location="cpu"))
+    bad = [k for k in sd if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{path}: state dict keys must be strings (parameter names), found "
+                              f"{type(bad[0]).__name__} key(s) such as {bad[0]!r}")
+    tensors = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors (keys: {sorted(sd)[:8]})")
+    return tensors
+
+
+def _running_var_names(model: nn.Module) -> List[str]:
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return [f"{n}.running_var" if n else "running_var" for n, m in model.named_modules()
+            if isinstance(m, _NormBase) and getattr(m, "running_var", None) is not None]
+
+
+def validate_state_dict(sd: Mapping[str, Tensor], model: Optional[nn.Module] = None,
+                        source: Optional[PathLike] = None) -> None:
+    """Refuse tensors that would load silently but poison the run, naming the file and the entry.
+
+    An untrusted checkpoint may hold NaN / Inf values, integer tensors where the model has float parameters
+    (``load_state_dict`` would cast them without a word) or negative BatchNorm ``running_var`` entries (the
+    normalization then takes the square root of a negative number); each surfaces much later as an obscure
+    Fisher or SVD error.  With ``model`` the dtypes are compared entry by entry; shapes and missing keys are
+    left to ``model.load_state_dict``.
+
+    Raises:
+        CheckpointError: the first problem found.
+    """
+    where = f"{source}: " if source is not None else ""
+    expected = model.state_dict() if model is not None else {}
+    for k, v in sd.items():
+        ref = expected.get(k)
+        if ref is not None and ref.is_floating_point() and not v.is_floating_point():
+            raise CheckpointError(f"{where}entry {k!r} is {v.dtype} but the model's is {ref.dtype} (quantized or "
+                                  "corrupt weights are not supported; store floating-point weights)")
+        if (v.is_floating_point() or v.is_complex()) and v.numel() and not bool(torch.isfinite(v).all()):
+            n = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(f"{where}entry {k!r} holds {n} non-finite value(s) (NaN or Inf)")
+    rv = _running_var_names(model) if model is not None else [k for k in sd if k.endswith("running_var")]
+    for k in rv:
+        v = sd.get(k)
+        if v is not None and v.numel() and bool((v < 0).any()):
+            raise CheckpointError(f"{where}BatchNorm entry {k!r} has negative running variance(s) "
+                                  f"(min {float(v.min()):.3g}); a variance is never negative")
 
 
 def load_weights(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
     """Load the weights at ``path`` safely into ``model`` (in place) and return it.
 
     Accepts a bare state dict or one wrapped under ``state_dict`` / ``model_state_dict`` / ``model``, with or
-    without a ``module.`` prefix.
+    without a ``module.`` prefix.  The tensors are checked by :func:`validate_state_dict` first.
+
+    Raises:
+        CheckpointError: unreadable file or invalid tensors.  RuntimeError: the weights do not fit ``model``.
     """
-    sd = _unwrap(load_state_dict(path, map_location="cpu"))
-    tensors = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+    tensors = read_weights(path)
+    validate_state_dict(tensors, model, path)
     try:
         model.load_state_dict(tensors, strict=strict)
     except RuntimeError as e:

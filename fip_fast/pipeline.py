@@ -95,7 +95,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import importlib
+import json
 import inspect
 import logging
 import math
@@ -373,11 +375,35 @@ class Purifier:
         return {}
 
 
+def _bn_stats_snapshot(model: nn.Module) -> List[Tuple[Tensor, Tensor]]:
+    """Copies of every BatchNorm running statistic (``running_mean``, ``running_var``, ``num_batches_tracked``)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    out: List[Tuple[Tensor, Tensor]] = []
+    for m in model.modules():
+        if isinstance(m, _NormBase) and m.track_running_stats:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = getattr(m, name, None)
+                if buf is not None:
+                    out.append((buf, buf.detach().clone()))
+    return out
+
+
+def _bn_stats_restore(snapshot: List[Tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for buf, saved in snapshot:
+            buf.copy_(saved)
+
+
 class OptimizerPurifier(Purifier):
     """A purifier made of a model, an optimizer and a loss: ``optimizer.step(closure)`` per batch.
 
     The closure zeroes the gradients, runs the model in train mode and back-propagates ``loss_fn`` (mean
     cross-entropy by default) — the FIP optimizer calls it a second time on ``"fd"`` suppressor steps.
+
+    A step the optimizer skips (non-finite gradients: its ``skipped_steps`` count goes up) leaves the
+    parameters untouched; :meth:`step` then also restores the BatchNorm running statistics, which the forward
+    pass of the closure already updated with the very batch statistics (often NaN / Inf) that caused the skip.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Optional[LossFn] = None,
@@ -409,7 +435,11 @@ class OptimizerPurifier(Purifier):
             return loss
 
         model.train()
+        skipped0 = self.skipped_steps
+        bn = _bn_stats_snapshot(model)
         loss = opt.step(closure)
+        if bn and self.skipped_steps > skipped0:
+            _bn_stats_restore(bn)
         return float(loss.detach()) if isinstance(loss, Tensor) else (float(loss) if loss is not None else float("nan"))
 
     def unperturbed(self) -> ContextManager:
@@ -548,6 +578,8 @@ class PurifyReport:
             eval_fn), ``finalize``, ``total``.
         skipped_steps: steps skipped for non-finite gradients.  resumed_from: checkpoint step (0 if none).
         extra: method-specific information (e.g. a runner's ``info`` dict).
+        warnings: silent degradations found in the inputs (a single-class clean set, fewer clean samples than
+            the batch size, an empty validation part…); each was also logged as a warning.
     """
 
     method: str
@@ -564,6 +596,7 @@ class PurifyReport:
     skipped_steps: int = 0
     resumed_from: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -595,6 +628,72 @@ def _jsonable(o: Any) -> Any:
 # =============================================================================================== purify
 def _state_copy(model: nn.Module) -> Dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class ResumeMismatchError(ValueError):
+    """``resume=True`` found a checkpoint written for another model, configuration or clean set."""
+
+
+def _tensor_fingerprint(items: Iterable[Tuple[str, Tensor]]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the tensors, in the given (fixed) order."""
+    h = hashlib.sha256()
+    for k, t in items:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_NOT_FINGERPRINTED = ("device", "distributed", "world_size", "batchnorm")   # where it runs, not what it computes
+
+
+def _run_fingerprint(theta0: str, config: Dict[str, Any], data: Sequence[Tensor]) -> Dict[str, str]:
+    """What a checkpoint must match to be resumed: θ0, the options that shape the run, the clean data."""
+    cfg = {k: v for k, v in config.items() if k not in _NOT_FINGERPRINTED}
+    return {"theta0": theta0, "config": json.dumps(_jsonable(cfg), sort_keys=True),
+            "data": _tensor_fingerprint(zip(("x_train", "y_train", "x_val", "y_val"), data))}
+
+
+def _check_resume(extra: Dict[str, Any], fp: Dict[str, str], directory: Any) -> None:
+    """Refuse to resume from another run's checkpoint: it would silently return that run's purified weights."""
+    old = extra.get("fingerprint")
+    if not isinstance(old, dict):
+        raise ResumeMismatchError(f"checkpoint_dir {directory}: its checkpoint records no fingerprint of the model "
+                                  "and options it was written for, so resuming from it cannot be verified; use an "
+                                  "empty checkpoint_dir")
+    what = {"theta0": "model (θ0: the initial weights differ)", "data": "clean data"}
+    for key in ("theta0", "data"):
+        if old.get(key) != fp[key]:
+            raise ResumeMismatchError(f"checkpoint_dir {directory}: its checkpoint was written for another "
+                                      f"{what[key]}; resuming would return another run's weights — pass the same "
+                                      "model and clean data as the interrupted run, or another checkpoint_dir")
+    if old.get("config") != fp["config"]:
+        try:
+            a, b = json.loads(old.get("config") or "{}"), json.loads(fp["config"])
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        except (TypeError, ValueError):
+            diff = ["?"]
+        raise ResumeMismatchError(f"checkpoint_dir {directory}: its checkpoint was written with other options "
+                                  f"({', '.join(diff)} differ); resume with the same method and options, or use "
+                                  "another checkpoint_dir")
+
+
+def _data_warnings(y_all: Tensor, n_tr: int, n_va: int, batch_size: Optional[int], val_requested: bool,
+                   val_fraction: Any) -> List[str]:
+    """Degradations that let the run go on but weaken it silently: reported in ``report.warnings``."""
+    out: List[str] = []
+    if y_all.dim() == 1 and not y_all.is_floating_point() and y_all.numel():
+        classes = torch.unique(y_all.cpu())
+        if classes.numel() == 1:
+            out.append(f"the clean set holds a single class ({int(classes[0])}): purification sees no other "
+                       "class and clean-val accuracy cannot tell a collapsed model from a good one")
+    if batch_size and n_tr < int(batch_size):
+        out.append(f"only {n_tr} clean samples are left for purification, fewer than the batch size "
+                   f"{int(batch_size)}: every batch repeats samples (drawn with replacement)")
+    if val_requested and n_va == 0:
+        out.append(f"the clean validation part is empty ({n_tr} clean samples, val_fraction {val_fraction}): no "
+                   "clean-val selection or early stopping, the last step's weights are returned")
+    return out
 
 
 def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps: Optional[int] = None, *,
@@ -669,6 +768,8 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     is_main = rank == 0
     progress = bool(progress) and is_main
     dev = torch.device(device) if device is not None else model_device(model)
+    # θ0's fingerprint, before anything touches the model: a resumed run must continue the same purification.
+    theta0_fp = _tensor_fingerprint(sorted(model.state_dict().items())) if checkpoint_dir is not None else ""
     model.to(dev)
     loss_fn = loss_fn or F.cross_entropy
 
@@ -729,6 +830,11 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
                            "single-process run) and running statistics are averaged over ranks before every "
                            "evaluation", dist_mode, dev.type)
     report = PurifyReport(method=spec.name, config=config, total_params=total_params)
+    report.warnings = _data_warnings(y_all, int(x_tr.shape[0]), int(x_va.shape[0]), opts.get("batch_size"),
+                                     val_data is not None or bool(loop["val_fraction"]), loop["val_fraction"])
+    if is_main:
+        for w in report.warnings:
+            logger.warning("fip_fast.pipeline: %s", w)
     t_eval = 0.0
     val_shard = (rank, world) if dist_mode else None
 
@@ -783,7 +889,11 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         from .io import Checkpointer
 
         ckpt = Checkpointer(checkpoint_dir, every=max(1, int(checkpoint_every)), prefix=f"purify-{spec.name}")
-        resuming = bool(resume) and ckpt.load_latest() is not None
+        fingerprint = _run_fingerprint(theta0_fp, config, (x_tr, y_tr, x_va, y_va))
+        latest = ckpt.load_latest() if resume else None
+        resuming = latest is not None
+        if resuming:
+            _check_resume(latest.get("extra") or {}, fingerprint, checkpoint_dir)
         if dist_mode:
             resuming = bool(fd.broadcast_object(resuming))
     elif resume:
@@ -870,7 +980,9 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
                     torch.distributed.all_reduce(ln)
                     loss_sum, loss_n = float(ln[0]), int(ln[1])
                 with purifier.unperturbed():
-                    rec = {"step": done, "train_loss": loss_sum / max(1, loss_n), **evaluate(model),
+                    # NaN, not 0, when every step since the last evaluation had a non-finite loss.
+                    rec = {"step": done, "train_loss": loss_sum / loss_n if loss_n else float("nan"),
+                           **evaluate(model),
                            "elapsed_s": time.perf_counter() - t_total}
                     loss_sum, loss_n = 0.0, 0
                     acc = rec.get("val_acc", float("nan"))
@@ -898,7 +1010,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
                 if is_main:           # every rank holds the same state (DDP): rank 0 writes it
                     with purifier.unperturbed():
                         ckpt.save(done, model, purifier.optimizer, extra={
-                            "history": report.history, "selected_step": report.selected_step, "below": below,
+                            "fingerprint": fingerprint, "history": report.history, "selected_step": report.selected_step, "below": below,
                             "sel_ok": sel_ok, "sel_acc": sel_acc, "selected": selected, "initial": report.initial})
                 if dist_mode:
                     fd.barrier()

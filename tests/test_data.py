@@ -90,3 +90,14 @@ def test_image_folder(tmp_path):
         load_image_folder(tmp_path)
     with pytest.raises(DatasetError, match="sub-folder"):
         load_image_folder(tmp_path / "cat")
+
+
+def test_npz_single_sample_and_column_labels(tmp_path):
+    """Issue item 18: one sample's labels used to be squeezed to 0-d ("labels must be 1-D")."""
+    np.savez(tmp_path / "one.npz", x=np.zeros((1, 8, 8), np.uint8), y=np.array([3]))
+    x, y = load_npz(tmp_path / "one.npz")
+    assert x.shape == (1, 1, 8, 8) and y.tolist() == [3]
+    np.savez(tmp_path / "col.npz", x=np.zeros((1, 8, 8), np.uint8), y=np.array([[3]]))
+    assert load_npz(tmp_path / "col.npz")[1].tolist() == [3]
+    np.savez(tmp_path / "col2.npz", x=np.zeros((2, 8, 8), np.uint8), y=np.array([[3], [4]]))
+    assert load_npz(tmp_path / "col2.npz")[1].tolist() == [3, 4]

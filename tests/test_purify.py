@@ -275,3 +275,78 @@ def test_accepts_loader_and_dataset(task):
     for data in (ds, loader):
         _, rep = P.purify(copy.deepcopy(model), data, method="fip", steps=2, batch_size=8, progress=False)
         assert rep.config["n_clean_train"] + rep.config["n_clean_val"] == clean[0].shape[0]
+
+
+def test_resume_refuses_another_models_checkpoint(task, tmp_path):
+    """Issue item 17: a checkpoint dir written for another θ0 / other options / other data is refused."""
+    model, clean, _, _ = task
+    kw = dict(method="fip", steps=8, batch_size=16, eval_every=4, progress=False, checkpoint_every=4,
+              checkpoint_dir=str(tmp_path))
+    P.purify(copy.deepcopy(model), clean, **kw)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.fc2.bias.add_(0.1)
+    with pytest.raises(P.ResumeMismatchError, match=r"checkpoint_dir .*another model"):
+        P.purify(other, clean, resume=True, **kw)
+    with pytest.raises(P.ResumeMismatchError, match=r"options \(eta_F differ\)"):
+        P.purify(copy.deepcopy(model), clean, resume=True, eta_F=0.5, **kw)
+    with pytest.raises(P.ResumeMismatchError, match="clean data"):
+        P.purify(copy.deepcopy(model), (clean[0][:-1], clean[1][:-1]), resume=True, **kw)
+    _, rep = P.purify(copy.deepcopy(model), clean, resume=True, **kw)      # the same run resumes
+    assert rep.resumed_from == 8
+
+
+def _nan_in_training(out, y):
+    """Cross-entropy, but NaN whenever the loss is back-propagated (train-mode steps): every step is skipped."""
+    loss = F.cross_entropy(out, y)
+    return loss * float("nan") if torch.is_grad_enabled() and out.requires_grad else loss
+
+
+def test_skipped_step_keeps_batchnorm_statistics(task):
+    """Issue item 15: a skipped step left the BatchNorm running statistics of its (NaN) forward pass."""
+    from fip_fast.optim import FIP
+
+    model, clean, _, _ = task
+    m = copy.deepcopy(model)
+    opt = FIP(m.parameters(), lr=1e-2)
+    pur = P.OptimizerPurifier(m, opt)
+    x = clean[0][:16].clone()
+    x[0, 0, 0, 0] = float("inf")                    # NaN activations, NaN gradients: FIP skips the step
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    pur.step(x, clean[1][:16])
+    assert opt.skipped_steps == 1
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k          # parameters AND running_mean / running_var / num_batches
+    pur.step(clean[0][:16], clean[1][:16])           # a good step still updates the statistics
+    assert not torch.equal(m.bn.running_mean, before["bn.running_mean"])
+
+
+def test_history_train_loss_is_nan_when_every_step_was_skipped(task):
+    """Issue item 15: a record over steps that were all non-finite showed train loss 0.0."""
+    import math
+
+    model, clean, _, _ = task
+    _, rep = P.purify(copy.deepcopy(model), clean, method="fip", steps=4, batch_size=16, eval_every=2,
+                      progress=False, loss_fn=_nan_in_training)
+    assert rep.skipped_steps == 4
+    assert all(math.isnan(h["train_loss"]) for h in rep.history), rep.history
+    assert rep.to_dict()["history"][0]["train_loss"] is None
+
+
+def test_report_warns_about_degenerate_clean_sets(task):
+    """Issue item 19: single-class clean set, fewer samples than the batch size, an empty validation part."""
+    model, clean, _, _ = task
+    x, y = clean
+    one = y == y[0]
+    _, rep = P.purify(copy.deepcopy(model), (x[one], y[one]), method="fip", steps=2, batch_size=16,
+                      progress=False)
+    assert any("single class" in w for w in rep.warnings), rep.warnings
+    _, rep = P.purify(copy.deepcopy(model), (x[:6], y[:6]), method="fip", steps=2, batch_size=16,
+                      val_fraction=0.2, progress=False)
+    assert any("fewer than the batch size 16" in w for w in rep.warnings), rep.warnings
+    _, rep = P.purify(copy.deepcopy(model), (x[:1], y[:1]), method="fip", steps=2, batch_size=1,
+                      val_fraction=0.2, progress=False)
+    assert any("validation part is empty" in w for w in rep.warnings), rep.warnings
+    assert rep.to_dict()["warnings"] == rep.warnings
+    _, rep = P.purify(copy.deepcopy(model), clean, method="fip", steps=2, batch_size=16, progress=False)
+    assert rep.warnings == []
