@@ -135,8 +135,8 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
         return _lib.fip_step_op(
             list(params), list(grads), list(grads_pert or []), list(fisher0), list(anchor), list(momentum_buf),
             list(fisher), list(pert or []), *s(lr), float(momentum), bool(nesterov), float(weight_decay),
-            float(eta_r), float(beta), *s(mix), *s(restore_scale), bool(precondition), float(damping), *s(step),
-            *s(next_pert_scale), *s(found_inf))
+            float(eta_r), float(beta), *s(mix), *s(restore_scale), bool(precondition), float(damping),
+            *_lib.split_step(step), *s(next_pert_scale), *s(found_inf))
     return _fs.fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, lr=lr,
                          momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta_r=eta_r, beta=beta,
                          mix=mix, restore_scale=restore_scale, precondition=precondition, damping=damping,

@@ -26,21 +26,21 @@ def _fip_step_variants() -> Iterator[tuple[str, dict, dict]]:
     for name in ("lr", "mix", "rs", "nps"):
         sig[f"{name}_ptr"] = "*fp32"
         sig[f"{name}_val"] = "fp32"
-    sig.update(step_ptr="*i64", bc_val="fp32", lb_hi="fp32", lb_lo="fp32", fi_ptr="*fp32")
+    sig.update(bc_ptr="*fp32", bc_val="fp32", fi_ptr="*fp32")
     for name in ("momentum", "beta", "one_minus_beta", "eta_r", "weight_decay", "damping"):
         sig[name] = "fp32"
     flags = ("HAS_GP", "RESTORE", "HAS_ANCHOR", "HAS_WD", "PRECOND", "NESTEROV", "HAS_PERT")
-    modes = ("LR_MODE", "MIX_MODE", "RS_MODE", "NPS_MODE", "STEP_MODE", "FI_MODE")
+    modes = ("LR_MODE", "MIX_MODE", "RS_MODE", "NPS_MODE", "BC_MODE", "FI_MODE")
     configs = {
         # nothing optional: plain momentum SGD, host scalars
         "minimal": dict(HAS_GP=False, RESTORE=0, HAS_ANCHOR=False, HAS_WD=False, PRECOND=False, NESTEROV=False,
-                        HAS_PERT=False, LR_MODE=1, MIX_MODE=0, RS_MODE=0, NPS_MODE=1, STEP_MODE=0, FI_MODE=0),
+                        HAS_PERT=False, LR_MODE=1, MIX_MODE=0, RS_MODE=0, NPS_MODE=1, BC_MODE=0, FI_MODE=0),
         # closure fd step: g' given, restore by scale, anchor, wd, preconditioning with a host step count
         "fd": dict(HAS_GP=True, RESTORE=2, HAS_ANCHOR=True, HAS_WD=True, PRECOND=True, NESTEROV=True,
-                   HAS_PERT=False, LR_MODE=2, MIX_MODE=2, RS_MODE=2, NPS_MODE=1, STEP_MODE=1, FI_MODE=2),
-        # lagged estimator with every scalar on the device
+                   HAS_PERT=False, LR_MODE=2, MIX_MODE=2, RS_MODE=2, NPS_MODE=1, BC_MODE=1, FI_MODE=2),
+        # lagged estimator with every scalar on the device, per-tensor step counts
         "lagged": dict(HAS_GP=False, RESTORE=1, HAS_ANCHOR=True, HAS_WD=True, PRECOND=True, NESTEROV=False,
-                       HAS_PERT=True, LR_MODE=2, MIX_MODE=0, RS_MODE=0, NPS_MODE=2, STEP_MODE=2, FI_MODE=2),
+                       HAS_PERT=True, LR_MODE=2, MIX_MODE=0, RS_MODE=0, NPS_MODE=2, BC_MODE=3, FI_MODE=2),
     }
     for dt, (cname, cfg), aligned in itertools.product((0, 1, 2, 3), configs.items(), (True, False)):
         if not aligned and (dt != 0 or cname != "lagged"):

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
+
+import torch
 
 _lock = threading.Lock()
 _counts: Counter = Counter()
@@ -52,9 +54,28 @@ def total() -> int:
     return sum(_counts.values())
 
 
-def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``, counted under the kernel's function name."""
+def _device_of(args) -> torch.device | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def launch(kernel, grid, *args, device: torch.device | None = None, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, counted under the kernel's function name.
+
+    Device guard: Triton launches on the *current* CUDA device (and its current stream), whatever the device of
+    the pointers.  So when the tensors are on another GPU than the current one (model parallel,
+    ``device_map="auto"``), the launch runs inside ``torch.cuda.device(device)``.  ``device`` is the tensors'
+    device (the ops pass it; otherwise that of the first tensor argument).  The guard costs one
+    ``current_device()`` query per CUDA launch and is entered only when the index differs."""
     name = getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel))
     with _lock:
         _counts[name] += 1
+    if device is None:
+        device = _device_of(args)
+    if device is not None and device.type == "cuda" and device.index is not None \
+            and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device.index):
+            return kernel[grid](*args, **kwargs)
     return kernel[grid](*args, **kwargs)

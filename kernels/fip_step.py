@@ -8,7 +8,6 @@ operations so that, under the interpreter, results match it to the last bit in m
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -76,25 +75,24 @@ def _fip_step_block(
     else:
         u = buf
     theta = theta - lr * u
-    # 6. next lagged perturbation e = nps·g (nps = 0 when none is scheduled), applied in place
+    # 6. next lagged perturbation e = nps·g (nps = 0 when none is scheduled): stored only, not applied (the
+    #    optimizer applies it with perturb_ at the next training forward)
     if HAS_PERT:
-        e = nps * g
-        mt.store_f32(a_e, offs, e, mask, 0, 0, ALIGNED, MASKED)
-        theta = theta + e
+        mt.store_f32(a_e, offs, nps * g, mask, 0, 0, ALIGNED, MASKED)
     mt.store_f32(a_p, offs, theta, mask, c_p, DT_P, ALIGNED, MASKED)
 
 
 @triton.jit(do_not_specialize=["n_tensors"])
 def _fip_step_kernel(
     ptrs, codes, sizes, chunk_t, chunk_s, n_tensors,
-    lr_ptr, lr_val, mix_ptr, mix_val, rs_ptr, rs_val, nps_ptr, nps_val, step_ptr, bc_val, lb_hi, lb_lo, fi_ptr,
+    lr_ptr, lr_val, mix_ptr, mix_val, rs_ptr, rs_val, nps_ptr, nps_val, bc_ptr, bc_val, fi_ptr,
     momentum, beta, one_minus_beta, eta_r, weight_decay, damping,
     BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
     DT_P: tl.constexpr, DT_G: tl.constexpr, DT_GP: tl.constexpr, DT_F0: tl.constexpr, DT_A: tl.constexpr,
     HAS_GP: tl.constexpr, RESTORE: tl.constexpr, HAS_ANCHOR: tl.constexpr, HAS_WD: tl.constexpr,
     PRECOND: tl.constexpr, NESTEROV: tl.constexpr, HAS_PERT: tl.constexpr,
     LR_MODE: tl.constexpr, MIX_MODE: tl.constexpr, RS_MODE: tl.constexpr, NPS_MODE: tl.constexpr,
-    STEP_MODE: tl.constexpr, FI_MODE: tl.constexpr,
+    BC_MODE: tl.constexpr, FI_MODE: tl.constexpr,
 ):
     """One program = one chunk of ``BLOCK`` elements of one tensor, in all eight slots (see ``fip_step_``)."""
     if FI_MODE == 2:
@@ -115,14 +113,13 @@ def _fip_step_kernel(
     mix = mt.read_scalar(mix_ptr, mix_val, MIX_MODE)
     rs = mt.read_scalar(rs_ptr, rs_val, RS_MODE)
     nps = mt.read_scalar(nps_ptr, nps_val, NPS_MODE)
-    if STEP_MODE == 2:
-        # The spec's bias correction 1 − β^t is an fp32 number: β and t rounded to fp32, β^t the correctly
-        # rounded fp32 power (what torch's fp32 pow returns), then an fp32 subtraction.  With t read on the
-        # device, β^t = exp(t·ln β) in fp64 (ln β as an fp32 hi/lo pair: float arguments are fp32) rounded
-        # once to fp32; an fp32 exp would be off by several ulps for large t.
-        t_step = tl.load(step_ptr).to(tl.float32).to(tl.float64)
-        lb = tl.cast(lb_hi, tl.float64) + tl.cast(lb_lo, tl.float64)
-        bc = 1.0 - tl.exp(t_step * lb).to(tl.float32)
+    # The bias correction 1 − β^t of the preconditioner (fp32), computed by the wrapper: BC_MODE 1 one host value,
+    # 2 one device value bc_ptr[0] (one step count for all tensors), 3 per tensor bc_ptr[t] (each tensor's own
+    # step count); 0 when not preconditioning.
+    if BC_MODE == 3:
+        bc = tl.load(bc_ptr + t)
+    elif BC_MODE == 2:
+        bc = tl.load(bc_ptr)
     else:
         bc = bc_val
 
@@ -139,14 +136,62 @@ def _fip_step_kernel(
                         HAS_PERT, ALIGNED, True)
 
 
-def _log_split(beta: float) -> tuple[float, float]:
-    """ln(fp32 β) as an fp32 pair (hi, lo), hi + lo = ln β to ~1e-14 (float kernel args are fp32 on the GPU)."""
-    beta = mt.f32(beta)
-    if beta <= 0.0:
-        return float("-inf"), 0.0          # β^t = 0 for t ≥ 1
-    lb = math.log(beta)
-    hi = mt.f32(lb)
-    return hi, mt.f32(lb - hi)
+#: BC_MODE of _fip_step_kernel for one bias correction per tensor (``bc_ptr[t]``); 0–2 are mt.ABSENT/VALUE/POINTER
+PER_TENSOR = 3
+
+_betas: dict = {}
+
+
+def _beta_tensor(beta: float, device: torch.device) -> Tensor:
+    """fp32 β as a 0-dim tensor on ``device`` (cached: a fill, never a host-to-device copy)."""
+    key = (mt.f32(beta), device)
+    b = _betas.get(key)
+    if b is None:
+        if len(_betas) > 64:
+            _betas.clear()
+        b = _betas[key] = torch.full((), beta, dtype=torch.float32, device=device)
+    return b
+
+
+def _host_step(s) -> float:
+    return float(s.item()) if isinstance(s, Tensor) else float(s)
+
+
+def bias_correction(beta: float, step, n: int, device: torch.device, dummy: Tensor) -> tuple[Tensor, float, int]:
+    """``(bc_ptr, bc_val, BC_MODE)`` for the preconditioner's fp32 bias correction 1 − β^t.
+
+    ``step`` is one count for every tensor (a number, or a one-element tensor) or a sequence of ``n`` counts, one
+    per tensor.  Computed as the reference does (fp32 β, fp32 t, torch's fp32 pow, fp32 subtraction):
+
+    * host values only (numbers, tensors on another device): decided on the host; one value (``VALUE``) when all
+      are equal, else a (n,) fp32 vector uploaded once per call (``PER_TENSOR``);
+    * counts on ``device``: torch ops on the device, no ``.item()``, no host sync — a 0-dim tensor for one count
+      (``POINTER``), a (n,) vector ``1 − β^stack(steps)`` for a sequence (``PER_TENSOR``).
+    """
+    b32 = mt.f32(beta)
+    if not isinstance(step, (list, tuple)):
+        if isinstance(step, Tensor):
+            if step.numel() != 1:
+                raise ValueError(f"step must be a number or a one-element tensor, got shape {tuple(step.shape)}")
+            if step.device == device:
+                return 1.0 - _beta_tensor(beta, device) ** step.reshape(()).to(torch.float32), 0.0, mt.POINTER
+        t = mt.f32(_host_step(step))
+        return dummy, mt.f32(1.0 - mt.f32(b32 ** t)), mt.VALUE
+    if len(step) != n:
+        raise ValueError(f"step has {len(step)} entries, params has {n} (one step count per tensor)")
+    for i, s in enumerate(step):
+        if isinstance(s, Tensor) and s.numel() != 1:
+            raise ValueError(f"step[{i}] must be a number or a one-element tensor, got shape {tuple(s.shape)}")
+    on_dev = [isinstance(s, Tensor) and s.device == device for s in step]
+    if not any(on_dev):
+        t = torch.tensor([_host_step(s) for s in step], dtype=torch.float32)
+        bc = 1.0 - torch.tensor(beta, dtype=torch.float32) ** t
+        if n and bool((bc == bc[0]).all()):
+            return dummy, float(bc[0]), mt.VALUE
+        return bc.to(device), 0.0, PER_TENSOR
+    ts = [s.reshape(()).to(torch.float32) if d else torch.full((), _host_step(s), dtype=torch.float32, device=device)
+          for s, d in zip(step, on_dev)]
+    return 1.0 - _beta_tensor(beta, device) ** torch.stack(ts), 0.0, PER_TENSOR
 
 
 _FIP_SLOTS = ("params", "grads", "grads_pert", "fisher0", "anchor", "momentum_buf", "fisher", "pert")
@@ -176,8 +221,14 @@ def fip_step_(
 
     Scalars ``lr``, ``mix``, ``restore_scale``, ``next_pert_scale``, ``step``, ``found_inf`` may be Python
     numbers or one-element tensors; tensors on the parameters' device are read by the kernel (no host sync).
+    ``step`` may also be a sequence with one count per tensor (each parameter's ``state["step"]``): the
+    preconditioner then uses each tensor's own bias correction 1 − β^t_i (see :func:`bias_correction`; with
+    device counts that is a few small torch ops on the device before the launch, no host sync).
     A non-zero ``found_inf`` tensor makes every program return before writing: parameters and state keep their
     bits.  A non-zero ``found_inf`` number skips the launch.
+
+    Lagged estimator (``pert`` given): θ ← θ − pert first; at the end pert ← next_pert_scale·g (0 when None) is
+    *stored only* — θ is not perturbed by this call (the optimizer applies pert later with ``perturb_``).
     """
     if not params:
         return
@@ -203,7 +254,15 @@ def fip_step_(
     device = params[0].device
     slots = (params, grads, grads_pert, fisher0 if has_anchor else None, anchor if has_anchor else None,
              momentum_buf, fisher, pert)
-    tab = mt.tensor_table(slots, BLOCK, device, names=_FIP_SLOTS)
+    try:
+        tab = mt.tensor_table(slots, BLOCK, device, names=_FIP_SLOTS)
+    except mt.LayoutError as exc:
+        mt.fallback("fip_step_", str(exc))
+        from fip_fast import _foreach
+        return _foreach.fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, lr=lr,
+                                  momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta_r=eta_r,
+                                  beta=beta, mix=mix, restore_scale=restore_scale, precondition=precondition,
+                                  damping=damping, step=step, next_pert_scale=next_pert_scale, found_inf=found_inf)
     if tab.n_chunks == 0:
         return
     dmy = mt.dummy(device)
@@ -216,28 +275,21 @@ def fip_step_(
         if float(found_inf.item()) != 0.0:
             return
         fi_m = mt.ABSENT
-    st_t, bc_v, st_m, lb_hi, lb_lo = dmy, 1.0, mt.ABSENT, 0.0, 0.0
-    if precondition:
-        st_t, st_v, st_m = mt.scalar_arg(step, device, dmy)
-        if st_m == mt.POINTER:
-            lb_hi, lb_lo = _log_split(beta)
-        else:
-            # the spec's fp32 bias correction: fp32 β and t, correctly rounded fp32 power, fp32 subtraction
-            t = mt.f32(float(step.item()) if isinstance(step, Tensor) else float(step))
-            bc_v = mt.f32(1.0 - mt.f32(mt.f32(beta) ** t))
+    bc_t, bc_v, bc_m = (bias_correction(beta, step, len(params), device, dmy) if precondition
+                        else (dmy, 1.0, mt.ABSENT))
     if lr_m == mt.ABSENT or (grads_pert is not None and mix_m == mt.ABSENT):
         raise ValueError("lr (and mix, when grads_pert is given) must not be None")
     launch(
         _fip_step_kernel, (tab.n_chunks,),
         tab.ptrs, tab.codes, tab.sizes, tab.chunk_t, tab.chunk_s, tab.n_tensors,
-        lr_t, lr_v, mix_t, mix_v, rs_t, rs_v, nps_t, nps_v, st_t, bc_v, lb_hi, lb_lo, fi_t,
+        lr_t, lr_v, mix_t, mix_v, rs_t, rs_v, nps_t, nps_v, bc_t, bc_v, fi_t,
         mt.f32(momentum), mt.f32(beta), mt.f32(1.0 - beta), mt.f32(eta_r), mt.f32(weight_decay), mt.f32(damping),
         BLOCK=BLOCK, ALIGNED=tab.aligned,
         DT_P=tab.dt[0], DT_G=tab.dt[1], DT_GP=tab.dt[2], DT_F0=tab.dt[3], DT_A=tab.dt[4],
         HAS_GP=grads_pert is not None, RESTORE=restore, HAS_ANCHOR=has_anchor, HAS_WD=weight_decay != 0.0,
         PRECOND=bool(precondition), NESTEROV=bool(nesterov), HAS_PERT=pert is not None,
-        LR_MODE=lr_m, MIX_MODE=mix_m, RS_MODE=rs_m, NPS_MODE=nps_m, STEP_MODE=st_m, FI_MODE=fi_m,
-        num_warps=NUM_WARPS,
+        LR_MODE=lr_m, MIX_MODE=mix_m, RS_MODE=rs_m, NPS_MODE=nps_m, BC_MODE=bc_m, FI_MODE=fi_m,
+        num_warps=NUM_WARPS, device=device,
     )
 
 
@@ -285,13 +337,18 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf
         if float(found_inf.item() if isinstance(found_inf, Tensor) else found_inf) != 0.0:
             return
         fi_m = mt.ABSENT
-    tab = mt.tensor_table((params, grads), BLOCK, device, names=("params", "grads"))
+    try:
+        tab = mt.tensor_table((params, grads), BLOCK, device, names=("params", "grads"))
+    except mt.LayoutError as exc:
+        mt.fallback("perturb_", str(exc))
+        from fip_fast import _foreach
+        return _foreach.perturb_(params, grads, scale, found_inf)
     if tab.n_chunks == 0:
         return
     sc_t, sc_v, sc_m = mt.scalar_arg(scale, device, dmy)
     launch(_perturb_kernel, (tab.n_chunks,), tab.ptrs, tab.codes, tab.sizes, tab.chunk_t, tab.chunk_s,
            tab.n_tensors, sc_t, sc_v, fi_t, BLOCK=BLOCK, ALIGNED=tab.aligned, DT_P=tab.dt[0], DT_G=tab.dt[1],
-           SC_MODE=sc_m, FI_MODE=fi_m, num_warps=NUM_WARPS)
+           SC_MODE=sc_m, FI_MODE=fi_m, num_warps=NUM_WARPS, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,6 +397,9 @@ def global_norm(tensors: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor]:
     ts = [t for t in tensors if t is not None]
     if not ts:
         return torch.zeros(()), torch.zeros(())
+    # any dense layout is summed in place (the sum of squares does not depend on the order); strided views are
+    # copied to a dense tensor first
+    ts = [t if t.numel() <= 1 or mt.is_dense(t) else t.contiguous() for t in ts]
     device = ts[0].device
     # min_chunks=1: one program runs even when every tensor is empty, and writes norm 0, found_inf 0
     tab = mt.tensor_table((ts,), BLOCK, device, min_chunks=1, names=("tensors",))
@@ -348,5 +408,5 @@ def global_norm(tensors: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor]:
     found = torch.empty((), dtype=torch.float32, device=device)
     launch(_norm_kernel, (tab.n_chunks,), tab.ptrs, tab.codes, tab.sizes, tab.chunk_t, tab.chunk_s,
            tab.n_tensors, tab.n_chunks, partial, mt.done_counter(device), norm, found,
-           BLOCK=BLOCK, RBLOCK=RBLOCK, ALIGNED=tab.aligned, DT=tab.dt[0], num_warps=NUM_WARPS)
+           BLOCK=BLOCK, RBLOCK=RBLOCK, ALIGNED=tab.aligned, DT=tab.dt[0], num_warps=NUM_WARPS, device=device)
     return norm, found

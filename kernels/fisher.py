@@ -48,7 +48,12 @@ def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, 
     if not fisher:
         return
     device = fisher[0].device
-    tab = mt.tensor_table((fisher, grads), BLOCK, device, names=("fisher", "grads"))
+    try:
+        tab = mt.tensor_table((fisher, grads), BLOCK, device, names=("fisher", "grads"))
+    except mt.LayoutError as exc:
+        mt.fallback("fisher_accumulate_", str(exc))
+        from fip_fast import _foreach
+        return _foreach.fisher_accumulate_(fisher, grads, beta, alpha)
     if tab.n_chunks == 0:
         return
     dmy = mt.dummy(device)
@@ -56,4 +61,4 @@ def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, 
     a_t, a_v, a_m = mt.scalar_arg(alpha, device, dmy)
     launch(_fisher_kernel, (tab.n_chunks,), tab.ptrs, tab.codes, tab.sizes, tab.chunk_t, tab.chunk_s,
            tab.n_tensors, b_t, b_v, a_t, a_v, BLOCK=BLOCK, ALIGNED=tab.aligned, DT_F=tab.dt[0], DT_G=tab.dt[1],
-           B_MODE=b_m, A_MODE=a_m, num_warps=NUM_WARPS)
+           B_MODE=b_m, A_MODE=a_m, num_warps=NUM_WARPS, device=device)

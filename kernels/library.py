@@ -8,7 +8,8 @@ op                             schema notes
 ``fisher_accumulate_``         mutates ``fisher``
 ``global_norm``                returns (norm, found_inf), new 0-dim fp32 tensors
 ``perturb_``                   mutates ``params``
-``fip_step_``                  mutates ``params``, ``momentum_buf``, ``fisher``, ``pert``
+``fip_step_``                  mutates ``params``, ``momentum_buf``, ``fisher``, ``pert``; ``step`` is
+                               ``step_v`` / ``step_t`` (one count) or ``step_list`` (one per tensor)
 ``spectral_weight``            returns W (m, n) in U's dtype
 ``spectral_linear_grad``       returns (grad_delta (r,), per_sample_sq (N, r)) fp32
 =============================  ========================================================================
@@ -49,6 +50,16 @@ def _join(v: Optional[float], t: Optional[Tensor]):
     return t if t is not None else v
 
 
+def split_step(step) -> tuple[Optional[float], Optional[Tensor], List[Tensor]]:
+    """``fip_step_``'s ``step`` as the schema's (step_v, step_t, step_list): one count (number or tensor), or a
+    sequence of per-tensor counts as ``step_list`` (numbers in it become fp32 CPU tensors, i.e. host values)."""
+    if isinstance(step, (list, tuple)):
+        return None, None, [s if isinstance(s, Tensor) else torch.tensor(float(s), dtype=torch.float32)
+                            for s in step]
+    v, t = split_scalar(step)
+    return v, t, []
+
+
 if AVAILABLE:
     @torch.library.custom_op(f"{NAMESPACE}::fisher_accumulate_", mutates_args=("fisher",))
     def fisher_accumulate_op(fisher: List[Tensor], grads: List[Tensor], beta_v: Optional[float],
@@ -84,15 +95,15 @@ if AVAILABLE:
         lr_v: Optional[float], lr_t: Optional[Tensor], momentum: float, nesterov: bool, weight_decay: float,
         eta_r: float, beta: float, mix_v: Optional[float], mix_t: Optional[Tensor], restore_scale_v: Optional[float],
         restore_scale_t: Optional[Tensor], precondition: bool, damping: float, step_v: Optional[float],
-        step_t: Optional[Tensor], next_pert_scale_v: Optional[float], next_pert_scale_t: Optional[Tensor],
-        found_inf_v: Optional[float], found_inf_t: Optional[Tensor],
+        step_t: Optional[Tensor], step_list: List[Tensor], next_pert_scale_v: Optional[float],
+        next_pert_scale_t: Optional[Tensor], found_inf_v: Optional[float], found_inf_t: Optional[Tensor],
     ) -> None:
         _fs.fip_step_(
             params, grads, grads_pert if grads_pert else None, fisher0, anchor, momentum_buf, fisher,
             pert if pert else None, lr=_join(lr_v, lr_t), momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, eta_r=eta_r, beta=beta, mix=_join(mix_v, mix_t),
             restore_scale=_join(restore_scale_v, restore_scale_t), precondition=precondition, damping=damping,
-            step=_join(step_v, step_t), next_pert_scale=_join(next_pert_scale_v, next_pert_scale_t),
+            step=list(step_list) if step_list else _join(step_v, step_t), next_pert_scale=_join(next_pert_scale_v, next_pert_scale_t),
             found_inf=_join(found_inf_v, found_inf_t))
 
     @fip_step_op.register_fake

@@ -24,7 +24,7 @@ single tensor may exceed 2³¹ elements.
 Caching
 -------
 The buffer is cached (LRU, :data:`CACHE_SIZE` entries) under a key made of the device, ``BLOCK`` and, for every
-tensor of every slot, ``(data_ptr, numel, dtype, is_contiguous)``: the key determines the buffer completely, so
+tensor of every slot, ``(data_ptr, numel, dtype, layout)``: the key determines the buffer completely, so
 a hit is always correct even if tensors were freed and others allocated at the same addresses.  In the steady
 state of an optimizer the tensors never move, so every step after the first is a hit: no host-to-device copy,
 no allocation, one kernel launch.  A miss costs one synchronous host-to-device copy of the buffer.
@@ -36,6 +36,14 @@ One launch covers tensors of different dtypes.  Each slot gets a compile-time dt
 in which case the kernel branches per program on ``codes`` (a uniform branch: all threads of a program agree).
 So there is never more than one launch per op call, whatever the mix of dtypes.  Math is fp32 in every case.
 
+Layouts
+-------
+Element k of tensor i is the k-th element *in memory order* in every slot, so a tensor may also be dense but not
+contiguous (channels_last, a permuted dense layout) as long as every slot's tensor i has the same memory order as
+slot 0's (:func:`layout_reason`).  Other inputs — strided views, a contiguous gradient beside a channels_last
+parameter — raise :class:`LayoutError`, on which the op wrappers fall back to :mod:`fip_fast._foreach` for that
+call (logged once at WARNING, :func:`fallback`).
+
 Alignment
 ---------
 When every pointer is 16-byte aligned (true for whole tensors from the caching allocator; a view with a
@@ -45,6 +53,7 @@ tensor is masked.  Checked in AOT compilation for sm_90 (``ld.global.v4`` in the
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import NamedTuple, Optional, Sequence
 
@@ -53,6 +62,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+logger = logging.getLogger("fip_fast")
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MIXED = 3
@@ -79,10 +90,67 @@ class TensorTable(NamedTuple):
 _cache: "OrderedDict[tuple, TensorTable]" = OrderedDict()
 
 
+class LayoutError(ValueError):
+    """A tensor the kernels cannot walk in flat memory order together with its slot-0 partner: not dense, or dense
+    with another layout (e.g. a contiguous gradient for a channels_last parameter).  :mod:`fip_fast._foreach`
+    handles such inputs: the op wrappers catch this and fall back for that call (:func:`fallback`)."""
+
+
 def _entry_key(t: Optional[Tensor]):
     if t is None:
         return None
-    return (t.data_ptr(), t.numel(), t.dtype, t.is_contiguous())
+    # a non-contiguous (dense) tensor's strides are part of the key: the layout check is skipped on a hit
+    return (t.data_ptr(), t.numel(), t.dtype, True if t.is_contiguous() else tuple(t.stride()))
+
+
+def _memory_order(t: Tensor) -> tuple:
+    """(size, stride) of the dimensions of more than one element: two dense tensors with equal values have their
+    elements in the same memory order (size-1 dimensions may carry any stride)."""
+    return tuple((n, st) for n, st in zip(t.shape, t.stride()) if n > 1)
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense (ATen's ``is_non_overlapping_and_dense``, which Python lacks): the elements fill
+    ``numel`` consecutive slots from ``data_ptr()`` in some order of the dimensions."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return False
+        expected *= n
+    return True
+
+
+def layout_reason(t: Tensor, ref: Tensor) -> str:
+    """'' when ``t`` can be processed elementwise in flat memory order beside ``ref`` (slot 0's tensor), else why
+    not.  Accepted: both contiguous, or both non-overlapping and dense with the same memory order (channels_last
+    parameters with channels_last gradients and state, say) — then ``data_ptr()`` is the start of each dense block
+    and flat index k is the same element in both."""
+    if t.numel() <= 1:
+        return ""
+    if t.is_contiguous() and ref.is_contiguous():
+        return ""
+    if not is_dense(t):
+        return "is not dense (a strided view)"
+    if not is_dense(ref):
+        return "its slot-0 partner is not dense (a strided view)"
+    if t.shape == ref.shape and _memory_order(t) == _memory_order(ref):
+        return ""
+    return (f"has layout {tuple(t.shape)}/{tuple(t.stride())}, its slot-0 partner {tuple(ref.shape)}/"
+            f"{tuple(ref.stride())}: not the same memory order")
+
+
+_fallback_logged: set = set()
+
+
+def fallback(op: str, reason: str) -> None:
+    """Log, once per (op, reason) at WARNING, that the Triton ``op`` runs impl='foreach' for this call."""
+    key = (op, reason)
+    if key not in _fallback_logged:
+        _fallback_logged.add(key)
+        logger.warning("fip_fast: impl='triton' %s falls back to impl='foreach' for this call: %s", op, reason)
 
 
 def tensor_table(slots: Sequence[Optional[Sequence[Optional[Tensor]]]], block: int, device: torch.device,
@@ -95,7 +163,8 @@ def tensor_table(slots: Sequence[Optional[Sequence[Optional[Tensor]]]], block: i
     tensors are empty, like the norm whose last program writes the result).  ``names`` label slots in errors.
 
     Raises:
-        ValueError: lists of different lengths, mismatched numels, non-contiguous tensors, wrong device.
+        LayoutError: a tensor that is not dense, or not in the memory order of slot 0's tensor (a ValueError).
+        ValueError: lists of different lengths, mismatched numels, wrong device.
         TypeError: a dtype other than fp32/fp16/bf16.
     """
     key = (device, block, min_chunks,
@@ -141,8 +210,9 @@ def _build(slots, block, device, min_chunks, names) -> TensorTable:
                 raise ValueError(f"{label(s)}[{i}] has {t.numel()} elements, {label(0)}[{i}] has {sizes[i]}")
             if t.device != device:
                 raise ValueError(f"{label(s)}[{i}] is on {t.device}, expected {device}")
-            if not t.is_contiguous():
-                raise ValueError(f"{label(s)}[{i}] is not contiguous")
+            why = layout_reason(t, slots[0][i])
+            if why:
+                raise LayoutError(f"{label(s)}[{i}] {why}")
             ptrs[s, i] = t.data_ptr()
             codes[s, i] = DTYPE_CODES[t.dtype]
             seen.add(codes[s, i])

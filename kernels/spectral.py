@@ -96,7 +96,7 @@ def spectral_weight(U: Tensor, S: Tensor, delta: Tensor, Vh: Tensor, residual: O
     grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
     launch(_spectral_weight_kernel, grid, U, S_, D_, Vh, R, W, m, n, r,
            U.stride(0), U.stride(1), Vh.stride(0), Vh.stride(1), R.stride(0), R.stride(1), W.stride(0), W.stride(1),
-           HAS_RES=residual is not None, RELATIVE=bool(relative), BM=BM, BN=BN, BK=BK, num_warps=4)
+           HAS_RES=residual is not None, RELATIVE=bool(relative), BM=BM, BN=BN, BK=BK, num_warps=4, device=U.device)
     return W
 
 
@@ -175,5 +175,5 @@ def spectral_linear_grad(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, delt
     grid = (triton.cdiv(r, BR), n_blocks)
     launch(_spectral_grad_kernel, grid, a, b, S.contiguous(), delta.contiguous(), per_sample_sq, partial, grad,
            mt.done_counter(x.device), N, T, r, grid[0] * grid[1],
-           RELATIVE=bool(relative), BR=BR, BT=BT, NB=NB, num_warps=4)
+           RELATIVE=bool(relative), BR=BR, BT=BT, NB=NB, num_warps=4, device=x.device)
     return grad, per_sample_sq

@@ -107,7 +107,7 @@ class _Run:
         m = [0.1 * self._randn(s, torch.float32) for s in shapes]
         f = [torch.rand(s, generator=gen) for s in shapes]
         e = [0.01 * self._randn(s, torch.float32) for s in shapes] if lagged else None
-        if lagged:     # the model holds θ + e between steps
+        if lagged:     # θ + e: the optimizer applies e (perturb_) before the forward that computes g
             p = [(x.float() + y).to(x.dtype) for x, y in zip(p, e)]
         self.fisher0, self.anchor = f0, a0
         self.ref = dict(params=p, momentum_buf=m, fisher=f, pert=e)
@@ -350,9 +350,9 @@ def test_fip_step_rejects_bad_inputs():
                   restore_scale=None, precondition=False, damping=0.0, step=1, next_pert_scale=None, found_inf=None)
     with pytest.raises(ValueError, match="elements"):
         K.fip_step_(p, [torch.zeros(5)], None, [None], [None], [torch.zeros(4)], [torch.zeros(4)], None, **common)
-    with pytest.raises(ValueError, match="contiguous"):
-        K.fip_step_([torch.zeros(4, 2).t()], [torch.zeros(2, 4)], None, [None], [None], [torch.zeros(8)],
-                    [torch.zeros(8)], None, **common)
+    with pytest.raises(ValueError, match="entries"):      # one step count per tensor
+        K.fip_step_(p, [torch.zeros(4)], None, [None], [None], [torch.zeros(4)], [torch.zeros(4)], None,
+                    **dict(common, precondition=True, step=[1, 2]))
     with pytest.raises(TypeError, match="fp32"):
         K.fip_step_(p, [torch.zeros(4)], None, [None], [None], [torch.zeros(4, dtype=torch.float16)],
                     [torch.zeros(4)], None, **common)
@@ -594,7 +594,11 @@ def test_custom_ops_opcheck():
     opcheck(lib.fip_step_op, (
         _clone(ts), ts, ts, [None, torch.rand(5)], [None, torch.randn(5)], _clone(ts), [t.abs() for t in ts],
         _clone(ts), None, torch.tensor(0.01), 0.9, True, 0.01, 0.5, 0.9, 0.5, None, None, None, True, 1e-3,
-        None, torch.tensor(3), 0.01, None, None, torch.tensor(0.0)))
+        None, torch.tensor(3), [], 0.01, None, None, torch.tensor(0.0)))
+    opcheck(lib.fip_step_op, (                      # per-tensor step counts (step_list)
+        _clone(ts), ts, [], [None, torch.rand(5)], [None, torch.randn(5)], _clone(ts), [t.abs() for t in ts],
+        [], 0.01, None, 0.9, False, 0.0, 0.5, 0.9, None, None, None, None, True, 1e-3,
+        None, None, [torch.tensor(1.0), torch.tensor(7.0)], None, None, None, None))
     U, S, d, Vh = torch.randn(6, 4), torch.rand(4), torch.randn(4), torch.randn(4, 5)
     opcheck(lib.spectral_weight_op, (U, S, d, Vh, torch.randn(6, 5), True))
     opcheck(lib.spectral_linear_grad_op, (torch.randn(3, 2, 5), torch.randn(3, 2, 6), U, S, d, Vh, False))
