@@ -110,7 +110,7 @@ def test_purify_end_to_end(files, capsys, monkeypatch):
     load_weights(m, rep / "purified.safetensors")                     # an ordinary model again
     assert not any(k.endswith(".delta") for k in m.state_dict())
     # A weights-only .pt works too.
-    argv = _tiny(_purify_args(files))
+    argv = _tiny(_purify_args(files, "--overwrite"))                   # the same --out again: --overwrite
     argv[argv.index("--checkpoint") + 1] = str(files / "model.pt")
     rc, out, err = _run(argv, capsys)
     assert rc == 0, err
@@ -180,7 +180,8 @@ def test_demo_reduced_mode(tmp_path, capsys):
     assert any(p.suffix == ".safetensors" for p in (tmp_path / "cache").iterdir())
     # Re-run: starts from the cached backdoored model.
     rc, stdout, err = _run(argv[:argv.index("--methods")] + ["--methods", "ft", "--steps", "2", "--out",
-                                                               str(out), "--cache-dir", str(tmp_path / "cache"),
+                                                               str(out), "--overwrite",
+                                                               "--cache-dir", str(tmp_path / "cache"),
                                                                "--no-progress", "--lambda-iters", "0"], capsys)
     assert rc == 0, err
     assert "cache" in stdout
