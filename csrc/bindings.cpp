@@ -273,22 +273,28 @@ std::string perturb(const TensorList& params, const TensorList& grads, const Opt
 
 // The fused optimizer step (fip_fast.reference.fip_step_).  has_restore / has_nps say whether restore_scale /
 // next_pert_scale were given (not None); found_inf, when given, is a CUDA fp32 flag (a host-side non-zero flag is
-// handled in Python by not calling at all).
+// handled in Python by not calling at all).  steps, when given (and precondition), holds one one-element fp32 CUDA
+// tensor per parameter (its state["step"]): each tensor's bias correction uses its own count, read by the kernel;
+// otherwise step_t / step is the count of every tensor.  The lagged step stores pert = nps * g without adding it.
 std::string fip_step(const TensorList& params, const TensorList& grads, const std::optional<TensorList>& grads_pert,
                      const OptTensorList& fisher0, const OptTensorList& anchor, const TensorList& momentum_buf,
                      const TensorList& fisher, const std::optional<TensorList>& pert, const OptTensor& lr_t,
                      double lr, double momentum, bool nesterov, double weight_decay, double eta_r, double beta,
                      const OptTensor& mix_t, double mix, bool has_restore, const OptTensor& restore_t,
                      double restore_scale, bool precondition, double damping, const OptTensor& step_t, double step,
-                     bool has_nps, const OptTensor& nps_t, double next_pert_scale, const OptTensor& found_inf) {
+                     const std::optional<TensorList>& steps, bool has_nps, const OptTensor& nps_t,
+                     double next_pert_scale, const OptTensor& found_inf) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && momentum_buf.size() == n && fisher.size() == n && fisher0.size() == n &&
                   anchor.size() == n && (!grads_pert || grads_pert->size() == n) && (!pert || pert->size() == n),
               "fip_fast CUDA: fip_step_ lists differ in length");
+  TORCH_CHECK(!steps || steps->size() == n, "fip_fast CUDA: steps has ", steps ? steps->size() : 0,
+              " entries, params has ", n, " (one step count per tensor)");
   if (n == 0) return "";
   const at::Device dev = params[0].device();
   if (!dev.is_cuda()) return "params[0] is not a CUDA tensor";
   const bool use_anchor = eta_r != 0.0;
+  const bool per_tensor_step = precondition && steps.has_value();
 
   // Groups by (param dtype, grad dtype, anchor dtype); entries without an anchor join any group of their
   // (param, grad) pair, so that mixing anchored and free tensors costs no extra launch.
@@ -349,9 +355,17 @@ std::string fip_step(const TensorList& params, const TensorList& grads, const st
       a0 = a.data_ptr();
       ad = *adt;
     }
+    const float* st = nullptr;
+    if (per_tensor_step) {
+      const at::Tensor& s = (*steps)[i];
+      TORCH_CHECK(s.defined() && s.device() == dev && s.scalar_type() == at::kFloat && s.numel() == 1,
+                  "fip_fast CUDA: steps[", i, "] must be a one-element fp32 tensor on ", dev.str(),
+                  " (fip_fast._cuda converts it)");
+      st = s.data_ptr<float>();
+    }
     if (p.numel() == 0) continue;
     const StepEntry e{p.data_ptr(), g.data_ptr(), gp, f0, a0, momentum_buf[i].data_ptr<float>(),
-                      fisher[i].data_ptr<float>(), pe, p.numel(), 0};
+                      fisher[i].data_ptr<float>(), pe, st, p.numel(), 0};
     total += p.numel();
     if (ad < 0) {
       free_entries.push_back(e);

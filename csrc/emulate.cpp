@@ -68,10 +68,12 @@ int fipemu_perturb(int param_dtype, int grad_dtype, int n, void** params, void**
 
 // scal = [lr, mix, restore_scale, step, next_pert_scale, found_inf, momentum, weight_decay, eta_r, beta, damping]
 // flags = [nesterov, has_grad_pert, has_restore, has_pert, precondition, has_found_inf, has_next_pert_scale]
+// steps: nullptr (every tensor uses scal[3]) or n per-tensor fp32 step counts, read through StepEntry::step like the
+// binding's per-parameter state["step"] pointers.
 int fipemu_fip_step(int param_dtype, int grad_dtype, int anchor_dtype, int n, void** param, void** grad,
                     void** grad_pert, void** fisher0, void** anchor, void** mom, void** fisher, void** pert,
                     const int64_t* numel, int64_t chunk, int nthreads, const double* scal, const int* flags,
-                    int ptr_mode) {
+                    int ptr_mode, const float* steps) {
   StepArgs a{};
   Scalars s;
   a.lr = s.make(0, scal[0], ptr_mode & 1);
@@ -99,7 +101,8 @@ int fipemu_fip_step(int param_dtype, int grad_dtype, int anchor_dtype, int n, vo
     t.push_back(StepEntry{param[i], grad[i], a.has_grad_pert ? grad_pert[i] : nullptr,
                           anch ? static_cast<const float*>(fisher0[i]) : nullptr, anch ? anchor[i] : nullptr,
                           static_cast<float*>(mom[i]), static_cast<float*>(fisher[i]),
-                          a.has_pert ? static_cast<float*>(pert[i]) : nullptr, numel[i], 0});
+                          a.has_pert ? static_cast<float*>(pert[i]) : nullptr, steps != nullptr ? &steps[i] : nullptr,
+                          numel[i], 0});
   }
   const int64_t nchunks = assign_chunks(t, chunk);
   const int nt = static_cast<int>(t.size());
@@ -138,11 +141,12 @@ int fipemu_global_norm(int n, void** tensors, const int* dtypes, const int64_t* 
         partials.push_back(acc);
       })
   }
+  // stage 2: the finalize kernel's block of kFinalizeThreads threads, each summing its stride of the partials
   double acc = 0.0;
-  for (float p : partials) acc += static_cast<double>(p);
-  const float norm = std::sqrt(static_cast<float>(acc));
-  out[0] = norm;
-  out[1] = std::isfinite(norm) ? 0.0f : 1.0f;
+  for (int th = 0; th < kFinalizeThreads; ++th)
+    acc += detail::l2norm_finalize_thread_sum(partials.data(), static_cast<int64_t>(partials.size()), th,
+                                              kFinalizeThreads);
+  detail::l2norm_finalize_write(acc, &out[0], &out[1]);
   return 0;
 }
 

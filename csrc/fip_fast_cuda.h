@@ -46,7 +46,8 @@ struct NormEntry {
 
 // fip_step_: param (P), grad and grad_pert (G), fisher0 (fp32), anchor (A = fp32 or P), momentum / fisher / pert
 // (fp32 state).  grad_pert, pert: nullptr when the call has none (then for every entry).  fisher0, anchor: nullptr for
-// tensors without a CDA anchor (per entry; both or neither).
+// tensors without a CDA anchor (per entry; both or neither).  step: device pointer to this tensor's own fp32 step count
+// (its optimizer state["step"]) for the bias correction 1 - beta^step, or nullptr to use StepArgs::step.
 struct StepEntry {
   void* param;
   const void* grad;
@@ -56,6 +57,7 @@ struct StepEntry {
   float* momentum;
   float* fisher;
   float* pert;
+  const float* step;
   int64_t numel;
   int64_t chunk_start;
 };
@@ -64,7 +66,7 @@ struct StepArgs {
   DevScalar lr;
   DevScalar mix;              // read only when has_grad_pert
   DevScalar restore_scale;    // read only when has_restore
-  DevScalar step;             // read only when precondition
+  DevScalar step;             // read only when precondition, for entries whose StepEntry::step is nullptr
   DevScalar next_pert_scale;  // read only when has_pert (pass {nullptr, 0} for "None")
   const float* found_inf;     // device flag, nullable: non-zero (or NaN) => the kernel writes nothing
   float momentum;
@@ -76,7 +78,7 @@ struct StepArgs {
   bool nesterov;
   bool has_grad_pert;
   bool has_restore;           // fd restore theta -= restore_scale * g (ignored when has_pert)
-  bool has_pert;              // lagged estimator: theta -= pert; ...; pert = nps * g; theta += pert
+  bool has_pert;              // lagged estimator: theta -= pert; ...; pert = nps * g (stored only, not added to theta)
   bool precondition;
 };
 
@@ -93,7 +95,8 @@ cudaError_t launch_perturb(DType param, DType grad, const PairEntry* table, int 
 cudaError_t launch_fip_step(DType param, DType grad, DType anchor, const StepEntry* table, int ntensors,
                             int64_t nchunks, int64_t chunk, const StepArgs& args, cudaStream_t stream);
 
-// Stage 1: partials[b] = fp32 sum of squares of chunk b.  Stage 2 (one block): out_norm = sqrt(sum partials)
+// Stage 1: partials[b] = fp32 sum of squares of chunk b.  Stage 2 (one block of kFinalizeThreads threads, each summing
+// partials thread, thread + kFinalizeThreads, ... -- all n_partials of them): out_norm = sqrt(sum partials)
 // (sum in double, cast to fp32 before the square root, so a squared norm that overflows fp32 gives inf), and
 // out_found_inf = 1.0 if the norm is not finite else 0.0.  n_partials may be 0.
 cudaError_t launch_l2norm_partials(DType src, const NormEntry* table, int ntensors, int64_t nchunks, int64_t chunk,

@@ -11,8 +11,6 @@
 namespace fip_fast {
 namespace {
 
-constexpr int kFinalizeThreads = 512;
-
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
@@ -43,15 +41,9 @@ l2norm_partials_kernel(const NormEntry* __restrict__ table, int ntensors, int64_
 
 __global__ void __launch_bounds__(kFinalizeThreads)
 l2norm_finalize_kernel(const float* __restrict__ partials, int64_t n, float* out_norm, float* out_found_inf) {
-  double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += static_cast<double>(partials[i]);
+  double acc = detail::l2norm_finalize_thread_sum(partials, n, threadIdx.x, blockDim.x);
   acc = block_sum(acc);
-  if (threadIdx.x == 0) {
-    const float sq = static_cast<float>(acc);  // overflows to inf exactly when the fp32 sum of squares would
-    const float norm = sqrtf(sq);
-    *out_norm = norm;
-    *out_found_inf = isfinite(norm) ? 0.0f : 1.0f;
-  }
+  if (threadIdx.x == 0) detail::l2norm_finalize_write(acc, out_norm, out_found_inf);
 }
 
 }  // namespace

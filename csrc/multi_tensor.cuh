@@ -164,8 +164,10 @@ FIP_HD void fip_step_block(const StepEntry* table, int ntensors, int64_t chunk, 
   const bool has_restore = !has_pert && a.has_restore;
   const float rs = has_restore ? read(a.restore_scale) : 0.0f;
   const float nps = has_pert ? read(a.next_pert_scale) : 0.0f;
-  // The bias correction is an fp32 number (reference: 1.0 - fp32(beta) ** fp32(step)).
-  const float bias_corr = a.precondition ? 1.0f - powf(a.beta, read(a.step)) : 1.0f;
+  // The bias correction is an fp32 number (reference: 1.0 - fp32(beta) ** fp32(t_i)), with this tensor's own step
+  // count t_i when the entry has one (per-parameter state["step"]), else the call's single count.
+  const float t_step = e.step != nullptr ? *e.step : read(a.step);
+  const float bias_corr = a.precondition ? 1.0f - powf(a.beta, t_step) : 1.0f;
   const bool has_anchor = e.fisher0 != nullptr;  // the binding leaves fisher0 null when eta_r == 0
   const bool has_gp = a.has_grad_pert;
 
@@ -209,12 +211,8 @@ FIP_HD void fip_step_block(const StepEntry* table, int ntensors, int64_t chunk, 
       m[k] = buf;
       const float u = a.nesterov ? d + a.momentum * buf : buf;
       theta = theta - lr * u;
-      // 6. next lagged perturbation
-      if (has_pert) {
-        const float ek = nps * gk;
-        pe[k] = ek;
-        theta = theta + ek;
-      }
+      // 6. next lagged perturbation: stored only; the optimizer applies it (perturb_) at the next forward
+      if (has_pert) pe[k] = nps * gk;
       th[k] = theta;
     }
     store<P>(e.param, i, n, vec, th);
@@ -242,6 +240,29 @@ FIP_HD float l2norm_thread_sum(const NormEntry* table, int ntensors, int64_t chu
     for (int k = 0; k < kVec; ++k) acc += x[k] * x[k];
   }
   return acc;
+}
+
+// Per-thread part of the L2-norm stage 2 (one block): this thread's fp64 sum of partials thread, thread + nthreads,
+// ... up to n (every partial, whatever n).  The kernel reduces the threads (l2norm.cu); the emulation sums them in
+// thread order.
+FIP_HD double l2norm_finalize_thread_sum(const float* partials, int64_t n, int thread, int nthreads) {
+  double acc = 0.0;
+  for (int64_t i = thread; i < n; i += nthreads) acc += static_cast<double>(partials[i]);
+  return acc;
+}
+
+// The stage-2 result from the total: the fp64 sum is cast to fp32 before the square root (so a squared norm that
+// overflows fp32 gives inf, like the reference's fp32 accumulation), found_inf = 1 if the norm is not finite.
+FIP_HD void l2norm_finalize_write(double total, float* out_norm, float* out_found_inf) {
+  const float sq = static_cast<float>(total);
+  const float norm = sqrtf(sq);
+  *out_norm = norm;
+#ifdef __CUDA_ARCH__
+  const bool finite = isfinite(norm);
+#else
+  const bool finite = std::isfinite(norm);
+#endif
+  *out_found_inf = finite ? 0.0f : 1.0f;
 }
 
 }  // namespace detail

@@ -10,6 +10,7 @@ namespace fip_fast {
 constexpr int kThreadsPerBlock = 256;
 constexpr int kMinChunk = 2048;
 constexpr int kMaxChunk = 65536;
+constexpr int kFinalizeThreads = 512;  // threads of the one-block L2-norm finalize (l2norm.cu)
 
 // Elements per chunk (one CUDA block each): aim for >= 8 blocks per SM on the whole call so that small models
 // still fill the GPU, but never fewer than kMinChunk elements (then block scheduling and the per-block table

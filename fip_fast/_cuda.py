@@ -266,6 +266,31 @@ def _found_inf(found_inf, device: torch.device) -> tuple[bool, Optional[Tensor]]
     return False, t
 
 
+def _step_counts(step: Sequence, device: torch.device, n: int) -> tuple[Tensor | None, float, list | None]:
+    """``fip_step_``'s per-tensor ``step`` sequence as ``(step_t, step_v, steps)`` for the binding.
+
+    Host values only (numbers, CPU tensors), all equal: ``(None, value, None)`` — the single-count path.  Otherwise
+    ``steps`` is one one-element fp32 tensor on ``device`` per parameter, whose pointer goes into that tensor's table
+    entry; the kernel reads it (no host sync).  fp32 CUDA tensors on ``device`` (the optimizer's ``state["step"]``)
+    are used as they are, so their pointers — and the cached table — stay the same from step to step; other
+    tensors are converted and numbers are written with a device fill (then the table is re-uploaded each call)."""
+    if len(step) != n:
+        raise ValueError(f"fip_step_: step has {len(step)} entries, params has {n} (one step count per tensor)")
+    host = [not (isinstance(s, Tensor) and s.device.type == "cuda") for s in step]
+    if all(host):
+        vals = [_scalar(s, device, "step")[1] for s in step]
+        if all(v == vals[0] for v in vals):
+            return None, vals[0], None
+    out = []
+    for s, h in zip(step, host):
+        if h:
+            out.append(torch.full((), _scalar(s, device, "step")[1], dtype=torch.float32, device=device))
+        else:
+            t, _ = _scalar(s, device, "step")
+            out.append(t)
+    return None, 1.0, out
+
+
 _fallback_logged: set[tuple[str, str]] = set()
 
 
@@ -349,14 +374,20 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
     mix_t, mix_v = _scalar(mix, dev, "mix") if grads_pert is not None else (None, 0.0)
     use_rs = pert is None and restore_scale is not None
     rs_t, rs_v = _scalar(restore_scale, dev, "restore_scale") if use_rs else (None, 0.0)
-    step_t, step_v = _scalar(step, dev, "step") if precondition else (None, 1.0)
+    steps = None
+    if not precondition:
+        step_t, step_v = None, 1.0
+    elif isinstance(step, (list, tuple)):
+        step_t, step_v, steps = _step_counts(step, dev, len(params))
+    else:
+        step_t, step_v = _scalar(step, dev, "step")
     use_nps = pert is not None and next_pert_scale is not None
     nps_t, nps_v = _scalar(next_pert_scale, dev, "next_pert_scale") if use_nps else (None, 0.0)
     reason = ext.fip_step(
         list(params), list(grads), None if grads_pert is None else list(grads_pert), list(fisher0), list(anchor),
         list(momentum_buf), list(fisher), None if pert is None else list(pert),
         lr_t, lr_v, float(momentum), bool(nesterov), float(weight_decay), float(eta_r), float(beta),
-        mix_t, mix_v, use_rs, rs_t, rs_v, bool(precondition), float(damping), step_t, step_v,
+        mix_t, mix_v, use_rs, rs_t, rs_v, bool(precondition), float(damping), step_t, step_v, steps,
         use_nps, nps_t, nps_v, fi)
     if reason:
         _fallback("fip_step_", reason)

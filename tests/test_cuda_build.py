@@ -120,7 +120,7 @@ def emu(builds):
                                    ctypes.c_double, ctypes.c_int]
     lib.fipemu_fip_step.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int] + \
         [ctypes.POINTER(VP)] * 8 + [I64P, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_double),
-                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
     lib.fipemu_global_norm.argtypes = [ctypes.c_int, ctypes.POINTER(VP), ctypes.POINTER(ctypes.c_int), I64P,
                                        ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
     for f in ("fisher_accumulate", "perturb", "fip_step", "global_norm"):
@@ -161,7 +161,11 @@ def _make_params(dtype, gen):
 
 
 def _emu_fip_step(emu, P, G, A, params, grads, gpert, f0, anchor, mom, fisher, pert, h, ptr_mode, chunk, nthreads):
-    scal = (ctypes.c_double * 11)(h["lr"], h["mix"] or 0.0, h["restore_scale"] or 0.0, h["step"],
+    """One emulated step; ``h["step"]`` is one count or a list of per-tensor counts (read through per-entry
+    pointers, like the binding's state["step"] tensors)."""
+    per_tensor = isinstance(h["step"], (list, tuple))
+    steps = (ctypes.c_float * len(h["step"]))(*[float(s) for s in h["step"]]) if per_tensor else None
+    scal = (ctypes.c_double * 11)(h["lr"], h["mix"] or 0.0, h["restore_scale"] or 0.0, 1.0 if per_tensor else h["step"],
                                  h["next_pert_scale"] or 0.0, h["found_inf"] or 0.0, h["momentum"],
                                  h["weight_decay"], h["eta_r"], h["beta"], h["damping"])
     flags = (ctypes.c_int * 7)(int(h["nesterov"]), int(gpert is not None), int(h["restore_scale"] is not None),
@@ -171,7 +175,7 @@ def _emu_fip_step(emu, P, G, A, params, grads, gpert, f0, anchor, mom, fisher, p
     none = [None] * n
     rc = emu.fipemu_fip_step(CODE[P], CODE[G], CODE[A], n, _ptrs(params), _ptrs(grads), _ptrs(gpert or none),
                              _ptrs(f0), _ptrs(anchor), _ptrs(mom), _ptrs(fisher), _ptrs(pert or none),
-                             _numel(params), chunk, nthreads, scal, flags, ptr_mode)
+                             _numel(params), chunk, nthreads, scal, flags, ptr_mode, steps)
     assert rc == 0
 
 
@@ -245,6 +249,82 @@ def test_emulated_fip_step_found_inf_writes_nothing(emu, flag):
             _assert_same(a, b, "a tensor after a skipped step")
 
 
+@pytest.mark.parametrize("lagged", [False, True])
+def test_emulated_fip_step_per_tensor_steps(emu, lagged):
+    """Each tensor's own step count (state["step"]) in its bias correction: counts that differ between tensors
+    (1 and 7 at the first step, a late starter, ...), 20 steps, bit-identical to the reference; and really per
+    tensor: one shared count gives other results."""
+    gen = torch.Generator().manual_seed(21)
+    params = _make_params(torch.float32, gen)
+    n = len(params)
+    f0 = [None if i % 3 == 1 else torch.rand(p.shape, generator=gen) for i, p in enumerate(params)]
+    anchor = [None if f is None else p + 0.1 * torch.randn(p.shape, generator=gen) for f, p in zip(f0, params)]
+    offsets = [(0, 6, 2, 11)[i % 4] for i in range(n)]      # tensor i has seen `offset` more steps
+    ref = {k: [torch.zeros(p.shape) for p in params] for k in ("mom", "fisher", "pert")}
+    em = {k: [torch.zeros(p.shape) for p in params] for k in ("mom", "fisher", "pert")}
+    shared = {k: [torch.zeros(p.shape) for p in params] for k in ("mom", "fisher", "pert")}
+    p_ref, p_emu, p_shared = [p.clone() for p in params], [p.clone() for p in params], [p.clone() for p in params]
+    for t in range(1, 21):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        steps = [t + o for o in offsets]
+        assert steps[0] == 1 and steps[1] == 7 if t == 1 else True
+        h = dict(lr=0.05, momentum=0.9, nesterov=False, weight_decay=1e-3, eta_r=0.5, beta=0.9, mix=None,
+                 restore_scale=None, precondition=True, damping=1e-3, step=steps,
+                 next_pert_scale=0.02 if lagged else None, found_inf=None)
+        reference.fip_step_(p_ref, grads, None, f0, anchor, ref["mom"], ref["fisher"],
+                            ref["pert"] if lagged else None, **h)
+        _emu_fip_step(emu, torch.float32, torch.float32, torch.float32, p_emu, grads, None, f0, anchor, em["mom"],
+                      em["fisher"], em["pert"] if lagged else None, h, (3 * t) % 32, CHUNK, NTHREADS)
+        _emu_fip_step(emu, torch.float32, torch.float32, torch.float32, p_shared, grads, None, f0, anchor,
+                      shared["mom"], shared["fisher"], shared["pert"] if lagged else None, dict(h, step=t), 0,
+                      CHUNK, NTHREADS)
+    for i in range(n):
+        _assert_same(p_emu[i], p_ref[i], f"param {i}")
+        _assert_same(em["mom"][i], ref["mom"][i], f"momentum {i}")
+    moved = [i for i in range(n) if offsets[i] and p_shared[i].numel() and not torch.equal(p_shared[i], p_ref[i])]
+    assert moved, "per-tensor step counts made no difference: the kernel ignores them"
+
+
+def test_emulated_lagged_step_stores_pert_without_applying_it(emu):
+    """Lagged estimator: θ ← θ − pert_old − lr·u, pert ← next_pert_scale·g; θ is NOT perturbed by the step."""
+    gen = torch.Generator().manual_seed(22)
+    params = _make_params(torch.float32, gen)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    pert_old = [0.01 * torch.randn(p.shape, generator=gen) for p in params]
+    none = [None] * len(params)
+    for nps in (0.03, None):
+        p, pert = [x.clone() for x in params], [e.clone() for e in pert_old]
+        mom, fis = [torch.zeros(x.shape) for x in params], [torch.zeros(x.shape) for x in params]
+        h = dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, eta_r=0.0, beta=0.9, mix=None,
+                 restore_scale=None, precondition=False, damping=0.0, step=1, next_pert_scale=nps, found_inf=None)
+        _emu_fip_step(emu, torch.float32, torch.float32, torch.float32, p, grads, None, none, none, mom, fis, pert,
+                      h, 0, CHUNK, NTHREADS)
+        for i in range(len(params)):
+            _assert_same(p[i], (params[i] - pert_old[i]) - 0.1 * grads[i], f"param {i} (nps={nps})")
+            _assert_same(pert[i], (nps or 0.0) * grads[i], f"pert {i} (nps={nps})")
+
+
+def test_emulated_anchor_term_with_theta_ne_theta0(emu):
+    """One step from zero state, momentum 0, θ ≠ θ0, F0 ≠ 0: θ_new = θ − lr·(g + η_r·F0·(θ − θ0) + wd·θ) — the
+    anchor's sign and scale by hand (θ0 = θ would hide a sign flip)."""
+    gen = torch.Generator().manual_seed(23)
+    params = _make_params(torch.float32, gen)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    f0 = [torch.rand(p.shape, generator=gen) + 0.5 for p in params]
+    anchor = [p + 1.0 + torch.rand(p.shape, generator=gen) for p in params]   # θ − θ0 ≤ −1 everywhere
+    lr, eta_r, wd = 0.1, 0.7, 0.01
+    want = [p.double() - lr * (g.double() + eta_r * f.double() * (p.double() - a.double()) + wd * p.double())
+            for p, g, f, a in zip(params, grads, f0, anchor)]
+    p = [x.clone() for x in params]
+    mom, fis = [torch.zeros(x.shape) for x in params], [torch.zeros(x.shape) for x in params]
+    h = dict(lr=lr, momentum=0.0, nesterov=False, weight_decay=wd, eta_r=eta_r, beta=0.9, mix=None,
+             restore_scale=None, precondition=False, damping=0.0, step=1, next_pert_scale=None, found_inf=None)
+    _emu_fip_step(emu, torch.float32, torch.float32, torch.float32, p, grads, None, f0, anchor, mom, fis, None, h,
+                  0, CHUNK, NTHREADS)
+    for i in range(len(params)):
+        torch.testing.assert_close(p[i].double(), want[i], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("P,G", [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                  (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
 def test_emulated_perturb_and_fisher_match_reference(emu, P, G):
@@ -298,6 +378,20 @@ def test_emulated_global_norm(emu):
     # squares that overflow fp32 count as non-finite (reference.global_norm's contract)
     big = torch.full((10,), 3e19)
     assert _emu_norm(emu, [big])[1] == 1.0 and float(reference.global_norm([big])[1]) == 1.0
+
+
+def test_emulated_global_norm_sums_every_partial(emu):
+    """More partials than the finalize block has threads (512) and than 1024: zeros in front, the values that
+    matter in the last chunks (a finalize that stops early, or reads only its first stride, gives 0 or too little)."""
+    n_chunks = 1100
+    x = torch.zeros(n_chunks * CHUNK + 5)
+    x[-1] = 3.0                            # the last, partial chunk
+    x[(n_chunks - 2) * CHUNK + 7] = 4.0    # chunk 1098
+    norm, fi = _emu_norm(emu, [x])
+    assert fi == 0.0 and norm == 5.0
+    y = torch.zeros(600 * CHUNK)           # 600 partials: just over one finalize stride
+    y[-1] = 2.0
+    assert _emu_norm(emu, [y, x]) == (float(torch.tensor(29.0).sqrt()), 0.0)
 
 
 def test_emulated_default_geometry(emu):
