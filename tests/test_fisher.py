@@ -124,3 +124,175 @@ def test_normalize_and_max_batches_and_errors():
         estimate_fisher(m, [])
     with pytest.raises(ValueError, match="not parameters"):
         estimate_fisher(m, _loader(x, y, 2), params=[torch.zeros(2, requires_grad=True)])
+
+
+# --- layers used more than once in a forward (weight sharing, tied heads, recurrence) --------------------------
+# The per-sample gradient of a shared weight is the sum of its calls' contributions; the Fisher squares that sum.
+
+def _seq_nll(out, target):
+    """The loop's loss for (N, T, V) outputs: the sequence log-likelihood, as nll_per_sample."""
+    from fip_fast.fisher import nll_per_sample
+    return nll_per_sample(out, target).sum()
+
+
+def _check_loop(model, x, y, params=None, bs=4, loop_loss=F.cross_entropy, **kw):
+    got = estimate_fisher(model, _loader(x, y, bs), params=params, **kw)
+    plist = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    want = R.fisher_per_sample_loop(model, x, y, plist, loss_fn=loop_loss)
+    assert set(map(id, got)) == set(map(id, plist))
+    for p, w in zip(plist, want):
+        torch.testing.assert_close(got[p].double(), w.double(), rtol=1e-6, atol=1e-12)
+    return got
+
+
+class _Twice(nn.Module):
+    """A square Linear applied twice, then a head; ``tokens``: 3-d inputs, mean over tokens before the head."""
+
+    def __init__(self, d=5, classes=3, tokens=False):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+        self.tokens = tokens
+
+    def forward(self, x):
+        h = self.fc(torch.tanh(self.fc(x)))
+        return self.head(h.mean(1) if self.tokens else h)
+
+
+def test_linear_applied_twice_2d():
+    torch.manual_seed(0)
+    m = _Twice().double()
+    _check_loop(m, torch.randn(11, 5, dtype=torch.float64), torch.randint(0, 3, (11,)))
+
+
+def test_linear_applied_twice_tokens():
+    torch.manual_seed(0)
+    m = _Twice(tokens=True).double()
+    _check_loop(m, torch.randn(9, 4, 5, dtype=torch.float64), torch.randint(0, 3, (9,)), chunk_size=2)
+
+
+def test_linear_applied_twice_token_lm_outputs():
+    torch.manual_seed(0)
+
+    class Rec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 7)
+
+        def forward(self, x):                   # (N, T, 6) -> (N, T, 7), the block applied three times
+            h = x
+            for _ in range(3):
+                h = torch.tanh(self.block(h))
+            return self.head(h)
+
+    m = Rec().double()
+    _check_loop(m, torch.randn(8, 3, 6, dtype=torch.float64), torch.randint(0, 7, (8, 3)), loop_loss=_seq_nll)
+
+
+def test_tied_embedding_lm_head():
+    torch.manual_seed(0)
+
+    class TiedLM(nn.Module):
+        def __init__(self, V=11, d=6):
+            super().__init__()
+            self.emb = nn.Embedding(V, d)
+            self.mid = nn.Linear(d, d)
+            self.head = nn.Linear(d, V, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.mid(self.emb(ids))))     # (N, T, V)
+
+    m = TiedLM().double()
+    ids, labels = torch.randint(0, 11, (7, 4)), torch.randint(0, 11, (7, 4))
+    _check_loop(m, ids, labels, bs=3, loop_loss=_seq_nll)
+    # ... and with only the tied weight asked for
+    _check_loop(m, ids, labels, params=[m.emb.weight], bs=3, loop_loss=_seq_nll)
+
+
+def test_two_linears_sharing_one_weight():
+    torch.manual_seed(0)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+            self.b.weight = self.a.weight          # shared weight, separate biases
+
+        def forward(self, x):
+            return self.head(self.b(torch.tanh(self.a(x))))
+
+    m = Shared().double()
+    _check_loop(m, torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,)))
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_spectral_layer_applied_twice(tokens):
+    torch.manual_seed(0)
+    m = _Twice(tokens=tokens).double()
+    deltas = spectral.reparameterize(m, relative=True)
+    with torch.no_grad():                       # small non-zero shifts; one singular value clipped by the relu
+        for d in deltas:
+            d.uniform_(-0.2, 0.2)
+        deltas[0][-1] = -1.5
+    x = torch.randn(9, 4, 5, dtype=torch.float64) if tokens else torch.randn(9, 5, dtype=torch.float64)
+    got = _check_loop(m, x, torch.randint(0, 3, (9,)), params=deltas)
+    assert got[deltas[0]][-1] == 0
+
+
+def test_guard_weight_used_outside_its_module(caplog):
+    torch.manual_seed(0)
+
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x):                   # fc.weight also used without fc's forward (the hooks miss it)
+            return self.head(torch.tanh(self.fc(x) + 0.5 * F.linear(x.flip(1), self.fc.weight)))
+
+    m = Direct().double()
+    with caplog.at_level("WARNING", logger="fip_fast"):
+        _check_loop(m, torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,)), bs=4)
+    warned = [r for r in caplog.records if "fc.weight" in r.getMessage()]
+    assert len(warned) == 1                     # once, although three batches
+    assert not any("fc.bias" in r.getMessage() or "head" in r.getMessage() for r in caplog.records)
+
+
+def test_linear_on_flattened_tokens_falls_back_to_exact(caplog):
+    torch.manual_seed(0)
+
+    class Flat(nn.Module):                      # rows of the Linear's input are tokens, not samples
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            n, t, k = x.shape
+            return self.head(torch.tanh(self.fc(x.reshape(n * t, k))).view(n, t, k).mean(1))
+
+    m = Flat().double()
+    with caplog.at_level("WARNING", logger="fip_fast"):
+        _check_loop(m, torch.randn(8, 3, 4, dtype=torch.float64), torch.randint(0, 3, (8,)), bs=3)
+    assert sorted(n for n in ("fc.weight", "fc.bias") if any(n in r.getMessage() for r in caplog.records)) == \
+        ["fc.bias", "fc.weight"]
+
+
+def test_guard_silent_on_ordinary_fp32_model(caplog):
+    """A trained fp32 MLP (batch gradients ≪ per-sample ones): the guard must not hand anything to torch.func."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(64, 6)
+    y = x[:, :3].argmax(1)
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    with caplog.at_level("WARNING", logger="fip_fast"):
+        got = estimate_fisher(m, _loader(x, y, 32))
+    assert not caplog.records
+    want = R.fisher_per_sample_loop(m, x, y)
+    for p, w in zip(m.parameters(), want):
+        torch.testing.assert_close(got[p], w, rtol=1e-4, atol=1e-10)
