@@ -255,7 +255,8 @@ def _plots(staged, out: Path, results: List[Dict[str, Any]], before: Dict[str, A
     ax_acc.set_ylabel("clean test ACC %" if have_acc else "clean-val ACC %")
     ax_acc.set_title("Clean accuracy")
     ax_acc.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
+    if ax_acc.get_legend_handles_labels()[0]:
+        ax_acc.legend(fontsize=8)
     if have_asr:
         axes[0][1].set_xlabel("step")
         axes[0][1].set_ylabel("ASR %")
@@ -543,7 +544,7 @@ def _demo_method(name: str, model, clean, args, dev, test_metrics, xl, yl, say):
     say(f"{name}: ACC {_fmt_pct(res['acc'])} %, ASR {_fmt_pct(res['asr'])} %, RA {_fmt_pct(res['ra'])} %, "
         f"{row['wall_s']:.1f} s" + (f", {rep.skipped_steps} steps skipped" if rep.skipped_steps else ""))
     for w in rep.warnings:
-        say(f"{name}: warning: {w}")
+        _warn(f"{name}: {w}")
     return row, rep
 
 
@@ -817,8 +818,8 @@ def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
                   "trainable_params": sum(p.numel() for p in model.parameters())}
     row = _method_row(args.method, rep, after, lam, diverged)
     print(_table([before_row, row]), flush=True)
-    for w in rep.warnings:
-        say(f"warning: {w}")
+    for w in rep.warnings:            # logged when found, repeated here beside the result they qualify
+        _warn(f"{args.method}: {w}")
     payload = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "before": before_row,
                "results": [row], "reports": {args.method: rep.to_dict()}, "diverged": diverged,
                "purified_weights": None if diverged else str(save_path)}

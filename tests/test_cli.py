@@ -196,3 +196,336 @@ def test_demo_reduced_mode(tmp_path, capsys):
     if not (ff["asr"] < 0.5 * before["asr"] and ff["acc"] > before["acc"] - 0.05):
         pytest.xfail(f"Fast FIP below acceptance on the demo CNN (issue 4 open): ASR {ff['asr']:.2f}, "
                      f"ACC {ff['acc']:.3f} vs before {before['asr']:.2f} / {before['acc']:.3f}")
+
+
+# =============================================================================================== hardening
+# Each test below covers one item of the CLI / file-safety hardening issue (numbers as in the issue).
+import os  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_INPUTS = ("model.safetensors", "clean.npz", "test.npz", "trig.npz")
+
+
+@pytest.fixture
+def work(files, tmp_path, monkeypatch):
+    """A private copy of the module's checkpoint and data (tests here may write next to them)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent))
+    for name in _INPUTS:
+        shutil.copy(files / name, tmp_path / name)
+    return tmp_path
+
+
+def _fast(d, out, *extra, method="fip"):
+    """A purify command that runs in about a second: tiny model, 2 steps, no λ_max."""
+    return ["purify", "--arch", "tests.test_cli:tiny_cnn", "--checkpoint", str(d / "model.safetensors"),
+            "--clean", str(d / "clean.npz"), "--method", method, "--steps", "2", "--batch-size", "8",
+            "--no-progress", "--lambda-iters", "0", "--out", str(out), *extra]
+
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file()}
+
+
+def _one_line_error(rc, err, status=2):
+    assert rc == status, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fip-fast: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---- 12: an existing --out is never renamed away or deleted
+def test_existing_out_with_inputs_is_refused_and_kept(work, capsys, monkeypatch):
+    before = _snapshot(work)
+    rc, _, err = _run(_fast(work, work), capsys)                        # --out runs/ where runs/ holds the inputs
+    assert "not empty" in _one_line_error(rc, err) and "--overwrite" in err
+    assert _snapshot(work) == before
+    monkeypatch.chdir(work)
+    rc, _, err = _run(_fast(work, "."), capsys)                         # --out "$(pwd)"
+    _one_line_error(rc, err)
+    assert _snapshot(work) == before and Path.cwd() == work
+
+
+def test_overwrite_replaces_only_the_tools_outputs(work, capsys):
+    (work / "notes.txt").write_text("mine")
+    (work / "sub").mkdir()
+    before = _snapshot(work)
+    rc, _, err = _run(_fast(work, work, "--overwrite"), capsys)
+    assert rc == 0, err
+    after = _snapshot(work)
+    for name, data in before.items():
+        assert after[name] == data, name                               # every input and other file intact
+    assert (work / "sub").is_dir() and (work / "purified.safetensors").is_file() and (work / "report.md").is_file()
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+# ---- 13: no output may overwrite any input, through symlinks and hard links too
+@pytest.mark.parametrize("how", ["clean", "test", "trig", "checkpoint", "symlink", "hardlink"])
+def test_save_never_overwrites_an_input(work, capsys, how):
+    extra = ["--test", str(work / "test.npz"), "--triggered", str(work / "trig.npz"), "--target", "0"]
+    target = {"clean": work / "clean.npz", "test": work / "test.npz", "trig": work / "trig.npz",
+              "checkpoint": work / "model.safetensors", "symlink": work / "link.safetensors",
+              "hardlink": work / "hard.safetensors"}[how]
+    if how == "symlink":
+        target.symlink_to(work / "clean.npz")
+    elif how == "hardlink":
+        os.link(work / "clean.npz", target)
+    before = _snapshot(work)
+    rc, _, err = _run(_fast(work, work / "out", "--save", str(target), "--overwrite", *extra), capsys)
+    assert "refusing to overwrite the input" in _one_line_error(rc, err)
+    assert _snapshot(work) == before and not (work / "out").exists()
+
+
+def test_report_files_never_overwrite_an_input(work, capsys):
+    out = work / "out"
+    out.mkdir()
+    torch.save(tiny_cnn().state_dict(), out / "report.json")           # a weights-only checkpoint named report.json
+    shutil.copy(work / "model.safetensors", out / "purified.safetensors")  # re-purifying an earlier result
+    before = _snapshot(out)
+    for name in ("report.json", "purified.safetensors"):
+        argv = _fast(work, out, "--overwrite")
+        argv[argv.index("--checkpoint") + 1] = str(out / name)
+        rc, _, err = _run(argv, capsys)
+        assert "refusing to overwrite the input" in _one_line_error(rc, err) and name in err
+        assert _snapshot(out) == before
+
+
+# ---- 14: a failed rerun keeps the previous results
+def test_failed_rerun_keeps_previous_outputs(work, capsys, monkeypatch):
+    out = work / "out"
+    rc, _, err = _run(_fast(work, out), capsys)
+    assert rc == 0, err
+    before = _snapshot(out)
+    import safetensors.torch
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    rc, _, err = _run(_fast(work, out, "--overwrite", "--steps", "1"), capsys)
+    assert "No space left on device" in _one_line_error(rc, err, status=1)
+    assert _snapshot(out) == before                                    # old weights AND old report intact
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)      # no temporaries left
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent))
+    from fip_fast import pipeline
+
+    def crash(*a, **k):
+        raise RuntimeError("killed mid-run")
+
+    monkeypatch.setattr(pipeline, "purify", crash)
+    with pytest.raises(RuntimeError, match="killed mid-run"):
+        cli.main(_fast(work, out, "--overwrite"))
+    assert _snapshot(out) == before
+
+
+# ---- 15: a diverged run exits 3, says why, and writes no purified model
+def test_diverged_run_exits_3_without_a_model(work, capsys):
+    out = work / "out"
+    rc, _, err = _run(_fast(work, out, "--lr", "1e6", "--steps", "10"), capsys)           # 7 of 10 skipped
+    line = _one_line_error(rc, err, status=cli.EXIT_DIVERGED)
+    assert "diverged" in line and "skipped" in line, line
+    assert not (out / "purified.safetensors").exists()
+    payload = json.loads((out / "report.json").read_text())
+    assert payload["diverged"] and payload["purified_weights"] is None
+    assert payload["results"][0]["skipped_steps"] > 3
+    md = (out / "report.md").read_text()
+    assert "DIVERGED" in md and "skipped for non-finite gradients" in md
+    assert re.search(r"\| \d+ \| — \|", md) and "| 0.0000 |" not in md   # all-skipped records: "—", not 0
+
+
+def test_divergence_rule():
+    """Non-finite values in ANY parameter or buffer, or more than half of the steps skipped."""
+    from types import SimpleNamespace
+
+    m = tiny_cnn()
+    ok = SimpleNamespace(steps_run=10, skipped_steps=5)
+    assert cli._divergence(m, ok) is None
+    assert "6 of 10 steps" in cli._divergence(m, SimpleNamespace(steps_run=10, skipped_steps=6))
+    m.features[1].running_var[0] = float("nan")
+    assert "running_var" in cli._divergence(m, ok)
+
+
+# ---- 16: inconsistent flags fail up front (exit 2, one line, nothing run, nothing written)
+@pytest.mark.parametrize("extra, pattern", [
+    (["--val-fraction", "-0.5"], r"--val-fraction must lie in \[0, 1\)"),
+    (["--eval-every", "-1"], r"--eval-every must be ≥ 1"),
+    (["--steps", "-5"], r"--steps must be ≥ 0"),
+    (["--batch-size", "0"], r"--batch-size must be ≥ 1"),
+    (["--threads", "-1"], r"--threads must be ≥ 0"),
+    (["--device", "tpu"], r"--device 'tpu'"),
+    (["--resume"], r"--resume needs --checkpoint-dir"),
+    (["--triggered", "trig.npz"], r"--triggered needs --target"),
+    (["--target", "10"], r"--target must be a class index"),
+])
+def test_bad_flags_fail_before_any_work(work, capsys, monkeypatch, extra, pattern):
+    from fip_fast import pipeline
+
+    monkeypatch.setattr(pipeline, "purify", lambda *a, **k: pytest.fail("purify ran despite a bad flag"))
+    rc, _, err = _run(_fast(work, work / "out", *extra), capsys)
+    assert re.search(pattern, _one_line_error(rc, err)), err
+    assert not (work / "out").exists()
+
+
+def test_demo_bad_flags_fail_before_loading_data(tmp_path, capsys, monkeypatch):
+    from fip_fast import data
+
+    monkeypatch.setattr(data, "load_mnist5k", lambda *a, **k: pytest.fail("data loaded despite a bad flag"))
+    for extra, pattern in ((["--steps", "-5"], "--steps"), (["--val-fraction", "0"], "--val-fraction"),
+                           (["--device", "tpu"], "--device"), (["--methods", "nope"], "unknown method")):
+        rc, _, err = _run(["demo", "--out", str(tmp_path / "r"), *extra], capsys)
+        assert pattern in _one_line_error(rc, err)
+
+
+def test_test_without_triggered_reports_acc(work, capsys):
+    out = work / "out"
+    rc, stdout, err = _run(_fast(work, out, "--test", str(work / "test.npz"), "--eval-every", "1"), capsys)
+    assert rc == 0, err
+    row = json.loads((out / "report.json").read_text())["results"][0]
+    assert row["acc"] is not None and row["asr"] is None
+    assert (out / "asr_acc.png").is_file() and "| fip |" in stdout
+
+
+# ---- 17: --resume with another model's checkpoint dir is refused
+def test_resume_refuses_another_models_checkpoint_dir(work, capsys):
+    ck = work / "ckpt"
+    rc, _, err = _run(_fast(work, work / "o1", "--checkpoint-dir", str(ck), "--checkpoint-every", "1"), capsys)
+    assert rc == 0, err
+    torch.manual_seed(1)
+    from fip_fast.io import save_model
+
+    save_model(tiny_cnn(), work / "other.safetensors")
+    argv = _fast(work, work / "o2", "--checkpoint-dir", str(ck), "--resume")
+    argv[argv.index("--checkpoint") + 1] = str(work / "other.safetensors")
+    rc, _, err = _run(argv, capsys)
+    line = _one_line_error(rc, err)
+    assert "--checkpoint-dir" in line and "another model" in line, line
+    assert not (work / "o2" / "purified.safetensors").exists()
+    rc, _, err = _run(_fast(work, work / "o3", "--checkpoint-dir", str(ck), "--resume"), capsys)
+    assert rc == 0, err                                                # the same model resumes
+
+
+# ---- 18: bad checkpoints and data end in one line naming the input
+def _bad_checkpoint(d, case):
+    sd = tiny_cnn().state_dict()
+    p = d / ("bad.safetensors" if case in ("renamed_pickle", "truncated_st", "empty_st") else "bad.pt")
+    if case == "renamed_pickle":
+        torch.save(sd, p)
+    elif case == "truncated_st":
+        p.write_bytes((d / "model.safetensors").read_bytes()[:300])
+    elif case in ("empty_st", "empty_pt"):
+        p.write_bytes(b"")
+    elif case == "truncated_pt":
+        torch.save(sd, d / "full.pt")
+        p.write_bytes((d / "full.pt").read_bytes()[:500])
+    elif case == "int_keys":
+        torch.save({i: v for i, v in enumerate(sd.values())}, p)
+    elif case in ("nan", "inf"):
+        sd["classifier.1.weight"][0, 0] = float(case)
+        torch.save(sd, p)
+    elif case == "int8":
+        sd["classifier.1.weight"] = sd["classifier.1.weight"].to(torch.int8)
+        torch.save(sd, p)
+    elif case == "neg_var":
+        sd["features.1.running_var"][0] = -1.0
+        torch.save(sd, p)
+    elif case == "folder":
+        p = d / "ckpt_folder"
+        p.mkdir()
+    return p
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("renamed_pickle", "not a readable safetensors file"),
+    ("truncated_st", "not a readable safetensors file"),
+    ("empty_st", r"empty \(0 bytes\)"),
+    ("empty_pt", r"empty \(0 bytes\)"),
+    ("truncated_pt", "not a readable checkpoint"),
+    ("int_keys", "keys must be strings"),
+    ("nan", r"'classifier.1.weight' holds 1 non-finite"),
+    ("inf", r"'classifier.1.weight' holds 1 non-finite"),
+    ("int8", r"'classifier.1.weight' is torch.int8"),
+    ("neg_var", r"'features.1.running_var' has negative running variance"),
+    ("folder", "is a folder, not a checkpoint file"),
+])
+def test_bad_checkpoint_is_one_line_naming_the_file(work, capsys, case, pattern):
+    p = _bad_checkpoint(work, case)
+    argv = _fast(work, work / "out")
+    argv[argv.index("--checkpoint") + 1] = str(p)
+    rc, _, err = _run(argv, capsys)
+    line = _one_line_error(rc, err)
+    assert line.startswith("fip-fast: error: --checkpoint") and str(p) in line, line
+    assert re.search(pattern, line), line
+
+
+def test_bad_data_blames_the_data(work, files, capsys):
+    argv = _fast(work, work / "out")
+    argv[argv.index("--clean") + 1] = str(files / "rgb.npz")            # RGB images, 1-channel checkpoint
+    rc, _, err = _run(argv, capsys)
+    line = _one_line_error(rc, err)
+    assert line.startswith("fip-fast: error: --clean: the images have 3 channel(s)") and "1-channel" in line, line
+    rc, _, err = _run(_fast(work, work / "out", "--test", str(files / "rgb.npz")), capsys)
+    line = _one_line_error(rc, err)
+    assert line.startswith("fip-fast: error: --test: images of shape (3, 32, 32)") and "(1, 28, 28)" in line, line
+
+
+# ---- 18 / 19: one sample works; degenerate clean sets are warned about and recorded
+def test_tiny_and_single_class_clean_sets_warn(work, capsys):
+    x = (np.random.default_rng(1).random((6, 28, 28)) * 255).astype(np.uint8)
+    np.savez(work / "one.npz", x=x[:1], y=np.array([3]))
+    np.savez(work / "single.npz", x=x, y=np.full(6, 2))
+    for name, expected in (("one.npz", ("fewer than the batch size 8", "validation part is empty")),
+                           ("single.npz", ("single class (2)",))):
+        argv = _fast(work, work / name.replace(".npz", ""))
+        argv[argv.index("--clean") + 1] = str(work / name)
+        rc, stdout, err = _run(argv, capsys)
+        assert rc == 0, err
+        rep = json.loads((work / name.replace(".npz", "") / "report.json").read_text())
+        warns = rep["reports"]["fip"]["warnings"]
+        md = (work / name.replace(".npz", "") / "report.md").read_text()
+        for e in expected:
+            assert any(e in w for w in warns), warns
+            assert e in err and e in md
+
+
+# ---- 20: unwritable locations are found before the work; the cache is optional; outputs follow the umask
+def test_demo_unwritable_out_fails_before_training(tmp_path, capsys, monkeypatch):
+    from fip_fast import data
+
+    monkeypatch.setattr(data, "load_mnist5k", lambda *a, **k: pytest.fail("the demo started working"))
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: Path(p).resolve() != ro and real_access(p, mode))
+    monkeypatch.chdir(ro)                                               # `fip-fast demo` in a read-only folder
+    rc, _, err = _run(["demo", "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert "not writable" in _one_line_error(rc, err)
+    (tmp_path / "file").write_text("x")
+    rc, _, err = _run(["demo", "--out", str(tmp_path / "file" / "report")], capsys)
+    assert "is a file, not a folder" in _one_line_error(rc, err)
+
+
+def test_demo_without_a_usable_cache_warns_and_finishes(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("FIP_FAST_CACHE", str(tmp_path / "file" / "cache"))   # under a regular file
+    out = tmp_path / "report"
+    rc, stdout, err = _run(["demo", "--subsample", "300", "--epochs", "1", "--width", "4", "--hidden", "16",
+                            "--methods", "ft", "--steps", "2", "--lambda-iters", "0", "--no-history",
+                            "--no-progress", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert "warning" in err and "will not be cached" in err
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_outputs_follow_the_umask(work, capsys, mask):
+    old = os.umask(mask)
+    try:
+        rc, _, err = _run(_fast(work, work / "out" / "nested"), capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    for p in (work / "out" / "nested").iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
+    assert (work / "out" / "nested").stat().st_mode & 0o777 == 0o777 & ~mask
