@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,9 +203,6 @@ def test_demo_reduced_mode(tmp_path, capsys):
 
 # =============================================================================================== hardening
 # Each test below covers one item of the CLI / file-safety hardening issue (numbers as in the issue).
-import os  # noqa: E402
-import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 _INPUTS = ("model.safetensors", "clean.npz", "test.npz", "trig.npz")
 
@@ -479,7 +479,7 @@ def test_tiny_and_single_class_clean_sets_warn(work, capsys):
                            ("single.npz", ("single class (2)",))):
         argv = _fast(work, work / name.replace(".npz", ""))
         argv[argv.index("--clean") + 1] = str(work / name)
-        rc, stdout, err = _run(argv, capsys)
+        rc, _, err = _run(argv, capsys)
         assert rc == 0, err
         rep = json.loads((work / name.replace(".npz", "") / "report.json").read_text())
         warns = rep["reports"]["fip"]["warnings"]
@@ -510,9 +510,9 @@ def test_demo_without_a_usable_cache_warns_and_finishes(tmp_path, capsys, monkey
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("FIP_FAST_CACHE", str(tmp_path / "file" / "cache"))   # under a regular file
     out = tmp_path / "report"
-    rc, stdout, err = _run(["demo", "--subsample", "300", "--epochs", "1", "--width", "4", "--hidden", "16",
-                            "--methods", "ft", "--steps", "2", "--lambda-iters", "0", "--no-history",
-                            "--no-progress", "--out", str(out)], capsys)
+    rc, _, err = _run(["demo", "--subsample", "300", "--epochs", "1", "--width", "4", "--hidden", "16",
+                       "--methods", "ft", "--steps", "2", "--lambda-iters", "0", "--no-history",
+                       "--no-progress", "--out", str(out)], capsys)
     assert rc == 0, err
     assert "warning" in err and "will not be cached" in err
     assert (out / "report.md").is_file()

@@ -182,3 +182,78 @@ def test_resume_skips_corrupt_latest(tmp_path):
         assert ck.load_latest()["step"] == 1
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_state_dict(ck.path_for(2))
+
+
+# ---------------------------------------------------------------------------------------- hardening
+def test_staged_outputs_replace_together_or_not_at_all(tmp_path):
+    """Issue item 14: new results replace the old ones only once every one of them is complete."""
+    from fip_fast.io import StagedOutputs
+
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "b.txt").write_text("old b")
+    with pytest.raises(OSError, match="disk full"):
+        with StagedOutputs() as st:
+            with st.path(tmp_path / "a.txt") as tmp:
+                tmp.write_text("new a")
+            with st.path(tmp_path / "b.txt") as tmp:
+                raise OSError("disk full")
+    assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "b.txt").read_text() == "old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]      # no temporaries left
+    with StagedOutputs() as st:
+        for name in ("a.txt", "b.txt"):
+            with st.path(tmp_path / name) as tmp:
+                tmp.write_text("new")
+            assert (tmp_path / name).read_text().startswith("old")                # not yet replaced
+    assert (tmp_path / "a.txt").read_text() == "new" == (tmp_path / "b.txt").read_text()
+
+
+def test_staged_outputs_and_folder_inputs_protected(tmp_path):
+    """Issue item 13: an output may not be an input, nor lie inside an input folder (image-folder data)."""
+    from fip_fast.io import StagedOutputs
+
+    (tmp_path / "data" / "cls").mkdir(parents=True)
+    with pytest.raises(OverwriteInputError, match="inside the input folder"):
+        check_not_input(tmp_path / "data" / "cls" / "report.md", tmp_path / "data")
+    (tmp_path / "x.npz").write_bytes(b"precious")
+    os.link(tmp_path / "x.npz", tmp_path / "alias")
+    with pytest.raises(OverwriteInputError):
+        with StagedOutputs(protect=[tmp_path / "x.npz"]) as st:
+            with st.path(tmp_path / "alias") as tmp:
+                tmp.write_text("overwritten")
+    assert (tmp_path / "x.npz").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_atomic_outputs_follow_umask(tmp_path, mask):
+    """Issue item 20: mkstemp's 0o600 used to leak into every output."""
+    old = os.umask(mask)
+    try:
+        atomic_write_text(tmp_path / "r.md", "x")
+        save_model(_net(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("r.md", "m.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_load_weights_validates_tensors(tmp_path):
+    """Issue item 18: NaN, integer and negative-variance entries are refused with the file and entry named."""
+    from fip_fast.io import CheckpointError
+
+    cases = {"nan": ("0.weight", lambda t: t.fill_(float("nan")), "non-finite"),
+             "int": ("2.weight", lambda t: t.to(torch.int8), "torch.int8"),
+             "var": ("1.running_var", lambda t: t.fill_(-1.0), "negative running variance")}
+    for name, (key, edit, msg) in cases.items():
+        sd = _net().state_dict()
+        sd[key] = edit(sd[key].clone())
+        p = tmp_path / f"{name}.pt"
+        torch.save(sd, p)
+        with pytest.raises(CheckpointError, match=msg) as e:
+            load_weights(_fresh(), p)
+        assert str(p) in str(e.value) and key in str(e.value)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_weights(_fresh(), tmp_path / "empty.safetensors")
+    torch.save(_net().state_dict(), tmp_path / "pickle.safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_weights(_fresh(), tmp_path / "pickle.safetensors")
