@@ -191,12 +191,11 @@ def test_staged_outputs_replace_together_or_not_at_all(tmp_path):
 
     (tmp_path / "a.txt").write_text("old a")
     (tmp_path / "b.txt").write_text("old b")
-    with pytest.raises(OSError, match="disk full"):
-        with StagedOutputs() as st:
-            with st.path(tmp_path / "a.txt") as tmp:
-                tmp.write_text("new a")
-            with st.path(tmp_path / "b.txt") as tmp:
-                raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"), StagedOutputs() as st:
+        with st.path(tmp_path / "a.txt") as tmp:
+            tmp.write_text("new a")
+        with st.path(tmp_path / "b.txt") as tmp:
+            raise OSError("disk full")
     assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "b.txt").read_text() == "old b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]      # no temporaries left
     with StagedOutputs() as st:
@@ -216,10 +215,9 @@ def test_staged_outputs_and_folder_inputs_protected(tmp_path):
         check_not_input(tmp_path / "data" / "cls" / "report.md", tmp_path / "data")
     (tmp_path / "x.npz").write_bytes(b"precious")
     os.link(tmp_path / "x.npz", tmp_path / "alias")
-    with pytest.raises(OverwriteInputError):
-        with StagedOutputs(protect=[tmp_path / "x.npz"]) as st:
-            with st.path(tmp_path / "alias") as tmp:
-                tmp.write_text("overwritten")
+    with pytest.raises(OverwriteInputError), StagedOutputs(protect=[tmp_path / "x.npz"]) as st, \
+            st.path(tmp_path / "alias") as tmp:
+        tmp.write_text("overwritten")
     assert (tmp_path / "x.npz").read_bytes() == b"precious"
 
 
