@@ -25,7 +25,6 @@ per launch) and the flag combinations are a pairwise-covering set rather than th
 """
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -696,3 +695,305 @@ def test_aot_compile_sm90_kernel_variants():
                     reason="~35 s: set FIP_FAST_AOT_ALL=1 (or run python -m fip_fast.kernels._aot)")
 def test_aot_compile_sm90_all_variants():
     _check_aot(_finish_aot(_start_aot(subset=False)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-tensor step counts, lagged store-only, the anchor term by hand
+# ----------------------------------------------------------------------------------------------------------
+
+def _step_kind(steps, kind):
+    """The per-tensor counts as the optimizer's fp32 0-dim tensors, Python numbers, or a mix of both."""
+    if kind == "tensors":
+        return [torch.tensor(float(s)) for s in steps]
+    if kind == "numbers":
+        return list(steps)
+    return [torch.tensor(float(s)) if i % 2 else s for i, s in enumerate(steps)]
+
+
+@pytest.mark.parametrize("kind", ["tensors", "numbers", "mixed"])
+@pytest.mark.parametrize("lagged", [False, True])
+def test_fip_step_per_tensor_steps_match_reference(kind, lagged):
+    """Each tensor's own step count in its bias correction 1 − β^t_i (counts 1 and 7 at the first step, ...):
+    20 steps against the reference, and really per tensor (one shared count gives other parameters)."""
+    gen = torch.Generator().manual_seed(31 + lagged)
+    run = _Run(SMALL_SHAPES, torch.float32, [True, False, True, True], lagged, gen)
+    shared = {k: _clone(v) for k, v in run.ref.items()}
+    offsets = [2, 6, 0, 1]                        # at the first step tensor 2 is at 1 while tensor 1 is at 7
+    for t in range(1, 21):
+        g = run.grads()
+        steps = [t + o for o in offsets]
+        hyper = dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01, eta_r=0.7, beta=0.9, mix=None,
+                     restore_scale=None, precondition=True, damping=1e-3, step=_step_kind(steps, kind),
+                     next_pert_scale=0.02 if lagged else None, found_inf=None)
+        run.step(g, None, **hyper)
+        run.check(f"step {t}")
+        K.fip_step_(shared["params"], g, None, run.fisher0, run.anchor, shared["momentum_buf"], shared["fisher"],
+                    shared["pert"], **dict(hyper, step=t))
+    for i in (1, 3):          # the non-empty tensors whose count is not t
+        assert not torch.equal(shared["params"][i], run.tri["params"][i]), f"tensor {i}: per-tensor step ignored"
+
+
+def test_fip_step_per_tensor_steps_equal_counts_and_one_launch():
+    """Equal host counts take the one-value path; device counts make a (T,) vector; one launch either way."""
+    dmy = mt.dummy(torch.device("cpu"))
+    _, v, m = kfs.bias_correction(0.9, [3, 3.0, torch.tensor(3)], 3, torch.device("meta"), dmy)
+    assert m == mt.VALUE and v == (1.0 - torch.tensor(0.9) ** torch.tensor(3.0)).item()
+    bc, _, m = kfs.bias_correction(0.9, [torch.tensor(1.0), torch.tensor(7.0)], 2, torch.device("cpu"), dmy)
+    assert m == kfs.PER_TENSOR
+    assert torch.equal(bc, 1.0 - torch.tensor(0.9) ** torch.tensor([1.0, 7.0]))
+    p = [torch.randn(5), torch.randn(BLOCK + 3)]
+    g = [torch.randn(5), torch.randn(BLOCK + 3)]
+    z = lambda: [torch.zeros(5), torch.zeros(BLOCK + 3)]  # noqa: E731
+    with lc.counting() as launches:
+        K.fip_step_(p, g, None, [None] * 2, [None] * 2, z(), z(), None, lr=0.1, momentum=0.9, nesterov=False,
+                    weight_decay=0.0, eta_r=0.0, beta=0.9, mix=None, restore_scale=None, precondition=True,
+                    damping=1e-3, step=[torch.tensor(1.0), torch.tensor(7.0)], next_pert_scale=None, found_inf=None)
+    assert launches.by_kernel == {"_fip_step_kernel": 1}
+
+
+@pytest.mark.parametrize("nps", [0.03, torch.tensor(0.03), None])
+def test_fip_step_lagged_stores_pert_without_applying_it(nps):
+    """θ ← θ − pert_old − lr·u and pert ← next_pert_scale·g (0 when None): θ is NOT perturbed by the step."""
+    gen = torch.Generator().manual_seed(32)
+    shapes = [(7,), (BLOCK + 5,)]
+    theta = [torch.randn(s, generator=gen) for s in shapes]
+    g = [torch.randn(s, generator=gen) for s in shapes]
+    pert = [0.01 * torch.randn(s, generator=gen) for s in shapes]
+    pert_old = _clone(pert)
+    p = _clone(theta)
+    K.fip_step_(p, g, None, [None] * 2, [None] * 2, [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes],
+                pert, lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, eta_r=0.0, beta=0.9, mix=None,
+                restore_scale=None, precondition=False, damping=0.0, step=1, next_pert_scale=nps, found_inf=None)
+    s = 0.0 if nps is None else float(nps)
+    for i in range(2):
+        assert torch.equal(p[i], (theta[i] - pert_old[i]) - 0.1 * g[i]), "θ must not be perturbed by the step"
+        assert torch.equal(pert[i], s * g[i])
+
+
+def test_fip_step_anchor_term_with_theta_ne_theta0():
+    """One step from zero state, momentum 0, θ ≠ θ0, F0 ≠ 0: θ_new = θ − lr·(g + η_r·F0·(θ − θ0) + wd·θ), by
+    hand (θ0 = θ makes the anchor term zero and hides a sign flip); fp16 anchors and a tensor without one."""
+    gen = torch.Generator().manual_seed(33)
+    shapes = [(9,), (BLOCK + 2,), (4,)]
+    theta = [torch.randn(s, generator=gen) for s in shapes]
+    g = [torch.randn(s, generator=gen) for s in shapes]
+    f0 = [torch.rand(s, generator=gen) + 0.5 for s in shapes[:2]] + [None]
+    a0 = [theta[0] + 1.0 + torch.rand(shapes[0], generator=gen),
+          (theta[1] - 1.0 - torch.rand(shapes[1], generator=gen)).half(), None]
+    lr, eta_r, wd = 0.1, 0.7, 0.01
+    want = []
+    for x, gg, f, a in zip(theta, g, f0, a0):
+        d = gg.double() + wd * x.double()
+        if f is not None:
+            d = d + eta_r * f.double() * (x.double() - a.double())
+        want.append(x.double() - lr * d)
+    for impl in (R, K):
+        p = _clone(theta)
+        impl.fip_step_(p, g, None, f0, a0, [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes], None,
+                       lr=lr, momentum=0.0, nesterov=False, weight_decay=wd, eta_r=eta_r, beta=0.9, mix=None,
+                       restore_scale=None, precondition=False, damping=0.0, step=1, next_pert_scale=None,
+                       found_inf=None)
+        for i in range(3):
+            torch.testing.assert_close(p[i].double(), want[i], rtol=1e-5, atol=1e-6, msg=f"{impl.__name__} [{i}]")
+
+
+def test_global_norm_more_than_rblock_chunks():
+    """More than RBLOCK (1024) chunks: the last program must sum every partial, not only the first RBLOCK —
+    zeros in front, the values that matter in chunks 1024+ (≈1.05 M elements, ~0.5 s under the interpreter)."""
+    assert kfs.RBLOCK == 1024
+    n = (kfs.RBLOCK + 2) * BLOCK + 3           # 1027 chunks
+    x = torch.zeros(n)
+    x[-1] = 3.0                                # the last, partial chunk
+    x[(kfs.RBLOCK + 1) * BLOCK + 10] = 4.0     # chunk 1025
+    norm, fi = K.global_norm([x])
+    assert norm.item() == 5.0 and fi.item() == 0.0
+    assert R.global_norm([x])[0].item() == 5.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device guard (parameters on another GPU than the current one)
+# ----------------------------------------------------------------------------------------------------------
+
+class _FakeKernel:
+    def __init__(self):
+        self.fn = lambda: None
+        self.fn.__name__ = "_fake_kernel"
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: self.calls.append((grid, a, k))
+
+
+def test_launch_enters_the_tensors_cuda_device():
+    """A launch for tensors on cuda:1 while cuda:0 is current runs inside torch.cuda.device(1); same device or CPU
+    tensors: no guard.  (Mocked: no GPU here; the real thing is test_triton_on_second_gpu.)"""
+    entered = []
+
+    class _Guard:
+        def __init__(self, idx):
+            self.idx = idx
+
+        def __enter__(self):
+            entered.append(self.idx)
+
+        def __exit__(self, *exc):
+            return False
+
+    kern = _FakeKernel()
+    with mock.patch.object(torch.cuda, "current_device", return_value=0), \
+            mock.patch.object(torch.cuda, "device", _Guard):
+        lc.launch(kern, (3,), 1, 2, device=torch.device("cuda", 1), BLOCK=4)
+        assert entered == [1]
+        lc.launch(kern, (3,), device=torch.device("cuda", 0))
+        lc.launch(kern, (3,), torch.zeros(1))          # device inferred: CPU, no guard
+        assert entered == [1]
+    assert kern.calls[0] == ((3,), (1, 2), {"BLOCK": 4}), "device= must not be forwarded to the kernel"
+
+
+def test_every_op_passes_its_tensors_device_to_launch():
+    seen = []
+    real = lc.launch
+
+    def spy(kernel, grid, *args, device=None, **kwargs):
+        seen.append(device)
+        return real(kernel, grid, *args, device=device, **kwargs)
+
+    ts = [torch.randn(5), torch.randn(3)]
+    z = lambda: [torch.zeros(5), torch.zeros(3)]  # noqa: E731
+    with mock.patch.multiple(kfs, launch=spy), mock.patch.multiple(K._fi, launch=spy), \
+            mock.patch.multiple(K._sp, launch=spy):
+        K.fip_step_(_clone(ts), ts, None, [None] * 2, [None] * 2, z(), z(), z(), lr=0.1, momentum=0.9,
+                    nesterov=False, weight_decay=0.0, eta_r=0.0, beta=0.9, mix=None, restore_scale=None,
+                    precondition=True, damping=1e-3, step=[1, 2], next_pert_scale=0.1, found_inf=None)
+        K.perturb_(_clone(ts), ts, 0.1)
+        K.fisher_accumulate_(z(), ts, 0.9, 0.1)
+        K.global_norm(ts)
+        K.spectral_weight(torch.randn(6, 4), torch.rand(4), torch.randn(4), torch.randn(4, 5))
+        K.spectral_linear_grad(torch.randn(3, 5), torch.randn(3, 6), torch.randn(6, 4), torch.rand(4),
+                               torch.randn(4), torch.randn(4, 5))
+    assert seen == [torch.device("cpu")] * 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 2),
+                    reason="needs two CUDA devices")
+def test_triton_on_second_gpu():
+    """Parameters on cuda:1 while cuda:0 is current: every op runs on cuda:1 and matches the reference there."""
+    ok, why = K.available("cuda")
+    if not ok:
+        pytest.skip(why)
+    dev = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    shapes = [(BLOCK + 3,), (5, 7)]
+    p = [torch.randn(s, generator=gen, device=dev) for s in shapes]
+    g = [torch.randn(s, generator=gen, device=dev) for s in shapes]
+    st = {k: [torch.zeros(s, device=dev) for s in shapes] for k in ("m", "f", "e")}
+    st_r = {k: _clone(v) for k, v in st.items()}
+    p_r = _clone(p)
+    hyper = dict(lr=torch.tensor(0.1, device=dev), momentum=0.9, nesterov=False, weight_decay=0.0, eta_r=0.0,
+                 beta=0.9, mix=None, restore_scale=None, precondition=True, damping=1e-3,
+                 step=[torch.tensor(1.0, device=dev), torch.tensor(7.0, device=dev)], next_pert_scale=0.01,
+                 found_inf=torch.tensor(0.0, device=dev))
+    K.fip_step_(p, g, None, [None] * 2, [None] * 2, st["m"], st["f"], st["e"], **hyper)
+    R.fip_step_(p_r, g, None, [None] * 2, [None] * 2, st_r["m"], st_r["f"], st_r["e"], **hyper)
+    K.perturb_(p, g, 0.5)
+    R.perturb_(p_r, g, 0.5)
+    n, fi = K.global_norm(p)
+    torch.cuda.synchronize(dev)
+    assert torch.cuda.current_device() == 0
+    for a, b in zip(p + st["m"] + st["e"], p_r + st_r["m"] + st_r["e"]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(n, R.global_norm(p_r)[0], rtol=1e-5, atol=1e-6)
+    assert n.device == dev and fi.item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-contiguous (dense) layouts: channels_last; fallback to foreach for layouts the kernels cannot walk
+# ----------------------------------------------------------------------------------------------------------
+
+def _channels_last_model_tensors(gen):
+    conv = torch.nn.Conv2d(3, 8, 3)
+    conv2 = torch.nn.Conv2d(8, 4, 1)
+    with torch.no_grad():
+        for m in (conv, conv2):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
+    model = torch.nn.Sequential(conv, torch.nn.ReLU(), conv2).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 9, 9, generator=gen).to(memory_format=torch.channels_last)
+    model(x).square().sum().backward()
+    ps = [q.detach() for q in model.parameters()]
+    gs = [q.grad for q in model.parameters()]
+    assert not ps[0].is_contiguous() and gs[0].stride() == ps[0].stride()
+    return ps, gs
+
+
+def test_channels_last_parameters_run_in_the_kernels(caplog):
+    gen = torch.Generator().manual_seed(34)
+    ps, gs = _channels_last_model_tensors(gen)
+    like = lambda ts, f: [f(t.shape).to(memory_format=torch.channels_last) if t.dim() == 4 else f(t.shape)  # noqa: E731
+                          for t in ts]
+    f0 = like(ps, lambda s: torch.rand(s, generator=gen))
+    a0 = [p + 0.1 * q for p, q in zip(ps, like(ps, lambda s: torch.randn(s, generator=gen)))]
+    assert a0[0].stride() == ps[0].stride()
+    hyper = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, eta_r=0.7, beta=0.9, mix=None,
+                 restore_scale=None, precondition=True, damping=1e-3, next_pert_scale=0.02, found_inf=None)
+    out = {}
+    with caplog.at_level("WARNING", logger="fip_fast"), lc.counting() as launches:
+        for impl in (R, K):
+            p = [t.clone(memory_format=torch.preserve_format) for t in ps]
+            m, f = like(ps, torch.zeros), like(ps, torch.zeros)
+            e = [0.01 * t for t in gs]
+            for t in range(1, 4):
+                impl.fip_step_(p, gs, None, f0, a0, m, f, e, step=[torch.tensor(float(t + i)) for i in range(len(p))],
+                               **hyper)
+            impl.perturb_(p, gs, 0.3)
+            impl.fisher_accumulate_(f, gs, 0.9, 0.1)
+            out[impl.__name__] = (p, m, f, e, impl.global_norm(p + gs))
+    assert not caplog.records, "channels_last tensors fell back"
+    assert launches.by_kernel == {"_fip_step_kernel": 3, "_perturb_kernel": 1, "_fisher_kernel": 1, "_norm_kernel": 1}
+    (pr, mr, fr, er, nr), (pk, mk, fk, ek, nk) = out[R.__name__], out[K.__name__]
+    for a, b in zip(pk + mk + fk + ek, pr + mr + fr + er):
+        assert a.stride() == b.stride()
+        _close(a, b, what="channels_last")
+    torch.testing.assert_close(nk[0], nr[0], rtol=1e-6, atol=1e-7)
+
+
+def test_mismatched_layouts_fall_back_to_foreach_with_a_warning(caplog):
+    """A contiguous gradient beside a channels_last parameter (and a strided view): foreach for that call, same
+    results, one WARNING per reason — never an exception for an input foreach handles."""
+    gen = torch.Generator().manual_seed(35)
+    p = torch.randn(4, 3, 3, 3, generator=gen).to(memory_format=torch.channels_last)
+    g = torch.randn(4, 3, 3, 3, generator=gen)                   # contiguous
+    view = torch.randn(6, 8, generator=gen)[:, ::2]               # strided, not dense
+    gv = torch.randn(6, 4, generator=gen)
+    hyper = dict(lr=0.05, momentum=0.9, nesterov=False, weight_decay=0.0, eta_r=0.0, beta=0.9, mix=None,
+                 restore_scale=None, precondition=True, damping=1e-3, step=[2, 5], next_pert_scale=None,
+                 found_inf=None)
+    res = {}
+    mt._fallback_logged.clear()
+    with caplog.at_level("WARNING", logger="fip_fast"):
+        for impl in (R, K):
+            ps = [p.clone(memory_format=torch.preserve_format), view.clone()]
+            ps[1] = torch.zeros(6, 8)[:, ::2].copy_(view)
+            m = [torch.zeros_like(p), torch.zeros(6, 4)]
+            f = [torch.zeros_like(p), torch.zeros(6, 4)]
+            with lc.counting() as launches:
+                impl.fip_step_(ps, [g, gv], None, [None] * 2, [None] * 2, m, f, None, **hyper)
+                impl.perturb_(ps, [g, gv], 0.5)
+                impl.fisher_accumulate_(f, [g, gv], 0.9, 0.1)
+                n = impl.global_norm([view, g])
+            res[impl.__name__] = (ps, m, f, n)
+            if impl is K:
+                assert launches.by_kernel == {"_norm_kernel": 1}   # the norm copies the strided view instead
+    flat = {k: [t for lst in v[:3] for t in lst] for k, v in res.items()}
+    for a, b in zip(flat[K.__name__], flat[R.__name__]):
+        _close(a, b, what="fallback")
+    torch.testing.assert_close(res[K.__name__][3][0], res[R.__name__][3][0], rtol=1e-6, atol=1e-7)
+    msgs = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for op in ("fip_step_", "perturb_", "fisher_accumulate_"):
+        assert sum(f"impl='triton' {op} falls back to impl='foreach'" in m for m in msgs) == 1, msgs
+    # once per reason: a second call logs nothing new
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fip_fast"):
+        K.perturb_([p.clone(memory_format=torch.preserve_format), torch.zeros(6, 8)[:, ::2]], [g, gv], 0.5)
+    assert not caplog.records

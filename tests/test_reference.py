@@ -153,7 +153,41 @@ def test_fip_step_lagged_restores_then_sets_next():
                 damping=1e-3, step=1, next_pert_scale=0.3, found_inf=0.0)
     theta = torch.tensor([0.9, 1.8]) - 0.1 * g
     torch.testing.assert_close(pert, 0.3 * g)
-    torch.testing.assert_close(p, theta + 0.3 * g)
+    torch.testing.assert_close(p, theta)    # stored, not applied: the optimizer perturbs θ at the next forward
+
+
+def test_fip_step_anchor_one_step_by_hand():
+    """One step from zero state, momentum 0, θ ≠ θ0, F0 ≠ 0: θ_new = θ − lr·(g + η_r·F0·(θ − θ0) + wd·θ).
+    (With θ0 = θ the anchor term vanishes and a sign error in it would go unnoticed.)"""
+    p = torch.tensor([1.0, -2.0, 0.5]); g = torch.tensor([0.5, 0.25, -1.0])
+    f0 = torch.tensor([2.0, 0.5, 1.5]); a = torch.tensor([0.25, -1.0, 1.5])
+    lr, wd, eta_r = 0.1, 0.01, 0.5
+    want = [th - lr * (gi + eta_r * fi * (th - ai) + wd * th)
+            for th, gi, fi, ai in zip([1.0, -2.0, 0.5], [0.5, 0.25, -1.0], [2.0, 0.5, 1.5], [0.25, -1.0, 1.5])]
+    # by hand: 1 − 0.1·(0.5 + 0.75 + 0.01) = 0.874;  −2 − 0.1·(0.25 − 0.25 − 0.02) = −1.998;
+    #          0.5 − 0.1·(−1 − 0.75 + 0.005) = 0.6745
+    assert want == pytest.approx([0.874, -1.998, 0.6745], abs=1e-12)
+    buf, fis = torch.zeros(3), torch.zeros(3)
+    R.fip_step_([p], [g], None, [f0], [a], [buf], [fis], None, lr=lr, momentum=0.0, nesterov=False,
+                weight_decay=wd, eta_r=eta_r, beta=0.9, mix=None, restore_scale=None, precondition=False,
+                damping=0.0, step=1, next_pert_scale=None, found_inf=None)
+    torch.testing.assert_close(p, torch.tensor(want), rtol=0, atol=1e-6)
+
+
+def test_fip_step_per_tensor_step_counts_by_hand():
+    """step as one count per tensor: tensor i is preconditioned with its own 1 − β^t_i (fp32)."""
+    beta, lam, lr = 0.9, 1e-3, 0.1
+    ps = [torch.tensor([1.0]), torch.tensor([1.0])]
+    g = [torch.tensor([0.5]), torch.tensor([0.5])]
+    fis = [torch.zeros(1), torch.zeros(1)]
+    R.fip_step_(ps, g, None, [None, None], [None, None], [torch.zeros(1), torch.zeros(1)], fis, None, lr=lr,
+                momentum=0.0, nesterov=False, weight_decay=0.0, eta_r=0.0, beta=beta, mix=None, restore_scale=None,
+                precondition=True, damping=lam, step=[1, torch.tensor(7.0)], next_pert_scale=None, found_inf=None)
+    f = (1 - beta) * 0.25
+    for p, t in zip(ps, (1, 7)):
+        want = 1.0 - lr * 0.5 / (f / (1 - beta ** t) + lam)
+        assert abs(p.item() - want) < 1e-5, (t, p.item(), want)
+    assert abs(ps[0].item() - ps[1].item()) > 1e-3
 
 
 def test_found_inf_writes_nothing():
