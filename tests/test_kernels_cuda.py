@@ -76,6 +76,8 @@ MODES = {
     "fd": dict(fd=True, weight_decay=1e-3),
     "lagged": dict(lagged=True),
     "precond_nesterov": dict(precondition=True, nesterov=True, weight_decay=5e-4),
+    # each parameter's own state["step"] (fp32 CUDA 0-dim tensors; counts differ: 1 and 7 at the first step)
+    "per_tensor_steps": dict(precondition=True, per_tensor_steps=True, lagged=True),
 }
 
 
@@ -94,7 +96,12 @@ def _run(impl, P, G, A, mode, steps=20, seed=0, device_scalars=True):
     def sc(x):
         return torch.tensor(float(x), device=DEV) if (device_scalars and x is not None) else x
 
+    offsets = [(0, 6, 2, 11)[i % 4] for i in range(len(params))]
+    state_steps = [torch.tensor(float(o), device=DEV) for o in offsets]   # like the optimizer's state["step"]
+
     for step in range(1, steps + 1):
+        for s in state_steps:
+            s.add_(1.0)
         grads = [torch.randn(p.shape, generator=gen, device=DEV).to(G) for p in params]
         gpert = [(g.float() + 0.3 * torch.randn(g.shape, generator=gen, device=DEV)).to(G) for g in grads] \
             if m.get("fd") else None
@@ -102,7 +109,9 @@ def _run(impl, P, G, A, mode, steps=20, seed=0, device_scalars=True):
                       lr=sc(0.05), momentum=0.9, nesterov=m.get("nesterov", False),
                       weight_decay=m.get("weight_decay", 0.0), eta_r=0.5, beta=0.95,
                       mix=sc(0.7) if m.get("fd") else None, restore_scale=sc(0.01 * step) if m.get("fd") else None,
-                      precondition=m.get("precondition", False), damping=1e-3, step=sc(step),
+                      precondition=m.get("precondition", False), damping=1e-3,
+                      step=(state_steps if device_scalars else [float(s) for s in state_steps])
+                      if m.get("per_tensor_steps") else sc(step),
                       next_pert_scale=(sc(0.02) if step % 5 else None) if m.get("lagged") else None,
                       found_inf=sc(0.0) if step % 2 else None)
     return params, mom, fisher, pert
@@ -327,7 +336,73 @@ def test_int64_indexing_beyond_2_31_elements():
     assert math.isclose(norm.item(), math.sqrt(0.25 * n), rel_tol=1e-5) and fi.item() == 0.0
 
 
-@pytest.mark.parametrize("mode", ["plain", "fd", "lagged", "precond_nesterov"])
+def test_per_tensor_steps_change_the_result_and_keep_the_table():
+    """Per-tensor counts really are per tensor (differ from one shared count), and the optimizer's fp32 CUDA
+    state["step"] tensors are used in place: the table is uploaded once, not every step."""
+    ext = _ext()
+    a = _run("cuda", torch.float32, torch.float32, torch.float32, "per_tensor_steps", steps=3)
+    b = _run("cuda", torch.float32, torch.float32, torch.float32, "per_tensor_steps", steps=3, device_scalars=False)
+    for x, y in zip(a[0], b[0]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)        # device counts == the same counts as numbers
+    gen = torch.Generator(device=DEV).manual_seed(9)
+    p = [torch.randn(100, generator=gen, device=DEV) for _ in range(2)]
+    g = [torch.randn(100, generator=gen, device=DEV) for _ in range(2)]
+    st = [torch.tensor(1.0, device=DEV), torch.tensor(7.0, device=DEV)]
+    kw = dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, eta_r=0.0, beta=0.9, mix=None,
+              restore_scale=None, precondition=True, damping=1e-3, next_pert_scale=None, found_inf=None)
+    z = lambda: [torch.zeros(100, device=DEV) for _ in range(2)]  # noqa: E731
+    q1, q2 = _clone(p), _clone(p)
+    ops.fip_step_(q1, g, None, [None] * 2, [None] * 2, z(), z(), None, impl="cuda", step=st, **kw)
+    ops.fip_step_(q2, g, None, [None] * 2, [None] * 2, z(), z(), None, impl="cuda", step=1, **kw)
+    assert torch.equal(q1[0], q2[0]) and not torch.equal(q1[1], q2[1])
+    m, f = z(), z()
+    ops.fip_step_(q1, g, None, [None] * 2, [None] * 2, m, f, None, impl="cuda", step=st, **kw)
+    u0 = ext.launch_counts()["table_uploads"]
+    for _ in range(3):
+        for s in st:
+            s.add_(1.0)
+        ops.fip_step_(q1, g, None, [None] * 2, [None] * 2, m, f, None, impl="cuda", step=st, **kw)
+    assert ext.launch_counts()["table_uploads"] == u0
+
+
+def test_lagged_step_stores_pert_without_applying_it():
+    _ext()
+    gen = torch.Generator(device=DEV).manual_seed(10)
+    p = [torch.randn(3000, generator=gen, device=DEV)]
+    g = [torch.randn(3000, generator=gen, device=DEV)]
+    pert = [0.01 * torch.randn(3000, generator=gen, device=DEV)]
+    theta = p[0] - pert[0] - 0.1 * g[0]
+    ops.fip_step_(p, g, None, [None], [None], [torch.zeros(3000, device=DEV)], [torch.zeros(3000, device=DEV)], pert,
+                  impl="cuda", lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0, eta_r=0.0, beta=0.9, mix=None,
+                  restore_scale=None, precondition=False, damping=0.0, step=1, next_pert_scale=0.03, found_inf=None)
+    torch.testing.assert_close(p[0], theta, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(pert[0], 0.03 * g[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu_while_first_is_current():
+    """Parameters on cuda:1, current device cuda:0: the binding's CUDAGuard launches on cuda:1."""
+    _ext()
+    dev = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    gen = torch.Generator(device=dev).manual_seed(11)
+    p = [torch.randn(5000, generator=gen, device=dev)]
+    g = [torch.randn(5000, generator=gen, device=dev)]
+    pr = _clone(p)
+    mom, fis = [torch.zeros(5000, device=dev)], [torch.zeros(5000, device=dev)]
+    mr, fr = _clone(mom), _clone(fis)
+    kw = dict(lr=torch.tensor(0.1, device=dev), momentum=0.9, nesterov=False, weight_decay=0.0, eta_r=0.0, beta=0.9,
+              mix=None, restore_scale=None, precondition=True, damping=1e-3, step=[torch.tensor(3.0, device=dev)],
+              next_pert_scale=None, found_inf=torch.tensor(0.0, device=dev))
+    ops.fip_step_(p, g, None, [None], [None], mom, fis, None, impl="cuda", **kw)
+    reference.fip_step_(pr, g, None, [None], [None], mr, fr, None, **kw)
+    n, _ = ops.global_norm(p, impl="cuda")
+    torch.cuda.synchronize(dev)
+    assert torch.cuda.current_device() == 0 and n.device == dev
+    torch.testing.assert_close(p[0], pr[0], **PTOL[torch.float32])
+
+
+@pytest.mark.parametrize("mode", ["plain", "fd", "lagged", "precond_nesterov", "per_tensor_steps"])
 @pytest.mark.parametrize("P", [torch.float32, torch.bfloat16])
 def test_cuda_agrees_with_triton(mode, P):
     from fip_fast import kernels
