@@ -6,7 +6,7 @@
     (``--attack``, BadNets by default; cached by configuration so a re-run starts at purification), report its
     ACC / ASR / RA, purify it with Fast FIP, FIP and a plain fine-tuning control (the same loop with the
     suppressor and the anchor switched off), print a table (ACC, ASR, RA, λ_max, wall time, trainable
-    parameters) and write a report folder (Markdown, JSON, PNG plots), atomically.
+    parameters) and write a report folder (Markdown, JSON, PNG plots).
 
 ``fip-fast purify``
     Purify your own model: an architecture (registry name or ``module:factory``), a checkpoint (safetensors or a
@@ -16,6 +16,13 @@
     ``torchrun --nproc_per_node=2 -m fip_fast.cli purify --distributed ddp …`` (same result as one process).
 
 Every flag is documented in ``fip-fast <command> --help``.
+
+File safety (the checkpoint is untrusted, the user's files are precious): every flag and the output locations
+are checked before any work (usage errors: one line, exit status 2); an existing non-empty ``--out`` is refused
+unless ``--overwrite``, which replaces only the tool's own output names (:data:`OUTPUT_NAMES`), never an input
+and never anything else; all outputs are staged beside their destinations and replace the previous ones only
+once every one is complete (:class:`fip_fast.io.StagedOutputs`); a diverged purification (non-finite values, or
+most steps skipped) writes its report but no model and exits with status 3.
 """
 from __future__ import annotations
 
@@ -491,6 +498,13 @@ def _demo_cache_usable(cache_dir: Path) -> bool:
     return True
 
 
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:                   # e.g. a cache folder that cannot be searched: no cache entry
+        return False
+
+
 def _demo_backdoored(args, cfg, sp, atk, in_channels: int, dev, cache_file: Path, cache_ok: bool, say):
     """The demo's backdoored CNN: from the cache when a valid entry exists, else trained (and cached when the
     cache is usable; an unreadable entry or a failed write is a warning).  Returns (model, trained, seconds)."""
@@ -502,7 +516,7 @@ def _demo_backdoored(args, cfg, sp, atk, in_channels: int, dev, cache_file: Path
     torch.manual_seed(args.seed)     # the initial weights too: same seed, same backdoored model
     model = models.build_model("cnn", num_classes=10, in_channels=in_channels, width=args.width, hidden=args.hidden)
     t0 = time.perf_counter()
-    if not args.no_cache and cache_file.is_file():
+    if not args.no_cache and _is_file(cache_file):
         try:
             load_weights(model, cache_file)
             model.to(dev).eval()
@@ -820,6 +834,8 @@ def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
     print(_table([before_row, row]), flush=True)
     for w in rep.warnings:            # logged when found, repeated here beside the result they qualify
         _warn(f"{args.method}: {w}")
+    if rep.skipped_steps and not diverged:
+        _warn(f"{args.method}: {rep.skipped_steps} of {rep.steps_run} steps were skipped for non-finite gradients")
     payload = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "before": before_row,
                "results": [row], "reports": {args.method: rep.to_dict()}, "diverged": diverged,
                "purified_weights": None if diverged else str(save_path)}
