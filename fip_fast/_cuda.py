@@ -21,7 +21,9 @@ What the kernels take (anything else falls back to :mod:`fip_fast._foreach` for 
 tensors of fp32 / fp16 / bf16 parameters and gradients, fp32 state (momentum, Fisher, lagged perturbation, F0),
 anchors θ0 in fp32 or in the parameter dtype, every tensor either contiguous or sharing its parameter's dense
 layout.  Scalars (``lr``, ``mix``, scales, ``step``, ``found_inf``) may be Python numbers, CPU tensors or CUDA
-tensors; CUDA tensors are read by the kernels (no host synchronisation).
+tensors; CUDA tensors are read by the kernels (no host synchronisation).  ``step`` may also be a sequence with one
+count per tensor (each parameter's ``state["step"]``): each tensor's bias correction then uses its own count.  The
+lagged step stores the next perturbation without applying it (the optimizer applies it with ``perturb_``).
 """
 from __future__ import annotations
 

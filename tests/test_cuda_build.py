@@ -501,6 +501,18 @@ def test_scalar_conversion_keeps_host_values_on_host():
     assert _cuda._found_inf(0.0, dev) == (False, None)
 
 
+def test_per_tensor_step_counts_conversion():
+    """_cuda._step_counts: equal host counts → the single-count path; differing ones → one fp32 tensor per entry
+    on the device (CPU here, standing in for the device: the conversion is device-agnostic)."""
+    cpu = torch.device("cpu")
+    assert _cuda._step_counts([3, 3.0, torch.tensor(3)], cpu, 3) == (None, 3.0, None)
+    t, v, steps = _cuda._step_counts([1, torch.tensor(7, dtype=torch.int64)], cpu, 2)
+    assert t is None and [s.dtype for s in steps] == [torch.float32] * 2
+    assert [float(s) for s in steps] == [1.0, 7.0] and all(s.dim() == 0 for s in steps)
+    with pytest.raises(ValueError, match="one step count per tensor"):
+        _cuda._step_counts([1, 2], cpu, 3)
+
+
 # Spectral ops of impl="cuda" are torch ops (cuBLAS on a GPU): they run on CPU tensors too, so check them here.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("relative", [False, True])
