@@ -338,16 +338,15 @@ def fip_for_fsdp(params, **kwargs):
 def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     extra: Optional[dict] = None) -> None:
     """Save model (+ optimizer) with ``torch.distributed.checkpoint``: every rank writes its own shards to the
-    directory ``path``.  Works for plain, DDP and FSDP2 models.  With ``"lagged"`` FIP call it inside
-    ``with opt.unperturbed():`` (as for any state_dict).  ``extra``: small picklable metadata (rank 0's copy
+    directory ``path``.  Works for plain, DDP and FSDP2 models.  With ``"lagged"`` FIP, call it between steps
+    (the parameters then hold θ; the stored perturbation is saved and is pending again after loading).  ``extra``: small picklable metadata (rank 0's copy
     is saved)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
     m = unwrap(model)
     if optimizer is not None:
         msd, osd = get_state_dict(m, optimizer)
-        perturbed = bool(getattr(optimizer, "is_perturbed", False))
-        state = {"model": msd, "optim": osd, "fip_perturbed": perturbed}
+        state = {"model": msd, "optim": osd}
     else:
         state = {"model": get_model_state_dict(m)}
     state["extra_json"] = json.dumps(extra if extra is not None else {})
@@ -370,16 +369,13 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
                 for p in group["params"]:
                     optimizer._lazy_state(p, group)
         msd, osd = get_state_dict(m, optimizer)
-        state = {"model": msd, "optim": osd, "fip_perturbed": False, "extra_json": "{}"}
+        state = {"model": msd, "optim": osd, "extra_json": "{}"}
     else:
         state = {"model": get_model_state_dict(m), "extra_json": "{}"}
     dcp.load(state, checkpoint_id=path)
     if optimizer is not None:
         set_state_dict(m, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         _fp32_state(optimizer)
-        if state.get("fip_perturbed") and hasattr(optimizer, "_apply_pert"):
-            optimizer._apply_pert(1.0)
-            optimizer._perturbed = True
     else:
         set_model_state_dict(m, state["model"])
     return json.loads(state["extra_json"])

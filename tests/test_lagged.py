@@ -68,9 +68,10 @@ def _lagged(model, **kw):
 
 
 def _clean(model, opt):
-    """θ = (θ + e) − e for every parameter (what the next step / unperturbed() restores)."""
-    return [p.detach() - opt.state[p]["pert"] if "pert" in opt.state[p] else p.detach().clone()
-            for p in model.parameters()]
+    """θ for every parameter: (θ + e) − e while e is applied (what the next step / unperturbed() restores), the
+    parameters themselves between steps (e stored, applied at the next training forward)."""
+    return [p.detach() - opt.state[p]["pert"] if opt.is_perturbed and "pert" in opt.state[p]
+            else p.detach().clone() for p in model.parameters()]
 
 
 # ------------------------------------------------------------------------------------------------ 1. parity
@@ -154,7 +155,13 @@ def test_drop_perturbation_and_find_fip():
         def __init__(self, o):
             self.optimizer = o
     assert find_fip(Wrapper(opt)) is opt and find_fip(torch.optim.SGD(model.parameters(), 0.1)) is None
-    # Inside unperturbed(): weights are already clean, only e is zeroed, leaving re-applies nothing.
+    # Between steps the weights are θ and e is pending; after a training forward e is applied.  Inside
+    # unperturbed() the weights are clean again; dropping e there zeroes it and leaving re-applies nothing.
+    assert not opt.is_perturbed and all(torch.equal(p, c) for p, c in zip(model.parameters(), clean))
+    with torch.enable_grad():
+        model(x)
+    assert opt.is_perturbed
+    clean = _clean(model, opt)          # (θ + e) − e: what taking e off gives, bit for bit
     with opt.unperturbed():
         drop_perturbation(Wrapper(opt))
     for p, c in zip(model.parameters(), clean):
@@ -195,7 +202,7 @@ def _scaler_run(batches, poison_at=None, trace_every=2, autocast=True):
         scaler.scale(loss).backward()
         scaler.step(opt)                             # no closure: FIP lagged works under GradScaler
         scaler.update()
-        snaps[i] = (before, _snapshot(model, opt))
+        snaps[i] = (before, _snapshot(model, opt), opt.is_perturbed)
     return model, opt, scaler, snaps
 
 
@@ -206,8 +213,12 @@ def test_gradscaler_planted_inf_skips_cleanly(trace_every, k):
     batches = _batches(9, seed=5)
     m1, o1, s1, snaps = _scaler_run(batches, poison_at=k, trace_every=trace_every)
     assert s1.get_scale() == 2.0 ** 11               # the scaler saw the inf and backed off
-    before, after = snaps[k]
-    _assert_snap_equal(before, after)                # weights (θ + e), e and every state tensor keep their bits
+    before, after, applied = snaps[k]
+    # θ, e and every state tensor keep their bits.  (The skipped batch's forward applied e and GradScaler never
+    # called step(), so the weights hold θ + e now: compare θ = (θ + e) − e.)
+    if applied:
+        after = ([p - e for p, e in zip(after[0], (s["pert"] for s in after[1]))], after[1])
+    _assert_snap_equal(before, after, rtol=1e-6, atol=1e-7)
     assert before[1][0]["momentum_buffer"].abs().sum() > 0                  # state is non-trivial
     perturbed = any(s["pert"].abs().sum() > 0 for s in before[1])
     assert perturbed == (k % trace_every == 0)       # the skip happened at θ + e on suppressor calls
@@ -358,15 +369,21 @@ def _compile_run(backend, steps=6):
             o.zero_grad()
             F.cross_entropy(m(x), y).backward()
             o.step()
-    # The compiled forward reads the parameters as they are now (θ + e), not a stale copy …
-    x = data[0][0]
-    torch.testing.assert_close(cmodel(x), comp(x), rtol=1e-5, atol=1e-6)
-    with oc.unperturbed():                          # … and sees the unperturbed ones inside the context.
-        torch.testing.assert_close(cmodel(x), comp(x), rtol=1e-5, atol=1e-6)
-        clean = cmodel(x).detach()
-    assert not torch.allclose(clean, cmodel(x))     # the perturbation is back (call 5 set e for call 6)
+    # Between steps both hold θ (call 5 stored e for call 6, not applied yet): same weights, same outputs.
     for p, q in zip(eager.parameters(), comp.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    x = data[0][0]
+    with torch.no_grad():
+        clean = cmodel(x)
+        torch.testing.assert_close(clean, eager(x), rtol=1e-5, atol=1e-6)
+    assert not oc.is_perturbed
+    # The next training forward applies e, and the compiled graph reads the parameters as they are now …
+    out = cmodel(x)
+    assert oc.is_perturbed
+    torch.testing.assert_close(out, comp(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(clean, out.detach())
+    with oc.unperturbed():                          # … and sees the unperturbed ones inside the context.
+        torch.testing.assert_close(cmodel(x), clean, rtol=1e-5, atol=1e-6)
 
 
 def test_torch_compile_aot_eager():
@@ -459,3 +476,81 @@ def test_hf_trainer_resume_from_checkpoint_continues_the_trajectory():
                                                                                                       "checkpoint-2"))
         for p, q in zip(full, m2.parameters()):
             torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ 7. drop-in
+def test_plain_loop_without_any_helper_ends_unperturbed():
+    """No drop_perturbation, no callback: after every step — and so at the end — the model holds θ, and what a
+    user saves is θ.  The trajectory is the lagged one (e applied at the next training forward)."""
+    batches = _batches(6, seed=21)
+    model = Net()
+    opt = _lagged(model, trace_every=2)
+    twins = []
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert not opt.is_perturbed
+        twins.append([p.detach().clone() for p in model.parameters()])
+        with torch.no_grad():
+            model(x)                         # evaluation between steps leaves θ alone
+        assert all(torch.equal(a, p) for a, p in zip(twins[-1], model.parameters()))
+    sd = model.state_dict()
+    for (k, v), p in zip(sd.items(), model.parameters()):
+        assert torch.equal(v, p.detach())
+    assert any(opt.state[p]["pert"].abs().sum() > 0 for p in model.parameters())   # call 5 stored e for call 6
+    # Same trajectory as the pre-hook-free formulation: apply e by hand before each forward.
+    m2 = Net()
+    o2 = _lagged(m2, trace_every=2)
+    for x, y in batches:
+        o2.apply_perturbation()
+        o2.zero_grad()
+        F.cross_entropy(m2(x), y).backward()
+        o2.step()
+    for p, q in zip(model.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_forward_that_bypasses_modules_gets_a_plain_step_and_a_warning(caplog):
+    model = Net()
+    opt = _lagged(model, trace_every=1)
+    x, y = _batches(1)[0]
+    import logging
+    with caplog.at_level(logging.WARNING, logger="fip_fast"):
+        for _ in range(3):
+            opt.zero_grad()
+            h = torch.tanh(F.linear(x, model.l1.weight, model.l1.bias))    # no nn.Module.__call__
+            F.cross_entropy(F.linear(h, model.l2.weight, model.l2.bias) * model.scale, y).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any("not applied" in r.message for r in caplog.records)
+    del before
+
+
+def test_hf_trainer_without_callback_saves_and_evaluates_unperturbed_weights():
+    with tempfile.TemporaryDirectory() as d:
+        transformers, model, opt, ds, args, _ = _hf_setup(d)
+        seen = dict(step_end={}, eval={})
+
+        class Spy(transformers.TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                assert not opt.is_perturbed
+                seen["step_end"][state.global_step] = [p.detach().clone() for p in model.parameters()]
+
+            def on_evaluate(self, args, state, control, **kw):
+                seen["eval"][state.global_step] = [p.detach().clone() for p in model.parameters()]
+
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds[:8],
+                                       optimizers=(opt, None), callbacks=[Spy()])
+        trainer.train()
+        assert sorted(seen["eval"]) == [2, 4]
+        for step in (2, 4):
+            for p, c in zip(seen["eval"][step], seen["step_end"][step]):
+                assert torch.equal(p, c)
+            ck = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(d, f"checkpoint-{step}"))
+            for (n, p), c in zip(ck.named_parameters(), seen["step_end"][step]):
+                assert torch.equal(p, c), n
+        assert any(opt.state[p]["pert"].abs().sum() > 0 for p in model.parameters())   # step 4 stored e
+        for p, c in zip(model.parameters(), seen["step_end"][4]):
+            assert torch.equal(p.detach(), c)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip_fast import FIP, estimate_fisher
+from fip_fast import FIP, estimate_fisher, ops
 from fip_fast import reference as R
 
 STATE_KEYS = ("step", "momentum_buffer", "fisher", "anchor", "fisher0", "pert")
@@ -277,19 +277,34 @@ def test_lagged_unperturbed_and_state_dict_resume():
         o.step()
     one(model, opt)            # call 0 (suppressor calls are 0, 2, 4, …)
     assert all(opt.state[p]["pert"].abs().sum() == 0 for p in model.parameters())
-    one(model, opt)            # call 1 precedes the suppressor call 2 → perturbation applied now
+    one(model, opt)            # call 1 precedes the suppressor call 2 → it stores e, applied lazily
     pert = [opt.state[p]["pert"] for p in model.parameters()]
     assert any(t.abs().sum() > 0 for t in pert)
+    # Between steps the parameters hold θ: evaluation under no_grad and eval mode leave them alone.
+    clean = [p.detach().clone() for p in model.parameters()]
+    assert not opt.is_perturbed
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    with torch.enable_grad():
+        model(x)
+    model.train()
+    assert not opt.is_perturbed and all(torch.equal(a, p) for a, p in zip(clean, model.parameters()))
+    # The first training forward with gradients applies e.
+    with torch.enable_grad():
+        model(x)
+    assert opt.is_perturbed
     perturbed = [p.detach().clone() for p in model.parameters()]
+    for a, b, e in zip(perturbed, clean, pert):
+        torch.testing.assert_close(a - e, b)
     with opt.unperturbed():
-        clean = [p.detach().clone() for p in model.parameters()]
-        for a, b, e in zip(perturbed, clean, pert):
-            torch.testing.assert_close(a - e, b)
+        for a, p in zip(clean, model.parameters()):
+            torch.testing.assert_close(p, a)
         msd = copy.deepcopy(model.state_dict())
         osd = copy.deepcopy(opt.state_dict())
     for a, p in zip(perturbed, model.parameters()):
         torch.testing.assert_close(a, p)
-    # Resume: model weights (unperturbed) first, then the optimizer, which re-applies the perturbation.
+    # Resume: model weights (unperturbed) and the optimizer, whose stored e is applied at the next forward.
     m2 = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     m2.load_state_dict(msd)
     o2 = FIP(m2.parameters(), trace_estimator="lagged", trace_every=2, eta_F=0.05, rho=0.1, impl="foreach")
@@ -480,3 +495,243 @@ def test_purifier_freezes_batchnorm_stats_on_the_perturbed_pass():
     pur.step(x, y)
     assert int(net[1].num_batches_tracked) == 1
     torch.testing.assert_close(net[1].running_var, ref[1].running_var, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+def _step_plain(model, opt, x, y, set_to_none=True):
+    def closure():
+        opt.zero_grad(set_to_none=set_to_none)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return opt.step(closure)
+
+
+def test_generator_param_groups_train_like_sgd():
+    """``{"params": layer.parameters()}`` is a generator: it must be kept, not consumed by validation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    groups = lambda: [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.01}]  # noqa
+    sgd = torch.optim.SGD(groups(), lr=0.1)
+    opt = FIP(groups(), lr=0.1, eta_F=0.0)
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in sgd.param_groups] == [2, 2]
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    _step_plain(model, opt, x, y)
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    opt.add_param_group({"params": (p for p in [nn.Parameter(torch.ones(2))])})
+    assert len(opt.param_groups[-1]["params"]) == 1
+
+
+def test_rejected_param_group_is_not_registered():
+    model = nn.Linear(3, 2)
+    opt = FIP([model.weight], eta_F=0.0)
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [model.bias], "lr": -5.0})
+    assert len(opt.param_groups) == 1 and all(p is not model.bias for p in opt.param_groups[0]["params"])
+    with pytest.raises(ValueError, match="rho"):
+        FIP([{"params": [model.weight], "rho": float("inf")}])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(lr=float("inf")), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr="0.1"), "lr"), (dict(lr=True), "lr"),
+    (dict(rho=float("inf")), "rho"), (dict(weight_decay=float("inf")), "weight_decay"),
+    (dict(momentum=float("nan")), "momentum"), (dict(eta_F=float("inf")), "eta_F"), (dict(eta_r="1"), "eta_r"),
+    (dict(damping=float("inf")), "damping"), (dict(max_mix=float("inf")), "max_mix"),
+    (dict(lr=torch.tensor(float("inf"))), "lr"), (dict(nesterov=1), "nesterov"), (dict(trace_every=2.0), "trace_every"),
+])
+def test_non_finite_and_mistyped_hyperparameters(kw, match):
+    with pytest.raises(ValueError, match=match):
+        FIP(Shapes().parameters(), **kw)
+
+
+def test_load_state_dict_validates():
+    m1, o1 = _run("foreach", steps=2, eta_F=0.02, trace_every=2)
+    sd = o1.state_dict()
+    fresh = lambda: FIP(Shapes().parameters(), impl="foreach", eta_F=0.02, trace_every=2)  # noqa: E731
+    model = Shapes()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(model(_data()[0]), _data()[1]).backward()
+    sgd.step()
+    with pytest.raises(ValueError, match="not a FIP state"):
+        fresh().load_state_dict(sgd.state_dict())
+    bad = copy.deepcopy(sd)
+    del bad["param_groups"][0]["calls"]
+    with pytest.raises(ValueError, match="calls"):
+        fresh().load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        fresh().load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    k = next(iter(bad["state"]))
+    bad["state"][k]["momentum_buffer"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="shape"):
+        fresh().load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["state"][k]["exp_avg"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="unknown"):
+        fresh().load_state_dict(bad)
+    o2 = fresh()
+    o2.load_state_dict(copy.deepcopy(sd))          # the real thing still loads
+    assert o2.param_groups[0]["calls"] == 2
+
+
+def test_fd_second_pass_leaves_other_groups_gradient_at_theta():
+    """Group A has the fd suppressor, group B none; the closure zeroes gradients in place.  B must step with its
+    gradient at θ, not with the one taken at θ + e (A perturbed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    gB = torch.autograd.grad(F.cross_entropy(model(x), y), list(model[2].parameters()))
+    want = [p.detach() - 0.1 * g for p, g in zip(model[2].parameters(), gB)]
+    opt = FIP([{"params": model[0].parameters(), "eta_F": 1.0, "rho": 0.5},
+               {"params": model[2].parameters(), "eta_F": 0.0}], lr=0.1, momentum=0.0, trace_every=1,
+              impl="foreach")
+    _step_plain(model, opt, x, y, set_to_none=False)
+    for p, w in zip(model[2].parameters(), want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-6, atol=1e-9)
+    for p, g in zip(model[2].parameters(), gB):        # and p.grad is the gradient at θ afterwards
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("impl", ["reference", "foreach", "triton"])
+def test_bias_correction_uses_each_tensors_own_step(impl):
+    """Parameter b gets its first gradient at the third step: its preconditioned first move is
+    lr·g/((1−β)g²/(1−β¹) + λ), not the one with the first tensor's count t = 3 (≈ 5× larger at β = 0.95)."""
+    if impl == "triton" and not ops.availability("triton", "cpu")[0]:
+        pytest.skip("Triton unavailable")
+    a, b = nn.Parameter(torch.tensor([1.0, -2.0])), nn.Parameter(torch.tensor([0.5, 0.25, 2.0]))
+    lr, beta, lam = 0.01, 0.95, 1e-3
+    opt = FIP([a, b], lr=lr, momentum=0.0, eta_F=0.0, beta=beta, precondition="fisher", damping=lam, impl=impl)
+    for t in range(3):
+        opt.zero_grad()
+        loss = (a ** 2).sum() + ((b ** 2).sum() if t == 2 else 0.0)
+        loss.backward()
+        if t < 2:
+            assert b.grad is None
+        b0 = b.detach().clone()
+        opt.step()
+    g = 2 * b0
+    want = b0 - lr * g / ((1 - beta) * g * g / (1 - beta) + lam)
+    assert float(opt.state[b]["step"]) == 1 and float(opt.state[a]["step"]) == 3
+    torch.testing.assert_close(b.detach(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["reference", "foreach", "triton"])
+def test_one_step_with_theta_away_from_anchor(impl):
+    """θ ≠ θ0: one step from zero state with μ = 0 is θ − lr·(g + η_r·F0·(θ − θ0) + wd·θ), computed by hand.
+    (With θ = θ0 the anchor term vanishes and a sign error in it goes unnoticed.)"""
+    if impl == "triton" and not ops.availability("triton", "cpu")[0]:
+        pytest.skip("Triton unavailable")
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5, 3))
+    f0 = torch.rand(5, 3) + 0.1
+    lr, eta_r, wd = 0.1, 2.0, 0.01
+    opt = FIP([w], lr=lr, momentum=0.0, eta_F=0.0, eta_r=eta_r, weight_decay=wd, fisher0={w: f0}, impl=impl)
+    theta0 = w.detach().clone()
+    with torch.no_grad():
+        w.add_(torch.randn(5, 3))                     # move away from the anchor θ0
+    theta = w.detach().clone()
+    x = torch.randn(7, 3)
+    (x @ w.t()).pow(2).mean().backward()
+    g = w.grad.detach().clone()
+    opt.step()
+    want = theta - lr * (g + eta_r * f0 * (theta - theta0) + wd * theta)
+    torch.testing.assert_close(w.detach(), want, rtol=1e-6, atol=1e-6)
+    assert (theta - theta0).abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("max_mix", [0.3, 1.0])
+def test_fd_mix_is_capped_at_max_mix(max_mix):
+    """2·η_F·‖g‖/ρ far above the cap: the fd direction is exactly g + max_mix·(g' − g) (a cap doubled, or no cap,
+    changes it)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    theta = [p.detach().clone() for p in model.parameters()]
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    gn = torch.sqrt(sum(t.pow(2).sum() for t in g))
+    rho, eta_F, lr = 0.05, 10.0, 0.1
+    assert 2 * eta_F * gn.item() / rho > 4 * max_mix
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), g):
+            p.add_(t, alpha=(rho / gn).item())
+    g2 = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    with torch.no_grad():
+        for p, t in zip(model.parameters(), theta):
+            p.copy_(t)
+    want = [t - lr * (a + max_mix * (b - a)) for t, a, b in zip(theta, g, g2)]
+    opt = FIP(model.parameters(), lr=lr, momentum=0.0, eta_F=eta_F, rho=rho, max_mix=max_mix, trace_every=1,
+              impl="foreach")
+    _step_plain(model, opt, x, y)
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p, w, rtol=1e-6, atol=1e-9)
+
+
+def test_lagged_radius_is_capped_at_max_mix_rho():
+    """r = min(2·η_F·‖g‖, max_mix·ρ): with a large η_F the stored perturbation has norm exactly max_mix·ρ."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = FIP(model.parameters(), lr=0.0, eta_F=100.0, rho=0.2, max_mix=0.25, trace_every=1,
+              trace_estimator="lagged", impl="foreach")
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    norm = torch.sqrt(sum(opt.state[p]["pert"].pow(2).sum() for p in model.parameters()))
+    torch.testing.assert_close(norm, torch.tensor(0.25 * 0.2), rtol=1e-5, atol=0)
+
+
+def test_group_norm_is_global_across_devices():
+    """‖g‖ of a group spanning devices is one norm: the per-device parts are combined (simulated here with two
+    slices of one group on the CPU; tests/test_kernels_cuda.py runs it on two GPUs where available)."""
+    from fip_fast.optim import _Slice
+
+    opt = FIP([nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))], impl="foreach")
+    g = opt.param_groups[0]
+    a, b = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0, 0.0])
+    sls = [_Slice(g, True, [g["params"][0]], [a], "foreach", torch.device("cpu")),
+           _Slice(g, True, [g["params"][1]], [b], "foreach", torch.device("cpu"))]
+    opt._norms(sls)
+    assert [float(s.gnorm) for s in sls] == [5.0, 5.0]
+    b[1] = float("nan")
+    opt._norms(sls)
+    assert [float(s.found_inf) for s in sls] == [1.0, 1.0]      # a skip is step-wide
+
+
+@pytest.mark.parametrize("estimator,extra", [("fd", {}), ("lagged", {}), ("fd", dict(precondition="fisher"))])
+def test_whole_step_has_no_host_sync(estimator, extra):
+    """FIP.step with Triton kernels (interpreter, CPU tensors standing in for a device) and a tensor lr: no
+    .item() / float(tensor) / bool(tensor) anywhere in a step — including the suppressor schedule with
+    trace_every > 1, the skip counter and the lagged perturbation."""
+    if not ops.availability("triton", "cpu")[0]:
+        pytest.skip("Triton unavailable")
+    from unittest import mock
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    f0 = {p: torch.rand_like(p) for p in model.parameters()}
+    opt = FIP(model.parameters(), lr=torch.tensor(0.05), eta_F=0.05, rho=0.1, trace_every=2,
+              trace_estimator=estimator, fisher0=f0, impl="triton", **extra)
+    boom = AssertionError("host sync inside FIP.step")
+    for i in range(5):
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        with mock.patch.object(torch.Tensor, "item", side_effect=boom), \
+                mock.patch.object(torch.Tensor, "__float__", side_effect=boom), \
+                mock.patch.object(torch.Tensor, "__bool__", side_effect=boom), \
+                mock.patch.object(torch.Tensor, "tolist", side_effect=boom):
+            if estimator == "fd":
+                def closure():
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+            else:
+                opt.step()
+    assert opt.skipped_steps == 0 and all(torch.isfinite(p).all() for p in model.parameters())
