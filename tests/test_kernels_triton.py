@@ -313,8 +313,10 @@ def test_fip_step_found_inf_nan_and_number():
         assert launches.total == (0 if isinstance(flag, float) else 1)
 
 
-def test_fip_step_no_host_sync_with_device_scalars():
-    """With every scalar a tensor on the parameters' device, the wrapper never calls .item()."""
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_fip_step_no_host_sync_with_device_scalars(per_tensor):
+    """With every scalar a tensor on the parameters' device (per-tensor step counts included), the wrapper never
+    calls .item()."""
     gen = torch.Generator().manual_seed(6)
     run = _Run(SMALL_SHAPES, torch.float32, [True] * 4, True, gen)
     g = run.grads()
@@ -322,6 +324,8 @@ def test_fip_step_no_host_sync_with_device_scalars():
     hyper = dict(lr=s(0.01), momentum=0.9, nesterov=True, weight_decay=0.01, eta_r=0.5, beta=0.9, mix=s(0.3),
                  restore_scale=None, precondition=True, damping=1e-3, step=torch.tensor(4), next_pert_scale=s(0.02),
                  found_inf=s(0.0))
+    if per_tensor:
+        hyper["step"] = [torch.tensor(4.0), torch.tensor(1.0), torch.tensor(9.0), torch.tensor(2, dtype=torch.int64)]
     R.fip_step_(run.ref["params"], g, g, run.fisher0, run.anchor, run.ref["momentum_buf"], run.ref["fisher"],
                 run.ref["pert"], **hyper)
     with mock.patch.object(torch.Tensor, "item", side_effect=AssertionError(".item() called: a host sync")), \
