@@ -801,7 +801,11 @@ def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = dist_device is not None
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
     main_rank = rank == 0
     dev = dist_device if distributed else _device(args.device)
     say = (lambda *a: None) if (args.quiet or not main_rank) else (lambda *a: print(*a, flush=True))
@@ -851,7 +855,6 @@ def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
         return EXIT_DIVERGED
     say(f"purified weights: {save_path}\nreport: {out}/")
     return 0
-
 
 
 # =============================================================================================== parser
