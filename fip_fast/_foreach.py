@@ -126,9 +126,10 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
 def _bias_corrections(beta: float, step, n: int, device: torch.device) -> list[Tensor]:
     """[1 − β^t_i] as fp32 0-dim tensors on ``device``: ``step`` is one count for all tensors or one per tensor."""
     steps = list(step) if isinstance(step, (list, tuple)) else [step] * n
+    # torch.full, not torch.tensor: no blocking host-to-device copy on accelerators
     t = torch.stack([s.to(device=device, dtype=torch.float32).reshape(()) if isinstance(s, Tensor)
-                     else torch.tensor(float(s), dtype=torch.float32, device=device) for s in steps])
-    bc = 1.0 - torch.tensor(beta, dtype=torch.float32, device=device) ** t
+                     else torch.full((), float(s), dtype=torch.float32, device=device) for s in steps])
+    bc = 1.0 - torch.full((), beta, dtype=torch.float32, device=device) ** t
     return list(bc.unbind())
 
 
