@@ -158,6 +158,20 @@ def _check_writable(path: Path, flag: str) -> None:
         raise CLIError(f"{flag} {path}: {anc} is not writable")
 
 
+def _out_folder(args: argparse.Namespace) -> Path:
+    """``--out`` as given; without it the command's default folder, or — when that one already holds a report —
+    the first free ``<default>-2``, ``-3``, … (a rerun never needs --overwrite and never replaces a report)."""
+    if args.out is not None:
+        return Path(args.out)
+    base = Path(args.default_out)
+    out, k = base, 1
+    while out.exists() and (not out.is_dir() or any(out.iterdir())):
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    args.out = str(out)
+    return out
+
+
 def _check_out(out: Path, overwrite: bool, inputs: Sequence[Optional[Path]], flag: str = "--out") -> None:
     """The report folder may never cost a user's file: an existing non-empty folder is refused unless
     ``--overwrite`` (which then replaces only :data:`OUTPUT_NAMES`, file by file; the folder itself and every
@@ -416,7 +430,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                test_fraction=args.test_fraction, val_fraction=args.val_fraction, train_lr=args.train_lr)
     cache_dir = Path(args.cache_dir).expanduser()
     cache_file = cache_dir / f"demo-{args.attack}-{_demo_cache_key(cfg)}.safetensors"
-    out = Path(args.out)
+    out = _out_folder(args)
     _check_out(out, args.overwrite, [cache_file])
     cache_ok = not args.no_cache and _demo_cache_usable(cache_dir)
     if args.threads:
@@ -749,7 +763,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
 def _purify_outputs(args: argparse.Namespace, inputs: List[Path]) -> Tuple[Path, Path]:
     """--out, --save and --checkpoint-dir checked before any work (see :func:`_check_out`, :func:`_check_save`)."""
-    out = Path(args.out)
+    out = _out_folder(args)
     save_path = Path(args.save) if args.save else out / "purified.safetensors"
     if args.save:
         _check_save(save_path, args.overwrite, inputs)
@@ -876,7 +890,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "--set eta_F=0.01 --set trace_estimator=lagged (repeatable; values parsed as JSON)")
         q.add_argument("--out", required=False, help="report folder: created if missing; an existing non-empty "
                        "folder is refused unless --overwrite.  Files are replaced only once all new ones are "
-                       "complete; inputs are never overwritten")
+                       "complete; inputs are never overwritten.  Default: fip_fast_demo_report (demo) / "
+                       "fip_fast_report (purify), or the first free NAME-2, NAME-3, … when that one is taken")
         q.add_argument("--overwrite", action="store_true", help="allow an existing non-empty --out (and an "
                        f"existing --save file): replace only fip-fast's own outputs ({', '.join(OUTPUT_NAMES)}), "
                        "never another file, never an input")
@@ -894,7 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     # One thread by default: the demo CNN's layers are too small for intra-op parallelism to pay, and on a busy
     # 2-core machine torch's default (2 threads) oversubscribed the cores (measured: 352 s vs 62 s for a run).
-    d.set_defaults(out="fip_fast_demo_report", threads=1)
+    d.set_defaults(out=None, default_out="fip_fast_demo_report", threads=1)
     from .attacks import ATTACKS
 
     d.add_argument("--attack", default="badnets", choices=sorted(ATTACKS), help="backdoor attack (default: badnets)")
@@ -931,7 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Purify a model checkpoint with a small clean data set; optional test and "
                        "triggered data are used for reporting only.")
     common(q)
-    q.set_defaults(out="fip_fast_report")
+    q.set_defaults(out=None, default_out="fip_fast_report")
     q.add_argument("--arch", required=True, help="architecture: a registry name (cnn, preact_resnet18, resnet18) "
                    "or 'package.module:factory'")
     q.add_argument("--checkpoint", required=True, help="weights: .safetensors or a weights-only torch .pt "

@@ -247,6 +247,20 @@ def test_existing_out_with_inputs_is_refused_and_kept(work, capsys, monkeypatch)
     assert _snapshot(work) == before and Path.cwd() == work
 
 
+def test_rerun_without_out_goes_to_a_fresh_default_folder(work, capsys, monkeypatch):
+    """Without --out a rerun never needs --overwrite and never replaces the previous report: the default folder,
+    then fip_fast_report-2, -3, …"""
+    monkeypatch.chdir(work)
+    argv = _fast(work, "x")[:-2]                                     # the same command without --out
+    first = None
+    for want in ("fip_fast_report", "fip_fast_report-2", "fip_fast_report-3"):
+        rc, out, err = _run(argv, capsys)
+        assert rc == 0, err
+        assert (work / want / "report.md").is_file() and (work / want / "purified.safetensors").is_file()
+        first = first or _snapshot(work / "fip_fast_report")
+    assert _snapshot(work / "fip_fast_report") == first              # the first report was never touched
+
+
 def test_overwrite_replaces_only_the_tools_outputs(work, capsys):
     (work / "notes.txt").write_text("mine")
     (work / "sub").mkdir()
