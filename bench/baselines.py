@@ -97,11 +97,11 @@ def backdoored_model(attack: str, seed: int, epochs: int, cache: Path):
     """The backdoored model of ``fip-fast demo --attack <attack> --seed <seed> --epochs <epochs>``: the demo's split,
     attack, CNN and training (:data:`fip_fast.cli.DEMO_DEFAULTS`), in the demo's order of seeding, so seed 0 /
     badnets is the very model the demo purifies."""
-    from fip_fast.attacks import make_attack
+    from fip_fast.evaluation.attacks import make_attack
     from fip_fast.cli import DEMO_DEFAULTS as D
-    from fip_fast.data import load_mnist5k, split_dataset
-    from fip_fast.models import demo_cnn
-    from fip_fast.train import train_backdoored
+    from fip_fast.evaluation.data import load_mnist5k, split_dataset
+    from fip_fast.evaluation.models import demo_cnn
+    from fip_fast.evaluation.train import train_backdoored
 
     x, y = load_mnist5k()
     sp = split_dataset(x, y, test_fraction=D["test_fraction"], val_fraction=D["val_fraction"], seed=seed)
@@ -123,8 +123,8 @@ def backdoored_model(attack: str, seed: int, epochs: int, cache: Path):
 
 
 def measure(model, sp, atk, trig, lam_batch: int, lam_iters: int) -> dict:
-    from fip_fast.metrics import evaluate
-    from fip_fast.smoothness import hessian_max_eigenvalue
+    from fip_fast.evaluation.metrics import evaluate
+    from fip_fast.evaluation.smoothness import hessian_max_eigenvalue
 
     m = evaluate(model, sp.test, trig, atk.target)
     xs, ys = sp.test[0][:lam_batch], sp.test[1][:lam_batch]
@@ -220,7 +220,7 @@ def _save(doc: dict, out_json: Path, out_md: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from fip_fast.attacks import ATTACKS
+    from fip_fast.evaluation.attacks import ATTACKS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attacks", nargs="+", default=sorted(ATTACKS), choices=sorted(ATTACKS))
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from fip_fast.cli import DEMO_DEFAULTS
-    from fip_fast.models import demo_cnn
+    from fip_fast.evaluation.models import demo_cnn
     from fip_fast.pipeline import purify
 
     if args.train_epochs is None:

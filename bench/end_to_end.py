@@ -150,7 +150,7 @@ class _null:
 # ------------------------------------------------------------------------------------------------ step time
 def step_times(model_name: str, methods: list[str], device: torch.device, batch: int, cycles: int,
                warmup_cycles: int, hyper: dict, impl: str, seed: int = 0) -> dict[str, Any]:
-    from fip_fast.models import build_model
+    from fip_fast.evaluation.models import build_model
 
     in_ch, hw = (3, 32) if "resnet" in model_name else (1, 28)
     if model_name == "synthetic_cnn":
@@ -230,10 +230,10 @@ def make_task(name: str, seed: int, cache_dir: Optional[Path], say: Callable, qu
                     trig=(trig, t.test_y[t.test_y != S.TARGET]), target=S.TARGET,
                     desc="synthetic (tests/_synthetic.py make_task: 10×10 noisy templates, 4 classes, 3×3 corner "
                          "patch, 10 % poisoning, small CNN; 150 clean images)")
-    from fip_fast.attacks import make_attack
-    from fip_fast.data import load_mnist5k, split_dataset
-    from fip_fast.models import DemoCNN
-    from fip_fast.train import train_backdoored
+    from fip_fast.evaluation.attacks import make_attack
+    from fip_fast.evaluation.data import load_mnist5k, split_dataset
+    from fip_fast.evaluation.models import DemoCNN
+    from fip_fast.evaluation.train import train_backdoored
 
     x, y = load_mnist5k()
     sp = split_dataset(x, y, test_fraction=0.2, val_fraction=0.05, seed=seed)

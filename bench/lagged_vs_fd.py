@@ -6,7 +6,7 @@
     python -m bench lagged_vs_fd --quick         # smoke test (tiny sizes; numbers mean nothing)
 
 **Speed.**  One training step (``zero_grad`` → forward → backward → ``step``) of the demo CNN
-(:class:`fip_fast.models.DemoCNN`, 1×28×28 inputs, batch 128 — the authors' batch size) with the same batch for
+(:class:`fip_fast.evaluation.models.DemoCNN`, 1×28×28 inputs, batch 128 — the authors' batch size) with the same batch for
 every variant: ``torch.optim.SGD`` (momentum 0.9, torch's default implementation), FIP without suppressor
 (η_F = 0: the cost of FIP's fused step alone), FIP lagged and FIP fd with ``trace_every`` 1 and 5, and lagged with
 the Fisher anchor.  Variants are interleaved in rounds (each round times ``--steps`` consecutive steps of every
@@ -85,7 +85,7 @@ def _stepper(model, opt, x, y) -> Callable[[], None]:
 
 
 def bench_speed(batch: int, steps: int, rounds: int, warmup: int, width: int, hidden: int) -> dict[str, Any]:
-    from fip_fast.models import DemoCNN
+    from fip_fast.evaluation.models import DemoCNN
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, 28, 28, generator=g)

@@ -86,7 +86,7 @@ def llama7b_delta_shapes(n_layer: int = 32, d: int = 4096, ff: int = 11008) -> l
 
 
 def model_shapes(name: str) -> list[tuple[int, ...]]:
-    from fip_fast.models import build_model
+    from fip_fast.evaluation.models import build_model
     in_ch = 3 if "resnet" in name else 1
     return [tuple(p.shape) for p in build_model(name, 10, in_ch).parameters()]
 
@@ -107,7 +107,7 @@ def list_cases(device: torch.device, quick: bool, flat_numel: Optional[int] = No
         cases = {
             "flat": dict(shapes=[(n,)], desc=f"one flat tensor of {n / 2**20:g} Mi elements"
                                             + ("" if gpu else " (CPU size: runs in seconds)")),
-            "resnet18": dict(shapes=model_shapes("resnet18"), desc="ResNet-18 (CIFAR, fip_fast.models) parameters"),
+            "resnet18": dict(shapes=model_shapes("resnet18"), desc="ResNet-18 (CIFAR, fip_fast.evaluation.models) parameters"),
             "gpt2": dict(shapes=gpt2_shapes() if gpu else gpt2_shapes(n_layer=2),
                          desc="GPT-2 small parameter shapes (124 M)" if gpu else
                          "GPT-2 small shapes, 2 of 12 blocks + embeddings (CPU size; --gpt2-layers 12 for all)"),

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from fip_fast import hf, memory
+from fip_fast import memory
+from fip_fast.integrations import hf
 from fip_fast.optim import FIP
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -11,6 +11,8 @@ Public names (imported lazily, so ``import fip_fast`` stays light):
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 import types
 import warnings
@@ -45,6 +47,44 @@ class _MovedModule(types.ModuleType):
 # Registered before anything can import a submodule of that name, so `import fip_fast.purify` finds the alias and
 # never rebinds the package attribute (the function) to a module.
 sys.modules.setdefault(f"{__name__}.purify", _MovedModule(f"{__name__}.purify"))
+
+#: Module paths of fip_fast 0.1 that moved into the layered packages; importing an old path gives the new module
+#: (the same object) with a DeprecationWarning, until 0.2.
+MOVED_MODULES = {
+    "attacks": "fip_fast.evaluation.attacks",
+    "data": "fip_fast.evaluation.data",
+    "models": "fip_fast.evaluation.models",
+    "train": "fip_fast.evaluation.train",
+    "metrics": "fip_fast.evaluation.metrics",
+    "smoothness": "fip_fast.evaluation.smoothness",
+    "hf": "fip_fast.integrations.hf",
+    "distributed": "fip_fast.integrations.distributed",
+    "_foreach": "fip_fast.backends.foreach",
+    "_cuda": "fip_fast.backends.cuda",
+}
+
+
+class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves ``fip_fast.<old>`` (see :data:`MOVED_MODULES`) to the module's new home."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        head, _, tail = fullname.partition(".")
+        if head == __name__ and tail in MOVED_MODULES:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        new = MOVED_MODULES[spec.name.partition(".")[2]]
+        warnings.warn(f"{spec.name} moved to {new}; the old path works until fip_fast 0.2", DeprecationWarning,
+                      stacklevel=2)
+        return importlib.import_module(new)
+
+    def exec_module(self, module):
+        pass
+
+
+if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
+    sys.meta_path.append(_MovedFinder())
 
 
 def __getattr__(name: str):

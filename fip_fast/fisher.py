@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import ops
-from ._utils import split_batch
+from fip_fast import ops
+from fip_fast._utils import split_batch
 
 __all__ = ["estimate_fisher", "nll_per_sample", "normalize_fisher"]
 
@@ -299,7 +299,7 @@ def _linear_layers(model: nn.Module, wanted: set[int]
     hooked layer (or the base of a hooked spectral layer, for its bias) and it plays one role in all of them: a
     weight tied to an ``nn.Embedding`` (a tied LM head) is not, and goes to torch.func.
     """
-    from .spectral import SpectralLayer
+    from fip_fast.spectral import SpectralLayer
 
     layers, roles, hooked = [], {}, set()
     for m in model.modules():

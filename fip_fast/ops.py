@@ -7,9 +7,9 @@ the kernel-level ops of :mod:`fip_fast.reference` plus ``available(device) -> (o
 impl            module                              where it runs
 ==============  ==================================  =====================================================
 ``reference``   :mod:`fip_fast.reference`           anywhere; plain loops, the spec
-``foreach``     :mod:`fip_fast._foreach`            anywhere; ``torch._foreach_*`` (the CPU default)
+``foreach``     :mod:`fip_fast.backends.foreach`            anywhere; ``torch._foreach_*`` (the CPU default)
 ``triton``      :mod:`fip_fast.kernels`             CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``)
-``cuda``        :mod:`fip_fast._cuda`               CUDA tensors, when the C++/CUDA extension is built
+``cuda``        :mod:`fip_fast.backends.cuda`               CUDA tensors, when the C++/CUDA extension is built
 ==============  ==================================  =====================================================
 
 ``impl="auto"`` picks, for the device of the tensors, the first available of ``cuda``, ``triton``, ``foreach``
@@ -39,9 +39,9 @@ OPS = ("fisher_accumulate_", "global_norm", "perturb_", "fip_step_", "spectral_w
 IMPLS = ("reference", "foreach", "triton", "cuda")
 _MODULES = {
     "reference": "fip_fast.reference",
-    "foreach": "fip_fast._foreach",
+    "foreach": "fip_fast.backends.foreach",
     "triton": "fip_fast.kernels",
-    "cuda": "fip_fast._cuda",
+    "cuda": "fip_fast.backends.cuda",
 }
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "foreach")}
 

@@ -67,8 +67,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import ops
-from .reference import mix_coefficient
+from fip_fast import ops
+from fip_fast.reference import mix_coefficient
 
 logger = logging.getLogger("fip_fast")
 

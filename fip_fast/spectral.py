@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from fip_fast import ops
 
 __all__ = ["SpectralLayer", "reparameterize", "merge", "spectral_layers", "register_adapter", "Adapter"]
 
@@ -69,7 +69,7 @@ _ADAPTERS: dict[type, Adapter] = {
 
 
 def register_adapter(layer_type: type, adapter: Adapter) -> None:
-    """Teach :func:`reparameterize` a new layer type (e.g. Hugging Face GPT-2 ``Conv1D``, see ``fip_fast.hf``)."""
+    """Teach :func:`reparameterize` a new layer type (e.g. Hugging Face GPT-2 ``Conv1D``, see ``fip_fast.integrations.hf``)."""
     _ADAPTERS[layer_type] = adapter
 
 

@@ -258,7 +258,7 @@ def fip_step_(
         tab = mt.tensor_table(slots, BLOCK, device, names=_FIP_SLOTS)
     except mt.LayoutError as exc:
         mt.fallback("fip_step_", str(exc))
-        from fip_fast import _foreach
+        from fip_fast.backends import foreach as _foreach
         return _foreach.fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, lr=lr,
                                   momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta_r=eta_r,
                                   beta=beta, mix=mix, restore_scale=restore_scale, precondition=precondition,
@@ -341,7 +341,7 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf
         tab = mt.tensor_table((params, grads), BLOCK, device, names=("params", "grads"))
     except mt.LayoutError as exc:
         mt.fallback("perturb_", str(exc))
-        from fip_fast import _foreach
+        from fip_fast.backends import foreach as _foreach
         return _foreach.perturb_(params, grads, scale, found_inf)
     if tab.n_chunks == 0:
         return

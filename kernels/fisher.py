@@ -52,7 +52,7 @@ def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, 
         tab = mt.tensor_table((fisher, grads), BLOCK, device, names=("fisher", "grads"))
     except mt.LayoutError as exc:
         mt.fallback("fisher_accumulate_", str(exc))
-        from fip_fast import _foreach
+        from fip_fast.backends import foreach as _foreach
         return _foreach.fisher_accumulate_(fisher, grads, beta, alpha)
     if tab.n_chunks == 0:
         return

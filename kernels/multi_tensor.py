@@ -41,7 +41,7 @@ Layouts
 Element k of tensor i is the k-th element *in memory order* in every slot, so a tensor may also be dense but not
 contiguous (channels_last, a permuted dense layout) as long as every slot's tensor i has the same memory order as
 slot 0's (:func:`layout_reason`).  Other inputs — strided views, a contiguous gradient beside a channels_last
-parameter — raise :class:`LayoutError`, on which the op wrappers fall back to :mod:`fip_fast._foreach` for that
+parameter — raise :class:`LayoutError`, on which the op wrappers fall back to :mod:`fip_fast.backends.foreach` for that
 call (logged once at WARNING, :func:`fallback`).
 
 Alignment
@@ -92,7 +92,7 @@ _cache: "OrderedDict[tuple, TensorTable]" = OrderedDict()
 
 class LayoutError(ValueError):
     """A tensor the kernels cannot walk in flat memory order together with its slot-0 partner: not dense, or dense
-    with another layout (e.g. a contiguous gradient for a channels_last parameter).  :mod:`fip_fast._foreach`
+    with another layout (e.g. a contiguous gradient for a channels_last parameter).  :mod:`fip_fast.backends.foreach`
     handles such inputs: the op wrappers catch this and fall back for that call (:func:`fallback`)."""
 
 

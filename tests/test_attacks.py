@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fip_fast.attacks import ATTACKS, SIG, WaNet, make_attack
+from fip_fast.evaluation.attacks import ATTACKS, SIG, WaNet, make_attack
 
 NAMES = sorted(ATTACKS)
 

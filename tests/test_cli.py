@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fip_fast import cli
-from fip_fast.models import build_model
+from fip_fast.cli import app as cli
+from fip_fast.evaluation.models import build_model
 
 
 @pytest.fixture(autouse=True)
@@ -383,7 +383,7 @@ def test_bad_flags_fail_before_any_work(work, capsys, monkeypatch, extra, patter
 
 
 def test_demo_bad_flags_fail_before_loading_data(tmp_path, capsys, monkeypatch):
-    from fip_fast import data
+    from fip_fast.evaluation import data
 
     monkeypatch.setattr(data, "load_mnist5k", lambda *a, **k: pytest.fail("data loaded despite a bad flag"))
     for extra, pattern in ((["--steps", "-5"], "--steps"), (["--val-fraction", "0"], "--val-fraction"),
@@ -505,7 +505,7 @@ def test_tiny_and_single_class_clean_sets_warn(work, capsys):
 
 # ---- 20: unwritable locations are found before the work; the cache is optional; outputs follow the umask
 def test_demo_unwritable_out_fails_before_training(tmp_path, capsys, monkeypatch):
-    from fip_fast import data
+    from fip_fast.evaluation import data
 
     monkeypatch.setattr(data, "load_mnist5k", lambda *a, **k: pytest.fail("the demo started working"))
     ro = tmp_path / "readonly"

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import fip_fast
-from fip_fast import _cuda, ops, reference
+from fip_fast import ops, reference
+from fip_fast.backends import cuda as _cuda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fip_fast.data import DatasetError, load_dataset, load_image_folder, load_mnist5k, load_npz, mnist5k_path, \
+from fip_fast.evaluation.data import DatasetError, load_dataset, load_image_folder, load_mnist5k, load_npz, mnist5k_path, \
     split_dataset
 
 

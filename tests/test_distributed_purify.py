@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fip_fast import cli
+from fip_fast.cli import app as cli
 from fip_fast.io import load_state_dict
 from fip_fast.pipeline import purify
 
@@ -154,7 +154,7 @@ def test_fisher_loader_shards_the_purification_part():
 
 
 def test_sync_batchnorm_conversion_restores_the_architecture():
-    from fip_fast import distributed as fd
+    from fip_fast.integrations import distributed as fd
 
     m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12)))
     bn_w = m[1].weight

@@ -1,4 +1,4 @@
-"""GPT-2 Conv1D / transformer helpers of fip_fast.hf (skipped without transformers)."""
+"""GPT-2 Conv1D / transformer helpers of fip_fast.integrations.hf (skipped without transformers)."""
 import copy
 
 import pytest
@@ -7,7 +7,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from fip_fast import hf, spectral  # noqa: E402
+from fip_fast import spectral  # noqa: E402
+from fip_fast.integrations import hf
 from fip_fast.fisher import estimate_fisher  # noqa: E402
 from fip_fast.spectral import Adapter  # noqa: E402
 

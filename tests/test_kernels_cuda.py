@@ -1,4 +1,4 @@
-"""The CUDA C++ kernels (``impl="cuda"``, :mod:`fip_fast._cuda`, extension ``fip_fast._C``) on a GPU.
+"""The CUDA C++ kernels (``impl="cuda"``, :mod:`fip_fast.backends.cuda`, extension ``fip_fast._C``) on a GPU.
 
 Skipped without a CUDA device.  With one, the extension must load (installed, or JIT-built on first use): a
 failed build fails ``test_extension_loads`` instead of skipping everything.  Run on a GPU machine with::
@@ -30,7 +30,8 @@ import math
 import pytest
 import torch
 
-from fip_fast import _cuda, ops, reference
+from fip_fast import ops, reference
+from fip_fast.backends import cuda as _cuda
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")]

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from fip_fast.metrics import accuracy, attack_success_rate, evaluate, predict, robust_accuracy
-from fip_fast.smoothness import fisher_trace, hessian_max_eigenvalue, hessian_trace, sharpness
+from fip_fast.evaluation.metrics import accuracy, attack_success_rate, evaluate, predict, robust_accuracy
+from fip_fast.evaluation.smoothness import fisher_trace, hessian_max_eigenvalue, hessian_trace, sharpness
 
 
 class Lookup(nn.Module):
@@ -148,7 +148,7 @@ def test_sharpness_dict_restores_mode():
 @pytest.mark.parametrize("name, shape", [("cnn", (1, 28, 28)), ("cnn", (3, 32, 32)),
                                          ("preact_resnet18", (3, 32, 32)), ("resnet18", (1, 32, 32))])
 def test_build_model_shapes(name, shape):
-    from fip_fast.models import build_model
+    from fip_fast.evaluation.models import build_model
 
     torch.manual_seed(0)
     m = build_model(name, num_classes=7, in_channels=shape[0])
@@ -156,9 +156,9 @@ def test_build_model_shapes(name, shape):
 
 
 def test_build_model_import_string_and_errors():
-    from fip_fast.models import DemoCNN, build_model
+    from fip_fast.evaluation.models import DemoCNN, build_model
 
-    m = build_model("fip_fast.models:DemoCNN", num_classes=3, in_channels=1, width=4)
+    m = build_model("fip_fast.evaluation.models:DemoCNN", num_classes=3, in_channels=1, width=4)
     assert isinstance(m, DemoCNN) and m.classifier[-1].out_features == 3
     assert isinstance(build_model("torch.nn:Identity"), nn.Module)
     with pytest.raises(ValueError, match="unknown model"):
@@ -166,12 +166,12 @@ def test_build_model_import_string_and_errors():
     with pytest.raises(ValueError, match="cannot import"):
         build_model("no_such_module_xyz:f")
     with pytest.raises(ValueError, match="no attribute"):
-        build_model("fip_fast.models:nothing")
+        build_model("fip_fast.evaluation.models:nothing")
 
 
 def test_train_backdoored_is_deterministic():
-    from fip_fast.models import build_model
-    from fip_fast.train import train_backdoored
+    from fip_fast.evaluation.models import build_model
+    from fip_fast.evaluation.train import train_backdoored
 
     x, y = torch.rand(48, 1, 12, 12), torch.arange(48) % 3
     runs = []

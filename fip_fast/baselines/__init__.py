@@ -41,10 +41,10 @@ from __future__ import annotations
 
 import logging
 
-from .ft import run_ft
-from .ft_sam import SAM, run_ft_sam
-from .ngf import KFAC, NaturalGradient, run_ngf
-from .salience_ar import run_salience_ar
+from fip_fast.baselines.ft import run_ft
+from fip_fast.baselines.ft_sam import SAM, run_ft_sam
+from fip_fast.baselines.ngf import KFAC, NaturalGradient, run_ngf
+from fip_fast.baselines.salience_ar import run_salience_ar
 
 __all__ = ["run_ft", "run_ft_sam", "run_ngf", "run_salience_ar", "SAM", "KFAC", "NaturalGradient", "RUNNERS"]
 
@@ -59,7 +59,7 @@ RUNNERS = {
 
 def _register() -> None:
     try:
-        from ..pipeline import register_method
+        from fip_fast.pipeline import register_method
     except ImportError as e:  # purify is optional for the baselines themselves
         logging.getLogger("fip_fast").debug("fip_fast.baselines: purify not importable (%s); not registering", e)
         return

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import model_device, split_batch  # noqa: F401  (re-exported to the baselines)
+from fip_fast._utils import model_device, split_batch  # noqa: F401  (re-exported to the baselines)
 
 logger = logging.getLogger("fip_fast")
 

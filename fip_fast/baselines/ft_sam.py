@@ -33,9 +33,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..optim import frozen_running_stats
+from fip_fast.optim import frozen_running_stats
 
-from ._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
+from fip_fast.baselines._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
                       history_every, lr_factor, model_device, module_modes, only_trainable, progress_bar, set_lr)
 
 __all__ = ["SAM", "run_ft_sam"]

@@ -74,8 +74,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
-from ._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
+from fip_fast import ops
+from fip_fast.baselines._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
                       find_layer, fixed_batches, history_every, lr_factor, model_device, module_modes,
                       only_trainable, progress_bar, set_lr)
 
@@ -439,7 +439,7 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
             default ``estimate_fisher(model, clean batches, params=layer, normalize="max")`` (per-sample, eval mode).
         fisher_batches: cap on the clean batches used for F0.
     """
-    from ..fisher import estimate_fisher
+    from fip_fast.fisher import estimate_fisher
 
     check_common(steps, lr)
     check_schedule(lr_schedule)

@@ -94,7 +94,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
+from fip_fast.baselines._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
                       find_layer, fixed_batches, history_every, lr_factor, model_device, module_modes,
                       only_trainable, progress_bar, set_lr)
 

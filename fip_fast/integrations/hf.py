@@ -36,7 +36,7 @@ Precision
 Example::
 
     from transformers import GPT2LMHeadModel
-    from fip_fast import hf
+    from fip_fast.integrations import hf
     deltas = hf.reparameterize_transformer(model, rank=64, svd="lowrank", relative=True)
     ...                                      # purify with fip_fast.FIP over `deltas`
     hf.merge_transformer(model)              # a plain GPT2LMHeadModel again
@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import spectral
-from .spectral import Adapter, SpectralLayer, register_adapter
+from fip_fast import spectral
+from fip_fast.spectral import Adapter, SpectralLayer, register_adapter
 
 logger = logging.getLogger("fip_fast")
 
@@ -185,7 +185,7 @@ def reparameterize_transformer(model: nn.Module, embeddings: bool = False, lm_he
     head_name, emb_name = _qualname(model, head), _qualname(model, emb)
     tied = output_embedding_is_tied(model)
     if lm_head and tied and not embeddings:
-        logger.warning("fip_fast.hf: the LM head is tied to the input embedding; it is skipped (reparameterizing "
+        logger.warning("fip_fast.integrations.hf: the LM head is tied to the input embedding; it is skipped (reparameterizing "
                        "it alone would untie it). Pass embeddings=True to purify the tied pair.")
     skip = _mha_children(model)
     if embeddings and emb is not None:

@@ -16,7 +16,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._utils import model_device
+from fip_fast._utils import model_device
 
 __all__ = ["eval_mode", "predict", "accuracy", "attack_success_rate", "robust_accuracy", "evaluate"]
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import eval_mode
+from fip_fast.evaluation.metrics import eval_mode
 
 __all__ = ["hessian_vector_product", "hessian_max_eigenvalue", "hessian_trace", "fisher_trace", "sharpness"]
 

@@ -102,7 +102,7 @@ def _check_common_flags(args: argparse.Namespace) -> None:
 
 def _check_purify_flags(args: argparse.Namespace) -> None:
     """``fip-fast purify``: every flag value and combination that can be judged without reading a file."""
-    from .pipeline import available_methods
+    from fip_fast.pipeline import available_methods
 
     _check_common_flags(args)
     _need(args.method in available_methods(),
@@ -122,7 +122,7 @@ def _check_purify_flags(args: argparse.Namespace) -> None:
 
 def _check_demo_flags(args: argparse.Namespace) -> None:
     """``fip-fast demo``: every flag value that can be judged before the data are loaded."""
-    from .pipeline import available_methods
+    from fip_fast.pipeline import available_methods
 
     _check_common_flags(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -177,7 +177,7 @@ def _check_out(out: Path, overwrite: bool, inputs: Sequence[Optional[Path]], fla
     ``--overwrite`` (which then replaces only :data:`OUTPUT_NAMES`, file by file; the folder itself and every
     other file in it are kept), and no output name may be an input (a checkpoint or data file called
     ``report.json``, or an image-folder input that contains --out)."""
-    from .io import OverwriteInputError, check_not_input
+    from fip_fast.io import OverwriteInputError, check_not_input
 
     if out.exists() and not out.is_dir():
         raise CLIError(f"{flag} {out} exists and is not a folder")
@@ -195,7 +195,7 @@ def _check_out(out: Path, overwrite: bool, inputs: Sequence[Optional[Path]], fla
 def _check_save(save: Path, overwrite: bool, inputs: Sequence[Optional[Path]]) -> None:
     """``--save``: never an input (symlinks and hard links included), never a folder, and an existing file
     only with ``--overwrite``."""
-    from .io import OverwriteInputError, check_not_input
+    from fip_fast.io import OverwriteInputError, check_not_input
 
     try:
         check_not_input(save, *inputs)
@@ -229,7 +229,7 @@ def _table(rows: List[Dict[str, Any]]) -> str:
 
 
 def _lambda_max(model, x, y, iters: int) -> float:
-    from .smoothness import hessian_max_eigenvalue
+    from fip_fast.evaluation.smoothness import hessian_max_eigenvalue
 
     if iters <= 0:
         return float("nan")
@@ -385,8 +385,8 @@ def _write_outputs(out: Path, inputs: Sequence[Optional[Path]], title: str, intr
     the previous results only once every one is complete — a run that fails while writing keeps the old ones.
     Nothing is ever deleted but the tool's own temporaries (and --out itself when this call created it and it
     is still empty)."""
-    from .io import StagedOutputs, save_model
-    from .pipeline import _jsonable
+    from fip_fast.io import StagedOutputs, save_model
+    from fip_fast.pipeline import _jsonable
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -422,7 +422,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``fip-fast demo``: every flag and the --out location are checked before the data are loaded."""
     import torch
 
-    from . import attacks, data, metrics
+    from fip_fast.evaluation import attacks, data, metrics
 
     _check_demo_flags(args)
     cfg = dict(v=_CACHE_VERSION, attack=args.attack, target=args.target, seed=args.seed, rate=args.poison_rate,
@@ -483,7 +483,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _write_outputs(out, [cache_file], f"fip-fast demo: {args.attack}", intro, before_row, rows, payload)
     say(f"report written to {out}/")
     if args.json:
-        from .pipeline import _jsonable
+        from fip_fast.pipeline import _jsonable
 
         print(json.dumps(_jsonable({"before": before_row, "results": [
             {k: v for k, v in r.items() if k != "history"} for r in rows], "total_s": total})))
@@ -524,8 +524,8 @@ def _demo_backdoored(args, cfg, sp, atk, in_channels: int, dev, cache_file: Path
     cache is usable; an unreadable entry or a failed write is a warning).  Returns (model, trained, seconds)."""
     import torch
 
-    from . import models, train
-    from .io import CheckpointError, UnsafeCheckpointError, load_weights, save_model
+    from fip_fast.evaluation import models, train
+    from fip_fast.io import CheckpointError, UnsafeCheckpointError, load_weights, save_model
 
     torch.manual_seed(args.seed)     # the initial weights too: same seed, same backdoored model
     model = models.build_model("cnn", num_classes=10, in_channels=in_channels, width=args.width, hidden=args.hidden)
@@ -552,7 +552,7 @@ def _demo_backdoored(args, cfg, sp, atk, in_channels: int, dev, cache_file: Path
 
 def _demo_method(name: str, model, clean, args, dev, test_metrics, xl, yl, say):
     """Purify a copy of the backdoored model with one demo method; returns (result row, PurifyReport)."""
-    from .pipeline import purify
+    from fip_fast.pipeline import purify
 
     kw: Dict[str, Any] = dict(_parse_set(args.set))
     if args.steps is not None:
@@ -580,7 +580,7 @@ def _demo_method(name: str, model, clean, args, dev, test_metrics, xl, yl, say):
 # =============================================================================================== purify
 def _load_data(path: str, what: str):
     """Load --clean / --test / --triggered data; every failure names the flag and the file."""
-    from .data import DatasetError, load_dataset
+    from fip_fast.evaluation.data import DatasetError, load_dataset
 
     p = Path(path)
     if not p.exists():
@@ -619,7 +619,7 @@ def _check_fits(model, x, y, what: str, num_classes: int, like: Optional[Tuple[s
 
 
 def _build_arch(args: argparse.Namespace, in_channels: int):
-    from .models import build_model
+    from fip_fast.evaluation.models import build_model
 
     try:
         return build_model(args.arch, num_classes=args.num_classes, in_channels=in_channels)
@@ -637,7 +637,7 @@ def _load_model(args: argparse.Namespace, ck: Path, x):
     at fault: the file (a folder, unreadable / truncated / empty, not weights-only, invalid tensors — see
     :func:`fip_fast.io.validate_state_dict` — or weights of another architecture) or the --clean data (images
     with another channel count than the checkpoint was trained on)."""
-    from .io import (
+    from fip_fast.io import (
         CheckpointError,
         UnsafeCheckpointError,
         read_weights,
@@ -712,7 +712,7 @@ def _init_distributed(args: argparse.Namespace):
     if args.distributed == "fsdp":
         raise CLIError("--distributed fsdp is not supported by `fip-fast purify` (DDP only): the loop's clean-val "
                        "selection, evaluation and merge need the full weights.  Use --distributed ddp, or FSDP2 "
-                       "through fip_fast.distributed as examples/torchrun_purify.py --parallel fsdp does")
+                       "through fip_fast.integrations.distributed as examples/torchrun_purify.py --parallel fsdp does")
     missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
     if missing:
         raise CLIError(f"--distributed {args.distributed} needs the environment torchrun sets up ({', '.join(missing)} "
@@ -778,7 +778,7 @@ def _purify_outputs(args: argparse.Namespace, inputs: List[Path]) -> Tuple[Path,
 
 def _run_purify(args: argparse.Namespace, model, clean, dev, progress: bool, eval_fn, distributed: bool):
     """:func:`fip_fast.pipeline.purify` with the CLI's options; its usage errors become one-line CLI errors."""
-    from .pipeline import ResumeMismatchError, purify
+    from fip_fast.pipeline import ResumeMismatchError, purify
 
     kw = _parse_set(args.set)
     for k in ("steps", "batch_size", "lr"):
@@ -810,7 +810,7 @@ def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
     result (:func:`_divergence`) is reported but not saved, and the exit status is 3."""
     import torch
 
-    from . import metrics
+    from fip_fast.evaluation import metrics
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -910,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     # One thread by default: the demo CNN's layers are too small for intra-op parallelism to pay, and on a busy
     # 2-core machine torch's default (2 threads) oversubscribed the cores (measured: 352 s vs 62 s for a run).
     d.set_defaults(out=None, default_out="fip_fast_demo_report", threads=1)
-    from .attacks import ATTACKS
+    from fip_fast.evaluation.attacks import ATTACKS
 
     d.add_argument("--attack", default="badnets", choices=sorted(ATTACKS), help="backdoor attack (default: badnets)")
     d.add_argument("--target", type=int, default=0, help="attack target class (default: 0)")
@@ -976,7 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "run equals the single-process run; rank 0 prints, writes the report and saves the weights.  "
                    "--device cpu uses gloo, --device cuda uses nccl and cuda:LOCAL_RANK.  Only 'ddp' is "
                    "implemented here ('fsdp' is refused with an explanation; FSDP2 is available through "
-                   "fip_fast.distributed, see examples/torchrun_purify.py).  BatchNorm: SyncBatchNorm on CUDA; on "
+                   "fip_fast.integrations.distributed, see examples/torchrun_purify.py).  BatchNorm: SyncBatchNorm on CUDA; on "
                    "CPU (no SyncBatchNorm in torch) each rank's local statistics — not identical to one process, "
                    "recorded in the report.  Without a torchrun environment this flag is an error")
     q.add_argument("--dist-timeout", type=float, default=1800.0, help="seconds a rank waits in a collective "

@@ -17,7 +17,7 @@ Environment:
 * ``CUDA_HOME`` / ``CUDA_PATH`` — the toolkit root; otherwise found from ``nvcc`` (wrappers resolved), then
   ``/usr/local/cuda``.
 
-What the kernels take (anything else falls back to :mod:`fip_fast._foreach` for that call, logged once): CUDA
+What the kernels take (anything else falls back to :mod:`fip_fast.backends.foreach` for that call, logged once): CUDA
 tensors of fp32 / fp16 / bf16 parameters and gradients, fp32 state (momentum, Fisher, lagged perturbation, F0),
 anchors θ0 in fp32 or in the parameter dtype, every tensor either contiguous or sharing its parameter's dense
 layout.  Scalars (``lr``, ``mix``, scales, ``step``, ``found_inf``) may be Python numbers, CPU tensors or CUDA
@@ -124,7 +124,7 @@ def use_cuda_home(root: str) -> None:
 def csrc_dir() -> Optional[str]:
     """The ``csrc/`` folder with the extension's sources, or None (wheel installs ship none)."""
     cands = [os.environ.get("FIP_FAST_CSRC"),
-             os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")]
+             os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")]
     for d in cands:
         if d and all(os.path.isfile(os.path.join(d, s)) for s in CSRC_SOURCES):
             return os.path.abspath(d)
@@ -319,7 +319,7 @@ def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, 
     reason = ext.fisher_accumulate(list(fisher), list(grads), bt, bv, at, av)
     if reason:
         _fallback("fisher_accumulate_", reason)
-        from fip_fast import _foreach
+        from fip_fast.backends import foreach as _foreach
         _foreach.fisher_accumulate_(fisher, grads, beta, alpha)
 
 
@@ -334,7 +334,7 @@ def global_norm(tensors: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor]:
     norm, found_inf, reason = ext.global_norm(ts)
     if reason:
         _fallback("global_norm", reason)
-        from fip_fast import _foreach
+        from fip_fast.backends import foreach as _foreach
         return _foreach.global_norm(ts)
     return norm, found_inf
 
@@ -353,7 +353,7 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf
     reason = ext.perturb(list(params), list(grads), st, sv, fi)
     if reason:
         _fallback("perturb_", reason)
-        from fip_fast import _foreach
+        from fip_fast.backends import foreach as _foreach
         _foreach.perturb_(params, grads, scale, found_inf)
 
 
@@ -393,7 +393,7 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
         use_nps, nps_t, nps_v, fi)
     if reason:
         _fallback("fip_step_", reason)
-        from fip_fast import _foreach
+        from fip_fast.backends import foreach as _foreach
         _foreach.fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, lr=lr,
                            momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta_r=eta_r, beta=beta,
                            mix=mix, restore_scale=restore_scale, precondition=precondition, damping=damping,

@@ -49,7 +49,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import ops
+from fip_fast import ops
 
 __all__ = ["FIPCallback", "drop_perturbation", "find_fip", "is_lagged"]
 
@@ -57,7 +57,7 @@ __all__ = ["FIPCallback", "drop_perturbation", "find_fip", "is_lagged"]
 def find_fip(optimizer: Any) -> Any:
     """The :class:`fip_fast.FIP` behind ``optimizer`` (unwrapping ``.optimizer`` / ``._optimizer`` attributes of
     wrappers such as accelerate's ``AcceleratedOptimizer``), or ``None`` if there is none."""
-    from .optim import FIP
+    from fip_fast.optim import FIP
 
     seen = set()
     while optimizer is not None and id(optimizer) not in seen:

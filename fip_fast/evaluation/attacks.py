@@ -16,7 +16,7 @@ are poisoned is a fixed function of the ``seed`` given to :meth:`poison_train`.
 Registry: :data:`ATTACKS` and :func:`make_attack`.  Defaults (``default_rate`` and the trigger parameters) were
 chosen to be the standard ones from the literature where these reach ≥ 95 % ASR on the demo CNN / MNIST-5k in a
 few epochs; where they do not, the docstring of the class says what changed and why.  Measured (split seed 0,
-4 280 training images, :class:`~fip_fast.models.DemoCNN`, ``train_backdoored`` defaults: Adam 2e-3, 4 epochs,
+4 280 training images, :class:`~fip_fast.evaluation.models.DemoCNN`, ``train_backdoored`` defaults: Adam 2e-3, 4 epochs,
 batch 64; a clean model: ACC 98.4 %):
 
 =========  ========  =======  =======
@@ -225,7 +225,7 @@ class SIG(Attack):
     ``test_delta`` is the test-time amplitude (``None``: same as ``delta``); a stronger test-time signal is the
     usual way SIG is evaluated, since a clean-label trigger is learned more weakly than a relabelled one.
 
-    Defaults, measured on MNIST-5k / :class:`~fip_fast.models.DemoCNN` / 4 epochs: the CIFAR amplitude
+    Defaults, measured on MNIST-5k / :class:`~fip_fast.evaluation.models.DemoCNN` / 4 epochs: the CIFAR amplitude
     20/255 ≈ 0.08 is invisible to a digit classifier, Δ = 0.2 with test Δ = 0.2 reaches only ≈ 64 % ASR, and
     poisoning the *whole* target class (rate 0.1) reaches 97 % but costs 10 points of clean accuracy (clean
     target digits are no longer recognised without the signal).  Δ_train = 0.2, Δ_test = 0.3 at rate 0.08

@@ -109,7 +109,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import model_device, split_batch
+from fip_fast._utils import model_device, split_batch
 
 logger = logging.getLogger("fip_fast")
 
@@ -273,13 +273,13 @@ def _val_metrics(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, device
     """Clean-validation loss and accuracy, in eval mode (every module's own flag restored).
 
     ``shard=(rank, world)``: this rank evaluates its contiguous block of the N samples
-    (:func:`fip_fast.distributed.shard_indices`) and the sums (loss·samples, correct, samples) are all-reduced,
+    (:func:`fip_fast.integrations.distributed.shard_indices`) and the sums (loss·samples, correct, samples) are all-reduced,
     so every rank returns the same numbers — the metrics of all N samples."""
     if x.shape[0] == 0:
         return {"val_loss": float("nan"), "val_acc": float("nan")}
     lo, hi = 0, x.shape[0]
     if shard is not None:
-        from .distributed import shard_indices
+        from fip_fast.integrations.distributed import shard_indices
 
         r = shard_indices(x.shape[0], *shard)
         lo, hi = r.start, r.stop
@@ -331,11 +331,11 @@ class MethodContext:
         """The purification data as a list of batches (no replacement), for Fisher estimation.
 
         In a distributed run (``world_size > 1``) only this rank's contiguous share of the samples
-        (:func:`fip_fast.distributed.shard_indices`): :func:`fip_fast.estimate_fisher` all-reduces the sums and
+        (:func:`fip_fast.integrations.distributed.shard_indices`): :func:`fip_fast.estimate_fisher` all-reduces the sums and
         sample counts, so every rank gets F0 of the whole purification part."""
         lo, hi = 0, self.x_train.shape[0]
         if self.world_size > 1:
-            from .distributed import shard_indices
+            from fip_fast.integrations.distributed import shard_indices
 
             r = shard_indices(hi, self.rank, self.world_size)
             lo, hi = r.start, r.stop
@@ -416,7 +416,7 @@ class OptimizerPurifier(Purifier):
         self._finalize = finalize
 
     def step(self, x: Tensor, y: Tensor) -> float:
-        from .optim import frozen_running_stats
+        from fip_fast.optim import frozen_running_stats
 
         model, opt, loss_fn = self.model, self.optimizer, self.loss_fn
 
@@ -465,7 +465,7 @@ class OptimizerPurifier(Purifier):
 def _normalized_fisher(model: nn.Module, ctx: MethodContext, groups: Sequence[Sequence[Tensor]]
                        ) -> Dict[Tensor, Tensor]:
     """F0 of every tensor in ``groups``, each group normalized by its own maximum (see the module docstring)."""
-    from .fisher import estimate_fisher, normalize_fisher
+    from fip_fast.fisher import estimate_fisher, normalize_fisher
 
     ps = [p for g in groups for p in g]
     if ctx.resuming:   # F0 and θ0 come back with the optimizer state; placeholders only
@@ -494,7 +494,7 @@ def _fip_kwargs(o: Dict[str, Any]) -> Dict[str, Any]:
 def _build_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: float, impl: str = "auto",
                **o: Any) -> Purifier:
     """Full FIP: every trainable parameter, one group, F0 normalized by its maximum."""
-    from .optim import FIP
+    from fip_fast.optim import FIP
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -517,8 +517,8 @@ def _build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: flo
                     fast_fip_extra: str = "bias_bn", layer_types: Optional[Sequence[type]] = None,
                     impl: str = "auto", **o: Any) -> Purifier:
     """Fast FIP: train the singular-value shifts δ (+ biases / normalization affine parameters)."""
-    from . import spectral
-    from .optim import FIP
+    from fip_fast import spectral
+    from fip_fast.optim import FIP
 
     if fast_fip_extra not in ("bias_bn", "none"):
         raise ValueError(f"fast_fip_extra must be 'bias_bn' or 'none', got {fast_fip_extra!r}")
@@ -725,9 +725,9 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         loss_fn: ``loss_fn(output, y) -> scalar`` (default mean cross-entropy).  progress: tqdm bar.
         checkpoint_dir / checkpoint_every / resume: periodic checkpoints and resuming (``kind="loop"`` methods).
         distributed: ``None`` (one process) or ``"ddp"``: data-parallel purification over the ranks of an
-            initialized default process group (``torchrun`` + :func:`fip_fast.distributed.init_from_env`), see
+            initialized default process group (``torchrun`` + :func:`fip_fast.integrations.distributed.init_from_env`), see
             "Distributed purification" below.  ``"fsdp"`` is refused (not implemented in ``purify``: use
-            :mod:`fip_fast.distributed` directly, as ``examples/torchrun_purify.py --parallel fsdp`` does).
+            :mod:`fip_fast.integrations.distributed` directly, as ``examples/torchrun_purify.py --parallel fsdp`` does).
         **options: method options, e.g. ``eta_F``, ``eta_r``, ``rho``, ``trace_estimator``, ``lr_delta``,
             ``rho_delta`` for FIP / Fast FIP (see :data:`DEFAULTS`), or a runner's own keyword arguments.
 
@@ -738,7 +738,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         * **F0**: each rank estimates the Fisher on its contiguous share of the purification part
           (:meth:`MethodContext.fisher_loader`); :func:`fip_fast.estimate_fisher` all-reduces sums and counts.
         * **Model**: after the method's builder has prepared it (Fast FIP: reparameterized, δ created) the
-          training forward runs through ``DistributedDataParallel`` (:func:`fip_fast.distributed.wrap_ddp`),
+          training forward runs through ``DistributedDataParallel`` (:func:`fip_fast.integrations.distributed.wrap_ddp`),
           which averages the gradients inside ``backward()`` — also in the second (perturbed) pass of the fd
           suppressor.  The FIP step then does identical arithmetic on identical numbers on every rank.
         * **Batches**: step ``t`` draws ONE global batch of ``batch_size`` indices from ``(seed, t)`` — the
@@ -762,7 +762,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     t_total = time.perf_counter()
     spec = get_method(method)
     dist_mode = _check_distributed(distributed, spec.kind, spec.name)
-    from . import distributed as fd
+    from fip_fast.integrations import distributed as fd
 
     rank, world = (fd.rank(), fd.world_size()) if dist_mode else (0, 1)
     is_main = rank == 0
@@ -886,7 +886,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     ckpt = None
     resuming = False
     if checkpoint_dir is not None:
-        from .io import Checkpointer
+        from fip_fast.io import Checkpointer
 
         ckpt = Checkpointer(checkpoint_dir, every=max(1, int(checkpoint_every)), prefix=f"purify-{spec.name}")
         fingerprint = _run_fingerprint(theta0_fp, config, (x_tr, y_tr, x_va, y_va))
@@ -1065,7 +1065,7 @@ def _check_distributed(distributed: Optional[str], kind: str, name: str) -> Opti
     if distributed == "fsdp":
         raise NotImplementedError(
             "purify(distributed='fsdp') is not implemented: the loop's selection copies, evaluation and merge need "
-            "the full weights.  Use DDP (distributed='ddp'), or FSDP2 through fip_fast.distributed (shard_fsdp, "
+            "the full weights.  Use DDP (distributed='ddp'), or FSDP2 through fip_fast.integrations.distributed (shard_fsdp, "
             "shard_fisher, fip_for_fsdp, save_checkpoint) as in examples/torchrun_purify.py --parallel fsdp")
     import torch.distributed as dist
 
@@ -1073,7 +1073,7 @@ def _check_distributed(distributed: Optional[str], kind: str, name: str) -> Opti
         raise RuntimeError(
             "purify(distributed='ddp') needs an initialized torch.distributed process group: launch the script "
             "with torchrun (e.g. torchrun --nproc_per_node=2 script.py) and call "
-            "fip_fast.distributed.init_from_env() before purify()")
+            "fip_fast.integrations.distributed.init_from_env() before purify()")
     if kind != "loop":
         raise ValueError(f"method {name!r} is a kind='runner' method (its own loop): it cannot run under "
                          "purify(distributed=…); only kind='loop' methods (fip, fast_fip, …) can")

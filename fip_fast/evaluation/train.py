@@ -1,7 +1,7 @@
 """Train a (possibly poisoned) classifier — the attacker's side of the demo.
 
 :func:`train_backdoored` is ordinary supervised training on whatever ``(x, y)`` it is given; pass the output
-of :meth:`fip_fast.attacks.Attack.poison_train` to obtain a backdoored model.  It is deterministic for a
+of :meth:`fip_fast.evaluation.attacks.Attack.poison_train` to obtain a backdoored model.  It is deterministic for a
 given ``seed`` (and a fixed number of CPU threads): the shuffling uses its own ``torch.Generator`` and the
 global RNG is seeded only for layers that draw random numbers (dropout).
 """
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import model_device
+from fip_fast._utils import model_device
 
 __all__ = ["train_backdoored", "model_device"]
 
@@ -53,7 +53,7 @@ def train_backdoored(
         optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9, Nesterov); the LR is cosine-annealed to 0.
         device: where to train; default: the model's device.
     """
-    from tqdm.auto import tqdm  # lazy: keeps `import fip_fast.train` cheap
+    from tqdm.auto import tqdm  # lazy: keeps `import fip_fast.evaluation.train` cheap
 
     dev = torch.device(device) if device is not None else model_device(model)
     model.to(dev).train()

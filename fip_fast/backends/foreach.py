@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .reference import Scalar
+from fip_fast.reference import Scalar
 
 
 def available(device: torch.device) -> tuple[bool, str]:
@@ -134,10 +134,10 @@ def _bias_corrections(beta: float, step, n: int, device: torch.device) -> list[T
 
 
 def spectral_weight(U, S, delta, Vh, residual=None, relative=False):
-    from .reference import spectral_weight as ref
+    from fip_fast.reference import spectral_weight as ref
     return ref(U, S, delta, Vh, residual, relative)
 
 
 def spectral_linear_grad(x, grad_out, U, S, delta, Vh, relative=False):
-    from .reference import spectral_linear_grad as ref
+    from fip_fast.reference import spectral_linear_grad as ref
     return ref(x, grad_out, U, S, delta, Vh, relative)

@@ -13,7 +13,7 @@ DDP (:func:`wrap_ddp`)
     * ``"lagged"``: the next perturbation is also built from the all-reduced g, so ranks stay bit-identical.
 FSDP2 (:func:`shard_fsdp`, ``torch.distributed.fsdp.fully_shard``, present in torch ≥ 2.6 and working on CPU
 with gloo in the torch 2.13 used here)
-    * Reparameterize (``fip_fast.spectral`` / ``fip_fast.hf``) **before** sharding: the SVD needs the whole
+    * Reparameterize (``fip_fast.spectral`` / ``fip_fast.integrations.hf``) **before** sharding: the SVD needs the whole
       weight.  δ, biases and every other parameter become ``DTensor`` shards (``Shard(0)``); ``U``, ``S``,
       ``Vh`` and the rank-k residual are buffers and stay replicated (they are frozen).  For rank-k Fast FIP of
       a large model the residual dominates memory: see :mod:`fip_fast.memory`.
@@ -250,7 +250,7 @@ def shard_fsdp(model: nn.Module, units: Optional[Sequence[type] | Iterable[nn.Mo
             blocks of a ``transformers`` model (``model.transformer.h`` / ``model.model.layers`` …) when found,
             else only the root.
         mesh: a 1-d ``DeviceMesh`` (default: all ranks on the default group's device type).
-    Reparameterize first.  A :class:`fip_fast.hf.TiedLMHead` reads the spectral embedding's δ outside the
+    Reparameterize first.  A :class:`fip_fast.integrations.hf.TiedLMHead` reads the spectral embedding's δ outside the
     embedding's forward, so a tied pair must live in one unit (the root, by default).
     """
     fully_shard = _fully_shard()
@@ -322,7 +322,7 @@ def fip_for_fsdp(params, **kwargs):
     ``reference`` impl mixes plain tensors with DTensors.  So ``impl`` is forced to ``"foreach"`` (``"auto"``
     or unset) when a parameter is a DTensor, and any other explicit choice raises.  For plain parameters it is
     exactly ``FIP``.  Both ``"fd"`` and ``"lagged"`` run on DTensor parameters."""
-    from .optim import FIP
+    from fip_fast.optim import FIP
     params = list(params)
     flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     if any(is_dtensor(p) for p in flat):
