@@ -33,8 +33,7 @@ def run_all(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--compile-loop", action="store_true", help="passed to ops")
     args, rest = p.parse_known_args(argv)
-    from . import device_tag, pick_device
-    from . import end_to_end, ops, report
+    from . import device_tag, end_to_end, ops, pick_device, report
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -42,6 +42,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -53,6 +54,7 @@ OUT_MD = ROOT / "results" / "baselines_cpu.md"
 
 def _versions() -> dict:
     import numpy
+
     import fip_fast
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
@@ -97,8 +99,8 @@ def backdoored_model(attack: str, seed: int, epochs: int, cache: Path):
     """The backdoored model of ``fip-fast demo --attack <attack> --seed <seed> --epochs <epochs>``: the demo's split,
     attack, CNN and training (:data:`fip_fast.cli.DEMO_DEFAULTS`), in the demo's order of seeding, so seed 0 /
     badnets is the very model the demo purifies."""
-    from fip_fast.evaluation.attacks import make_attack
     from fip_fast.cli import DEMO_DEFAULTS as D
+    from fip_fast.evaluation.attacks import make_attack
     from fip_fast.evaluation.data import load_mnist5k, split_dataset
     from fip_fast.evaluation.models import demo_cnn
     from fip_fast.evaluation.train import train_backdoored
@@ -219,7 +221,7 @@ def _save(doc: dict, out_json: Path, out_md: Path) -> None:
     write_md(doc, out_md)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     from fip_fast.evaluation.attacks import ATTACKS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -236,7 +238,78 @@ def main(argv=None) -> int:
     p.add_argument("--out-json", default=str(OUT_JSON))
     p.add_argument("--out-md", default=str(OUT_MD))
     p.add_argument("--fresh", action="store_true", help="discard an existing JSON instead of resuming from it")
-    args = p.parse_args(argv)
+    return p
+
+
+def _open_doc(out_json: Path, config: dict, cmd: str, fresh: bool) -> Optional[dict]:
+    """The results document: resumed from ``out_json`` when it exists (None if its configuration differs), else
+    a new one."""
+    if out_json.is_file() and not fresh:
+        old = json.loads(out_json.read_text())
+        oc = old.get("config", {})
+        diff = {k: (oc.get(k), config[k]) for k in CONFIG_KEYS if oc.get(k) != config[k]}
+        if diff:
+            print(f"{out_json} was written with a different configuration {diff} (old, new); pass --fresh to "
+                  "discard it or --out-json to write elsewhere", file=sys.stderr)
+            return None
+        doc = old
+        cmds = doc.setdefault("commands", [doc.get("command", "")])
+        if cmds[-1] != cmd:
+            cmds.append(cmd)
+        print(f"resuming from {out_json}: {len(doc['runs'])} cells already done", flush=True)
+        return doc
+    return {"command": cmd, "commands": [cmd], "date": None, "machine": _machine(), "versions": _versions(),
+            "load_start": _load(), "config": config, "runs": [], "notes": [], "elapsed_s": 0.0}
+
+
+def _merge_config(cfg: dict, args: argparse.Namespace) -> None:
+    """The table lists the union of what was asked for over all (resumed) invocations, in canonical order."""
+    from fip_fast.evaluation.attacks import ATTACKS
+
+    cfg["attacks"] = [a for a in sorted(ATTACKS) if a in set(cfg.get("attacks", [])) | set(args.attacks)]
+    cfg["seeds"] = sorted(set(cfg.get("seeds", [])) | set(args.seeds))
+    cfg["methods"] = [m for m in METHODS if m in set(cfg.get("methods", [])) | set(args.methods)]
+
+
+def _run_cell(doc: dict, args: argparse.Namespace, attack: str, seed: int, todo: list[str], purify,
+              clock, elapsed0: float) -> None:
+    """The backdoored model of (attack, seed) and every method of ``todo`` on it; saved after each method.
+    ``purify``: :func:`fip_fast.pipeline.purify`; ``clock()``: seconds since this invocation started;
+    ``elapsed0``: seconds of the earlier (resumed) ones."""
+    out_json, out_md = Path(args.out_json), Path(args.out_md)
+    model0, sp, atk, t_train = backdoored_model(attack, seed, args.train_epochs, Path(args.cache))
+    doc["config"]["n_clean"] = int(sp.val[1].numel())
+    trig = atk.triggered_test(*sp.test)
+    if "none" in todo:
+        base = measure(model0, sp, atk, trig, args.lambda_batch, args.lambda_iters)
+        doc["runs"].append({"attack": attack, "seed": seed, "method": "none", **base, "time_s": None,
+                            "trainable_params": None, "train_s": t_train})
+        print(f"[{clock():7.1f}s] {attack} seed {seed}: backdoored "
+              f"acc {base['acc']:.3f} asr {base['asr']:.3f} λ {base['lambda_max']:.2f} "
+              f"(train {t_train:.0f}s)", flush=True)
+    for method in todo:
+        if method == "none":
+            continue
+        model = copy.deepcopy(model0)
+        model, rep = purify(model, sp.val, method=method, steps=args.steps, batch_size=args.batch_size,
+                            seed=seed, progress=False)
+        t = rep.timings
+        t_method = t.get("total", float("nan")) - t.get("eval", 0.0)
+        m = measure(model, sp, atk, trig, args.lambda_batch, args.lambda_iters)
+        doc["runs"].append({"attack": attack, "seed": seed, "method": method, **m, "time_s": t_method,
+                            "trainable_params": rep.trainable_params, "steps_run": rep.steps_run,
+                            "selected_step": rep.selected_step, "val_acc_before": rep.initial.get("val_acc"),
+                            "val_acc_after": rep.final.get("val_acc"), "timings": t})
+        print(f"[{clock():7.1f}s]   {method:12s} acc {m['acc']:.3f} asr {m['asr']:.3f} "
+              f"ra {m['ra']:.3f} λ {m['lambda_max']:.2f} time {t_method:.1f}s "
+              f"params {rep.trainable_params}", flush=True)
+        doc["load_end"] = _load()
+        doc["elapsed_s"] = elapsed0 + clock()
+        _save(doc, out_json, out_md)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from fip_fast.cli import DEMO_DEFAULTS
@@ -252,73 +325,30 @@ def main(argv=None) -> int:
               "lambda_batch": args.lambda_batch, "lambda_iters": args.lambda_iters, "arch": arch_fingerprint(m0),
               "torch_threads": args.threads, "model_params": sum(p.numel() for p in m0.parameters()),
               "n_clean": None}
-    doc = None
-    if out_json.is_file() and not args.fresh:
-        old = json.loads(out_json.read_text())
-        oc = old.get("config", {})
-        diff = {k: (oc.get(k), config[k]) for k in CONFIG_KEYS if oc.get(k) != config[k]}
-        if diff:
-            print(f"{out_json} was written with a different configuration {diff} (old, new); pass --fresh to "
-                  "discard it or --out-json to write elsewhere", file=sys.stderr)
-            return 2
-        doc = old
-        cmds = doc.setdefault("commands", [doc.get("command", "")])
-        if cmds[-1] != cmd:
-            cmds.append(cmd)
-        print(f"resuming from {out_json}: {len(doc['runs'])} cells already done", flush=True)
+    doc = _open_doc(out_json, config, cmd, args.fresh)
     if doc is None:
-        doc = {"command": cmd, "commands": [cmd], "date": None, "machine": _machine(), "versions": _versions(),
-               "load_start": _load(), "config": config, "runs": [], "notes": [], "elapsed_s": 0.0}
+        return 2
     doc["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cfg = doc["config"]
-    # the table lists the union of what was asked for over all (resumed) invocations, in canonical order
-    cfg["attacks"] = [a for a in sorted(ATTACKS) if a in set(cfg.get("attacks", [])) | set(args.attacks)]
-    cfg["seeds"] = sorted(set(cfg.get("seeds", [])) | set(args.seeds))
-    cfg["methods"] = [m for m in METHODS if m in set(cfg.get("methods", [])) | set(args.methods)]
+    _merge_config(doc["config"], args)
     done = {(r["attack"], r["seed"], r["method"]) for r in doc["runs"]}
     elapsed0 = float(doc.get("elapsed_s") or 0.0)
     t_start = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - t_start
 
     for seed in args.seeds:
         for attack in args.attacks:
             todo = [m for m in ["none"] + list(args.methods) if (attack, seed, m) not in done]
             if not todo:
                 continue
-            model0, sp, atk, t_train = backdoored_model(attack, seed, args.train_epochs, Path(args.cache))
-            cfg["n_clean"] = int(sp.val[1].numel())
-            trig = atk.triggered_test(*sp.test)
-            if "none" in todo:
-                base = measure(model0, sp, atk, trig, args.lambda_batch, args.lambda_iters)
-                doc["runs"].append({"attack": attack, "seed": seed, "method": "none", **base, "time_s": None,
-                                    "trainable_params": None, "train_s": t_train})
-                print(f"[{time.perf_counter() - t_start:7.1f}s] {attack} seed {seed}: backdoored "
-                      f"acc {base['acc']:.3f} asr {base['asr']:.3f} λ {base['lambda_max']:.2f} "
-                      f"(train {t_train:.0f}s)", flush=True)
-            for method in todo:
-                if method == "none":
-                    continue
-                model = copy.deepcopy(model0)
-                model, rep = purify(model, sp.val, method=method, steps=args.steps, batch_size=args.batch_size,
-                                    seed=seed, progress=False)
-                t = rep.timings
-                t_method = t.get("total", float("nan")) - t.get("eval", 0.0)
-                m = measure(model, sp, atk, trig, args.lambda_batch, args.lambda_iters)
-                doc["runs"].append({"attack": attack, "seed": seed, "method": method, **m, "time_s": t_method,
-                                    "trainable_params": rep.trainable_params, "steps_run": rep.steps_run,
-                                    "selected_step": rep.selected_step, "val_acc_before": rep.initial.get("val_acc"),
-                                    "val_acc_after": rep.final.get("val_acc"), "timings": t})
-                print(f"[{time.perf_counter() - t_start:7.1f}s]   {method:12s} acc {m['acc']:.3f} asr {m['asr']:.3f} "
-                      f"ra {m['ra']:.3f} λ {m['lambda_max']:.2f} time {t_method:.1f}s "
-                      f"params {rep.trainable_params}", flush=True)
-                doc["load_end"] = _load()
-                doc["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
-                _save(doc, out_json, out_md)
+            _run_cell(doc, args, attack, seed, todo, purify, clock, elapsed0)
             doc["load_end"] = _load()
-            doc["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+            doc["elapsed_s"] = elapsed0 + clock()
             _save(doc, out_json, out_md)
-    doc["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+    doc["elapsed_s"] = elapsed0 + clock()
     _save(doc, out_json, out_md)
-    print(f"done in {time.perf_counter() - t_start:.0f}s → {out_json}, {out_md}")
+    print(f"done in {clock():.0f}s → {out_json}, {out_md}")
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import RESULTS_DIR, device_tag, environment, loadavg, percentile, pick_device, summarize, save_results, sync
+from . import RESULTS_DIR, device_tag, environment, loadavg, pick_device, save_results, summarize, sync
 
 SCHEMA = "fip_fast.bench.end_to_end/1"
 METHODS = ("sgd", "fip_fd", "fip_lagged", "fip_batch", "fast_fip")

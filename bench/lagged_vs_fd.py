@@ -6,8 +6,8 @@
     python -m bench lagged_vs_fd --quick         # smoke test (tiny sizes; numbers mean nothing)
 
 **Speed.**  One training step (``zero_grad`` → forward → backward → ``step``) of the demo CNN
-(:class:`fip_fast.evaluation.models.DemoCNN`, 1×28×28 inputs, batch 128 — the authors' batch size) with the same batch for
-every variant: ``torch.optim.SGD`` (momentum 0.9, torch's default implementation), FIP without suppressor
+(:class:`fip_fast.evaluation.models.DemoCNN`, 1×28×28 inputs, batch 128 — the authors' batch size) with the same
+batch for every variant: ``torch.optim.SGD`` (momentum 0.9, torch's default implementation), FIP without suppressor
 (η_F = 0: the cost of FIP's fused step alone), FIP lagged and FIP fd with ``trace_every`` 1 and 5, and lagged with
 the Fisher anchor.  Variants are interleaved in rounds (each round times ``--steps`` consecutive steps of every
 variant, in a rotated order) so that load drift on a shared machine hits them alike; each round gives one

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from . import RESULTS_DIR
 
@@ -53,16 +53,42 @@ def _env_lines(d: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ ops
 def ops_markdown(d: dict) -> str:
-    bw = d["copy_bandwidth"]
     cpu = d.get("device", {}).get("type") == "cpu"
     md = [f"# fip_fast op microbenchmarks — {d['device'].get('name', d['device']['type'])}", ""]
     md += _env_lines(d)
-    md.append(f"* **Copy bandwidth** (`dst.copy_(src)`, {bw['numel'] / 2**20:g} Mi fp32 elements, 8 B/element): "
-              f"**{bw['gbps']:.1f} GB/s** (median {_ms(bw['median_s'])}, p20–p80 {_ms(bw['p20_s'])}–"
-              f"{_ms(bw['p80_s'])})"
-              + (f"; by CPU time {bw['gbps_cpu_time']:.1f} GB/s" if bw.get("gbps_cpu_time") else "")
-              + (" — the better of the measurements at the start / end of the run: "
-                 + " / ".join(f"{b['gbps']:.1f}" for b in bw["runs"]) + " GB/s" if bw.get("runs") else ""))
+    md += _ops_setup_lines(d)
+    ok = [r for r in d["results"] if r["status"] == "ok"]
+    impls = [k for k in d["impls"] if any(r["impl"] == k for r in ok)]
+    keys: list[tuple] = []
+    for r in ok:
+        k = (r["op"], r.get("variant"), r["case"])
+        if k not in keys:
+            keys.append(k)
+    md += ["", "## Median time per call (20th–80th percentile), achieved GB/s and % of copy bandwidth", ""]
+    md.append("Each cell: median [p20–p80] · GB/s · % of the copy bandwidth above (GFLOP/s for the spectral ops). "
+              "Wall-clock time (`time.perf_counter`)" + (", which on a shared CPU includes waiting for a core"
+                                                         if cpu else "") + ".")
+    md.append("")
+    md.append(_table(["op", "case"] + impls, _ops_rows(ok, impls, keys, _wall_cell)))
+    md.append("")
+    md.append("×N = speed-up over the reference (median / median).")
+    if cpu and any(r.get("cpu_median_s") for r in ok):
+        md += ["", "## Same, by process CPU time (`time.process_time`, median) — less sensitive to machine load", ""]
+        md.append(_table(["op", "case"] + impls, _ops_rows(ok, impls, keys, _cpu_cell)))
+    md += _ops_notes(d, ok)
+    md += _host_step_lines(d)
+    return "\n".join(md) + "\n"
+
+
+def _ops_setup_lines(d: dict) -> list[str]:
+    """Copy bandwidth, timer, skipped implementations, the cases and the bytes accounting."""
+    bw = d["copy_bandwidth"]
+    md = [f"* **Copy bandwidth** (`dst.copy_(src)`, {bw['numel'] / 2**20:g} Mi fp32 elements, 8 B/element): "
+          f"**{bw['gbps']:.1f} GB/s** (median {_ms(bw['median_s'])}, p20–p80 {_ms(bw['p20_s'])}–"
+          f"{_ms(bw['p80_s'])})"
+          + (f"; by CPU time {bw['gbps_cpu_time']:.1f} GB/s" if bw.get("gbps_cpu_time") else "")
+          + (" — the better of the measurements at the start / end of the run: "
+             + " / ".join(f"{b['gbps']:.1f}" for b in bw["runs"]) + " GB/s" if bw.get("runs") else "")]
     md.append(f"* **Timer**: {next((r.get('timer') for r in d['results'] if r.get('timer')), '–')}; "
               f"{d['config']['timing']}")
     md.append(f"* **compile**: {d['config'].get('compile_note')}")
@@ -75,19 +101,11 @@ def ops_markdown(d: dict) -> str:
     md += ["", "## Bytes moved per element (minimum traffic of a one-pass fused kernel, fp32)", ""]
     md.append(_table(["op", "B/elem", "accounting"],
                      [[k, _num(v["bytes_per_elem"], "{}"), v["what"]] for k, v in d["bytes_accounting"].items()]))
+    return md
 
-    ok = [r for r in d["results"] if r["status"] == "ok"]
-    impls = [k for k in d["impls"] if any(r["impl"] == k for r in ok)]
-    md += ["", "## Median time per call (20th–80th percentile), achieved GB/s and % of copy bandwidth", ""]
-    md.append("Each cell: median [p20–p80] · GB/s · % of the copy bandwidth above (GFLOP/s for the spectral ops). "
-              "Wall-clock time (`time.perf_counter`)" + (", which on a shared CPU includes waiting for a core"
-                                                         if cpu else "") + ".")
-    md.append("")
-    keys: list[tuple] = []
-    for r in ok:
-        k = (r["op"], r.get("variant"), r["case"])
-        if k not in keys:
-            keys.append(k)
+
+def _ops_rows(ok: list[dict], impls: list[str], keys: list[tuple], cell_fn) -> list[list[str]]:
+    """One row per (op, variant, case), one cell per implementation (``cell_fn(r, ref, impl)``, None: "–")."""
     rows = []
     for op, var, case in keys:
         row = [f"{op}{'/' + var if var else ''}", case]
@@ -95,41 +113,37 @@ def ops_markdown(d: dict) -> str:
         ref = by.get("reference")
         for im in impls:
             r = by.get(im)
-            if r is None:
-                row.append("–")
-                continue
-            cell = f"{_ms(r['median_s'])} [{_ms(r['p20_s'])}–{_ms(r['p80_s'])}]"
-            if r.get("gbps") is not None and r.get("bytes_per_elem"):
-                cell += f" · {r['gbps']:.3g} GB/s · {r['pct_copy_bw']:.0f}%"
-            elif r.get("gflops") is not None:
-                cell += f" · {r['gflops']:.3g} GFLOP/s"
-            if ref is not None and im != "reference":
-                cell += f" · ×{ref['median_s'] / r['median_s']:.2g}"
-            row.append(cell)
+            cell = None if r is None else cell_fn(r, ref, im)
+            row.append("–" if cell is None else cell)
         rows.append(row)
-    md.append(_table(["op", "case"] + impls, rows))
-    md.append("")
-    md.append("×N = speed-up over the reference (median / median).")
-    if cpu and any(r.get("cpu_median_s") for r in ok):
-        md += ["", "## Same, by process CPU time (`time.process_time`, median) — less sensitive to machine load", ""]
-        rows = []
-        for op, var, case in keys:
-            row = [f"{op}{'/' + var if var else ''}", case]
-            by = {r["impl"]: r for r in ok if (r["op"], r.get("variant"), r["case"]) == (op, var, case)}
-            ref = by.get("reference")
-            for im in impls:
-                r = by.get(im)
-                if r is None or r.get("cpu_median_s") is None:
-                    row.append("–")
-                    continue
-                cell = _ms(r["cpu_median_s"])
-                if r.get("gbps_cpu_time") is not None and r.get("bytes_per_elem"):
-                    cell += f" · {r['gbps_cpu_time']:.3g} GB/s · {r['pct_copy_bw_cpu_time']:.0f}%"
-                if ref is not None and im != "reference" and ref.get("cpu_median_s"):
-                    cell += f" · ×{ref['cpu_median_s'] / r['cpu_median_s']:.2g}"
-                row.append(cell)
-            rows.append(row)
-        md.append(_table(["op", "case"] + impls, rows))
+    return rows
+
+
+def _wall_cell(r: dict, ref: Optional[dict], im: str) -> str:
+    cell = f"{_ms(r['median_s'])} [{_ms(r['p20_s'])}–{_ms(r['p80_s'])}]"
+    if r.get("gbps") is not None and r.get("bytes_per_elem"):
+        cell += f" · {r['gbps']:.3g} GB/s · {r['pct_copy_bw']:.0f}%"
+    elif r.get("gflops") is not None:
+        cell += f" · {r['gflops']:.3g} GFLOP/s"
+    if ref is not None and im != "reference":
+        cell += f" · ×{ref['median_s'] / r['median_s']:.2g}"
+    return cell
+
+
+def _cpu_cell(r: dict, ref: Optional[dict], im: str) -> Optional[str]:
+    if r.get("cpu_median_s") is None:
+        return None
+    cell = _ms(r["cpu_median_s"])
+    if r.get("gbps_cpu_time") is not None and r.get("bytes_per_elem"):
+        cell += f" · {r['gbps_cpu_time']:.3g} GB/s · {r['pct_copy_bw_cpu_time']:.0f}%"
+    if ref is not None and im != "reference" and ref.get("cpu_median_s"):
+        cell += f" · ×{ref['cpu_median_s'] / r['cpu_median_s']:.2g}"
+    return cell
+
+
+def _ops_notes(d: dict, ok: list[dict]) -> list[str]:
+    """First calls of the compiled impls, the largest error against the reference, the errors."""
+    md: list[str] = []
     first = [r for r in ok if r.get("first_call_s") and r["impl"].startswith("compile")]
     if first:
         md += ["", "First call of the compiled impl (compilation included): "
@@ -145,19 +159,24 @@ def ops_markdown(d: dict) -> str:
     if bad:
         md += ["", "Errors:", ""] + [f"* {r['op']} {r.get('variant') or ''} {r['case']} {r['impl']}: {r['reason']}"
                                      for r in bad]
-    if d.get("host_step"):
-        md += ["", "## Host time per `optimizer.step()` (tiny tensors of 4 elements: Python + dispatch overhead)", ""]
-        rows = []
-        for h in d["host_step"]:
-            rows.append([h["optimizer"], h["impl"], str(h["ntensors"]),
-                         f"{_ms(h['per_step_median_s'])} [{_ms(h['per_step_p20_s'])}–{_ms(h['per_step_p80_s'])}]",
-                         _ms(h.get("per_step_cpu_median_s"))])
-        md.append(_table(["optimizer", "impl", "tensors", "wall per step, median [p20–p80]", "CPU time per step"],
-                         rows))
-        md.append("")
-        md.append("`fip_lagged` and `fip_fd` are means over a cycle of `trace_every` = 5 calls (one suppressor "
-                  "call); the `fip_fd` closure only re-assigns stored gradients.")
-    return "\n".join(md) + "\n"
+    return md
+
+
+def _host_step_lines(d: dict) -> list[str]:
+    if not d.get("host_step"):
+        return []
+    md = ["", "## Host time per `optimizer.step()` (tiny tensors of 4 elements: Python + dispatch overhead)", ""]
+    rows = []
+    for h in d["host_step"]:
+        rows.append([h["optimizer"], h["impl"], str(h["ntensors"]),
+                     f"{_ms(h['per_step_median_s'])} [{_ms(h['per_step_p20_s'])}–{_ms(h['per_step_p80_s'])}]",
+                     _ms(h.get("per_step_cpu_median_s"))])
+    md.append(_table(["optimizer", "impl", "tensors", "wall per step, median [p20–p80]", "CPU time per step"],
+                     rows))
+    md.append("")
+    md.append("`fip_lagged` and `fip_fd` are means over a cycle of `trace_every` = 5 calls (one suppressor "
+              "call); the `fip_fd` closure only re-assigns stored gradients.")
+    return md
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -21,7 +21,8 @@ ROOT = os.path.dirname(HERE)
 
 def _cuda_module():
     """fip_fast/backends/cuda.py loaded by path (its toolkit finder and source list), without importing the package."""
-    spec = importlib.util.spec_from_file_location("_fip_fast_cuda_for_setup", os.path.join(ROOT, "fip_fast", "backends", "cuda.py"))
+    spec = importlib.util.spec_from_file_location("_fip_fast_cuda_for_setup",
+                                                  os.path.join(ROOT, "fip_fast", "backends", "cuda.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -18,7 +18,8 @@ then FIP (all parameters) or Fast FIP (δ of every Conv1D / Linear layer, ``fip_
 suppressor.  Usage::
 
     python examples/lm_backdoor.py                    # ≈ 1–2 min on 2 CPU cores
-    python examples/lm_backdoor.py --small            # the CPU-small setting of tests/test_hf.py::test_lm_backdoor_small
+    python examples/lm_backdoor.py --small            # the CPU-small setting of
+                                                      # tests/test_hf.py::test_lm_backdoor_small
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fip_fast import spectral
-from fip_fast.integrations import hf
 from fip_fast.fisher import estimate_fisher
+from fip_fast.integrations import hf
 from fip_fast.optim import FIP
 
 N_CONTENT = 40

@@ -91,7 +91,6 @@ def main(argv=None):
               f"{mb(r['params_trainable'] + r['params_frozen'])} | {mb(r['grads'])} | {mb(s['U'])} | {mb(s['Vh'])} "
               f"| {mb(s['residual'])} | {mb(r['optimizer_state'])} | {mb(r['activations'])} | {mb(r['total'])} |")
     print("(MiB; activations: " + rows[0]["activations_how"] + ")")
-    pb = 2 if args.dtype == "bf16" else 4
     print(f"\nanalytical, bf16 weights, 4096×4096 layers, rank-k k={args.rank}:")
     out_an = {}
     for mode in memory.MODES:

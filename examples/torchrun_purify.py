@@ -8,9 +8,9 @@
 ``torchrun --nproc_per_node=2 -m fip_fast.cli purify --distributed ddp …``.)
 
 Every rank builds the same data; rank 0 trains the backdoored model (or loads ``--model``) and broadcasts it.
-The defender's clean set is split across ranks (:func:`fip_fast.integrations.distributed.shard_indices`): F0 is estimated on
-each rank's share and all-reduced by :func:`fip_fast.fisher.estimate_fisher`; each step draws one global batch
-(same generator on every rank) and each rank runs its slice, so the run equals a single-process run on the
+The defender's clean set is split across ranks (:func:`fip_fast.integrations.distributed.shard_indices`): F0 is
+estimated on each rank's share and all-reduced by :func:`fip_fast.fisher.estimate_fisher`; each step draws one global
+batch (same generator on every rank) and each rank runs its slice, so the run equals a single-process run on the
 global batch (``tests/test_distributed.py`` checks that equality).  Fast FIP reparameterizes *before* wrapping.
 At the end the purified weights are gathered, merged (no SVD left) and saved by rank 0 as ``purified.pt``
 (a plain ``GPT2LMHeadModel`` state dict), the sharded FIP state as a ``torch.distributed.checkpoint`` in
@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lm_backdoor as lb  # noqa: E402
 
-from fip_fast.integrations import distributed as fd  # noqa: E402
 from fip_fast import spectral  # noqa: E402
-from fip_fast.integrations import hf
 from fip_fast.fisher import estimate_fisher  # noqa: E402
+from fip_fast.integrations import distributed as fd  # noqa: E402
+from fip_fast.integrations import hf
 from fip_fast.io import UnsafeCheckpointError, load_weights  # noqa: E402
 
 

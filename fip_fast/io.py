@@ -22,7 +22,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Self, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Self, Union
 
 import numpy as np
 import torch
@@ -315,7 +315,8 @@ def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cp
                                     f"(torch said: {str(e).splitlines()[0]})") from e
     except RuntimeError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
-            raise UnsafeCheckpointError(f"{p} is not a weights-only checkpoint and was not loaded.\n{_UNSAFE_HINT}") from e
+            raise UnsafeCheckpointError(f"{p} is not a weights-only checkpoint and was not loaded.\n"
+                                        f"{_UNSAFE_HINT}") from e
         raise CheckpointError(f"{p}: not a readable checkpoint (corrupt, truncated, or not a torch/safetensors "
                               f"file): {e}") from e
     except Exception as e:  # the weights-only unpickler raises IndexError, EOFError… on truncated files

@@ -69,7 +69,8 @@ _ADAPTERS: dict[type, Adapter] = {
 
 
 def register_adapter(layer_type: type, adapter: Adapter) -> None:
-    """Teach :func:`reparameterize` a new layer type (e.g. Hugging Face GPT-2 ``Conv1D``, see ``fip_fast.integrations.hf``)."""
+    """Teach :func:`reparameterize` a new layer type (e.g. Hugging Face GPT-2 ``Conv1D``, see
+    ``fip_fast.integrations.hf``)."""
     _ADAPTERS[layer_type] = adapter
 
 

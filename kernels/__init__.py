@@ -83,7 +83,8 @@ def available(device) -> tuple[bool, str]:
         return True, ""
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
-            return False, "CPU tensors run only under the Triton interpreter: set TRITON_INTERPRET=1 before importing triton"
+            return False, ("CPU tensors run only under the Triton interpreter: "
+                           "set TRITON_INTERPRET=1 before importing triton")
         if not _interpreted():
             return False, "TRITON_INTERPRET=1 was set after triton compiled the kernels; set it before importing triton"
         return True, ""

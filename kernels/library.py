@@ -103,7 +103,8 @@ if AVAILABLE:
             pert if pert else None, lr=_join(lr_v, lr_t), momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, eta_r=eta_r, beta=beta, mix=_join(mix_v, mix_t),
             restore_scale=_join(restore_scale_v, restore_scale_t), precondition=precondition, damping=damping,
-            step=list(step_list) if step_list else _join(step_v, step_t), next_pert_scale=_join(next_pert_scale_v, next_pert_scale_t),
+            step=list(step_list) if step_list else _join(step_v, step_t),
+            next_pert_scale=_join(next_pert_scale_v, next_pert_scale_t),
             found_inf=_join(found_inf_v, found_inf_t))
 
     @fip_step_op.register_fake

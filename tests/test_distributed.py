@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from fip_fast.integrations import distributed as fd
 from fip_fast import ops, spectral
 from fip_fast.fisher import estimate_fisher
+from fip_fast.integrations import distributed as fd
 from fip_fast.optim import FIP
 
 WORLD = 2

@@ -8,9 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from fip_fast.io import (Checkpointer, OverwriteInputError, UnsafeCheckpointError, atomic_path, atomic_savefig,
-                         atomic_write_json, atomic_write_text, check_not_input, load_state_dict, load_weights,
-                         save_model)
+from fip_fast.io import (
+    Checkpointer,
+    OverwriteInputError,
+    UnsafeCheckpointError,
+    atomic_path,
+    atomic_savefig,
+    atomic_write_json,
+    atomic_write_text,
+    check_not_input,
+    load_state_dict,
+    load_weights,
+    save_model,
+)
 
 
 class Evil:

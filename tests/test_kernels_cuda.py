@@ -34,7 +34,8 @@ from fip_fast import ops, reference
 from fip_fast.backends import cuda as _cuda
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")]
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA device (torch.cuda.is_available() is False)")]
 
 DEV = torch.device("cuda")
 PTOL = {torch.float32: dict(rtol=2e-5, atol=1e-6), torch.float16: dict(rtol=2.0 ** -9, atol=1e-4),

@@ -28,12 +28,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-sys.path.insert(0, os.path.dirname(__file__))
-from _isolate import in_fresh_process  # noqa: E402
 from unittest import mock
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _isolate import in_fresh_process  # noqa: E402
 
 pytest.importorskip("triton")
 pytest.importorskip("numpy")

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import os
 import socket
+import sys
 import tempfile
 import time
 
@@ -15,10 +16,9 @@ from torch import nn
 
 from fip_fast import FIP, ops
 from fip_fast.integrations import drop_perturbation, find_fip
-import sys  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(__file__))  # noqa: E402
 from _isolate import in_fresh_process  # noqa: E402
-
 
 
 # ------------------------------------------------------------------------------------------------ helpers

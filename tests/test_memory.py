@@ -50,7 +50,7 @@ def test_full_fip_state_bytes(dtype, est):
 def test_fast_fip_buffers_and_state(rank):
     m = mlp()
     full = mlp()
-    shapes = [(l.out_features, l.in_features) for l in full if isinstance(l, nn.Linear)]
+    shapes = [(lin.out_features, lin.in_features) for lin in full if isinstance(lin, nn.Linear)]
     deltas = spectral.reparameterize(m, rank=rank, relative=True)
     opt = FIP(deltas, trace_every=1, fisher0={d: torch.ones_like(d) for d in deltas})
     rep = memory.measure(m, opt, step_fn(m, opt, "fd"))
@@ -89,7 +89,8 @@ def test_analytical_table_and_fit():
     # FSDP divides parameters/state, not Fast FIP's buffers (unless they were parameters)
     assert memory.max_params(80e9, "fip", 2, shards=8) == pytest.approx(32e9)
     assert memory.max_params(80e9, "fast_fip", 2, shards=8) == memory.max_params(80e9, "fast_fip", 2)
-    assert memory.max_params(80e9, "fast_fip", 2, shards=8, shard_buffers=True) > 2 * memory.max_params(80e9, "fast_fip", 2)
+    assert (memory.max_params(80e9, "fast_fip", 2, shards=8, shard_buffers=True)
+            > 2 * memory.max_params(80e9, "fast_fip", 2))
     with pytest.raises(ValueError):
         memory.bytes_per_param("nope")
 

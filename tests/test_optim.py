@@ -98,7 +98,8 @@ def test_foreach_matches_reference_fp32(cfg):
     assert all(float(o1.state[p]["step"]) == 20 for p in m1.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2), (torch.float64, 1e-6)])  # fp64 params keep fp32 state
+# fp64 params keep fp32 state
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2), (torch.float64, 1e-6)])
 def test_foreach_matches_reference_low_precision(dtype, tol):
     m1, o1 = _run("reference", dtype=dtype, nesterov=True, eta_F=0.02)
     m2, o2 = _run("foreach", dtype=dtype, nesterov=True, eta_F=0.02)

@@ -129,8 +129,13 @@ def test_fisher_loop_matches_definition_and_restores_mode():
 # --------------------------------------------------------------------------- kernel-level reference ops
 def test_fip_step_reference_one_tensor_by_hand():
     """The reference step on one element, against the formula of METHOD.md written out by hand."""
-    p = torch.tensor([1.0]); g = torch.tensor([0.5]); gp = torch.tensor([0.7])
-    f0 = torch.tensor([2.0]); a = torch.tensor([0.9]); buf = torch.tensor([0.1]); fis = torch.tensor([0.2])
+    p = torch.tensor([1.0])
+    g = torch.tensor([0.5])
+    gp = torch.tensor([0.7])
+    f0 = torch.tensor([2.0])
+    a = torch.tensor([0.9])
+    buf = torch.tensor([0.1])
+    fis = torch.tensor([0.2])
     lr, mu, wd, eta_r, beta, c, rs, lam, t = 0.1, 0.9, 0.01, 0.5, 0.95, 0.3, 0.2, 1e-3, 3
     theta = 1.0 - rs * 0.5
     d = 0.5 + c * (0.7 - 0.5) + eta_r * 2.0 * (theta - 0.9) + wd * theta
@@ -146,8 +151,11 @@ def test_fip_step_reference_one_tensor_by_hand():
 
 
 def test_fip_step_lagged_restores_then_sets_next():
-    p = torch.tensor([1.0, 2.0]); g = torch.tensor([0.5, -1.0]); pert = torch.tensor([0.1, 0.2])
-    buf = torch.zeros(2); fis = torch.zeros(2)
+    p = torch.tensor([1.0, 2.0])
+    g = torch.tensor([0.5, -1.0])
+    pert = torch.tensor([0.1, 0.2])
+    buf = torch.zeros(2)
+    fis = torch.zeros(2)
     R.fip_step_([p], [g], None, [None], [None], [buf], [fis], [pert], lr=0.1, momentum=0.0, nesterov=False,
                 weight_decay=0.0, eta_r=0.0, beta=0.0, mix=None, restore_scale=None, precondition=False,
                 damping=1e-3, step=1, next_pert_scale=0.3, found_inf=0.0)
@@ -159,8 +167,10 @@ def test_fip_step_lagged_restores_then_sets_next():
 def test_fip_step_anchor_one_step_by_hand():
     """One step from zero state, momentum 0, θ ≠ θ0, F0 ≠ 0: θ_new = θ − lr·(g + η_r·F0·(θ − θ0) + wd·θ).
     (With θ0 = θ the anchor term vanishes and a sign error in it would go unnoticed.)"""
-    p = torch.tensor([1.0, -2.0, 0.5]); g = torch.tensor([0.5, 0.25, -1.0])
-    f0 = torch.tensor([2.0, 0.5, 1.5]); a = torch.tensor([0.25, -1.0, 1.5])
+    p = torch.tensor([1.0, -2.0, 0.5])
+    g = torch.tensor([0.5, 0.25, -1.0])
+    f0 = torch.tensor([2.0, 0.5, 1.5])
+    a = torch.tensor([0.25, -1.0, 1.5])
     lr, wd, eta_r = 0.1, 0.01, 0.5
     want = [th - lr * (gi + eta_r * fi * (th - ai) + wd * th)
             for th, gi, fi, ai in zip([1.0, -2.0, 0.5], [0.5, 0.25, -1.0], [2.0, 0.5, 1.5], [0.25, -1.0, 1.5])]
@@ -191,7 +201,9 @@ def test_fip_step_per_tensor_step_counts_by_hand():
 
 
 def test_found_inf_writes_nothing():
-    p = torch.randn(5); buf = torch.randn(5); fis = torch.rand(5)
+    p = torch.randn(5)
+    buf = torch.randn(5)
+    fis = torch.rand(5)
     snap = [t.clone() for t in (p, buf, fis)]
     R.fip_step_([p], [torch.randn(5)], None, [None], [None], [buf], [fis], None, lr=0.1, momentum=0.9,
                 nesterov=False, weight_decay=0.0, eta_r=0.0, beta=0.9, mix=None, restore_scale=None,

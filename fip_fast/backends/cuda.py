@@ -1,4 +1,5 @@
-"""``impl="cuda"``: the CUDA C++ kernels of ``csrc/`` behind the kernel-level op signatures of :mod:`fip_fast.reference`.
+"""``impl="cuda"``: the CUDA C++ kernels of ``csrc/`` behind the kernel-level op signatures of
+:mod:`fip_fast.reference`.
 
 The compiled extension is ``fip_fast._C``.  It is used when it was built at install time (``csrc/README.md``);
 otherwise, on first use on a machine where torch has CUDA, sees a GPU and a CUDA toolkit (``nvcc``) is found, it is

@@ -23,9 +23,23 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from fip_fast.baselines._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
-                      grads_finite, history_every, lr_factor, model_device, module_modes, only_trainable,
-                      progress_bar, set_lr)
+from fip_fast.baselines._common import (
+    LossFn,
+    Timer,
+    batch_stream,
+    check_common,
+    check_schedule,
+    count_trainable,
+    default_loss,
+    grads_finite,
+    history_every,
+    lr_factor,
+    model_device,
+    module_modes,
+    only_trainable,
+    progress_bar,
+    set_lr,
+)
 
 __all__ = ["run_ft"]
 

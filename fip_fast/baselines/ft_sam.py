@@ -27,16 +27,28 @@ both passes (the statistics are updated twice per step, as in the reference SAM 
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from fip_fast.baselines._common import (
+    LossFn,
+    Timer,
+    batch_stream,
+    check_common,
+    check_schedule,
+    count_trainable,
+    default_loss,
+    history_every,
+    lr_factor,
+    model_device,
+    module_modes,
+    only_trainable,
+    progress_bar,
+    set_lr,
+)
 from fip_fast.optim import frozen_running_stats
-
-from fip_fast.baselines._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
-                      history_every, lr_factor, model_device, module_modes, only_trainable, progress_bar, set_lr)
 
 __all__ = ["SAM", "run_ft_sam"]
 
@@ -165,7 +177,8 @@ class SAM(torch.optim.Optimizer):
 def run_ft_sam(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.01, *, rho: float = 0.3,
                adaptive: bool = False, eta: float = 0.0, momentum: float = 0.9, weight_decay: float = 5e-4,
                lr_schedule: str = "cosine", batch_size: int = 128, seed: int = 0, bn_train: bool = True,
-               device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None, progress: bool = True) -> tuple[nn.Module, dict]:
+               device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None, progress: bool = True
+               ) -> tuple[nn.Module, dict]:
     """Fine-tune every parameter with SAM(SGD + momentum) on clean data (FT-SAM).
 
     Args are those of :func:`fip_fast.baselines.ft.run_ft` plus ``rho``, ``adaptive``, ``eta`` of :class:`SAM`.

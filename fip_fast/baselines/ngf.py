@@ -75,9 +75,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fip_fast import ops
-from fip_fast.baselines._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
-                      find_layer, fixed_batches, history_every, lr_factor, model_device, module_modes,
-                      only_trainable, progress_bar, set_lr)
+from fip_fast.baselines._common import (
+    LossFn,
+    Timer,
+    batch_stream,
+    check_common,
+    check_schedule,
+    count_trainable,
+    default_loss,
+    find_layer,
+    fixed_batches,
+    history_every,
+    lr_factor,
+    model_device,
+    module_modes,
+    only_trainable,
+    progress_bar,
+    set_lr,
+)
 
 __all__ = ["KFAC", "NaturalGradient", "kfac_factors_explicit", "run_ngf", "DEFAULT_DAMPING"]
 

@@ -94,9 +94,24 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from fip_fast.baselines._common import (LossFn, Timer, batch_stream, check_common, check_schedule, count_trainable, default_loss,
-                      find_layer, fixed_batches, history_every, lr_factor, model_device, module_modes,
-                      only_trainable, progress_bar, set_lr)
+from fip_fast.baselines._common import (
+    LossFn,
+    Timer,
+    batch_stream,
+    check_common,
+    check_schedule,
+    count_trainable,
+    default_loss,
+    find_layer,
+    fixed_batches,
+    history_every,
+    lr_factor,
+    model_device,
+    module_modes,
+    only_trainable,
+    progress_bar,
+    set_lr,
+)
 
 __all__ = ["neuron_layers", "benign_salience", "neuron_magnitude", "suspicion_scores", "select_infected",
            "adaptive_reg", "adaptive_reg_grad", "adaptive_reg_step_", "run_salience_ar"]
@@ -108,7 +123,7 @@ def neuron_layers(model: nn.Module, layers: Optional[Sequence[Union[str, nn.Modu
                   ) -> list[tuple[str, nn.Module]]:
     """The ranked layers: ``layers`` (names or modules) or every Linear/Conv2d except the output layer."""
     if layers is not None:
-        return [find_layer(model, l) for l in layers]
+        return [find_layer(model, layer) for layer in layers]
     out_name, _ = find_layer(model, None)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n != out_name]
 

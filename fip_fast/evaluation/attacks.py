@@ -76,7 +76,8 @@ class Attack:
         single = x.dim() == 3
         xb = x.unsqueeze(0) if single else x
         if xb.dim() != 4 or tuple(xb.shape[1:]) != self.image_shape:
-            raise ValueError(f"{self.name}: built for images {self.image_shape}, got a tensor of shape {tuple(x.shape)}")
+            raise ValueError(f"{self.name}: built for images {self.image_shape}, "
+                             f"got a tensor of shape {tuple(x.shape)}")
         out = self._apply(xb).clamp_(0.0, 1.0)
         return out[0] if single else out
 

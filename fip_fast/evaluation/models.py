@@ -13,7 +13,6 @@ import importlib
 import inspect
 from typing import Callable, Dict, List, Type, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

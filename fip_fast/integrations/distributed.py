@@ -339,10 +339,10 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
                     extra: Optional[dict] = None) -> None:
     """Save model (+ optimizer) with ``torch.distributed.checkpoint``: every rank writes its own shards to the
     directory ``path``.  Works for plain, DDP and FSDP2 models.  With ``"lagged"`` FIP, call it between steps
-    (the parameters then hold θ; the stored perturbation is saved and is pending again after loading).  ``extra``: small picklable metadata (rank 0's copy
-    is saved)."""
+    (the parameters then hold θ; the stored perturbation is saved and is pending again after loading).  ``extra``:
+    small picklable metadata (rank 0's copy is saved)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
     m = unwrap(model)
     if optimizer is not None:
         msd, osd = get_state_dict(m, optimizer)
@@ -358,8 +358,12 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     is restored in fp32 (``torch`` casts optimizer state to the parameter dtype; FIP keeps fp32 state).
     Returns the ``extra`` metadata (or ``{}``)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
     m = unwrap(model)
     if optimizer is not None:
         # DCP loads only the keys the target state dict already has: create FIP's lazily made state (step,

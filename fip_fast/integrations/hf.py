@@ -185,8 +185,8 @@ def reparameterize_transformer(model: nn.Module, embeddings: bool = False, lm_he
     head_name, emb_name = _qualname(model, head), _qualname(model, emb)
     tied = output_embedding_is_tied(model)
     if lm_head and tied and not embeddings:
-        logger.warning("fip_fast.integrations.hf: the LM head is tied to the input embedding; it is skipped (reparameterizing "
-                       "it alone would untie it). Pass embeddings=True to purify the tied pair.")
+        logger.warning("fip_fast.integrations.hf: the LM head is tied to the input embedding; it is skipped "
+                       "(reparameterizing it alone would untie it). Pass embeddings=True to purify the tied pair.")
     skip = _mha_children(model)
     if embeddings and emb is not None:
         types = types + (type(emb),)

@@ -49,9 +49,8 @@ from typing import Any, Optional
 
 import torch
 
-from fip_fast import ops
-
-__all__ = ["FIPCallback", "drop_perturbation", "find_fip", "is_lagged"]
+# FIPCallback is made on first access by the module __getattr__ below (transformers is imported lazily).
+__all__ = ["FIPCallback", "drop_perturbation", "find_fip", "is_lagged"]  # noqa: F822
 
 
 def find_fip(optimizer: Any) -> Any:
