@@ -263,7 +263,8 @@ def load_image_folder(
         ``(x, y, classes)`` with ``x`` float32 ``(N,C,H,W)`` in [0, 1], ``y`` int64 ``(N,)`` indices into
         ``classes``.
     """
-    from PIL import Image  # pillow comes with matplotlib; imported lazily to keep `import fip_fast.evaluation.data` light
+    # pillow comes with matplotlib; imported lazily to keep `import fip_fast.evaluation.data` light
+    from PIL import Image
 
     r = Path(root)
     if not r.is_dir():
