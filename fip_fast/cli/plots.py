@@ -1,0 +1,101 @@
+"""The report's PNG plots (needs matplotlib, an optional dependency of ``fip_fast[demo]``): asr_acc.png — clean
+accuracy and attack success rate over the purification steps, per method — and lambda_max.png — the top Hessian
+eigenvalue before / after."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+
+def _pct_list(vals: Sequence[Optional[float]]) -> List[float]:
+    return [float("nan") if v is None else 100 * v for v in vals]
+
+
+def _evals(r: Dict[str, Any], key: str) -> list:
+    return [(e.get("eval") or {}).get(key) for e in r.get("history") or []]
+
+
+def _stage_fig(staged, fig, path: Path) -> str:
+    with staged.path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    return path.name
+
+
+def _draw_curves(axes, r: Dict[str, Any], before: Dict[str, Any], have_acc: bool, have_asr: bool) -> None:
+    """One method's curves: test ACC (or clean-val ACC when no evaluation has it) and, when known, ASR."""
+    h = r.get("history") or []
+    steps = [0] + [e["step"] for e in h]
+    ax_acc = axes[0][0]
+    color = None
+    if have_acc:
+        color = ax_acc.plot(steps, _pct_list([before.get("acc")] + _evals(r, "acc")), marker=".",
+                            label=r["method"])[0].get_color()
+    elif h and "val_acc" in h[0]:
+        color = ax_acc.plot(steps, _pct_list([r.get("initial_val_acc")] + [e.get("val_acc") for e in h]),
+                            marker=".", label=r["method"])[0].get_color()
+    if have_asr:
+        axes[0][1].plot(steps, _pct_list([before.get("asr")] + _evals(r, "asr")), marker=".", color=color,
+                        label=r["method"])
+
+
+def _label_axes(axes, have_acc: bool, have_asr: bool) -> None:
+    ax_acc = axes[0][0]
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("clean test ACC %" if have_acc else "clean-val ACC %")
+    ax_acc.set_title("Clean accuracy")
+    ax_acc.grid(alpha=0.3)
+    if ax_acc.get_legend_handles_labels()[0]:
+        ax_acc.legend(fontsize=8)
+    if have_asr:
+        axes[0][1].set_xlabel("step")
+        axes[0][1].set_ylabel("ASR %")
+        axes[0][1].set_title("Attack success rate")
+        axes[0][1].set_ylim(-2, 102)
+        axes[0][1].grid(alpha=0.3)
+
+
+def _asr_acc_figure(plt, results: List[Dict[str, Any]], before: Dict[str, Any]):
+    have_acc = any(v is not None for r in results for v in _evals(r, "acc"))
+    have_asr = any(v is not None for r in results for v in _evals(r, "asr"))
+    fig, axes = plt.subplots(1, 2 if have_asr else 1, figsize=(10 if have_asr else 5.5, 3.6), squeeze=False)
+    for r in results:
+        _draw_curves(axes, r, before, have_acc, have_asr)
+    _label_axes(axes, have_acc, have_asr)
+    fig.tight_layout()
+    return fig
+
+
+def _lambda_figure(plt, results: List[Dict[str, Any]], before: Dict[str, Any]):
+    """The λ_max bar chart, or None when λ_max was not measured (before, or for every method)."""
+    lam = [(r["method"], r.get("lambda_max")) for r in results if r.get("lambda_max") is not None
+           and not math.isnan(r["lambda_max"])]
+    if not (lam and before.get("lambda_max") is not None and not math.isnan(before["lambda_max"])):
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    names = ["before"] + [n for n, _ in lam]
+    vals = [before["lambda_max"]] + [v for _, v in lam]
+    ax.bar(names, vals, color=["#888"] + ["C%d" % i for i in range(len(lam))])
+    ax.set_ylabel("λ_max (clean batch)")
+    ax.set_title("Top Hessian eigenvalue before / after")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def stage_plots(staged, out: Path, results: List[Dict[str, Any]], before: Dict[str, Any]) -> List[str]:
+    """asr_acc.png (per method, over steps) and lambda_max.png (before/after), staged in ``staged``; returns
+    the file names.  ACC and ASR curves are drawn only where the evaluations have them (``--test`` alone has
+    no ASR, ``--triggered`` alone no ACC: clean-val accuracy is drawn instead)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, make in (("asr_acc.png", _asr_acc_figure), ("lambda_max.png", _lambda_figure)):
+        fig = make(plt, results, before)
+        if fig is not None:
+            written.append(_stage_fig(staged, fig, out / name))
+            plt.close(fig)
+    return written
