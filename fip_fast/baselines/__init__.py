@@ -16,9 +16,10 @@ method name     function                                   what it trains
                                                            adaptive magnitude-scaled regularizer
 ==============  =========================================  ==============================================
 
-Importing this package registers the four names with :func:`fip_fast.pipeline.register_method`
-(``kind="runner"``), so ``purify(model, clean, method="ngf", curvature="diag")`` works; :mod:`fip_fast.pipeline`
-imports this package on the first lookup of an unknown method name.
+The four names are registered with :func:`fip_fast.pipeline.purify` (``kind="runner"``) in
+:mod:`fip_fast.pipeline.registry`, as lazy references that it imports on their first lookup, so
+``purify(model, clean, method="ngf", curvature="diag")`` works; this package never imports the pipeline.
+:data:`RUNNERS` lists them (documentation; the registry holds its own table).
 
 How the defaults were chosen (clean data only)
 ----------------------------------------------
@@ -39,8 +40,6 @@ NGF K-FAC damping 1e-3: 0.32 / 0.00 / 0.35; Salience-AR fraction 0.5, λ 10: 0.2
 """
 from __future__ import annotations
 
-import logging
-
 from fip_fast.baselines.ft import run_ft
 from fip_fast.baselines.ft_sam import SAM, run_ft_sam
 from fip_fast.baselines.ngf import KFAC, NaturalGradient, run_ngf
@@ -56,15 +55,3 @@ RUNNERS = {
                                      "regularizer"),
 }
 
-
-def _register() -> None:
-    try:
-        from fip_fast.pipeline import register_method
-    except ImportError as e:  # purify is optional for the baselines themselves
-        logging.getLogger("fip_fast").debug("fip_fast.baselines: purify not importable (%s); not registering", e)
-        return
-    for name, (fn, desc) in RUNNERS.items():
-        register_method(name, fn, kind="runner", description=desc, overwrite=True)
-
-
-_register()

@@ -1,0 +1,120 @@
+"""The built-in ``kind="loop"`` methods: full FIP (:func:`build_fip`), Fast FIP (:func:`build_fast_fip`) and their
+:data:`DEFAULTS`.  They are registered by name in :mod:`fip_fast.pipeline.registry` (lazily: this module is
+imported on the first lookup of ``"fip"`` or ``"fast_fip"``)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier, Purifier
+
+__all__ = ["DEFAULTS", "build_fip", "build_fast_fip"]
+
+#: Defaults of the built-in methods (see :func:`fip_fast.pipeline.purify` and docs/demo.md for how they were
+#: chosen on clean validation data only).  ``patience`` is a loop option: 0 never stops early.
+DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "fip": dict(
+        steps=300, batch_size=64, lr=0.05, momentum=0.9, eta_F=0.005, eta_r=1.0, rho=0.5, max_mix=1.0,
+        trace_every=1, trace_estimator="fd", weight_decay=0.03, patience=0,
+    ),
+    "fast_fip": dict(
+        steps=150, batch_size=64, lr=0.1, momentum=0.9, eta_F=0.005, eta_r=1.0, rho=0.5, max_mix=1.0,
+        trace_every=1, trace_estimator="fd", weight_decay=0.01, patience=0,
+        lr_delta=0.5, rho_delta=2.0, relative=True, rank=None, fast_fip_extra="bias_bn",
+    ),
+}
+
+
+def _normalized_fisher(model: nn.Module, ctx: MethodContext, groups: Sequence[Sequence[Tensor]]
+                       ) -> Dict[Tensor, Tensor]:
+    """F0 of every tensor in ``groups``, each group normalized by its own maximum (see the module docstring)."""
+    from fip_fast.fisher import estimate_fisher, normalize_fisher
+
+    ps = [p for g in groups for p in g]
+    if ctx.resuming:   # F0 and θ0 come back with the optimizer state; placeholders only
+        return {p: torch.zeros_like(p, dtype=torch.float32) for p in ps}
+    fisher = estimate_fisher(model, ctx.fisher_loader(), params=ps, estimator="per_sample",
+                             device=ctx.device, progress=ctx.progress)
+    out: Dict[Tensor, Tensor] = {}
+    for g in groups:
+        if g:
+            out.update(normalize_fisher({p: fisher[p] for p in g}, "max"))
+    return out
+
+
+_FIP_OPTIONS = ("momentum", "weight_decay", "eta_F", "eta_r", "trace_every", "trace_estimator", "max_mix")
+
+
+def _fip_kwargs(o: Dict[str, Any]) -> Dict[str, Any]:
+    unknown = sorted(set(o) - set(_FIP_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown FIP option(s) {unknown}; known: {sorted(_FIP_OPTIONS)} plus lr, rho (and "
+                        "lr_delta, rho_delta, relative, rank, fast_fip_extra, layer_types for fast_fip)")
+    return dict(momentum=o["momentum"], weight_decay=o["weight_decay"], eta_F=o["eta_F"], eta_r=o["eta_r"],
+                trace_every=int(o["trace_every"]), trace_estimator=o["trace_estimator"], max_mix=o["max_mix"])
+
+
+def build_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: float, impl: str = "auto",
+               **o: Any) -> Purifier:
+    """Full FIP: every trainable parameter, one group, F0 normalized by its maximum."""
+    from fip_fast.optim import FIP
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    f0 = _normalized_fisher(model, ctx, [params]) if o["eta_r"] > 0 else None
+    opt = FIP(params, lr=lr, rho=rho, fisher0=f0, impl=impl, **_fip_kwargs(o))
+    return OptimizerPurifier(model, opt, ctx.loss_fn)
+
+
+def _is_extra(module: nn.Module, pname: str, mode: str) -> bool:
+    if mode == "none":
+        return False
+    if isinstance(module, nn.modules.batchnorm._NormBase) or isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return True            # affine weight and bias of normalization layers
+    return pname == "bias"
+
+
+def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: float, lr_delta: float,
+                    rho_delta: float, relative: bool = True, rank: Optional[int] = None,
+                    fast_fip_extra: str = "bias_bn", layer_types: Optional[Sequence[type]] = None,
+                    impl: str = "auto", **o: Any) -> Purifier:
+    """Fast FIP: train the singular-value shifts δ (+ biases / normalization affine parameters)."""
+    from fip_fast import spectral
+    from fip_fast.optim import FIP
+
+    if fast_fip_extra not in ("bias_bn", "none"):
+        raise ValueError(f"fast_fip_extra must be 'bias_bn' or 'none', got {fast_fip_extra!r}")
+    # The extras: parameters that were trainable before reparameterization (merge restores every flag).
+    extras = [p for m in model.modules() for pname, p in m.named_parameters(recurse=False)
+              if p.requires_grad and _is_extra(m, pname, fast_fip_extra)]
+    kw = dict(relative=relative, rank=rank, impl=impl)
+    if layer_types is not None:
+        kw["layer_types"] = tuple(layer_types)
+    deltas = spectral.reparameterize(model, **kw)
+    extra_ids = {id(p) for p in extras}
+    delta_ids = {id(p) for p in deltas}
+    extras = [p for p in model.parameters() if id(p) in extra_ids and id(p) not in delta_ids]
+    for p in extras:
+        p.requires_grad_(True)
+    groups = [deltas, extras]
+    f0 = _normalized_fisher(model, ctx, groups) if o["eta_r"] > 0 else None
+    kw = _fip_kwargs(o)
+    wd = kw.pop("weight_decay")
+    # Weight decay on δ itself would pull δ back to 0 (toward θ0).  The spectral analogue of weight decay on W is
+    # the penalty (wd/2)·‖W(δ)‖_F² = (wd/2)·Σ relu(s)²: it shrinks the singular values that clean data do not
+    # support — added to the loss, so its gradient flows through δ like any other.
+    pg = [dict(params=deltas, lr=lr_delta, rho=rho_delta, weight_decay=0.0)]
+    if extras:
+        pg.append(dict(params=extras, lr=lr, rho=rho, weight_decay=wd))
+    opt = FIP(pg, lr=lr, rho=rho, fisher0=f0, impl=impl, weight_decay=0.0, **kw)
+    layers = [m for _, m in spectral.spectral_layers(model)]
+    penalty = None
+    if wd > 0:
+        def penalty() -> Tensor:
+            return 0.5 * wd * sum(F.relu(m.spectrum()).pow(2).sum() for m in layers)
+    return OptimizerPurifier(model, opt, ctx.loss_fn, finalize=spectral.merge, penalty=penalty)
+

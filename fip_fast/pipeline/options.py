@@ -1,0 +1,51 @@
+"""The options of one purification, resolved: the method's defaults < the user's keyword arguments, split into
+the method's own options (passed to its builder / runner) and the loop's (:class:`LoopOptions`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from fip_fast.pipeline.registry import MethodSpec
+
+__all__ = ["LoopOptions", "resolve_options"]
+
+
+@dataclass
+class LoopOptions:
+    """Options of the purify loop (also recorded, in this order, in ``report.config``).
+
+    val_fraction: share of every class held out for clean validation.  val_margin: selection tolerance on
+    clean-val accuracy.  patience: evaluations below a0 − 2·val_margin before stopping (0: never).
+    eval_every: steps between evaluations (None: steps // 10, at least 1).  lr_schedule: "cosine" | "constant".
+    """
+
+    val_fraction: Any = 0.2
+    val_margin: float = 0.03
+    patience: int = 3
+    eval_every: Optional[int] = None
+    lr_schedule: str = "cosine"
+
+
+def resolve_options(spec: MethodSpec, *, steps: Optional[int], batch_size: Optional[int], lr: Optional[float],
+                    options: Dict[str, Any], val_fraction: Optional[float], val_margin: Optional[float],
+                    patience: Optional[int], eval_every: Optional[int]) -> Tuple[Dict[str, Any], LoopOptions]:
+    """``(method options, loop options)``: defaults, then the arguments of :func:`purify` that are not None."""
+    opts = dict(spec.defaults)
+    for k, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
+        if v is not None:
+            opts[k] = v
+    opts.update(options)
+    loop = LoopOptions()
+    for k, v in (("val_fraction", val_fraction), ("val_margin", val_margin), ("patience", patience),
+                 ("eval_every", eval_every)):
+        if v is not None:
+            setattr(loop, k, v)
+    if spec.kind == "loop":     # a method's defaults may carry loop options (e.g. fip: patience 0)
+        for k in ("lr_schedule", "patience"):
+            if k in opts:
+                v = opts.pop(k)
+                if not (k == "patience" and patience is not None):   # an explicit argument wins
+                    setattr(loop, k, v)
+    if loop.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {loop.lr_schedule!r}")
+    return opts, loop
