@@ -350,3 +350,125 @@ def test_report_warns_about_degenerate_clean_sets(task):
     assert rep.to_dict()["warnings"] == rep.warnings
     _, rep = P.purify(copy.deepcopy(model), clean, method="fip", steps=2, batch_size=16, progress=False)
     assert rep.warnings == []
+
+
+def test_no_import_cycle():
+    """The pipeline does not import the baselines at import time, the baselines never import the pipeline, and
+    the lazy registry still finds a baseline by name."""
+    import subprocess
+    import sys
+    import textwrap
+
+    def fresh(code: str) -> None:
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+    fresh("""
+        import sys
+        import fip_fast.pipeline
+        assert "fip_fast.baselines" not in sys.modules, "importing the pipeline imported the baselines"
+        print("ok")
+    """)
+    fresh("""
+        import sys
+        import fip_fast.baselines
+        assert not [m for m in sys.modules if m.startswith("fip_fast.pipeline")], "the baselines imported the pipeline"
+        print("ok")
+    """)
+    fresh("""
+        import sys
+        import torch
+        from fip_fast.pipeline import available_methods, purify
+        assert {"fip", "fast_fip", "ft", "ft_sam", "ngf", "salience_ar"} <= set(available_methods())
+        assert "fip_fast.baselines" not in sys.modules       # listing the names imports nothing
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        x, y = torch.randn(40, 4), torch.arange(40) % 3
+        _, rep = purify(net, (x, y), method="ft", steps=2, batch_size=8, progress=False)
+        assert rep.method == "ft" and rep.steps_run == 2, rep
+        print("ok")
+    """)
+
+
+def _code_lines(fn_node) -> int:
+    """Lines of a function's source (decorators and signature included), its docstring excluded."""
+    import ast
+
+    start = min([fn_node.lineno] + [d.lineno for d in fn_node.decorator_list])
+    n = fn_node.end_lineno - start + 1
+    body = fn_node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        n -= body[0].end_lineno - body[0].lineno + 1
+    return n
+
+
+def test_purify_is_short_and_no_pipeline_function_is_long():
+    """purify() wires the parts (≤ 60 lines of code); no function of fip_fast/pipeline/ exceeds 80 lines."""
+    import ast
+    import inspect
+    import pathlib
+    import textwrap
+
+    import fip_fast.pipeline.run as run
+
+    src = textwrap.dedent(inspect.getsource(run.purify))
+    fn = ast.parse(src).body[0]
+    assert _code_lines(fn) <= 60
+    too_long = []
+    for path in sorted(pathlib.Path(run.__file__).parent.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = _code_lines(node)
+                if n > 80:
+                    too_long.append(f"{path.name}:{node.name} ({n} lines)")
+    assert not too_long, too_long
+
+
+def test_entry_point_plugins_register_lazily(monkeypatch, task):
+    """A ``fip_fast.methods`` entry point is called (no arguments) on the first lookup of an unknown name."""
+    import importlib.metadata
+
+    from fip_fast.pipeline import registry
+
+    calls = []
+
+    def plugin():
+        calls.append(1)
+        P.register_method("ep_dummy", lambda model, clean, steps=1, **kw: (model, {"steps": steps}),
+                          description="an entry-point plug-in", overwrite=True)
+
+    class EP:
+        name, value = "ep_dummy", "tests:plugin"
+
+        def load(self):
+            return plugin
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [EP()] if group ==
+                        registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
+    try:
+        assert P.get_method("fip").kind == "loop" and not calls      # a known name does not load plug-ins
+        spec = P.get_method("EP_DUMMY")
+        assert calls == [1] and spec.description == "an entry-point plug-in"
+        model, clean, _, _ = task
+        _, rep = P.purify(copy.deepcopy(model), clean, method="ep_dummy", steps=3, progress=False)
+        assert rep.steps_run == 3 and calls == [1]
+    finally:
+        registry._METHODS.pop("ep_dummy", None)
+
+
+def test_selection_policy():
+    """Latest acceptable evaluation; the best one while none is acceptable; patience below a0 − 2·margin."""
+    from fip_fast.pipeline.selection import Selection
+
+    net = nn.Linear(2, 2)
+    s = Selection(a0=0.9, margin=0.03, patience=2, has_val=True)
+    assert not s.observe(10, 0.80, net, last=False) and s.step == 10 and s.weights is not None and s.below == 1
+    assert not s.observe(20, 0.75, net, last=False) and s.step == 10 and s.should_stop()
+    assert s.observe(30, 0.88, net, last=True) and s.step == 30 and s.weights is None and s.below == 0
+    assert not s.observe(40, 0.86, net, last=False) and s.step == 30 and s.below == 0   # not below a0 − 2·margin
+    t = Selection(a0=0.5, margin=0.03, patience=2, has_val=True)
+    t.load_state_dict(s.state_dict(), torch.device("cpu"))
+    assert (t.step, t.acceptable, t.acc, t.below) == (30, True, 0.88, 0)
