@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 #: Exit statuses: a usage error (bad flag, unsafe output, missing extra); a diverged purification.
 EXIT_USAGE = 2
@@ -31,7 +31,7 @@ def need(ok: bool, message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ optional extras
-def missing_modules(modules: Sequence[str]) -> list:
+def missing_modules(modules: Sequence[str]) -> List[str]:
     """The names in ``modules`` that cannot be imported (found without importing them)."""
     missing = []
     for name in modules:
@@ -88,7 +88,7 @@ def parse_set(items: Optional[Sequence[str]]) -> Dict[str, Any]:
     return out
 
 
-def demo_methods(args: argparse.Namespace) -> list:
+def demo_methods(args: argparse.Namespace) -> List[str]:
     """``--methods`` as a list."""
     return [m.strip() for m in args.methods.split(",") if m.strip()]
 

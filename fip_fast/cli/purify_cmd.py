@@ -24,7 +24,17 @@ from fip_fast.cli.checks import (
 )
 from fip_fast.cli.inputs import PurifyInputs, purify_inputs
 from fip_fast.cli.measure import lambda_max
-from fip_fast.cli.render import ModelOutput, Report, config, input_row, method_row, table, warn, write_outputs
+from fip_fast.cli.render import (
+    ModelOutput,
+    Report,
+    config,
+    input_row,
+    method_row,
+    table,
+    warn,
+    warn_if_no_plots,
+    write_outputs,
+)
 
 #: The environment a torchrun launch sets up (``--distributed`` refuses to run without it).
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -189,6 +199,8 @@ def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     me = _rank(args, dist_device)
+    if me.main:
+        warn_if_no_plots()
     inp = purify_inputs(args, me.device)
     out, save_path = _purify_outputs(args, inp.paths)
     measure = _metrics_fn(inp, args.target)

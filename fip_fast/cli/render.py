@@ -12,6 +12,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from fip_fast.cli.checks import extra_hint, missing_modules
 
+#: What the plots need (the extra ``fip_fast[demo]``); without it the report says so and has no plots.
+PLOT_EXTRA = ("matplotlib",)
+
 
 @dataclass
 class Report:
@@ -35,6 +38,7 @@ class ModelOutput:
 
 
 def warn(message: str) -> None:
+    """``fip-fast: warning: …`` on stderr."""
     print(f"fip-fast: warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -44,6 +48,12 @@ def fmt_pct(v: Optional[float]) -> str:
 
 def fmt(v: Optional[float], spec: str = ".3g") -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def warn_if_no_plots() -> None:
+    """Say before the work that the report will have no plots (matplotlib missing)."""
+    if missing_modules(PLOT_EXTRA):
+        warn(f"matplotlib is not installed: the report will have no plots ({extra_hint()})")
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
@@ -139,9 +149,8 @@ def report_md(report: Report, plots: Optional[List[str]]) -> str:
 def _stage_report(staged, out: Path, report: Report) -> None:
     from fip_fast.pipeline import _jsonable
 
-    if missing_modules(["matplotlib"]):
-        warn(f"matplotlib is not installed: the report has no plots ({extra_hint()})")
-        plots = None
+    if missing_modules(PLOT_EXTRA):
+        plots = None                  # said in report.md (and, before the work, by the command)
     else:
         from fip_fast.cli.plots import stage_plots
 
