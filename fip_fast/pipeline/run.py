@@ -204,16 +204,16 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     theta0 = theta0_fingerprint(model) if checkpoint_dir is not None else ""
     model.to(dev)
     loss_fn = loss_fn or F.cross_entropy
-    opts, loop = resolve_options(spec, steps=steps, batch_size=batch_size, lr=lr, options=options,
-                                 val_fraction=val_fraction, val_margin=val_margin, patience=patience,
-                                 eval_every=eval_every)
-    data = split_clean(clean_loader, val_data, loop.val_fraction, seed)
-    config = {"method": spec.name, "kind": spec.kind, **opts, **dataclasses.asdict(loop), "seed": seed,
+    opts, loop_opts = resolve_options(spec, steps=steps, batch_size=batch_size, lr=lr, options=options,
+                                      val_fraction=val_fraction, val_margin=val_margin, patience=patience,
+                                      eval_every=eval_every)
+    data = split_clean(clean_loader, val_data, loop_opts.val_fraction, seed)
+    config = {"method": spec.name, "kind": spec.kind, **opts, **dataclasses.asdict(loop_opts), "seed": seed,
               "device": str(dev), "n_clean_train": int(data.x_train.shape[0]), "n_clean_val": int(data.x_val.shape[0])}
     strategy.configure(model, opts.get("batch_size"), config)
     report = PurifyReport(method=spec.name, config=config, total_params=sum(p.numel() for p in model.parameters()))
-    report.warnings = data_warnings(data, opts.get("batch_size"), val_data is not None or bool(loop.val_fraction),
-                                    loop.val_fraction)
+    val_requested = val_data is not None or bool(loop_opts.val_fraction)
+    report.warnings = data_warnings(data, opts.get("batch_size"), val_requested, loop_opts.val_fraction)
     for w in report.warnings if strategy.is_main else ():
         logger.warning("fip_fast.pipeline: %s", w)
     evaluator = Evaluator(data, loss_fn, dev, eval_fn, strategy)
@@ -222,7 +222,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         return _run_runner(spec, model, data, opts, report, evaluator, seed=seed, progress=progress,
                            t_total=t_total)
 
-    plan = loop_plan(opts, loop, seed)      # takes steps and batch_size out of the method options
+    plan = loop_plan(opts, loop_opts, seed)      # takes steps and batch_size out of the method options
     config["eval_every"] = plan.eval_every
     ckpt, resuming = open_checkpoint(checkpoint_dir, checkpoint_every, resume, spec.name, theta0, config,
                                      data.tensors())
@@ -231,14 +231,14 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     ctx = MethodContext(data.x_train, data.y_train, dev, loss_fn, seed, progress, resuming=resuming,
                         rank=strategy.rank, world_size=strategy.world)
     purifier = _build_purifier(spec, model, ctx, opts, strategy, report)
-    selection = Selection(report.initial.get("val_acc", float("nan")), float(loop.val_margin), int(loop.patience),
-                          data.has_val)
-    run = PurifyLoop(spec.name, model, purifier, data, plan, selection, evaluator, report, strategy=strategy,
-                     checkpoint=ckpt, device=dev, progress=progress, t_total=t_total)
+    selection = Selection(report.initial.get("val_acc", float("nan")), float(loop_opts.val_margin),
+                          int(loop_opts.patience), data.has_val)
+    loop = PurifyLoop(spec.name, model, purifier, data, plan, selection, evaluator, report, strategy=strategy,
+                       checkpoint=ckpt, device=dev, progress=progress, t_total=t_total)
     if resuming:
-        run.resume()
-    run.run()
-    return run.finish(), report
+        loop.resume()
+    loop.run()
+    return loop.finish(), report
 
 
 def _build_purifier(spec: MethodSpec, model: nn.Module, ctx: MethodContext, opts: Dict[str, Any],
