@@ -35,7 +35,8 @@ import torch
 
 logger = logging.getLogger("fip_fast")
 
-OPS = ("fisher_accumulate_", "global_norm", "perturb_", "fip_step_", "spectral_weight", "spectral_linear_grad")
+OPS = ("fisher_accumulate_", "global_norm", "perturb_", "fip_step_", "spectral_weight", "spectral_linear_grad",
+       "spectral_update_")
 IMPLS = ("reference", "foreach", "triton", "cuda")
 _MODULES = {
     "reference": "fip_fast.reference",
@@ -100,6 +101,14 @@ def get(op: str, impl: str = "auto", device: torch.device | str = "cpu") -> Call
     name = resolve(impl, device)
     mod = importlib.import_module(_MODULES[name]) if name == "reference" else _module(name)[0]
     fn = getattr(mod, op, None)
+    if fn is None and impl == "auto":
+        # an op some backends do not have (yet): "auto" takes the next one that has it, down to the reference
+        for cand in _AUTO_ORDER.get(torch.device(device).type, ("foreach",)) + ("reference",):
+            if availability(cand, device)[0]:
+                m = importlib.import_module(_MODULES[cand]) if cand == "reference" else _module(cand)[0]
+                fn = getattr(m, op, None)
+                if fn is not None:
+                    break
     if fn is None:
         raise ImplUnavailableError(f"impl={name!r} does not implement {op!r}")
     return fn
@@ -139,3 +148,9 @@ def spectral_weight(U, S, delta, Vh, residual=None, relative=False, *, impl: str
 def spectral_linear_grad(x, grad_out, U, S, delta, Vh, relative=False, *, impl: str = "auto"):
     """(δ-gradient, per-sample squared δ-gradients) (see :func:`fip_fast.reference.spectral_linear_grad`)."""
     return get("spectral_linear_grad", impl, U.device)(x, grad_out, U, S, delta, Vh, relative)
+
+
+def spectral_update_(weights, U, Vh, s_old, s_new, base=None, *, impl: str = "auto"):
+    """W ← (base or W) + U·diag(s_new − s_old)·Vh for every layer (see :func:`fip_fast.reference.spectral_update_`)."""
+    if weights:
+        get("spectral_update_", impl, weights[0].device)(weights, U, Vh, s_old, s_new, base)

@@ -22,6 +22,7 @@ Kernel-level ops (METHOD.md "Kernel contracts"), on lists of tensors, in place:
     * :func:`fip_step_`              the whole optimizer step, one tensor at a time
     * :func:`spectral_weight`        W(δ) = U·diag(relu(S+δ))·Vh (+ frozen residual for rank-k)
     * :func:`spectral_linear_grad`   δ-gradient and per-sample squared δ-gradients of a spectral Linear layer
+    * :func:`spectral_update_`       W ← W (or a base W0) + U·diag(s_new − s_old)·Vh, every layer, in place
 
 Scalars that the fast paths keep on the device (``lr``, the mix coefficient ``c``, the restore / perturbation
 scales, ``found_inf``, the step count) may be given here as Python numbers or 0-dim tensors.
@@ -49,6 +50,7 @@ __all__ = [
     "mix_coefficient",
     "spectral_weight",
     "spectral_linear_grad",
+    "spectral_update_",
 ]
 
 
@@ -368,3 +370,19 @@ def spectral_linear_grad(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, delt
     jac = (s > 0).float() * (_acc(S) if relative else 1.0)
     per_sample = ds * jac
     return per_sample.sum(0), per_sample.pow(2)
+
+
+@torch.no_grad()
+def spectral_update_(weights: Sequence[Tensor], U: Sequence[Tensor], Vh: Sequence[Tensor], s_old: Sequence[Tensor],
+                     s_new: Sequence[Tensor], base: Optional[Sequence[Tensor]] = None) -> None:
+    """W ← B + U·diag(s_new − s_old)·Vh for every layer i, in place (METHOD.md "In place"), B = ``base[i]`` or W.
+
+    Shapes: ``weights[i]`` (m, n) — the layer's weight as a matrix, possibly a view —, ``U[i]`` (m, k),
+    ``Vh[i]`` (k, n), ``s_old[i]``, ``s_new[i]`` (k,); ``base[i]`` like ``weights[i]``.  fp32 math (fp64 stays
+    fp64), one rounding to the weight dtype.  Fast FIP passes B = W0, s_old = S, s_new = relu(s(δ)): the weight is
+    re-derived from W0 on every update, so it never drifts, whatever the number of steps.
+    """
+    for i, W in enumerate(weights):
+        B = W if base is None else base[i]
+        dW = (_acc(U[i]) * (_acc(s_new[i]) - _acc(s_old[i]))) @ _acc(Vh[i])
+        W.copy_(_acc(B) + dW)

@@ -50,3 +50,34 @@ def test_public_names_resolve():
     for name in ("FIP", "estimate_fisher", "purify", "spectral", "reference", "ops", "pipeline"):
         assert getattr(fip_fast, name) is not None
     assert set(fip_fast.__all__) <= set(dir(fip_fast))
+
+
+def test_moved_module_paths_resolve_to_the_new_modules_with_a_warning():
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import importlib, warnings
+        import fip_fast
+        for old, new in fip_fast.MOVED_MODULES.items():
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                m = importlib.import_module("fip_fast." + old)
+            assert m is importlib.import_module(new), old
+            assert any(issubclass(x.category, DeprecationWarning) and new in str(x.message) for x in w), old
+        from fip_fast.data import load_npz                    # the `from old import name` form
+        from fip_fast.integrations import FIPCallback, drop_perturbation, find_fip    # now a package
+        print("ok")
+    """)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_core_import_is_light():
+    """``import fip_fast`` and the optimizer pull in neither the evaluation harness nor the CLI, the pipeline or
+    optional dependencies (matplotlib, mlxtend, transformers, triton)."""
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        import fip_fast
+        from fip_fast import FIP, estimate_fisher, spectral
+        heavy = [m for m in ("matplotlib", "mlxtend", "transformers", "triton", "fip_fast.evaluation",
+                             "fip_fast.cli", "fip_fast.pipeline", "fip_fast.baselines") if m in sys.modules]
+        print(heavy)
+    """)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

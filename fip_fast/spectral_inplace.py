@@ -1,0 +1,388 @@
+"""Fast FIP in place (METHOD.md "Fast FIP", "In place"): train only a shift δ of each layer's singular values,
+without swapping modules, without rebuilding W(δ) in the forward and without the dense weight gradient.
+
+For a selected layer with weight matrix W0 (Linear: out×in; Conv: out×(in/groups·k…); Embedding: num×dim; other
+types through :func:`register_adapter`), the (top-k or full) SVD W0 = U·diag(S)·Vh is taken once in fp32 and
+
+    s(δ) = S + δ            (or S·(1 + δ) with ``relative=True``)
+    W(δ) = W0 + U_k·diag(relu(s(δ)) − S_k)·Vh_k
+
+which is METHOD.md's W − U_k·diag(S_k)·Vh_k + U_k·diag(relu(S_k + δ))·Vh_k written around W0 (S ≥ 0, so
+relu(S) = S).  How it runs:
+
+* **The layer keeps its ordinary weight.**  It is frozen (``requires_grad=False``: autograd never computes dW);
+  ``U`` (m×k), ``S`` (k), ``Vh`` (k×n) are buffers of the layer (``spectral_U`` / ``spectral_S`` /
+  ``spectral_Vh``, saved in the ``state_dict``, moved by ``.to()``), δ is its parameter ``spectral_delta`` (fp32,
+  zeros), and W0 is kept as a non-persistent buffer in the weight dtype (the no-drift rule below).
+* **The weight is updated in place, lazily.**  A forward pre-hook (and a ``state_dict`` pre-hook) re-derives
+  W = W0 + U·diag(relu(s(δ)) − S)·Vh, once per change of δ (``δ._version``; the fused optimizer kernels bump it),
+  for every layer of the reparameterization in one call of :func:`fip_fast.ops.spectral_update_`.  Recomputing
+  from W0 costs one copy of the weights and means no drift: after any number of steps W equals
+  W0 + U·diag(relu(s(δ)) − S)·Vh up to one rounding of the weight dtype; at δ = 0 nothing is written at all, so
+  the model is θ0 bit for bit.  The optimizer's perturbations of δ (FIP's fd / lagged suppressor) reach the weights
+  the same way.
+* **δ-gradient from activations.**  The layer's forward is untouched; a forward hook records the projected input
+  ``a`` (Linear-like: x·Vhᵀ; Conv: the input convolved with the rows of Vh as k filters; Embedding: the rows
+  U[idx]) and routes the output through an identity autograd function whose backward projects the output gradient
+  (c = g_out·U, over channels for Conv, g_out·Vhᵀ for Embedding) and returns
+  ∂ℓ/∂δ = Σ_positions (a ⊙ c) ⊙ ∂s/∂δ,  ∂s/∂δ = 1[s > 0] (× S when relative).
+  Per-sample values (sum over positions first) are what :func:`collect_per_sample` hands to the δ-Fisher.  A weight
+  shared by several modules (a tied LM head) has one δ and a hook on every module using it.
+* :func:`merge` drops hooks, buffers and δ: the weights already hold W(δ), so the model is its original self.
+
+Reference: :mod:`fip_fast.spectral` (module swap, W(δ) rebuilt by autograd) computes the same gradients; the
+tests compare the two.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fip_fast import ops
+
+__all__ = ["Adapter", "register_adapter", "reparameterize", "merge", "spectral_layers", "collect_per_sample",
+           "DEFAULT_TYPES"]
+
+
+# ------------------------------------------------------------------------------------------- layer adapters
+@dataclass(frozen=True)
+class Adapter:
+    """How a layer type's weight is a matrix and how its δ-gradient comes from activations.
+
+    ``to_matrix(weight) -> (m, n)`` (a view of the weight where possible); ``from_matrix(W, shape) -> weight``;
+    ``project(layer, x, U, Vh) -> a`` the projected input, (N, P, k) with P positions per sample;
+    ``project_grad(layer, g_out, U, Vh) -> c`` the projected output gradient, (N, P, k).
+    """
+    to_matrix: Callable[[Tensor], Tensor]
+    from_matrix: Callable[[Tensor, torch.Size], Tensor]
+    project: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+    project_grad: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+
+
+def _flat(w: Tensor) -> Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+def _unflat(W: Tensor, shape: torch.Size) -> Tensor:
+    return W.reshape(shape)
+
+
+def _tokens(t: Tensor) -> Tensor:
+    """(N, ..., d) → (N, P, d): every leading dimension after the first is a position of the sample."""
+    return t.reshape(t.shape[0], -1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, 1, -1)
+
+
+def _linear_project(layer, x, U, Vh):
+    return _tokens(x) @ Vh.to(x.dtype).t()
+
+
+def _linear_project_grad(layer, g, U, Vh):
+    return _tokens(g) @ U.to(g.dtype)
+
+
+def _conv_project(layer, x, U, Vh):
+    """The input convolved with the k rows of Vh as filters (each group's input with the same filters):
+    (N, G·k, *out_spatial) → (N, P·G, k) with positions and groups as the positions of the sample."""
+    G, k = layer.groups, Vh.shape[0]
+    filt = Vh.to(x.dtype).reshape(k, layer.in_channels // G, *layer.kernel_size)
+    a = layer._conv_forward(x, filt.repeat(G, *([1] * (filt.dim() - 1))), None)     # (N, G·k, *sp)
+    return a.reshape(a.shape[0], G, k, -1).permute(0, 1, 3, 2).reshape(a.shape[0], -1, k)
+
+
+def _conv_project_grad(layer, g, U, Vh):
+    """Σ over each group's output channels of g·U: (N, out, *sp) → (N, P·G, k), ordered as :func:`_conv_project`."""
+    G, k = layer.groups, U.shape[1]
+    N = g.shape[0]
+    gg = g.reshape(N, G, g.shape[1] // G, -1)                                        # (N, G, out/G, P)
+    c = torch.einsum("ngop,gok->ngpk", gg, U.to(g.dtype).reshape(G, -1, k))
+    return c.reshape(N, -1, k)
+
+
+def _embedding_project(layer, idx, U, Vh):
+    a = U[idx]                                                                        # (…, k)
+    if layer.padding_idx is not None:                 # nn.Embedding gives the padding row no gradient
+        a = a * (idx != layer.padding_idx).unsqueeze(-1).to(a.dtype)
+    return _tokens(a if idx.dim() > 0 else a.unsqueeze(0))
+
+
+def _embedding_project_grad(layer, g, U, Vh):
+    return _tokens(g) @ Vh.to(g.dtype).t()
+
+
+LINEAR_ADAPTER = Adapter(_flat, _unflat, _linear_project, _linear_project_grad)
+CONV_ADAPTER = Adapter(_flat, _unflat, _conv_project, _conv_project_grad)
+EMBEDDING_ADAPTER = Adapter(_flat, _unflat, _embedding_project, _embedding_project_grad)
+_ADAPTERS: dict[type, Adapter] = {nn.Linear: LINEAR_ADAPTER, nn.Conv1d: CONV_ADAPTER, nn.Conv2d: CONV_ADAPTER,
+                                  nn.Conv3d: CONV_ADAPTER, nn.Embedding: EMBEDDING_ADAPTER}
+DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+def register_adapter(layer_type: type, adapter: Adapter) -> None:
+    """Teach :func:`reparameterize` a new layer type (e.g. Hugging Face GPT-2 ``Conv1D``)."""
+    _ADAPTERS[layer_type] = adapter
+
+
+def _adapter_for(layer: nn.Module) -> Adapter:
+    for t in type(layer).__mro__:
+        if t in _ADAPTERS:
+            return _ADAPTERS[t]
+    raise TypeError(f"no spectral adapter for {type(layer).__name__}; see fip_fast.spectral.register_adapter")
+
+
+# ------------------------------------------------------------------------------------------- one weight
+@dataclass(eq=False)
+class _Spectral:
+    """One reparameterized weight: its owner layer (holding δ and the buffers), the modules that use it, and the
+    version of δ the weight was last derived from."""
+
+    owner: nn.Module
+    adapter: Adapter
+    relative: bool
+    users: list = field(default_factory=list)                 # modules whose forward uses the weight
+    synced: int = -1                                          # δ._version the weight holds
+    sink: Optional[list] = None                               # per-sample δ-gradients while collecting
+
+    @property
+    def delta(self) -> nn.Parameter:
+        return self.owner.spectral_delta
+
+    def spectrum(self) -> Tensor:
+        S = self.owner.spectral_S
+        return S * (1.0 + self.delta) if self.relative else S + self.delta
+
+    def jacobian(self) -> Tensor:
+        """∂relu(s)/∂δ."""
+        S = self.owner.spectral_S
+        return (self.spectrum() > 0).to(S.dtype) * (S if self.relative else 1.0)
+
+
+class _Group:
+    """The weights of one :func:`reparameterize` call: synchronized together (one spectral_update_ call)."""
+
+    def __init__(self, impl: str):
+        self.items: list[_Spectral] = []
+        self.impl = impl
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        stale = [sp for sp in self.items if sp.delta._version != sp.synced]
+        if not stale:
+            return
+        o = [sp.owner for sp in stale]
+        ops.spectral_update_([sp.adapter.to_matrix(sp.owner.weight) for sp in stale],
+                             [m.spectral_U for m in o], [m.spectral_Vh for m in o], [m.spectral_S for m in o],
+                             [torch.relu(sp.spectrum()) for sp in stale],
+                             base=[sp.adapter.to_matrix(sp.owner.spectral_W0) for sp in stale], impl=self.impl)
+        for sp in stale:
+            sp.synced = sp.delta._version
+
+
+@dataclass(eq=False)
+class _Call:
+    """One forward call of a module using a reparameterized weight: the projected input ``a`` (N, P, k) and, once
+    the backward reaches the call's output, the output gradient."""
+
+    sp: _Spectral
+    module: nn.Module
+    a: Tensor
+    g: Optional[Tensor] = None
+
+    def capture(self, g: Tensor) -> None:
+        self.g = g
+
+    def delta_grad(self) -> Tensor:
+        """∂ℓ/∂δ of this call, and the per-sample values into the sink while :func:`collect_per_sample` runs."""
+        sp, o = self.sp, self.sp.owner
+        if self.g is None:                      # the output took no part in the loss
+            return torch.zeros_like(sp.delta)
+        c = _adapter_for(self.module).project_grad(self.module, self.g, o.spectral_U, o.spectral_Vh)
+        acc = torch.promote_types(self.a.dtype, torch.float32)                     # fp32 math; fp64 stays fp64
+        per_sample = (self.a.to(acc) * c.to(acc)).sum(1) * sp.jacobian()          # (N, k)
+        self.g = None
+        if sp.sink is not None:
+            sp.sink.append(per_sample.detach())
+        return per_sample.sum(0)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the layer output that puts δ into the graph; its backward sees the output gradient g_out and
+    returns ∂ℓ/∂δ from the recorded projection — no dense dW, no W(δ) in the graph.  The output is returned as
+    ``out.detach()``: the same storage, no copy, and not a view, so in-place operations on it stay legal (the
+    layers tapped here never save their output for backward)."""
+
+    @staticmethod
+    def forward(ctx, out, delta, call):
+        ctx.call = call
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.call.capture(g)
+        return g, ctx.call.delta_grad(), None
+
+
+# ------------------------------------------------------------------------------------------- hooks
+def _pre_hook(group: _Group):
+    def hook(module, args):
+        group.sync()
+    return hook
+
+
+def _tap_hook(sp: _Spectral):
+    def hook(module, args, out):
+        if not (torch.is_grad_enabled() and sp.delta.requires_grad and args and isinstance(out, Tensor)):
+            return None
+        o = sp.owner
+        with torch.no_grad():
+            a = _adapter_for(module).project(module, args[0], o.spectral_U, o.spectral_Vh)
+        return _Tap.apply(out, sp.delta, _Call(sp, module, a))
+    return hook
+
+
+def _state_dict_hook(group: _Group):
+    def hook(module, *args, **kwargs):
+        group.sync()
+    return hook
+
+
+_GROUPS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+# ------------------------------------------------------------------------------------------- public API
+def _svd(W: Tensor, k: int, svd: str) -> tuple[Tensor, Tensor, Tensor]:
+    r = min(W.shape)
+    if svd == "lowrank" and k < r:
+        U, S, V = torch.svd_lowrank(W, q=min(k + 8, r), niter=4)
+        return U[:, :k], S[:k], V[:, :k].t()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, :k], S[:k].clone(), Vh[:k]
+
+
+def _targets(model, types, include):
+    seen, out = set(), []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if (not name or not isinstance(m, types) or not isinstance(w, nn.Parameter) or hasattr(m, "spectral_delta")
+                or (include is not None and not include(name, m))):
+            continue
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq or m.sparse):
+            raise ValueError(f"{name}: nn.Embedding with max_norm, scale_grad_by_freq or sparse cannot be "
+                             "reparameterized (it renormalizes its weight in place / scales gradients by batch "
+                             "counts / has sparse gradients)")
+        out.append((name, m, id(w) in seen))
+        seen.add(id(w))
+    return out
+
+
+@torch.no_grad()
+def _attach(layer: nn.Module, rank: Optional[int], svd: str, relative: bool) -> _Spectral:
+    adapter = _adapter_for(layer)
+    w = layer.weight
+    r = min(adapter.to_matrix(w.detach()).shape)
+    k = r if rank is None else min(int(rank), r)
+    if k < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    acc = torch.promote_types(w.dtype, torch.float32)      # S and δ in fp32 (fp64 for an fp64 model)
+    U, S, Vh = _svd(adapter.to_matrix(w.detach()).to(acc), k, svd)
+    layer.register_buffer("spectral_U", U.to(w.dtype).contiguous())
+    layer.register_buffer("spectral_S", S.contiguous())
+    layer.register_buffer("spectral_Vh", Vh.to(w.dtype).contiguous())
+    layer.register_buffer("spectral_W0", w.detach().clone(), persistent=False)
+    layer.spectral_delta = nn.Parameter(torch.zeros(k, dtype=acc, device=w.device))
+    layer.spectral_weight_requires_grad = w.requires_grad
+    w.requires_grad_(False)
+    return _Spectral(layer, adapter, relative)
+
+
+def reparameterize(model: nn.Module, layer_types: Sequence[type] = DEFAULT_TYPES, rank: Optional[int] = None,
+                   freeze_others: bool = True, *, relative: bool = False, svd: str = "full",
+                   include: Optional[Callable[[str, nn.Module], bool]] = None,
+                   impl: str = "auto") -> list[nn.Parameter]:
+    """Reparameterize every layer of ``layer_types`` in ``model`` in place (see the module docstring).
+
+    Args:
+        rank: ``None`` for full rank; ``k`` trains the top-k singular directions (the rest of W0 stays as is).
+        freeze_others: ``requires_grad=False`` on every other parameter (restored by :func:`merge`).
+        relative: s = S·(1 + δ) instead of S + δ.  svd: ``"full"`` or ``"lowrank"`` (randomized, rank-k only).
+        include: predicate ``(qualified_name, layer) -> bool`` selecting layers further.
+        impl: implementation of the in-place weight update (see :mod:`fip_fast.ops`).
+    Returns:
+        The δ parameters (fp32, one per distinct weight), in module order.
+    """
+    if svd not in ("full", "lowrank"):
+        raise ValueError(f"svd must be 'full' or 'lowrank', got {svd!r}")
+    types = tuple(layer_types)
+    targets = _targets(model, types, include)
+    if not targets:
+        raise ValueError(f"no layer of types {[t.__name__ for t in types]} found to reparameterize")
+    frozen = []
+    if freeze_others:
+        for p in model.parameters():
+            if p.requires_grad:
+                frozen.append((weakref.ref(p), True))
+                p.requires_grad_(False)
+    group = _Group(impl)
+    by_weight: dict[int, _Spectral] = {}
+    for name, layer, shared in targets:
+        sp = by_weight.get(id(layer.weight))
+        if sp is None:
+            sp = by_weight[id(layer.weight)] = _attach(layer, rank, svd, relative)
+            group.items.append(sp)
+            sp.synced = sp.delta._version
+        sp.users.append(layer)
+    handles = []
+    for sp in group.items:
+        handles.append(sp.owner.register_state_dict_pre_hook(_state_dict_hook(group)))
+        for m in sp.users:
+            handles.append(m.register_forward_pre_hook(_pre_hook(group)))
+            handles.append(m.register_forward_hook(_tap_hook(sp)))
+    _GROUPS.setdefault(model, []).append((group, handles, frozen))
+    return [sp.delta for sp in group.items]
+
+
+def spectral_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) for every reparameterized layer (the owners of a δ) of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "spectral_delta")]
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Drop hooks, buffers and δ (the weights already hold W(δ)) and restore the ``requires_grad`` flags that
+    :func:`reparameterize` changed.  Returns ``model``, an ordinary model of its original architecture."""
+    for group, handles, frozen in _GROUPS.pop(model, []):
+        group.sync()
+        for h in handles:
+            h.remove()
+        for sp in group.items:
+            o = sp.owner
+            o.weight.requires_grad_(o.spectral_weight_requires_grad)
+            for name in ("spectral_U", "spectral_S", "spectral_Vh", "spectral_W0"):
+                delattr(o, name)
+            del o.spectral_delta
+            del o.spectral_weight_requires_grad
+        for ref, flag in frozen:
+            p = ref()
+            if p is not None:
+                p.requires_grad_(flag)
+    return model
+
+
+@contextlib.contextmanager
+def collect_per_sample(model: nn.Module) -> Iterator[dict]:
+    """Inside the block, every backward through the reparameterized layers of ``model`` also records the
+    per-sample δ-gradients: the yielded dict maps each δ to the list of (N, k) fp32 tensors of its calls (sum them
+    per sample, then square: the δ-Fisher of METHOD.md)."""
+    items = [sp for group, _, _ in _GROUPS.get(model, []) for sp in group.items]
+    out = {}
+    for sp in items:
+        sp.sink = out.setdefault(sp.delta, [])
+    try:
+        yield out
+    finally:
+        for sp in items:
+            sp.sink = None

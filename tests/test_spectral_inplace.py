@@ -1,0 +1,246 @@
+"""Fast FIP in place (fip_fast.spectral_inplace) against the math of METHOD.md written out with autograd.
+
+The reference here is W(δ) = W0 + U·diag(relu(s(δ)) − S)·Vh built differentiably and run through
+``torch.func.functional_call`` on an untouched copy of the model: the δ-gradients (batch and per sample), the
+in-place weights and the merged model must match it (fp64 ≤ 1e-10, fp32 ≤ 1e-5 relative).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from fip_fast import spectral_inplace as SI
+
+
+class LinearNet(nn.Module):
+    def __init__(self, tokens: bool, bias: bool = True):
+        super().__init__()
+        self.tokens = tokens
+        self.fc1 = nn.Linear(6, 8, bias=bias)
+        self.fc2 = nn.Linear(8, 8, bias=bias)       # applied twice
+        self.head = nn.Linear(8, 3, bias=bias)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        h = torch.relu_(self.fc2(h))                # in-place op right after a reparameterized layer
+        h = torch.tanh(self.fc2(h))
+        if self.tokens:
+            h = h.mean(1)
+        return self.head(h)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, groups: int = 1, dim: int = 2, padding_mode: str = "zeros"):
+        super().__init__()
+        Conv = nn.Conv2d if dim == 2 else nn.Conv1d
+        self.c1 = Conv(4, 6, 3, padding=1, padding_mode=padding_mode)
+        self.c2 = Conv(6, 6, 3, stride=2, groups=groups, bias=False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x), inplace=True)
+        h = torch.tanh(self.c2(h))
+        return self.head(h.flatten(2).mean(2))
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=0)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight          # tied
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.emb(idx))))
+
+
+def _data(kind, dtype, n=5):
+    g = torch.Generator().manual_seed(1)
+    if kind == "lm":
+        idx = torch.randint(0, 11, (n, 7), generator=g)
+        idx[0, :2] = 0                                       # padding tokens
+        return idx, torch.randint(0, 11, (n, 7), generator=g)
+    shape = {"linear": (n, 6), "tokens": (n, 4, 6), "conv2": (n, 4, 9, 9), "conv1": (n, 4, 11)}[kind]
+    return torch.randn(*shape, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def _close(a, b, tol):
+    """Norm-wise relative error ‖a − b‖ ≤ tol·‖b‖ (fp32 sums of products of mixed sign cancel: single small
+    entries carry the error of the large ones)."""
+    err, ref = float((a - b).double().norm()), float(b.double().norm())
+    assert err <= tol * ref + 1e-300, f"relative error {err / max(ref, 1e-300):.3g} > {tol}"
+
+
+def _loss(out, y):
+    if out.dim() == 3:
+        return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum")
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def _build(kind, dtype):
+    torch.manual_seed(0)
+    m = {"linear": lambda: LinearNet(False), "tokens": lambda: LinearNet(True),
+         "nobias": lambda: LinearNet(False, False), "conv2": lambda: ConvNet(), "conv2g": lambda: ConvNet(groups=2),
+         "conv2r": lambda: ConvNet(padding_mode="reflect"), "conv1": lambda: ConvNet(dim=1), "lm": TiedLM}[kind]()
+    return m.to(dtype)
+
+
+def _reference_weights(model0, layers, deltas, relative):
+    """{qualified weight name: W(δ)} built differentiably from the model's buffers (the spec)."""
+    out = {}
+    for (name, layer), d in zip(layers, deltas):
+        U, S, Vh, W0 = layer.spectral_U, layer.spectral_S, layer.spectral_Vh, layer.spectral_W0
+        s = S * (1 + d) if relative else S + d
+        W = W0.reshape(W0.shape[0], -1) + (U * (torch.relu(s) - S).to(U.dtype)) @ Vh
+        out[f"{name}.weight"] = W.reshape(W0.shape)
+    return out
+
+
+def _fp64_truth(model0, layers, deltas, relative, x, y):
+    """The spec's δ-gradient in fp64 from the same (fp32) weights, buffers, δ and data."""
+    from types import SimpleNamespace
+
+    m64 = copy.deepcopy(model0).double()
+    l64 = [(n, SimpleNamespace(**{k: getattr(lay, k).double() for k in
+                                  ("spectral_U", "spectral_S", "spectral_Vh", "spectral_W0")})) for n, lay in layers]
+    d64 = [d.detach().double().requires_grad_(True) for d in deltas]
+    xx = x.double() if x.is_floating_point() else x
+    return torch.autograd.grad(_loss(functional_call(m64, _reference_weights(m64, l64, d64, relative), (xx,)), y), d64)
+
+
+def _setup(kind, dtype, rank, relative, seed_delta=0.3):
+    model0 = _build(kind, dtype)
+    model = copy.deepcopy(model0)
+    deltas = SI.reparameterize(model, rank=rank, relative=relative)
+    layers = SI.spectral_layers(model)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        scale = 1.0 if relative else float(layers[0][1].spectral_S.mean())
+        for d in deltas:        # non-zero δ, large enough that some s = S(1+δ) / S + δ fall below 0 (relu off)
+            d.copy_(seed_delta * torch.randn(d.shape, generator=g) * scale)
+            d[0] = -2.0 if relative else -10.0 * float(layers[0][1].spectral_S.max())
+    return model0, model, deltas, layers
+
+
+DATA_OF = {"linear": "linear", "nobias": "linear", "tokens": "tokens", "conv2": "conv2", "conv2g": "conv2",
+           "conv2r": "conv2", "conv1": "conv1", "lm": "lm"}
+CASES = [("linear", None, True), ("tokens", None, False), ("nobias", 3, True), ("conv2", None, True),
+         ("conv2", 2, False), ("conv2g", None, True), ("conv2r", None, False), ("conv1", 2, True), ("lm", None, True),
+         ("lm", 3, False)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("kind,rank,relative", CASES)
+def test_delta_gradient_weights_and_per_sample_match_the_spec(kind, rank, relative, dtype, tol):
+    model0, model, deltas, layers = _setup(kind, dtype, rank, relative)
+    x, y = _data(DATA_OF[kind], dtype)
+    # in place
+    with SI.collect_per_sample(model) as sink:
+        _loss(model(x), y).backward()
+    got = [d.grad.clone() for d in deltas]
+    # the spec, autograd through W(δ); in fp32 both are compared with the fp64 value of the same computation and the
+    # in-place gradient must be as accurate as autograd's (ill-conditioned δ-gradients lose digits in both)
+    ref_d = [d.detach().clone().requires_grad_(True) for d in deltas]
+    W = _reference_weights(model0, layers, ref_d, relative)
+    want = torch.autograd.grad(_loss(functional_call(model0, W, (x,)), y), ref_d)
+    truth = _fp64_truth(model0, layers, deltas, relative, x, y) if dtype != torch.float64 else want
+    for a, b, t in zip(got, want, truth):
+        ref_err = float((b.double() - t).norm()) / max(float(t.norm()), 1e-300)
+        _close(a.double(), t, max(tol, 2 * ref_err))
+    # the weights the forward used are W(δ) (up to one rounding of the weight dtype)
+    for (name, layer), w in zip(layers, W.values()):
+        torch.testing.assert_close(layer.weight, w.detach(), rtol=tol, atol=tol)
+    # per-sample δ-gradients (summed over the calls of a layer): their sum is the batch gradient, and they equal
+    # one backward per sample
+    n = x.shape[0]
+    for d, calls in sink.items():
+        _close(sum(calls).sum(0), d.grad, tol)
+    per = [torch.autograd.grad(_loss(functional_call(model0, _reference_weights(model0, layers, ref_d, relative),
+                                                     (x[i:i + 1],)), y[i:i + 1]), ref_d) for i in range(n)]
+    for j, d in enumerate(deltas):
+        want_ps = torch.stack([p[j] for p in per])
+        _close(sum(sink[d]), want_ps, tol)
+
+
+def test_at_delta_zero_the_model_is_theta0_bit_for_bit_and_merge_restores_the_architecture():
+    model0 = _build("conv2", torch.float32)
+    model = copy.deepcopy(model0)
+    keys = list(model0.state_dict())
+    deltas = SI.reparameterize(model, relative=True)
+    x, y = _data("conv2", torch.float32)
+    out = model(x)
+    _loss(out, y).backward()
+    assert torch.equal(out, model0(x))
+    ref = dict(model0.named_parameters())
+    for n, p in model.named_parameters():
+        if not n.endswith("spectral_delta"):
+            assert torch.equal(p, ref[n]), n
+    assert all(d.grad is not None and d.grad.abs().sum() > 0 for d in deltas)
+    assert all(not layer.weight.requires_grad for _, layer in SI.spectral_layers(model))
+    SI.merge(model)
+    assert list(model.state_dict()) == keys and not SI.spectral_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+    for (n, p), (_, q) in zip(model.named_parameters(), model0.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_drift_after_many_updates(dtype):
+    """After 200 optimizer steps on δ the weight is exactly what one evaluation of W0 + U·diag(relu(s) − S)·Vh
+    from the final δ gives (no accumulated rounding), and that is the exact value up to one rounding of the
+    weight dtype plus the fp32 error of the rank-k product."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)).to(dtype)
+    deltas = SI.reparameterize(model, rank=8, relative=True)
+    opt = torch.optim.SGD(deltas, lr=0.05)
+    x, y = torch.randn(16, 32).to(dtype), torch.randint(0, 4, (16,))
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        model(x)                                     # the forward syncs the weights to the last δ
+    from fip_fast import reference as R
+
+    for _, layer in SI.spectral_layers(model):
+        s = torch.relu(layer.spectral_S * (1 + layer.spectral_delta))
+        once = torch.empty_like(layer.weight)
+        R.spectral_update_([once], [layer.spectral_U], [layer.spectral_Vh], [layer.spectral_S], [s],
+                           base=[layer.spectral_W0])
+        assert torch.equal(layer.weight, once)                      # no drift: bit-identical to one evaluation
+        U, Vh, ds = layer.spectral_U.double(), layer.spectral_Vh.double(), (s - layer.spectral_S).double()
+        exact = layer.spectral_W0.double() + (U * ds) @ Vh
+        bound = (torch.finfo(dtype).eps * exact.abs() + 8 * 8 * torch.finfo(torch.float32).eps
+                 * ((U.abs() * ds.abs()) @ Vh.abs()))
+        assert ((layer.weight.double() - exact).abs() <= bound + 1e-30).all()
+
+
+def test_state_dict_sees_the_current_weights_and_fip_trains_delta():
+    from fip_fast import FIP
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    deltas = SI.reparameterize(model, relative=True)
+    opt = FIP(deltas, lr=0.5, momentum=0.0, eta_F=0.05, rho=0.5, trace_every=1, impl="foreach")
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    w_before = model[0].weight.detach().clone()
+    opt.step(closure)                               # fd: δ perturbed, forward at W(δ + e), restored, updated
+    sd = model.state_dict()                         # the state-dict hook syncs W to the updated δ
+    assert not torch.equal(sd["0.weight"], w_before)
+    layer = model[0]
+    s = layer.spectral_S * (1 + layer.spectral_delta)
+    want = layer.spectral_W0 + (layer.spectral_U * (torch.relu(s) - layer.spectral_S)) @ layer.spectral_Vh
+    torch.testing.assert_close(sd["0.weight"], want, rtol=1e-6, atol=1e-6)
