@@ -10,8 +10,16 @@ Estimators:
       (g_out²)ᵀ·(x²) as BackPACK does, no per-sample gradient formed; otherwise the per-sample gradient
       Σ_t g_t·x_tᵀ is formed (in chunks of samples); for spectral δ the δ-gradients come from
       (x·Vhᵀ) ⊙ (g_out·U) (:func:`fip_fast.ops.spectral_linear_grad`); a bias gets Σ_t g_t.
+    * the δ of Fast FIP's in-place spectral layers (:mod:`fip_fast.spectral`: the modules with a
+      ``spectral_delta``): the layers' output taps hand out the per-sample δ-gradients of every call during the
+      ordinary backward (:func:`fip_fast.spectral.collect_per_sample`); a δ's calls are summed per sample (a
+      layer applied twice, a weight tied between an embedding and an LM head) and squared only then.  A guard
+      checks that every call ran on batch-first rows and that the per-sample gradients sum to autograd's batch
+      gradient; where not, it warns once and that δ is estimated with one backward per sample from then on
+      (``torch.func`` cannot see these δ: the taps act on the module's own parameter).
     * every other parameter: per-sample gradients with ``torch.func`` (vmap over the batch), in chunks of
-      ``chunk_size`` samples to bound memory.
+      ``chunk_size`` samples to bound memory.  The in-place spectral layers run there as ordinary layers with
+      their current weights (their δ does not require grad inside the functional call, so no tap acts).
 
     Shared and tied layers.  A layer applied several times in one forward (weight sharing, a recurrent block,
     two ``nn.Linear`` holding one weight) has as per-sample gradient the *sum* of its calls' contributions: the
@@ -36,6 +44,7 @@ of the union of their data.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
@@ -299,7 +308,7 @@ def _linear_layers(model: nn.Module, wanted: set[int]
     hooked layer (or the base of a hooked spectral layer, for its bias) and it plays one role in all of them: a
     weight tied to an ``nn.Embedding`` (a tied LM head) is not, and goes to torch.func.
     """
-    from fip_fast.spectral import SpectralLayer
+    from fip_fast.spectral_reference import SpectralLayer
 
     layers, roles, hooked = [], {}, set()
     for m in model.modules():
@@ -346,6 +355,41 @@ def _per_sample_funcs(model: nn.Module, names: list[str], loss_fn: Callable, x: 
         gs = g_fn(diff, x[s:s + chunk_size], y[s:s + chunk_size])
         for a, n in zip(acc, names):
             a += gs[n].float().pow(2).sum(0)
+    return acc
+
+
+def _delta_sq(calls: list[Tensor], g: Tensor | None, delta: Tensor, n: int) -> tuple[Tensor | None, str]:
+    """Σ_n (Σ_calls ∂ℓ_n/∂δ)² from the taps' per-call (N, k) per-sample δ-gradients, or ``None`` and why not
+    where the guard fails (a call on rows that are not the batch's samples; Σ_n ≠ autograd's batch gradient)."""
+    for c in calls:
+        if c.dim() != 2 or c.shape[0] != n:
+            return None, (f"a layer using it ran on {c.shape[0]} rows per call, not the batch's {n} samples "
+                          "(flattened tokens?)")
+    dt = _acc_dtype(calls[0]) if calls else torch.float32
+    per = torch.zeros(n, delta.numel(), dtype=dt, device=delta.device)
+    for c in calls:
+        per += c.to(per.device, dt)
+    s = per.sum(0)
+    g = torch.zeros_like(s) if g is None else g.detach().reshape(-1).to(s.device, dt)
+    rtol = _guard_rtol({delta.dtype} | {c.dtype for c in calls})
+    diff = (s - g).norm()
+    if not bool((diff <= rtol * (g.norm() + per.norm())) | ~torch.isfinite(diff)):
+        return None, ("its layers' per-sample δ-gradients do not sum to its batch gradient (is the model a copy "
+                      "of the reparameterized one, or a weight used outside its layers' forward?)")
+    return per.pow(2).sum(0).reshape(delta.shape), ""
+
+
+def _per_sample_loop(model: nn.Module, params: list[Tensor], loss_fn: Callable, x: Tensor, y: Tensor
+                     ) -> list[Tensor]:
+    """Σ_n (∂ℓ_n/∂θ)², one backward per sample (the fallback for in-place δ's that fail the guard)."""
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    for i in range(x.shape[0]):
+        with torch.enable_grad():
+            loss = loss_fn(model(x[i:i + 1]), y[i:i + 1]).sum()
+            gs = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(acc)
+        for a, g in zip(acc, gs):
+            if g is not None:
+                a += g.float().pow(2)
     return acc
 
 
@@ -412,15 +456,22 @@ def estimate_fisher(model: nn.Module, loader: Iterable, loss_fn: Callable[[Tenso
     model.eval()
     n_seen = torch.zeros((), dtype=torch.float64, device=device)
     capture = None
+    # δ of the in-place spectral layers (fip_fast.spectral): per-sample gradients from their output taps
+    inplace = {id(d) for _, m in model.named_modules() if isinstance(d := getattr(m, "spectral_delta", None), Tensor)}
+    spectral = None
+    if inplace:
+        from fip_fast import spectral
+    dlist = [p for p in plist if id(p) in inplace]
+    dfailed: set[int] = set()       # in-place δ's handed to the one-backward-per-sample loop for good
     try:
         wanted = {id(p) for p in plist}
         names = {id(p): n for n, p in named}
         if estimator == "per_sample":
-            layers, covered = _linear_layers(model, wanted)
+            layers, covered = _linear_layers(model, wanted - inplace)
             capture = _LinearCapture(layers, covered, names)
-            # Gradients are needed only where the hooks or autograd.grad look.
+            # Gradients are needed only where the hooks, the taps or autograd.grad look.
             for p, _ in req:
-                p.requires_grad_(id(p) in covered)
+                p.requires_grad_(id(p) in covered or (id(p) in inplace and id(p) in wanted))
         it = loader if not progress else tqdm(loader, desc=f"Fisher ({estimator})", leave=False)
         for b, batch in enumerate(it):
             if max_batches is not None and b >= max_batches:
@@ -436,14 +487,19 @@ def estimate_fisher(model: nn.Module, loader: Iterable, loss_fn: Callable[[Tenso
                     if g is not None:
                         out[p] += x.shape[0] * g.float().pow(2)
                 continue
-            if capture.live():
+            if spectral is not None:
+                spectral.sync(model)         # weights current before any pass (the functional one included)
+            dlive = [d for d in dlist if id(d) not in dfailed]
+            if capture.live() or dlive:
                 capture.active, capture.batch_size = True, x.shape[0]
                 grads: dict[int, Tensor | None] = {}
+                sinks: dict = {}
+                collect = spectral.collect_per_sample(model) if dlive else contextlib.nullcontext(sinks)
                 try:
-                    with torch.enable_grad():
+                    with torch.enable_grad(), collect as sinks:
                         loss = loss_fn(model(x), y).sum()
-                        inputs = [p for p in plist if id(p) in covered and id(p) not in capture.failed]
-                        if loss.requires_grad and inputs:   # fires the hooks; users' .grad stays untouched
+                        inputs = [p for p in plist if id(p) in covered and id(p) not in capture.failed] + dlive
+                        if loss.requires_grad and inputs:   # fires the hooks and taps; users' .grad untouched
                             gs = torch.autograd.grad(loss, inputs, allow_unused=True)
                             grads = {id(p): g for p, g in zip(inputs, gs)}
                 finally:
@@ -452,7 +508,20 @@ def estimate_fisher(model: nn.Module, loader: Iterable, loss_fn: Callable[[Tenso
                 for p in plist:              # parameters handed to torch.func need no autograd gradient
                     if id(p) in capture.failed:
                         p.requires_grad_(False)
-            func_names = [n for n, p in named if id(p) not in covered or id(p) in capture.failed]
+                for d in dlive:              # in-place δ: Σ_n (Σ_calls per-sample δ-gradient)²
+                    sq, why = _delta_sq(sinks.get(d, []), grads.get(id(d)), d, x.shape[0])
+                    if sq is None:
+                        dfailed.add(id(d))
+                        logger.warning("fip_fast.estimate_fisher: %s: %s; its Fisher is computed with one backward "
+                                       "per sample instead (this batch included)", names[id(d)], why)
+                    else:
+                        out[d] += sq.to(out[d].device)
+            dloop = [d for d in dlist if id(d) in dfailed]
+            if dloop:
+                for d, sq in zip(dloop, _per_sample_loop(model, dloop, loss_fn, x, y)):
+                    out[d] += sq
+            func_names = [n for n, p in named
+                          if id(p) not in inplace and (id(p) not in covered or id(p) in capture.failed)]
             if func_names:
                 with torch.enable_grad():
                     sq = _per_sample_funcs(model, func_names, loss_fn, x, y, chunk_size)

@@ -1,50 +1,67 @@
-"""Fast FIP's spectral reparameterization: train only a shift δ of each layer's singular values.
+"""Fast FIP in place (METHOD.md "Fast FIP", "In place"): train only a shift δ of each layer's singular values,
+without swapping modules, without rebuilding W(δ) in the forward and without the dense weight gradient.
 
-For a selected layer with weight matrix W (Linear: out×in; Conv: out×(in/groups·k…); Embedding: num×dim;
-other layer types through :func:`register_adapter`), the thin SVD W = U·diag(S)·Vh is taken once in fp32 and
+For a selected layer with weight matrix W0 (Linear: out×in; Conv: out×(in/groups·k…); Embedding: num×dim; other
+types through :func:`register_adapter`), the (top-k or full) SVD W0 = U·diag(S)·Vh is taken once in fp32 and
 
-    W(δ) = U·diag(relu(S + δ))·Vh                                   (full rank, r = min(out, in))
-    W(δ) = R + U_k·diag(relu(S_k + δ))·Vh_k,  R = W − U_k·diag(S_k)·Vh_k   (``rank=k``: R frozen)
+    s(δ) = S + δ            (or S·(1 + δ) with ``relative=True``)
+    W(δ) = W0 + U_k·diag(relu(s(δ)) − S_k)·Vh_k
 
-With ``relative=True`` the shift is relative, s = S·(1 + δ), which puts every singular value on the same scale
-(useful because singular values are O(1–10) and a common step size moves small ones too much).
+which is METHOD.md's W − U_k·diag(S_k)·Vh_k + U_k·diag(relu(S_k + δ))·Vh_k written around W0 (S ≥ 0, so
+relu(S) = S).  How it runs:
 
-``U``, ``Vh`` (and ``R``) are buffers in the parameter dtype, ``S`` an fp32 buffer, ``delta`` an fp32
-parameter: they are saved in the ``state_dict`` and moved by ``.to()``.  :func:`merge` writes W(δ) back into
-ordinary layers, so a purified model has no SVD left and loads into the original architecture.
+* **The layer keeps its ordinary weight.**  It is frozen (``requires_grad=False``: autograd never computes dW);
+  ``U`` (m×k), ``S`` (k), ``Vh`` (k×n) are buffers of the layer (``spectral_U`` / ``spectral_S`` /
+  ``spectral_Vh``, saved in the ``state_dict``, moved by ``.to()``), δ is its parameter ``spectral_delta`` (fp32,
+  zeros), and W0 is kept as a non-persistent buffer in the weight dtype (the no-drift rule below).
+* **The weight is updated in place, lazily.**  A forward pre-hook (and a ``state_dict`` pre-hook) re-derives
+  W = W0 + U·diag(relu(s(δ)) − S)·Vh, once per change of δ (``δ._version``; the fused optimizer kernels bump it),
+  for every layer of the reparameterization in one call of :func:`fip_fast.ops.spectral_update_`.  Recomputing
+  from W0 costs one copy of the weights and means no drift: after any number of steps W equals
+  W0 + U·diag(relu(s(δ)) − S)·Vh up to one rounding of the weight dtype; at δ = 0 nothing is written at all, so
+  the model is θ0 bit for bit.  The optimizer's perturbations of δ (FIP's fd / lagged suppressor) reach the weights
+  the same way.
+* **δ-gradient from activations.**  The layer's forward is untouched; a forward hook records the projected input
+  ``a`` (Linear-like: x·Vhᵀ; Conv: the input convolved with the rows of Vh as k filters; Embedding: the rows
+  U[idx]) and routes the output through an identity autograd function whose backward projects the output gradient
+  (c = g_out·U, over channels for Conv, g_out·Vhᵀ for Embedding) and returns
+  ∂ℓ/∂δ = Σ_positions (a ⊙ c) ⊙ ∂s/∂δ,  ∂s/∂δ = 1[s > 0] (× S when relative).
+  Per-sample values (sum over positions first) are what :func:`collect_per_sample` hands to the δ-Fisher.  A weight
+  shared by several modules (a tied LM head) has one δ and a hook on every module using it.
+* :func:`merge` drops hooks, buffers and δ: the weights already hold W(δ), so the model is its original self.
 
-Example::
-
-    deltas = spectral.reparameterize(model)          # model now trains δ only
-    ...                                               # purify
-    spectral.merge(model)                             # ordinary nn.Linear / nn.Conv2d again
+Reference: :mod:`fip_fast.spectral` (module swap, W(δ) rebuilt by autograd) computes the same gradients; the
+tests compare the two.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fip_fast import ops
 
-__all__ = ["SpectralLayer", "reparameterize", "merge", "spectral_layers", "register_adapter", "Adapter"]
+__all__ = ["Adapter", "register_adapter", "reparameterize", "merge", "spectral_layers", "deltas", "sync",
+           "collect_per_sample", "DEFAULT_TYPES"]
 
 
 # ------------------------------------------------------------------------------------------- layer adapters
 @dataclass(frozen=True)
 class Adapter:
-    """How to see a layer type's weight as a matrix and run the layer with another weight.
+    """How a layer type's weight is a matrix and how its δ-gradient comes from activations.
 
-    to_matrix(weight) -> (m, n);  from_matrix(W, weight_shape) -> weight;  forward(layer, x, weight) -> y.
+    ``to_matrix(weight) -> (m, n)`` (a view of the weight where possible); ``from_matrix(W, shape) -> weight``;
+    ``project(layer, x, U, Vh) -> a`` the projected input, (N, P, k) with P positions per sample;
+    ``project_grad(layer, g_out, U, Vh) -> c`` the projected output gradient, (N, P, k).
     """
     to_matrix: Callable[[Tensor], Tensor]
     from_matrix: Callable[[Tensor, torch.Size], Tensor]
-    forward: Callable[[nn.Module, Tensor, Tensor], Tensor]
-    linear_like: bool = False       # y = x·Wᵀ + b along the last dim (enables the fast per-sample Fisher)
+    project: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+    project_grad: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
 
 
 def _flat(w: Tensor) -> Tensor:
@@ -55,22 +72,58 @@ def _unflat(W: Tensor, shape: torch.Size) -> Tensor:
     return W.reshape(shape)
 
 
-def _embedding_forward(m: nn.Embedding, x: Tensor, w: Tensor) -> Tensor:
-    return F.embedding(x, w, m.padding_idx, None, m.norm_type, m.scale_grad_by_freq, m.sparse)
+def _tokens(t: Tensor) -> Tensor:
+    """(N, ..., d) → (N, P, d): every leading dimension after the first is a position of the sample."""
+    return t.reshape(t.shape[0], -1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, 1, -1)
 
 
-_ADAPTERS: dict[type, Adapter] = {
-    nn.Linear: Adapter(_flat, _unflat, lambda m, x, w: F.linear(x, w, m.bias), linear_like=True),
-    nn.Conv1d: Adapter(_flat, _unflat, lambda m, x, w: m._conv_forward(x, w, m.bias)),
-    nn.Conv2d: Adapter(_flat, _unflat, lambda m, x, w: m._conv_forward(x, w, m.bias)),
-    nn.Conv3d: Adapter(_flat, _unflat, lambda m, x, w: m._conv_forward(x, w, m.bias)),
-    nn.Embedding: Adapter(_flat, _unflat, _embedding_forward),
-}
+def _linear_project(layer, x, U, Vh):
+    return _tokens(x) @ Vh.to(x.dtype).t()
+
+
+def _linear_project_grad(layer, g, U, Vh):
+    return _tokens(g) @ U.to(g.dtype)
+
+
+def _conv_project(layer, x, U, Vh):
+    """The input convolved with the k rows of Vh as filters (each group's input with the same filters):
+    (N, G·k, *out_spatial) → (N, P·G, k) with positions and groups as the positions of the sample."""
+    G, k = layer.groups, Vh.shape[0]
+    filt = Vh.to(x.dtype).reshape(k, layer.in_channels // G, *layer.kernel_size)
+    a = layer._conv_forward(x, filt.repeat(G, *([1] * (filt.dim() - 1))), None)     # (N, G·k, *sp)
+    return a.reshape(a.shape[0], G, k, -1).permute(0, 1, 3, 2).reshape(a.shape[0], -1, k)
+
+
+def _conv_project_grad(layer, g, U, Vh):
+    """Σ over each group's output channels of g·U: (N, out, *sp) → (N, P·G, k), ordered as :func:`_conv_project`."""
+    G, k = layer.groups, U.shape[1]
+    N = g.shape[0]
+    gg = g.reshape(N, G, g.shape[1] // G, -1)                                        # (N, G, out/G, P)
+    c = torch.einsum("ngop,gok->ngpk", gg, U.to(g.dtype).reshape(G, -1, k))
+    return c.reshape(N, -1, k)
+
+
+def _embedding_project(layer, idx, U, Vh):
+    a = U[idx]                                                                        # (…, k)
+    if layer.padding_idx is not None:                 # nn.Embedding gives the padding row no gradient
+        a = a * (idx != layer.padding_idx).unsqueeze(-1).to(a.dtype)
+    return _tokens(a if idx.dim() > 0 else a.unsqueeze(0))
+
+
+def _embedding_project_grad(layer, g, U, Vh):
+    return _tokens(g) @ Vh.to(g.dtype).t()
+
+
+LINEAR_ADAPTER = Adapter(_flat, _unflat, _linear_project, _linear_project_grad)
+CONV_ADAPTER = Adapter(_flat, _unflat, _conv_project, _conv_project_grad)
+EMBEDDING_ADAPTER = Adapter(_flat, _unflat, _embedding_project, _embedding_project_grad)
+_ADAPTERS: dict[type, Adapter] = {nn.Linear: LINEAR_ADAPTER, nn.Conv1d: CONV_ADAPTER, nn.Conv2d: CONV_ADAPTER,
+                                  nn.Conv3d: CONV_ADAPTER, nn.Embedding: EMBEDDING_ADAPTER}
+DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 def register_adapter(layer_type: type, adapter: Adapter) -> None:
-    """Teach :func:`reparameterize` a new layer type (e.g. Hugging Face GPT-2 ``Conv1D``, see
-    ``fip_fast.integrations.hf``)."""
+    """Teach :func:`reparameterize` a new layer type (e.g. Hugging Face GPT-2 ``Conv1D``)."""
     _ADAPTERS[layer_type] = adapter
 
 
@@ -81,174 +134,278 @@ def _adapter_for(layer: nn.Module) -> Adapter:
     raise TypeError(f"no spectral adapter for {type(layer).__name__}; see fip_fast.spectral.register_adapter")
 
 
-# ------------------------------------------------------------------------------------------- W(δ) autograd
-class _SpectralWeight(torch.autograd.Function):
-    """W(δ) through the dispatcher; dδ = diag(Uᵀ·dW·Vhᵀ) ⊙ ∂s/∂δ, computed as rowsum(U ⊙ (dW·Vhᵀ)) — no diag."""
+# ------------------------------------------------------------------------------------------- one weight
+@dataclass(eq=False)
+class _Spectral:
+    """One reparameterized weight: its owner layer (holding δ and the buffers), the modules that use it, and the
+    version of δ the weight was last derived from."""
 
-    generate_vmap_rule = True
+    owner: nn.Module
+    adapter: Adapter
+    relative: bool
+    users: list = field(default_factory=list)                 # modules whose forward uses the weight
+    synced: int = -1                                          # δ._version the weight holds
+    sink: Optional[list] = None                               # per-sample δ-gradients while collecting
 
-    @staticmethod
-    def forward(delta, U, S, Vh, residual, relative, impl):
-        return ops.spectral_weight(U, S, delta, Vh, residual, relative, impl=impl)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):   # separate from forward so torch.func (vmap/grad) can transform it
-        delta, U, S, Vh, _, relative, _ = inputs
-        ctx.save_for_backward(delta, U, S, Vh)
-        ctx.relative = relative
-
-    @staticmethod
-    def backward(ctx, dW):
-        delta, U, S, Vh = ctx.saved_tensors
-        ds = (U.float() * (dW.float() @ Vh.float().t())).sum(0)
-        s = S * (1.0 + delta) if ctx.relative else S + delta
-        jac = (s > 0).float() * (S if ctx.relative else 1.0)
-        return ds * jac, None, None, None, None, None, None
-
-
-class SpectralLayer(nn.Module):
-    """A layer whose weight is W(δ) = U·diag(relu(S+δ))·Vh (+ frozen residual); everything else is the original.
-
-    Attributes:
-        base: the original layer, its ``weight`` removed (bias and configuration kept).
-        U (m, r), Vh (r, n): buffers in the weight dtype.  S (r,): fp32 buffer.  delta (r,): fp32 parameter.
-        residual (m, n) or None: frozen W − U_k·diag(S_k)·Vh_k in rank-k mode.
-    """
-
-    def __init__(self, base: nn.Module, rank: Optional[int] = None, relative: bool = False,
-                 svd: str = "full", impl: str = "auto"):
-        super().__init__()
-        if isinstance(base, nn.Embedding) and base.max_norm is not None:
-            raise ValueError("nn.Embedding with max_norm renormalizes its weight in place; it cannot be "
-                             "reparameterized")
-        if svd not in ("full", "lowrank"):
-            raise ValueError(f"svd must be 'full' or 'lowrank', got {svd!r}")
-        adapter = _adapter_for(base)
-        weight = base.weight
-        W = adapter.to_matrix(weight.detach()).float()
-        m, n = W.shape
-        r_full = min(m, n)
-        k = r_full if rank is None else int(rank)
-        if k < 1:
-            raise ValueError(f"rank must be ≥ 1, got {rank}")
-        k = min(k, r_full)
-        if svd == "lowrank" and k < r_full:
-            U, S, V = torch.svd_lowrank(W, q=min(k + 8, r_full), niter=4)
-            U, S, Vh = U[:, :k], S[:k], V[:, :k].t()
-        else:
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            U, S, Vh = U[:, :k], S[:k].clone(), Vh[:k]   # clone: don't keep the full spectrum's storage
-        residual = None
-        if k < r_full:
-            residual = (W - (U * S) @ Vh).to(weight.dtype)
-        self.adapter = adapter
-        self.weight_shape = weight.shape
-        self.weight_requires_grad = weight.requires_grad
-        self.relative = relative
-        self.impl = impl
-        self.rank = k
-        self.register_buffer("U", U.to(weight.dtype).contiguous())
-        self.register_buffer("S", S.contiguous())
-        self.register_buffer("Vh", Vh.to(weight.dtype).contiguous())
-        self.register_buffer("residual", residual)
-        self.delta = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=weight.device))
-        del base.weight
-        self.base = base
+    @property
+    def delta(self) -> nn.Parameter:
+        return self.owner.spectral_delta
 
     def spectrum(self) -> Tensor:
-        """The current singular values s(δ) (fp32, before relu)."""
-        return self.S * (1.0 + self.delta) if self.relative else self.S + self.delta
+        S = self.owner.spectral_S
+        return S * (1.0 + self.delta) if self.relative else S + self.delta
 
-    def matrix(self) -> Tensor:
-        """W(δ) as an (m, n) matrix, differentiable in δ."""
-        return _SpectralWeight.apply(self.delta, self.U, self.S, self.Vh, self.residual, self.relative,
-                                     self.impl)
+    def jacobian(self) -> Tensor:
+        """∂relu(s)/∂δ."""
+        S = self.owner.spectral_S
+        return (self.spectrum() > 0).to(S.dtype) * (S if self.relative else 1.0)
 
-    def weight(self) -> Tensor:
-        """W(δ) in the original layer's weight shape."""
-        return self.adapter.from_matrix(self.matrix(), self.weight_shape)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.adapter.forward(self.base, x, self.weight())
+class _Group:
+    """The weights of one :func:`reparameterize` call: synchronized together (one spectral_update_ call)."""
 
-    def extra_repr(self) -> str:
-        return (f"{type(self.base).__name__}, rank={self.rank}, shape={tuple(self.weight_shape)}, "
-                f"relative={self.relative}")
+    def __init__(self, impl: str):
+        self.items: list[_Spectral] = []
+        self.impl = impl
 
     @torch.no_grad()
-    def to_base(self) -> nn.Module:
-        """The original layer with W(δ) baked in as an ordinary parameter."""
-        w = self.weight().detach().to(self.U.dtype)
-        self.base.weight = nn.Parameter(w.contiguous().clone(), requires_grad=self.weight_requires_grad)
-        return self.base
+    def sync(self) -> None:
+        stale = [sp for sp in self.items if sp.delta._version != sp.synced]
+        if not stale:
+            return
+        o = [sp.owner for sp in stale]
+        ops.spectral_update_([sp.adapter.to_matrix(sp.owner.weight) for sp in stale],
+                             [m.spectral_U for m in o], [m.spectral_Vh for m in o], [m.spectral_S for m in o],
+                             [torch.relu(sp.spectrum()) for sp in stale],
+                             base=[sp.adapter.to_matrix(sp.owner.spectral_W0) for sp in stale], impl=self.impl)
+        for sp in stale:
+            sp.synced = sp.delta._version
 
 
-# ------------------------------------------------------------------------------------------- model surgery
-_FROZEN: "weakref.WeakKeyDictionary[nn.Module, list[tuple[weakref.ref, bool]]]" = weakref.WeakKeyDictionary()
-DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+@dataclass(eq=False)
+class _Call:
+    """One forward call of a module using a reparameterized weight: the projected input ``a`` (N, P, k) and, once
+    the backward reaches the call's output, the output gradient."""
+
+    sp: _Spectral
+    module: nn.Module
+    a: Tensor
+    g: Optional[Tensor] = None
+
+    def capture(self, g: Tensor) -> None:
+        self.g = g
+
+    def delta_grad(self) -> Tensor:
+        """∂ℓ/∂δ of this call, and the per-sample values into the sink while :func:`collect_per_sample` runs."""
+        sp, o = self.sp, self.sp.owner
+        if self.g is None:                      # the output took no part in the loss
+            return torch.zeros_like(sp.delta)
+        c = _adapter_for(self.module).project_grad(self.module, self.g, o.spectral_U, o.spectral_Vh)
+        acc = torch.promote_types(self.a.dtype, torch.float32)                     # fp32 math; fp64 stays fp64
+        per_sample = (self.a.to(acc) * c.to(acc)).sum(1) * sp.jacobian()          # (N, k)
+        self.g = None
+        if sp.sink is not None:
+            sp.sink.append(per_sample.detach())
+        return per_sample.sum(0)
 
 
-def spectral_layers(model: nn.Module) -> list[tuple[str, SpectralLayer]]:
-    """(qualified name, layer) for every spectral layer of ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SpectralLayer)]
+class _Tap(torch.autograd.Function):
+    """Identity on the layer output that puts δ into the graph; its backward sees the output gradient g_out and
+    returns ∂ℓ/∂δ from the recorded projection — no dense dW, no W(δ) in the graph.  The output is returned as
+    ``out.detach()``: the same storage, no copy, and not a view, so in-place operations on it stay legal (the
+    layers tapped here never save their output for backward)."""
+
+    @staticmethod
+    def forward(ctx, out, delta, call):
+        ctx.call = call
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.call.capture(g)
+        return g, ctx.call.delta_grad(), None
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+# ------------------------------------------------------------------------------------------- hooks
+def _pre_hook(group: _Group):
+    def hook(module, args):
+        group.sync()
+    return hook
+
+
+def _tap_hook(sp: _Spectral):
+    def hook(module, args, out):
+        if not (torch.is_grad_enabled() and sp.delta.requires_grad and args and isinstance(out, Tensor)):
+            return None
+        o = sp.owner
+        with torch.no_grad():
+            a = _adapter_for(module).project(module, args[0], o.spectral_U, o.spectral_Vh)
+        return _Tap.apply(out, sp.delta, _Call(sp, module, a))
+    return hook
+
+
+def _state_dict_hook(group: _Group):
+    def hook(module, *args, **kwargs):
+        group.sync()
+    return hook
+
+
+_GROUPS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+# ------------------------------------------------------------------------------------------- public API
+def _svd(W: Tensor, k: int, svd: str) -> tuple[Tensor, Tensor, Tensor]:
+    r = min(W.shape)
+    if svd == "lowrank" and k < r:
+        U, S, V = torch.svd_lowrank(W, q=min(k + 8, r), niter=4)
+        return U[:, :k], S[:k], V[:, :k].t()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, :k], S[:k].clone(), Vh[:k]
+
+
+def _targets(model, types, include):
+    seen, out = set(), []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if (not name or not isinstance(m, types) or not isinstance(w, nn.Parameter) or hasattr(m, "spectral_delta")
+                or (include is not None and not include(name, m))):
+            continue
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq or m.sparse):
+            raise ValueError(f"{name}: nn.Embedding with max_norm, scale_grad_by_freq or sparse cannot be "
+                             "reparameterized (it renormalizes its weight in place / scales gradients by batch "
+                             "counts / has sparse gradients)")
+        out.append((name, m, id(w) in seen))
+        seen.add(id(w))
+    return out
+
+
+@torch.no_grad()
+def _attach(layer: nn.Module, rank: Optional[int], svd: str, relative: bool) -> _Spectral:
+    adapter = _adapter_for(layer)
+    w = layer.weight
+    r = min(adapter.to_matrix(w.detach()).shape)
+    k = r if rank is None else min(int(rank), r)
+    if k < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    acc = torch.promote_types(w.dtype, torch.float32)      # S and δ in fp32 (fp64 for an fp64 model)
+    U, S, Vh = _svd(adapter.to_matrix(w.detach()).to(acc), k, svd)
+    layer.register_buffer("spectral_U", U.to(w.dtype).contiguous())
+    layer.register_buffer("spectral_S", S.contiguous())
+    layer.register_buffer("spectral_Vh", Vh.to(w.dtype).contiguous())
+    layer.register_buffer("spectral_W0", w.detach().clone(), persistent=False)
+    layer.spectral_delta = nn.Parameter(torch.zeros(k, dtype=acc, device=w.device))
+    layer.spectral_weight_requires_grad = w.requires_grad
+    w.requires_grad_(False)
+    return _Spectral(layer, adapter, relative)
 
 
 def reparameterize(model: nn.Module, layer_types: Sequence[type] = DEFAULT_TYPES, rank: Optional[int] = None,
                    freeze_others: bool = True, *, relative: bool = False, svd: str = "full",
                    include: Optional[Callable[[str, nn.Module], bool]] = None,
                    impl: str = "auto") -> list[nn.Parameter]:
-    """Replace every layer of ``layer_types`` in ``model`` (in place) by a :class:`SpectralLayer`.
+    """Reparameterize every layer of ``layer_types`` in ``model`` in place (see the module docstring).
 
     Args:
-        model: the model; its selected layers are swapped for spectral ones.
-        layer_types: layer classes to reparameterize (subclasses included).
-        rank: ``None`` for full rank; ``k`` keeps the top-k singular directions trainable and the rest as a
-            frozen residual (for large layers).
-        freeze_others: set ``requires_grad=False`` on every other parameter (restored by :func:`merge`).
-        relative: s = S·(1 + δ) instead of S + δ.
-        svd: ``"full"`` (``torch.linalg.svd``) or ``"lowrank"`` (randomized ``torch.svd_lowrank``, rank-k only).
-        include: optional predicate ``(qualified_name, layer) -> bool`` to select layers further.
-        impl: kernel implementation for W(δ) (see :mod:`fip_fast.ops`).
+        rank: ``None`` for full rank; ``k`` trains the top-k singular directions (the rest of W0 stays as is).
+        freeze_others: ``requires_grad=False`` on every other parameter (restored by :func:`merge`).
+        relative: s = S·(1 + δ) instead of S + δ.  svd: ``"full"`` or ``"lowrank"`` (randomized, rank-k only).
+        include: predicate ``(qualified_name, layer) -> bool`` selecting layers further.
+        impl: implementation of the in-place weight update (see :mod:`fip_fast.ops`).
     Returns:
-        The δ parameters, in module order.
+        The δ parameters (fp32, one per distinct weight), in module order.
     """
+    if svd not in ("full", "lowrank"):
+        raise ValueError(f"svd must be 'full' or 'lowrank', got {svd!r}")
     types = tuple(layer_types)
-    targets = [(n, m) for n, m in model.named_modules()
-               if n and isinstance(m, types) and not isinstance(m, SpectralLayer)
-               and not any(n.startswith(s + ".") for s, _ in spectral_layers(model))
-               and isinstance(getattr(m, "weight", None), nn.Parameter)
-               and (include is None or include(n, m))]
+    targets = _targets(model, types, include)
     if not targets:
         raise ValueError(f"no layer of types {[t.__name__ for t in types]} found to reparameterize")
-    frozen: list[tuple[weakref.ref, bool]] = []
+    frozen = []
     if freeze_others:
-        target_weights = {id(m.weight) for _, m in targets}
         for p in model.parameters():
-            if id(p) not in target_weights:
-                frozen.append((weakref.ref(p), p.requires_grad))
+            if p.requires_grad:
+                frozen.append((weakref.ref(p), True))
                 p.requires_grad_(False)
-    deltas = []
-    for name, layer in targets:
-        sl = SpectralLayer(layer, rank=rank, relative=relative, svd=svd, impl=impl)
-        _replace(model, name, sl)
-        deltas.append(sl.delta)
-    _FROZEN.setdefault(model, []).extend(frozen)
-    return deltas
+    group = _Group(impl)
+    by_weight: dict[int, _Spectral] = {}
+    for name, layer, shared in targets:
+        sp = by_weight.get(id(layer.weight))
+        if sp is None:
+            sp = by_weight[id(layer.weight)] = _attach(layer, rank, svd, relative)
+            group.items.append(sp)
+            sp.synced = sp.delta._version
+        sp.users.append(layer)
+    handles = []
+    for sp in group.items:
+        handles.append(sp.owner.register_state_dict_pre_hook(_state_dict_hook(group)))
+        for m in sp.users:
+            handles.append(m.register_forward_pre_hook(_pre_hook(group)))
+            handles.append(m.register_forward_hook(_tap_hook(sp)))
+    _GROUPS.setdefault(model, []).append((group, handles, frozen))
+    return [sp.delta for sp in group.items]
 
 
+def spectral_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) for every reparameterized layer (the owners of a δ) of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "spectral_delta")]
+
+
+def deltas(model: nn.Module) -> list[nn.Parameter]:
+    """The δ parameters of the reparameterized layers of ``model`` (one per distinct weight), in module order."""
+    return [m.spectral_delta for _, m in spectral_layers(model)]
+
+
+def _groups(model: nn.Module) -> list[_Group]:
+    """The groups with a layer in ``model``: those of :func:`reparameterize` calls on ``model`` itself, on one of
+    its submodules or on a model containing it."""
+    mods = {id(m) for m in model.modules()}
+    return [g for entries in list(_GROUPS.values()) for g, _, _ in entries
+            if any(id(sp.owner) in mods for sp in g.items)]
+
+
+def sync(model: nn.Module) -> None:
+    """Bring the weights of the reparameterized layers of ``model`` up to date with their δ now (the forward
+    pre-hooks do it lazily; call this before running the model in a way that bypasses them, e.g. a functional
+    call with the weights swapped)."""
+    for g in _groups(model):
+        g.sync()
+
+
+@torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Turn every :class:`SpectralLayer` of ``model`` back into its original layer type with W(δ) baked in, and
-    restore the ``requires_grad`` flags that :func:`reparameterize` changed.  Returns ``model`` (in place)."""
-    for name, sl in spectral_layers(model):
-        _replace(model, name, sl.to_base())
-    for ref, flag in _FROZEN.pop(model, []):
-        p = ref()
-        if p is not None:
-            p.requires_grad_(flag)
+    """Drop hooks, buffers and δ (the weights already hold W(δ)) and restore the ``requires_grad`` flags that
+    :func:`reparameterize` changed.  Returns ``model``, an ordinary model of its original architecture."""
+    for group, handles, frozen in _GROUPS.pop(model, []):
+        group.sync()
+        for h in handles:
+            h.remove()
+        for sp in group.items:
+            o = sp.owner
+            o.weight.requires_grad_(o.spectral_weight_requires_grad)
+            for name in ("spectral_U", "spectral_S", "spectral_Vh", "spectral_W0"):
+                delattr(o, name)
+            del o.spectral_delta
+            del o.spectral_weight_requires_grad
+        for ref, flag in frozen:
+            p = ref()
+            if p is not None:
+                p.requires_grad_(flag)
     return model
+
+
+@contextlib.contextmanager
+def collect_per_sample(model: nn.Module) -> Iterator[dict]:
+    """Inside the block, every backward through the reparameterized layers of ``model`` also records the
+    per-sample δ-gradients: the yielded dict maps each δ to the list of (N, k) fp32 tensors of its calls (sum them
+    per sample, then square: the δ-Fisher of METHOD.md).  ``model`` may be the reparameterized model, a model
+    containing it or a submodule of it: every δ owned by a layer of ``model`` is collected."""
+    mods = {id(m) for m in model.modules()}
+    items = [sp for group in _groups(model) for sp in group.items if id(sp.owner) in mods]
+    out = {}
+    for sp in items:
+        sp.sink = out.setdefault(sp.delta, [])
+    try:
+        yield out
+    finally:
+        for sp in items:
+            sp.sink = None

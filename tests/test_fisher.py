@@ -4,8 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip_fast import estimate_fisher, spectral
+from fip_fast import estimate_fisher
 from fip_fast import reference as R
+from fip_fast import spectral as SI
+from fip_fast import spectral_reference as spectral
 from fip_fast.fisher import normalize_fisher
 
 
@@ -296,3 +298,168 @@ def test_guard_silent_on_ordinary_fp32_model(caplog):
     want = R.fisher_per_sample_loop(m, x, y)
     for p, w in zip(m.parameters(), want):
         torch.testing.assert_close(got[p], w, rtol=1e-4, atol=1e-10)
+
+
+# --- Fast FIP in place (fip_fast.spectral): δ-Fisher from the layers' output taps ------------------------------
+# Every model below uses some δ in two calls per sample (a layer applied twice, an embedding tied to the LM head),
+# so squaring per call instead of per sample (Σ_calls g_call² instead of (Σ_calls g_call)²) fails these tests.
+
+
+def _inplace(model, rank=None, relative=False, seed=1):
+    deltas = SI.reparameterize(model, rank=rank, relative=relative)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for _, m in SI.spectral_layers(model):
+            d, S = m.spectral_delta, m.spectral_S
+            d.copy_(0.3 * torch.rand(d.shape, generator=gen, dtype=d.dtype) - 0.15)
+            d[::3] = -1.5 if relative else -1.5 * S[::3]       # s(δ) < 0: those relus inactive
+    return deltas
+
+
+def _rel_err(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-300)).item()
+
+
+def _check_inplace(model, x, y, params, bs=4, loop_loss=F.cross_entropy, **kw):
+    """estimate_fisher against one backward per sample (through the taps), fp64; returns the max relative error."""
+    model.train()
+    got = estimate_fisher(model, _loader(x, y, bs), params=params, **kw)
+    assert model.training
+    plist = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    want = R.fisher_per_sample_loop(model, x, y, plist, loss_fn=loop_loss)
+    assert set(map(id, got)) == set(map(id, plist))
+    err = 0.0
+    for p, w in zip(plist, want):
+        assert w.abs().max() > 0 or p.numel() == 0
+        torch.testing.assert_close(got[p].double(), w.double(), rtol=1e-6, atol=1e-12)   # F is fp32
+        err = max(err, _rel_err(got[p], w))
+    return got, err
+
+
+class _InplaceMLP(nn.Module):
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens = tokens
+        self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        h = torch.tanh(self.fc2(torch.relu(self.fc2(h))))     # fc2 (one δ) applied twice
+        return self.head(h.mean(1) if self.tokens else h)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("rank", [None, 3])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_inplace_delta_linear(tokens, rank, relative):
+    torch.manual_seed(0)
+    m = _InplaceMLP(tokens).double()
+    deltas = _inplace(m, rank, relative)
+    x = torch.randn(11, 3, 6, dtype=torch.float64) if tokens else torch.randn(11, 6, dtype=torch.float64)
+    got, err = _check_inplace(m, x, torch.randint(0, 3, (11,)), deltas)
+    for d in deltas:                                           # clipped singular values: no Fisher
+        assert torch.all(got[d][::3] == 0) and got[d].sum() > 0
+    assert err < 1e-6
+
+
+class _InplaceConv(nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, groups=groups)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = torch.tanh(self.c2(self.bn(torch.tanh(self.c2(h)))))   # c2 applied twice
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_inplace_delta_conv2d(groups):
+    torch.manual_seed(0)
+    m = _InplaceConv(groups).double()
+    m.bn.running_mean.fill_(0.2)
+    m.bn.running_var.fill_(1.7)
+    deltas = _inplace(m, relative=groups == 2)
+    _, err = _check_inplace(m, torch.randn(9, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (9,)), deltas,
+                            chunk_size=2)
+    assert err < 1e-6
+
+
+class _InplaceTiedLM(nn.Module):
+    def __init__(self, V=11, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(V, d, padding_idx=0)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, V, bias=False)
+        self.head.weight = self.emb.weight                     # one weight, one δ, two modules
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_inplace_delta_tied_embedding_lm_head_with_padding(rank):
+    torch.manual_seed(0)
+    m = _InplaceTiedLM().double()
+    deltas = _inplace(m, rank)
+    assert len(deltas) == 2                                    # emb/head share one δ
+    ids = torch.randint(0, 11, (7, 5))
+    ids[:, -2:] = 0                                            # padding tokens
+    _, err = _check_inplace(m, ids, torch.randint(1, 11, (7, 5)), deltas, bs=3, loop_loss=_seq_nll)
+    assert err < 1e-6
+
+
+def test_inplace_params_none_deltas_and_extras():
+    """All trainable parameters as Fast FIP sets them up: δ's (relative) plus biases and BatchNorm affine
+    parameters (its "extras", through the Linear hooks and torch.func); the other weights frozen; users'
+    ``.grad`` and the requires_grad / train flags left as they were."""
+    torch.manual_seed(0)
+    m = _InplaceConv(2).double()
+    m.bn.running_mean.fill_(-0.1)
+    m.bn.running_var.fill_(0.6)
+    deltas = _inplace(m, rank=3, relative=True)
+    for n, p in m.named_parameters():
+        if n.endswith("bias") or n.startswith("bn."):
+            p.requires_grad_(True)
+    x, y = torch.randn(10, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    F.cross_entropy(m(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    got, err = _check_inplace(m, x, y, None, bs=4, chunk_size=3)
+    assert {id(d) for d in deltas} < set(map(id, got)) and m.head.bias in got and m.bn.weight in got
+    assert not any(w in got for w in (m.c1.weight, m.c2.weight, m.head.weight))
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    for n, p in m.named_parameters():
+        assert (p.grad is None) == (n not in grads) and (p.grad is None or torch.equal(p.grad, grads[n]))
+    assert err < 1e-6
+
+
+def test_inplace_delta_of_a_submodule_and_flattened_tokens_fallback(caplog):
+    """δ's of a reparameterized submodule are found from the whole model; a layer on flattened (N·T, d) tokens
+    fails the guard (its rows are not the samples): one warning, that δ by one backward per sample."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _InplaceMLP(tokens=True)
+            self.flat = nn.Linear(6, 6)
+
+        def forward(self, x):
+            n, t, k = x.shape
+            return self.body(self.flat(x.reshape(n * t, k)).view(n, t, k))
+
+    m = Net().double()
+    body = _inplace(m.body)
+    flat = SI.reparameterize(m, include=lambda name, _: name == "flat", freeze_others=False)
+    with torch.no_grad():
+        flat[0].uniform_(-0.2, 0.2)
+    with caplog.at_level("WARNING", logger="fip_fast"):
+        _, err = _check_inplace(m, torch.randn(9, 3, 6, dtype=torch.float64), torch.randint(0, 3, (9,)),
+                                body + flat, bs=4)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "flat.spectral_delta" in warned[0]
+    assert err < 1e-6
