@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lm_backdoor as lb  # noqa: E402
 
-from fip_fast import spectral  # noqa: E402
+from fip_fast import spectral_reference as spectral  # noqa: E402
 from fip_fast.fisher import estimate_fisher  # noqa: E402
 from fip_fast.integrations import distributed as fd  # noqa: E402
 from fip_fast.integrations import hf

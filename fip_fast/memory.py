@@ -113,7 +113,7 @@ class MemoryReport:
 
 def model_memory(model: nn.Module) -> MemoryReport:
     """Parameters, gradients and buffers of ``model`` (spectral buffers broken out)."""
-    from fip_fast.spectral import SpectralLayer
+    from fip_fast.spectral_reference import SpectralLayer
 
     rep = MemoryReport()
     params = list(model.parameters())

@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from fip_fast import ops, spectral
+from fip_fast import ops
+from fip_fast import spectral_reference as spectral
 from fip_fast.fisher import estimate_fisher
 from fip_fast.integrations import distributed as fd
 from fip_fast.optim import FIP

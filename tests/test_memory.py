@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip_fast import memory, spectral
+from fip_fast import memory
+from fip_fast import spectral_reference as spectral
 from fip_fast.optim import FIP
 
 

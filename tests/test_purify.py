@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fip_fast import pipeline as P
-from fip_fast.spectral import SpectralLayer
+from fip_fast.spectral_reference import SpectralLayer
 
 TARGET = 0
 

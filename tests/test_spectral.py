@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip_fast import FIP, spectral
-from fip_fast.spectral import SpectralLayer
+from fip_fast import FIP
+from fip_fast import spectral_reference as spectral
+from fip_fast.spectral_reference import SpectralLayer
 
 
 def _rel(a, b):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fip_fast import spectral_inplace as SI
+from fip_fast import spectral as SI
 
 
 class LinearNet(nn.Module):
@@ -244,3 +244,27 @@ def test_state_dict_sees_the_current_weights_and_fip_trains_delta():
     s = layer.spectral_S * (1 + layer.spectral_delta)
     want = layer.spectral_W0 + (layer.spectral_U * (torch.relu(s) - layer.spectral_S)) @ layer.spectral_Vh
     torch.testing.assert_close(sd["0.weight"], want, rtol=1e-6, atol=1e-6)
+
+
+def test_deltas_sync_and_collect_from_a_submodule_or_a_containing_model():
+    """``deltas`` lists the δ of a model's layers; ``sync`` writes W(δ) without a forward; ``collect_per_sample``
+    works from a model containing the reparameterized one (or a submodule of it)."""
+    torch.manual_seed(0)
+    inner = LinearNet(False).double()
+    outer = nn.Sequential(inner)
+    ds = SI.reparameterize(inner)
+    assert [id(d) for d in SI.deltas(outer)] == [id(d) for d in ds] == [id(d) for d in SI.deltas(inner)]
+    assert [id(d) for d in SI.deltas(inner.fc2)] == [id(inner.fc2.spectral_delta)]
+    with torch.no_grad():
+        ds[1].add_(0.1)
+    fc2 = inner.fc2
+    want = fc2.spectral_W0 + (fc2.spectral_U * (torch.relu(fc2.spectral_S + ds[1]) - fc2.spectral_S)) @ fc2.spectral_Vh
+    assert not torch.allclose(fc2.weight, want)
+    SI.sync(outer)
+    torch.testing.assert_close(fc2.weight, want, rtol=0, atol=1e-12)
+    x, y = _data("linear", torch.float64)
+    for root, expect in ((outer, ds), (inner.fc2, [ds[1]])):
+        with SI.collect_per_sample(root) as sink:
+            _loss(outer(x), y).backward()
+        assert [id(d) for d in sink] == [id(d) for d in expect]
+        assert len(sink[ds[1]]) == 2                         # fc2 is applied twice

@@ -83,7 +83,7 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
                     fast_fip_extra: str = "bias_bn", layer_types: Optional[Sequence[type]] = None,
                     impl: str = "auto", **o: Any) -> Purifier:
     """Fast FIP: train the singular-value shifts δ (+ biases / normalization affine parameters)."""
-    from fip_fast import spectral
+    from fip_fast import spectral_reference as spectral
     from fip_fast.optim import FIP
 
     if fast_fip_extra not in ("bias_bn", "none"):

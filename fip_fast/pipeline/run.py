@@ -21,7 +21,7 @@ What :func:`purify` does for the built-in methods (``"fip"``, ``"fast_fip"``):
    that lr·η_r < 3.9 at μ = 0.95, whatever the model).  Fast FIP normalizes the δ group and the group of biases /
    BatchNorm affine parameters separately: their raw Fisher magnitudes are on different scales.
 3. **Optimizer.**  :class:`fip_fast.FIP` (SGD + momentum, suppressor ``"fd"`` by default with a closure, or
-   ``trace_estimator="lagged"``).  Fast FIP first calls :func:`fip_fast.spectral.reparameterize` with
+   ``trace_estimator="lagged"``).  Fast FIP first calls :func:`fip_fast.spectral_reference.reparameterize` with
    ``relative=True`` (s = S·(1+δ): δ is dimensionless, one step size fits every singular value) and lets the
    biases and BatchNorm affine parameters train beside δ (``fast_fip_extra="bias_bn"``, as the authors' layers
    leave them trainable), each group with its own learning rate and radius.
@@ -41,7 +41,7 @@ What :func:`purify` does for the built-in methods (``"fip"``, ``"fast_fip"``):
    whose large early steps first cost clean accuracy that the cosine decay then recovers (measured on the
    demo: clean-val 78–89 % mid-run, 94–99 % at the end).
 6. **Finish.**  A lagged perturbation is removed (the returned weights are unperturbed); Fast FIP merges
-   W(δ) back (:func:`fip_fast.spectral.merge`): the returned model is an ordinary model of the original
+   W(δ) back (:func:`fip_fast.spectral_reference.merge`): the returned model is an ordinary model of the original
    architecture with no ``SpectralLayer`` left, in eval mode, with its ``requires_grad`` flags as they were.
 7. **Checkpoint / resume.**  With ``checkpoint_dir=``, the loop state (model, optimizer, step, history,
    selection) is saved every ``checkpoint_every`` steps through :class:`fip_fast.io.Checkpointer` (atomic,
