@@ -463,3 +463,36 @@ def test_inplace_delta_of_a_submodule_and_flattened_tokens_fallback(caplog):
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "flat.spectral_delta" in warned[0]
     assert err < 1e-6
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_inplace_delta_fisher_matches_autograd_through_w_delta(relative):
+    """Independent of the taps: the per-sample δ-gradients of W(δ) = W0 + U·diag(relu(s(δ)) − S)·Vh built with
+    autograd on an untouched copy of the model (a tied LM: one δ for embedding and head, padding tokens)."""
+    import copy
+
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    m0 = _InplaceTiedLM().double()
+    m = copy.deepcopy(m0)
+    deltas = _inplace(m, rank=4, relative=relative)
+    layers = SI.spectral_layers(m)
+    ids = torch.randint(0, 11, (6, 5))
+    ids[:, :2] = 0
+    labels = torch.randint(1, 11, (6, 5))
+    got = estimate_fisher(m, _loader(ids, labels, 4), params=deltas)
+    want = [torch.zeros_like(d) for d in deltas]
+    for n in range(ids.shape[0]):
+        ds = [d.detach().clone().requires_grad_(True) for d in deltas]
+        ws = {}
+        for (name, lay), d in zip(layers, ds):
+            U, S, Vh, W0 = lay.spectral_U, lay.spectral_S, lay.spectral_Vh, lay.spectral_W0
+            s = S * (1 + d) if relative else S + d
+            ws[f"{name}.weight"] = (W0.reshape(W0.shape[0], -1) + (U * (torch.relu(s) - S)) @ Vh).reshape(W0.shape)
+        out = functional_call(m0, ws, (ids[n:n + 1],))
+        for w, g in zip(want, torch.autograd.grad(_seq_nll(out, labels[n:n + 1]), ds)):
+            w += g.pow(2) / ids.shape[0]
+    for d, w in zip(deltas, want):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(got[d].double(), w, rtol=1e-6, atol=1e-12)
