@@ -14,8 +14,8 @@ Metrics (test set, never used for any choice):
 
 The model: a tiny GPT-2 (``transformers.GPT2LMHeadModel``, random init, tied embeddings, Conv1D layers).
 Purification uses only ``clean`` sequences (``n_clean``, about 3 % of the training data): Fisher F0 on them,
-then FIP (all parameters) or Fast FIP (δ of every Conv1D / Linear layer, ``fip_fast.integrations.hf``) with the fd
-suppressor.  Usage::
+then FIP (all parameters) or Fast FIP (δ of every Conv1D / Linear layer, ``fip_fast.integrations.hf``: in place,
+the layers keep their weights, :mod:`fip_fast.spectral`) with the fd suppressor.  Usage::
 
     python examples/lm_backdoor.py                    # ≈ 1–2 min on 2 CPU cores
     python examples/lm_backdoor.py --small            # the CPU-small setting of
@@ -181,8 +181,9 @@ def evaluate(model, data) -> dict:
 # ------------------------------------------------------------------------------------------- purification
 def purify(model, data, cfg: Config, mode: str = "fast_fip", log=print):
     """Purify ``model`` (in place) on the clean set.  ``mode``: "fip" (all parameters), "fast_fip" (δ of the
-    Conv1D/Linear layers via fip_fast.integrations.hf, merged back at the end), "finetune" / "fast_finetune" (the same
-    with η_F = 0: plain fine-tuning with the same anchor — the ablation of the suppressor).
+    Conv1D/Linear layers via fip_fast.integrations.hf, in place; merge_transformer drops the reparameterization at
+    the end), "finetune" / "fast_finetune" (the same with η_F = 0: plain fine-tuning with the same anchor — the
+    ablation of the suppressor).
     Returns (model, seconds)."""
     t0 = time.perf_counter()
     clean = data["clean"]
