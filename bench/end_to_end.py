@@ -13,7 +13,7 @@ turn, repeated, so that a change of machine load hits every method alike):
 ``fip_fd``       :class:`fip_fast.FIP`, ``trace_estimator="fd"`` every 5 steps (2 forward/backward on those), F0 anchor
 ``fip_lagged``   FIP, ``"lagged"`` (closure-free one-pass suppressor) every 5 steps
 ``fip_batch``    FIP, ``"batch"``: T = ‖∇ℓ‖², ∇T by double backward every 5 steps (the authors' approach)
-``fast_fip``     Fast FIP: :func:`fip_fast.spectral_reference.reparameterize` (relative δ) + biases / norm affine, FIP fd
+``fast_fip``     Fast FIP in place: :func:`fip_fast.spectral.reparameterize` (relative δ) + biases / norm, FIP fd
                  every 5 steps
 
 A *cycle* is ``trace_every`` = 5 consecutive steps (one suppressor step and four plain steps), so the per-step
@@ -88,7 +88,7 @@ class Runner:
                            rho=h["rho"], max_mix=h["max_mix"], trace_every=h["trace_every"], trace_estimator=est,
                            fisher0=f0_of([params]), impl=impl)
         elif method == "fast_fip":
-            from fip_fast import spectral_reference as spectral
+            from fip_fast import spectral
             extras_ids = {id(p) for m in model.modules() for n, p in m.named_parameters(recurse=False)
                           if p.requires_grad and (n == "bias" or isinstance(
                               m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)))}
@@ -133,7 +133,7 @@ class Runner:
 
     def finalize(self) -> nn.Module:
         if self.method == "fast_fip":
-            from fip_fast import spectral_reference as spectral
+            from fip_fast import spectral
             return spectral.merge(self.model)
         return self.model
 

@@ -126,10 +126,23 @@ def global_norm(tensors, *, impl: str = "auto"):
     return get("global_norm", impl, dev)(tensors)
 
 
+def _bump_versions(params, impl: str) -> None:
+    """Kernels that write through raw pointers (Triton, CUDA) do not advance the tensors' version counters;
+    advance them, so that autograd's checks and version-based caches (Fast FIP's in-place weight sync, which
+    re-derives W when δ._version changes) see the write.  A no-op for the torch-op implementations."""
+    if resolve(impl, params[0].device) in ("triton", "cuda"):
+        try:
+            torch.autograd.graph.increment_version(list(params))
+        except TypeError:          # torch < 2.5 takes one tensor at a time
+            for p in params:
+                torch.autograd.graph.increment_version(p)
+
+
 def perturb_(params, grads, scale, found_inf=None, *, impl: str = "auto"):
     """θ ← θ + scale·g unless found_inf (see :func:`fip_fast.reference.perturb_`)."""
     if params:
         get("perturb_", impl, params[0].device)(params, grads, scale, found_inf)
+        _bump_versions(params, impl)
 
 
 def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, *, impl: str = "auto",
@@ -138,6 +151,7 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
     if params:
         get("fip_step_", impl, params[0].device)(params, grads, grads_pert, fisher0, anchor, momentum_buf,
                                                  fisher, pert, **hyper)
+        _bump_versions(params, impl)
 
 
 def spectral_weight(U, S, delta, Vh, residual=None, relative=False, *, impl: str = "auto"):

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from fip_fast import ops
 
-__all__ = ["Adapter", "register_adapter", "reparameterize", "merge", "spectral_layers", "deltas", "sync",
+__all__ = ["Adapter", "register_adapter", "reparameterize", "merge", "spectral_layers", "spectrum", "deltas", "sync",
            "collect_per_sample", "DEFAULT_TYPES"]
 
 
@@ -295,6 +295,7 @@ def _attach(layer: nn.Module, rank: Optional[int], svd: str, relative: bool) -> 
     layer.register_buffer("spectral_W0", w.detach().clone(), persistent=False)
     layer.spectral_delta = nn.Parameter(torch.zeros(k, dtype=acc, device=w.device))
     layer.spectral_weight_requires_grad = w.requires_grad
+    layer.spectral_relative = relative
     w.requires_grad_(False)
     return _Spectral(layer, adapter, relative)
 
@@ -350,6 +351,12 @@ def spectral_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "spectral_delta")]
 
 
+def spectrum(layer: nn.Module) -> Tensor:
+    """s(δ) of a reparameterized layer, before the relu (differentiable in δ): S + δ, or S·(1 + δ) if relative."""
+    S, d = layer.spectral_S, layer.spectral_delta
+    return S * (1.0 + d) if layer.spectral_relative else S + d
+
+
 def deltas(model: nn.Module) -> list[nn.Parameter]:
     """The δ parameters of the reparameterized layers of ``model`` (one per distinct weight), in module order."""
     return [m.spectral_delta for _, m in spectral_layers(model)]
@@ -385,7 +392,7 @@ def merge(model: nn.Module) -> nn.Module:
             for name in ("spectral_U", "spectral_S", "spectral_Vh", "spectral_W0"):
                 delattr(o, name)
             del o.spectral_delta
-            del o.spectral_weight_requires_grad
+            del o.spectral_weight_requires_grad, o.spectral_relative
         for ref, flag in frozen:
             p = ref()
             if p is not None:

@@ -13,9 +13,10 @@ DDP (:func:`wrap_ddp`)
     * ``"lagged"``: the next perturbation is also built from the all-reduced g, so ranks stay bit-identical.
 FSDP2 (:func:`shard_fsdp`, ``torch.distributed.fsdp.fully_shard``, present in torch ≥ 2.6 and working on CPU
 with gloo in the torch 2.13 used here)
-    * Reparameterize (``fip_fast.spectral_reference`` / ``fip_fast.integrations.hf``) **before** sharding: the SVD needs the whole
-      weight.  δ, biases and every other parameter become ``DTensor`` shards (``Shard(0)``); ``U``, ``S``,
-      ``Vh`` and the rank-k residual are buffers and stay replicated (they are frozen).  For rank-k Fast FIP of
+    * Reparameterize (the module-swapping ``fip_fast.spectral_reference``; the in-place ``fip_fast.spectral`` does
+      not shard yet) **before** sharding: the SVD needs the whole weight.  δ, biases and every other parameter
+      become ``DTensor`` shards (``Shard(0)``); ``U``, ``S``, ``Vh`` and the rank-k residual are buffers and stay
+      replicated (they are frozen).  For rank-k Fast FIP of
       a large model the residual dominates memory: see :mod:`fip_fast.memory`.
     * The optimizer state (momentum, Fisher EMA, anchor θ0, F0, lagged perturbation) is created with
       ``zeros_like``/``clone`` of the sharded parameters, so it is sharded the same way.

@@ -82,8 +82,9 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
                     rho_delta: float, relative: bool = True, rank: Optional[int] = None,
                     fast_fip_extra: str = "bias_bn", layer_types: Optional[Sequence[type]] = None,
                     impl: str = "auto", **o: Any) -> Purifier:
-    """Fast FIP: train the singular-value shifts δ (+ biases / normalization affine parameters)."""
-    from fip_fast import spectral_reference as spectral
+    """Fast FIP: train the singular-value shifts δ (+ biases / normalization affine parameters), in place
+    (:mod:`fip_fast.spectral`: the layers keep their weights, no W(δ) rebuilt, no dense dW)."""
+    from fip_fast import spectral
     from fip_fast.optim import FIP
 
     if fast_fip_extra not in ("bias_bn", "none"):
@@ -115,6 +116,6 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
     penalty = None
     if wd > 0:
         def penalty() -> Tensor:
-            return 0.5 * wd * sum(F.relu(m.spectrum()).pow(2).sum() for m in layers)
+            return 0.5 * wd * sum(F.relu(spectral.spectrum(m)).pow(2).sum() for m in layers)
     return OptimizerPurifier(model, opt, ctx.loss_fn, finalize=spectral.merge, penalty=penalty)
 
