@@ -1,31 +1,48 @@
 """Memory accounting for FIP and Fast FIP: what a purification holds, measured and per parameter.
 
 Measured (:func:`measure`, one optimizer step of a real model):
-    * parameters (trainable / frozen), gradients, buffers — with the spectral buffers ``U``, ``S``, ``Vh`` and
-      ``residual`` of Fast FIP broken out — and the optimizer state, by summing ``numel·element_size`` of the
-      live tensors (storage-deduplicated);
+    * parameters (trainable / frozen), gradients, buffers — with the spectral buffers of Fast FIP broken out:
+      ``U``, ``S``, ``Vh`` and ``W0`` of the in-place layers (:mod:`fip_fast.spectral`: ``spectral_U`` /
+      ``spectral_S`` / ``spectral_Vh`` / ``spectral_W0``), ``U``, ``S``, ``Vh`` and ``residual`` of the
+      module-swapping reference (:class:`fip_fast.spectral_reference.SpectralLayer`) — and the optimizer state,
+      by summing ``numel·element_size`` of the live tensors (storage-deduplicated);
     * activations: on CUDA the step's peak ``torch.cuda.max_memory_allocated`` minus what was allocated before
       it; on CPU there is no allocator counter, so the bytes of the tensors *saved for backward* are summed
       with ``torch.autograd.graph.saved_tensors_hooks`` during the forward passes (storage-deduplicated, parameters
-      and buffers excluded).  That is a measurement of what autograd keeps alive between forward and backward
-      (the dominant term), not of transient workspace inside kernels — not ``tracemalloc`` (which does not see
-      torch's allocations) and not a formula.
+      and buffers excluded), plus the projected inputs ``a`` that the in-place layers' output taps keep for the
+      δ-gradient (held by the tap, not saved through autograd; also reported alone as ``activations_tap``).
+      That is a measurement of what is kept alive between forward and backward (the dominant term), not of
+      transient workspace inside kernels — not ``tracemalloc`` (which does not see torch's allocations) and not
+      a formula.
 
 Analytical (:func:`bytes_per_param`, :func:`max_params`): bytes per parameter of the selected (linear) layers
 for each mode, from the tensors each mode keeps, and the largest model that fits a given memory.  The terms
-(b = bytes of the parameter dtype, 2 for bf16; fp32 optimizer state, as FIP keeps):
+(b = bytes of the weight dtype, 2 for bf16; fp32 optimizer state, as FIP keeps; r = min(m, n)):
 
-=========================  ======================================================================
-mode                       per parameter of a selected m×n layer
-=========================  ======================================================================
-inference only             b (the weight)
-FIP (fd)                   b weight + b grad + b second grad g' (fd keeps g while the second
-                           backward writes g') + 4 momentum + 4 Fisher EMA + b anchor θ0 + 4 F0
-FIP (lagged)               as fd without g', plus 4 for the stored perturbation
-Fast FIP, full rank        U (m×r) + Vh (r×n), r = min(m, n): b·(m·r + r·n)/(m·n) = b·(1 + r/max(m,n))
-                           ≤ 2b, plus W(δ) materialized in the forward and saved for backward: b
-Fast FIP, rank k           residual b + W(δ) b + b·k·(m + n)/(m·n) (U_k, Vh_k); δ, S, state O(k)
-=========================  ======================================================================
+===========================  ====================================================================
+mode                         per parameter of a selected m×n layer
+===========================  ====================================================================
+inference only               b (the weight)
+FIP (fd)                     b weight + b grad + b second grad g' (fd keeps g while the second
+                             backward writes g') + 4 momentum + 4 Fisher EMA + b anchor θ0 + 4 F0
+FIP (lagged)                 as fd without g', plus 4 for the stored perturbation
+Fast FIP in place, full      b weight (frozen: no dW) + b W0 copy (the no-drift rule) + U, Vh
+rank (``fast_fip``)          b·r·(m + n)/(m·n) = b·(1 + r/max(m, n)) ≤ 2b; δ, S, state O(r)
+Fast FIP in place, rank k    b weight + b W0 + b·k·(m + n)/(m·n) (U_k, Vh_k); δ, S, state O(k)
+(``fast_fip_rank_k``)
+reference, full rank         U + Vh (≤ 2b; the weight is deleted) + W(δ) materialized in the
+(``fast_fip_reference``)     forward and saved for backward: b (transient), and a dense dW (b,
+                             per layer, during its backward: not counted)
+reference, rank k            residual b + W(δ) b + b·k·(m + n)/(m·n) (U_k, Vh_k); δ, S, state O(k)
+(``fast_fip_reference_rank_k``)
+===========================  ====================================================================
+
+In place, nothing is materialized per step: no W(δ), no dW; the weight is re-derived W0 + U·diag(relu(s) −
+S)·Vh once per change of δ (the ``reference`` / ``foreach`` implementation of
+:func:`fip_fast.ops.spectral_update_` makes an fp32 m×n temporary for one layer at a time; the kernels do not).
+Activations: the tap keeps the projected input a (k values per position, N·P·k) instead of the layer input
+(n per position) that a dense dW would need — the layer input is still saved where the input gradient needs it
+(e.g. by the preceding nonlinearity), as in the frozen model.
 
 The ``foreach`` implementation (the CPU default) also makes fp32 working copies of θ, g (and g') for each
 group during the fused step — a transient of about 12–16 bytes per trainable parameter that the Triton/CUDA
@@ -49,7 +66,9 @@ __all__ = ["tensor_bytes", "MemoryReport", "model_memory", "optimizer_state_byte
            "measure", "bytes_per_param", "max_params", "MODES", "GB"]
 
 GB = 1e9
-MODES = ("inference", "fip", "fip_lagged", "fast_fip", "fast_fip_rank_k")
+MODES = ("inference", "fip", "fip_lagged", "fast_fip", "fast_fip_rank_k", "fast_fip_reference",
+         "fast_fip_reference_rank_k")
+SPECTRAL_KEYS = ("U", "S", "Vh", "W0", "residual")
 
 
 def _storage_key(t: Tensor):
@@ -88,11 +107,12 @@ class MemoryReport:
     params_trainable: int = 0
     params_frozen: int = 0
     grads: int = 0
-    buffers_spectral: dict = field(default_factory=dict)   # {"U": …, "S": …, "Vh": …, "residual": …}
+    buffers_spectral: dict = field(default_factory=dict)   # {"U", "S", "Vh", "W0", "residual": bytes}
     buffers_other: int = 0
     optimizer_state: int = 0
     activations: Optional[int] = None
     activations_how: str = ""
+    activations_tap: Optional[int] = None   # of ``activations``: projected inputs held by in-place taps
     n_trainable: int = 0
     n_params_total: int = 0             # of the original model (spectral layers counted as their weight)
 
@@ -111,8 +131,20 @@ class MemoryReport:
         return d
 
 
+def _spectral_tensors(m: nn.Module, SpectralLayer) -> Optional[tuple[dict, int]]:
+    """({key: tensor}, parameters of the original layer − parameters here) of a Fast FIP layer, else None."""
+    if hasattr(m, "spectral_delta"):                         # in place (fip_fast.spectral)
+        t = dict(U=m.spectral_U, S=m.spectral_S, Vh=m.spectral_Vh, W0=m.spectral_W0)
+        return t, -m.spectral_delta.numel()
+    if isinstance(m, SpectralLayer):                          # module swap (fip_fast.spectral_reference)
+        t = dict(U=m.U, S=m.S, Vh=m.Vh, residual=m.residual)
+        return t, m.weight_shape.numel() - m.delta.numel()
+    return None
+
+
 def model_memory(model: nn.Module) -> MemoryReport:
-    """Parameters, gradients and buffers of ``model`` (spectral buffers broken out)."""
+    """Parameters, gradients and buffers of ``model`` (spectral buffers broken out, in-place and reference
+    layers alike)."""
     from fip_fast.spectral_reference import SpectralLayer
 
     rep = MemoryReport()
@@ -121,17 +153,18 @@ def model_memory(model: nn.Module) -> MemoryReport:
     rep.params_frozen = tensor_bytes(p for p in params if not p.requires_grad)
     rep.grads = tensor_bytes(p.grad for p in params)
     rep.n_trainable = sum(p.numel() for p in params if p.requires_grad)
-    spec = {"U": [], "S": [], "Vh": [], "residual": []}
+    spec: dict[str, list] = {k: [] for k in SPECTRAL_KEYS}
     spec_ids = set()
     n_total = sum(p.numel() for p in params)
     for m in model.modules():
-        if isinstance(m, SpectralLayer):
-            for k in spec:
-                t = getattr(m, k)
-                if t is not None:
-                    spec[k].append(t)
-                    spec_ids.add(id(t))
-            n_total += m.weight_shape.numel() - m.delta.numel()
+        found = _spectral_tensors(m, SpectralLayer)
+        if found is None:
+            continue
+        for k, t in found[0].items():
+            if t is not None:
+                spec[k].append(t)
+                spec_ids.add(id(t))
+        n_total += found[1]
     rep.n_params_total = n_total
     rep.buffers_spectral = {k: tensor_bytes(v) for k, v in spec.items()}
     rep.buffers_other = tensor_bytes(b for b in model.buffers() if id(b) not in spec_ids)
@@ -189,63 +222,103 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[
         rep.activations = max(0, peak - before - rep.grads - rep.optimizer_state)
         rep.activations_how = "cuda max_memory_allocated (peak − before − grads − new state)"
         return rep
-    passes: list[int] = []
+    passes: list[tuple[int, int]] = []
     exclude = {_storage_key(_local(t)) for t in list(model.parameters()) + list(model.buffers())}
-    current: dict = {"seen": set(), "bytes": 0}
+    current: dict = {"seen": set(), "bytes": 0, "tap": 0}
+
+    def count(t: Tensor) -> int:
+        lt = _local(t)
+        key = _storage_key(lt)
+        if key in exclude or key in current["seen"]:
+            return 0
+        current["seen"].add(key)
+        n = lt.untyped_storage().nbytes()
+        current["bytes"] += n
+        return n
 
     def pack(t: Tensor):
         try:
-            lt = _local(t)
-            key = _storage_key(lt)
-            if key not in exclude and key not in current["seen"]:
-                current["seen"].add(key)
-                current["bytes"] += lt.untyped_storage().nbytes()
+            count(t)
         except Exception:
             pass
         return t
 
     def pre_hook(mod, args):          # a new forward pass starts at the root module
         if current["bytes"]:
-            passes.append(current["bytes"])
-        current["seen"], current["bytes"] = set(), 0
+            passes.append((current["bytes"], current["tap"]))
+        current.update(seen=set(), bytes=0, tap=0)
 
     h = model.register_forward_pre_hook(pre_hook)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _tapped_inputs(count, current):
             step()
     finally:
         h.remove()
-    passes.append(current["bytes"])
+    passes.append((current["bytes"], current["tap"]))
     rep = model_memory(model)
     rep.optimizer_state = optimizer_state_bytes(optimizer)
-    rep.activations = max(passes)
-    rep.activations_how = "cpu: bytes saved for backward (saved_tensors_hooks), largest forward pass"
+    rep.activations, rep.activations_tap = max(passes)
+    rep.activations_how = ("cpu: bytes saved for backward (saved_tensors_hooks) + projected inputs held by the "
+                           "in-place taps, largest forward pass")
     return rep
+
+
+@contextlib.contextmanager
+def _tapped_inputs(count: Callable[[Tensor], int], current: dict):
+    """While inside, every tap of an in-place Fast FIP layer (:class:`fip_fast.spectral._Call`) has its projected
+    input ``a`` counted (``count(a)``, added to ``current["tap"]``): the tap holds it for the δ-gradient outside
+    autograd's saved tensors, so ``saved_tensors_hooks`` does not see it."""
+    from fip_fast import spectral
+
+    base = spectral._Call
+
+    class _Counted(base):                                   # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            try:
+                current["tap"] += count(self.a)
+            except Exception:
+                pass
+
+    spectral._Call = _Counted
+    try:
+        yield
+    finally:
+        spectral._Call = base
 
 
 # ------------------------------------------------------------------------------------------- analytical
 def bytes_per_param(mode: str, param_bytes: int = 2, *, m: int = 4096, n: int = 4096, k: int = 64) -> dict:
     """Bytes per parameter of a selected m×n layer for ``mode`` (see the table in the module docstring).
 
-    Returns ``{"persistent": …, "step_transient": …, "foreach_transient": …, "total": persistent +
-    step_transient}``; ``foreach_transient`` (fp32 working copies of the ``foreach`` impl) is extra.
-    ``step_transient`` counts what exists only between forward and optimizer step (gradients, g', W(δ))."""
+    Returns ``{"persistent": …, "buffers": …, "step_transient": …, "foreach_transient": …, "total": persistent +
+    step_transient}``; ``buffers`` is the part of ``persistent`` held in buffers (Fast FIP's W0 / U / Vh /
+    residual: not sharded by FSDP); ``foreach_transient`` (fp32 working copies of the ``foreach`` impl) is extra.
+    ``step_transient`` counts what exists only between forward and optimizer step (gradients, g', W(δ)).
+    The O(k) terms (δ, S, optimizer state of δ) are left out."""
     b = float(param_bytes)
     r = min(m, n)
+    kk = min(k, r)
+    uv_full, uv_k = b * r * (m + n) / (m * n), b * kk * (m + n) / (m * n)
+    buf = 0.0
     if mode == "inference":
         pers, trans, fe = b, 0.0, 0.0
     elif mode == "fip":
         pers, trans, fe = b + 4 + 4 + b + 4, 2 * b, 16.0
     elif mode == "fip_lagged":
         pers, trans, fe = b + 4 + 4 + b + 4 + 4, b, 12.0
-    elif mode == "fast_fip":
-        pers, trans, fe = b * (m * r + r * n) / (m * n), b, 0.0
-    elif mode == "fast_fip_rank_k":
-        kk = min(k, r)
-        pers, trans, fe = b + b * kk * (m + n) / (m * n), b, 0.0
+    elif mode in ("fast_fip", "fast_fip_rank_k"):                        # in place: weight + W0 + U, Vh
+        buf = b + (uv_full if mode == "fast_fip" else uv_k)
+        pers, trans, fe = b + buf, 0.0, 0.0
+    elif mode == "fast_fip_reference":                                    # module swap: U, Vh; W(δ) per step
+        buf = pers = uv_full
+        trans, fe = b, 0.0
+    elif mode == "fast_fip_reference_rank_k":                             # residual + U_k, Vh_k; W(δ)
+        buf = pers = b + uv_k
+        trans, fe = b, 0.0
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return dict(persistent=pers, step_transient=trans, foreach_transient=fe, total=pers + trans)
+    return dict(persistent=pers, buffers=buf, step_transient=trans, foreach_transient=fe, total=pers + trans)
 
 
 def max_params(memory_bytes: float, mode: str, param_bytes: int = 2, *, activation_bytes: float = 0.0,
@@ -253,14 +326,15 @@ def max_params(memory_bytes: float, mode: str, param_bytes: int = 2, *, activati
     """The largest number of (selected-layer) parameters whose purification fits ``memory_bytes`` per device.
 
     ``shards``: FSDP world size.  Parameters, gradients and optimizer state are divided by it; Fast FIP's
-    ``U``/``Vh``/``residual`` are *buffers*, which FSDP2 does not shard, so they are divided only with
+    ``W0``/``U``/``Vh``/``residual`` are *buffers*, which FSDP2 does not shard, so they are divided only with
     ``shard_buffers=True`` (what would need them registered as frozen parameters — see docs/large-models.md).
+    The in-place layers' frozen weight is a parameter (sharded); the reference's W(δ) is not.
     """
     bp = bytes_per_param(mode, param_bytes, **shape)
     free = memory_bytes - activation_bytes
     if mode.startswith("fast_fip"):
-        buf = bp["persistent"]
-        per = (buf / shards if shard_buffers else buf) + bp["step_transient"]
+        buf = bp["buffers"]
+        per = (bp["persistent"] - buf) / shards + (buf / shards if shard_buffers else buf) + bp["step_transient"]
     else:
         per = bp["total"] / shards
     return max(0.0, free / per)

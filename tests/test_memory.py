@@ -1,11 +1,13 @@
-"""fip_fast.memory: measured bytes equal the tensors each mode must hold; analytical table is consistent."""
+"""fip_fast.memory: measured bytes equal the tensors each mode must hold (full FIP, Fast FIP in place and the
+module-swapping reference); analytical table is consistent."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip_fast import memory
+from fip_fast import memory, spectral_reference
+from fip_fast import spectral as inplace
 from fip_fast import spectral_reference as spectral
 from fip_fast.optim import FIP
 
@@ -48,7 +50,7 @@ def test_full_fip_state_bytes(dtype, est):
 
 
 @pytest.mark.parametrize("rank", [None, 8])
-def test_fast_fip_buffers_and_state(rank):
+def test_fast_fip_reference_buffers_and_state(rank):
     m = mlp()
     full = mlp()
     shapes = [(lin.out_features, lin.in_features) for lin in full if isinstance(lin, nn.Linear)]
@@ -69,7 +71,7 @@ def test_fast_fip_buffers_and_state(rank):
     assert rep.optimizer_state * 50 < 16 * rep.n_params_total
 
 
-def test_fast_fip_activations_include_materialized_weights():
+def test_fast_fip_reference_activations_include_materialized_weights():
     m, m2 = mlp(), mlp()
     ps = list(m.parameters())
     opt = FIP(ps, trace_every=1)
@@ -82,16 +84,84 @@ def test_fast_fip_activations_include_materialized_weights():
     assert a_fast == a_full + w_bytes
 
 
+@pytest.mark.parametrize("rank", [None, 8])
+def test_fast_fip_inplace_buffers_and_state(rank):
+    m, full = mlp(), mlp()
+    shapes = [(lin.out_features, lin.in_features) for lin in full if isinstance(lin, nn.Linear)]
+    deltas = inplace.reparameterize(m, rank=rank, relative=True)
+    opt = FIP(deltas, trace_every=1, fisher0={d: torch.ones_like(d) for d in deltas})
+    rep = memory.measure(m, opt, step_fn(m, opt, "fd"))
+    rs = [min(a, b) if rank is None else min(rank, a, b) for a, b in shapes]
+    sb = rep.buffers_spectral
+    assert sb["U"] == 4 * sum(a * r for (a, b), r in zip(shapes, rs))
+    assert sb["Vh"] == 4 * sum(b * r for (a, b), r in zip(shapes, rs))
+    assert 4 * sum(rs) <= sb["S"] <= 4 * sum(min(a, b) for a, b in shapes)
+    # the no-drift copy W0 of every weight, at any rank; no residual (the weight itself is kept, frozen)
+    assert sb["W0"] == 4 * sum(a * b for a, b in shapes) and sb["residual"] == 0
+    weights = 4 * sum(a * b for a, b in shapes)
+    biases = 4 * sum(a for a, b in shapes)
+    assert rep.params_frozen == weights + biases and rep.grads == 4 * sum(rs)      # no dW: only δ has a grad
+    assert rep.n_trainable == sum(rs)
+    assert rep.optimizer_state == sum(rs) * 4 * 4 + 4 * len(deltas)
+    assert rep.n_params_total == sum(p.numel() for p in full.parameters())
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+def test_fast_fip_inplace_activations_tap_not_weights(rank):
+    """In place: the tap keeps a = x·Vhᵀ (k per position) for every layer; no W(δ) and, with the weights frozen,
+    no layer input kept for a dW — the first layer's input (no gradient needed) is not saved at all."""
+    m, m2 = mlp(), mlp()
+    ps = list(m.parameters())
+    opt = FIP(ps, trace_every=1)
+    a_full = memory.measure(m, opt, step_fn(m, opt, "fd")).activations
+    deltas = inplace.reparameterize(m2, rank=rank)
+    opt2 = FIP(deltas, trace_every=1)
+    rep = memory.measure(m2, opt2, step_fn(m2, opt2, "fd"))
+    ks = [d.numel() for d in deltas]
+    assert rep.activations_tap == 4 * 16 * sum(ks)
+    assert rep.activations - rep.activations_tap == a_full - 4 * 16 * 32
+    assert "taps" in rep.activations_how
+    # the reference at the same rank saves more: W(δ) of the later layers and every layer input
+    m3 = mlp()
+    d3 = spectral_reference.reparameterize(m3, rank=rank)
+    opt3 = FIP(d3, trace_every=1)
+    assert memory.measure(m3, opt3, step_fn(m3, opt3, "fd")).activations > rep.activations - rep.activations_tap
+
+
+def test_linear_stack_bytes_per_param_match_arithmetic():
+    """Measured persistent bytes per weight parameter of a Linear stack = the table (up to the O(k) terms)."""
+    for dtype, b in ((torch.float32, 4), (torch.bfloat16, 2)):
+        for rank, mode in ((None, "fast_fip"), (8, "fast_fip_rank_k")):
+            torch.manual_seed(0)
+            model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(3)]).to(dtype)
+            inplace.reparameterize(model, rank=rank)
+            rep = memory.model_memory(model)
+            n = 3 * 64 * 64
+            measured = (rep.params_frozen + rep.buffers_spectral["W0"] + rep.buffers_spectral["U"]
+                        + rep.buffers_spectral["Vh"]) / n
+            assert measured == pytest.approx(memory.bytes_per_param(mode, b, m=64, n=64, k=8)["persistent"])
+
+
 def test_analytical_table_and_fit():
     bf = {m: memory.bytes_per_param(m, 2, m=4096, n=4096, k=64)["total"] for m in memory.MODES}
     assert bf["inference"] == 2 and bf["fip"] == 20 and bf["fip_lagged"] == 22
-    assert bf["fast_fip"] == pytest.approx(6.0) and bf["fast_fip_rank_k"] == pytest.approx(4.0625)
+    # in place: weight + W0 + U, Vh (full rank 2b; rank 64 b/32), nothing per step
+    assert bf["fast_fip"] == pytest.approx(8.0) and bf["fast_fip_rank_k"] == pytest.approx(4.0625)
+    # reference: U, Vh (+ residual at rank k) + W(δ) per step
+    assert bf["fast_fip_reference"] == pytest.approx(6.0)
+    assert bf["fast_fip_reference_rank_k"] == pytest.approx(4.0625)
+    assert memory.bytes_per_param("fast_fip", 2, m=4096, n=4096)["step_transient"] == 0
+    # full rank of a non-square layer: U, Vh = b·(1 + r/max(m, n))
+    assert memory.bytes_per_param("fast_fip", 2, m=1024, n=4096)["persistent"] == pytest.approx(2 + 2 + 2.5)
     assert memory.max_params(80e9, "fip", 2) == pytest.approx(4e9)
     # FSDP divides parameters/state, not Fast FIP's buffers (unless they were parameters)
     assert memory.max_params(80e9, "fip", 2, shards=8) == pytest.approx(32e9)
-    assert memory.max_params(80e9, "fast_fip", 2, shards=8) == memory.max_params(80e9, "fast_fip", 2)
-    assert (memory.max_params(80e9, "fast_fip", 2, shards=8, shard_buffers=True)
-            > 2 * memory.max_params(80e9, "fast_fip", 2))
+    ref = memory.max_params(80e9, "fast_fip_reference", 2)
+    assert memory.max_params(80e9, "fast_fip_reference", 2, shards=8) == ref
+    assert memory.max_params(80e9, "fast_fip_reference", 2, shards=8, shard_buffers=True) > 2 * ref
+    # in place the frozen weight is a parameter: sharded; W0 / U / Vh are buffers
+    assert memory.max_params(80e9, "fast_fip", 2, shards=8) == pytest.approx(80e9 / (2 / 8 + 6))
+    assert memory.max_params(80e9, "fast_fip", 2, shards=8, shard_buffers=True) == pytest.approx(80e9 / 1.0)
     with pytest.raises(ValueError):
         memory.bytes_per_param("nope")
 
