@@ -16,8 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from fip_fast import ops
-from fip_fast import spectral_reference as spectral
+from fip_fast import ops, spectral, spectral_reference
 from fip_fast.fisher import estimate_fisher
 from fip_fast.integrations import distributed as fd
 from fip_fast.optim import FIP
@@ -58,12 +57,15 @@ def _named_full(model):
     return {n: _full(p) for n, p in fd.unwrap(model).named_parameters()}
 
 
-def _run(kind: str, estimator: str, spectral_mode: bool, fsdp: bool, ckpt_dir=None, raw: bool = False) -> dict:
+def _run(kind: str, estimator: str, spectral_mode: bool, fsdp: bool, ckpt_dir=None, raw: bool = False,
+         inplace: bool = True) -> dict:
     """One purification of 4 steps; runs identically with or without a process group."""
     xs, ys, fx, fy = _data()
     model = _model()
+    # DDP runs Fast FIP in place; FSDP2 shards the module-swapping reference form (the in-place one does not shard)
+    sp = spectral if inplace else spectral_reference
     if spectral_mode:
-        params = spectral.reparameterize(model, relative=True)
+        params = sp.reparameterize(model, relative=True)
     else:
         params = list(model.parameters())
     # F0 on this rank's share of the clean data: estimate_fisher all-reduces it (before wrapping / sharding).
@@ -123,7 +125,7 @@ def _run(kind: str, estimator: str, spectral_mode: bool, fsdp: bool, ckpt_dir=No
         # a fresh model + optimizer, sharded the same way, loaded from the checkpoint
         model2 = _model(seed=5)
         if spectral_mode:
-            spectral.reparameterize(model2, relative=True)
+            sp.reparameterize(model2, relative=True)
         if fsdp:
             fd.shard_fsdp(model2, units=[model2[0], model2[2]])
         p2 = [p for p in model2.parameters() if p.requires_grad]
@@ -155,7 +157,7 @@ SCENARIOS = {
     "ddp_full_fd": dict(kind="ddp", estimator="fd", spectral_mode=False, fsdp=False),
     "ddp_fast_lagged": dict(kind="ddp", estimator="lagged", spectral_mode=True, fsdp=False),
     "fsdp_full_fd": dict(kind="fsdp", estimator="fd", spectral_mode=False, fsdp=True),
-    "fsdp_fast_fd_ckpt": dict(kind="fsdp", estimator="fd", spectral_mode=True, fsdp=True, ckpt=True),
+    "fsdp_fast_fd_ckpt": dict(kind="fsdp", estimator="fd", spectral_mode=True, fsdp=True, ckpt=True, inplace=False),
     "fsdp_full_lagged": dict(kind="fsdp", estimator="lagged", spectral_mode=False, fsdp=True, raw=True),
 }
 
