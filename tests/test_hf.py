@@ -14,6 +14,7 @@ from torch.func import functional_call
 transformers = pytest.importorskip("transformers")
 
 from fip_fast import spectral  # noqa: E402
+from fip_fast.fisher import estimate_fisher  # noqa: E402
 from fip_fast.integrations import hf  # noqa: E402
 
 
@@ -108,7 +109,8 @@ def test_reparameterized_and_merged_model_match_original(rank, svd):
 @pytest.mark.parametrize("tie,rank", [(True, None), (True, 5), (False, None)])
 def test_delta_gradient_matches_autograd_through_W(tie, rank):
     """Batch and per-sample δ-gradients of the in-place path (output taps; a tied head taps the embedding's δ a
-    second time, with the Linear adapter) equal autograd through W(δ) built by hand — fp64."""
+    second time, with the Linear adapter) and estimate_fisher's δ-Fisher equal autograd through W(δ) built by
+    hand — fp64."""
     base = tiny_gpt2(tie=tie).double()
     m = copy.deepcopy(base)
     deltas = hf.reparameterize_transformer(m, embeddings=True, lm_head=True, rank=rank, relative=True)
@@ -127,12 +129,18 @@ def test_delta_gradient_matches_autograd_through_W(tie, rank):
         torch.testing.assert_close(d.grad, r, atol=1e-10, rtol=1e-8)
     calls = {id(d): len(per[d]) for d in deltas}
     assert calls[id(m.transformer.wte.spectral_delta)] == (2 if tie else 1)   # embedding (+ tied head)
+    ref_fisher = [torch.zeros_like(d) for d in deltas]
     for i in range(len(x)):
         xi = x[i:i + 1]
         ri = torch.autograd.grad(hf.causal_lm_nll(functional_call(base, hand_weights(m, leaves), (xi,)), xi).sum(),
                                  leaves)
-        for d, r in zip(deltas, ri):
+        for j, (d, r) in enumerate(zip(deltas, ri)):
             torch.testing.assert_close(sum(t[i] for t in per[d]), r, atol=1e-10, rtol=1e-8)
+            ref_fisher[j] += r.square() / len(x)
+    # the δ-Fisher of estimate_fisher (mean over samples of the squared per-sample δ-gradient)
+    fisher = estimate_fisher(m, [(x, x)], loss_fn=hf.causal_lm_nll, params=deltas, normalize=False)
+    for d, r in zip(deltas, ref_fisher):
+        torch.testing.assert_close(fisher[d].to(r.dtype), r, atol=1e-12, rtol=1e-7)
 
 
 def test_lm_head_and_tied_embeddings(caplog):

@@ -13,7 +13,9 @@ GPT-2 ``Conv1D``
     is the view ``Wᵀ`` of shape ``(out, in)`` — exactly an ``nn.Linear`` weight — so ``U (out, k)``,
     ``Vh (k, in)``, the in-place update writes through that view (the weight keeps its layout and stays
     contiguous), and the δ-gradient is computed as for ``nn.Linear``: a = x·Vhᵀ, c = g_out·U,
-    ∂ℓ/∂δ = Σ_t a ⊙ c ⊙ ∂s/∂δ.  ``tests/test_hf.py`` checks it against autograd through W(δ) built by hand.
+    ∂ℓ/∂δ = Σ_t a ⊙ c ⊙ ∂s/∂δ; the per-sample values (:func:`fip_fast.spectral.collect_per_sample`) are what
+    :func:`fip_fast.fisher.estimate_fisher` squares for the δ-Fisher.  ``tests/test_hf.py`` checks the batch and
+    per-sample δ-gradients and the δ-Fisher against autograd through W(δ) built by hand.
 
 Layer selection (:func:`reparameterize_transformer`)
     * every ``nn.Linear`` and GPT-2 ``Conv1D`` (attention q/k/v/o, MLP up/gate/down projections, ViT
