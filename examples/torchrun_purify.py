@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lm_backdoor as lb  # noqa: E402
 
-from fip_fast import spectral_reference as spectral  # noqa: E402
+from fip_fast import spectral  # noqa: E402
 from fip_fast.fisher import estimate_fisher  # noqa: E402
 from fip_fast.integrations import distributed as fd  # noqa: E402
 from fip_fast.integrations import hf
@@ -75,6 +75,9 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], help="override lm_backdoor.Config fields, e.g. fip_steps=20")
     ap.add_argument("--out", default="runs/torchrun_purify")
     args = ap.parse_args(argv)
+    if args.mode == "fast_fip" and args.parallel == "fsdp":
+        ap.error("--mode fast_fip runs in place (fip_fast.spectral), which does not shard under FSDP2 yet: use "
+                 "--parallel ddp (or --mode fip with --parallel fsdp)")
 
     rank, world, device = fd.init_from_env()
     torch.manual_seed(0)

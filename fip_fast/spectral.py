@@ -244,6 +244,22 @@ def _tap_hook(sp: _Spectral):
     return hook
 
 
+def _load_hook(sp: _Spectral):
+    """After ``load_state_dict``: the loaded weight is W(δ) of the loaded δ, U, S, Vh (that is what
+    ``state_dict`` saves); re-derive the non-persistent W0 from it, W0 = W − U·diag(relu(s) − S)·Vh, so that the
+    next update starts from the loaded point (W itself is kept as loaded)."""
+    @torch.no_grad()
+    def hook(module, incompatible_keys):
+        o = sp.owner
+        ds = torch.relu(sp.spectrum()) - o.spectral_S
+        W = sp.adapter.to_matrix(o.weight)
+        acc = torch.promote_types(W.dtype, torch.float32)
+        W0 = W.to(acc) - (o.spectral_U.to(acc) * ds.to(acc)) @ o.spectral_Vh.to(acc)
+        sp.adapter.to_matrix(o.spectral_W0).copy_(W0)
+        sp.synced = sp.delta._version
+    return hook
+
+
 def _state_dict_hook(group: _Group):
     def hook(module, *args, **kwargs):
         group.sync()
@@ -339,6 +355,7 @@ def reparameterize(model: nn.Module, layer_types: Sequence[type] = DEFAULT_TYPES
     handles = []
     for sp in group.items:
         handles.append(sp.owner.register_state_dict_pre_hook(_state_dict_hook(group)))
+        handles.append(sp.owner.register_load_state_dict_post_hook(_load_hook(sp)))
         for m in sp.users:
             handles.append(m.register_forward_pre_hook(_pre_hook(group)))
             handles.append(m.register_forward_hook(_tap_hook(sp)))
