@@ -463,14 +463,18 @@ class FIP(Optimizer):
         """
         if self._lazy.applied:
             self._shift_pert(-1.0)
+        self._zero_pert()
+        self._lazy.applied = self._suspended = False
+        self._lazy.disarm()
+
+    def _zero_pert(self) -> None:
+        """e ← 0 for every parameter, and no scheduled perturbation stored."""
         for group in self.param_groups:
             if "lagged_pert_on" in group:
                 group["lagged_pert_on"].zero_()
         for st in self.state.values():
             if "pert" in st:
                 st["pert"].zero_()
-        self._lazy.applied = self._suspended = False
-        self._lazy.disarm()
 
     @contextlib.contextmanager
     def unperturbed(self):
@@ -629,12 +633,7 @@ class FIP(Optimizer):
         """A step with a pending but never-applied perturbation: its gradient was taken at θ, so there is
         nothing to restore; drop e (this step is a plain one)."""
         self._lazy.unapplied_at_step()
-        for group in self.param_groups:
-            if "lagged_pert_on" in group:
-                group["lagged_pert_on"].zero_()
-        for st in self.state.values():
-            if "pert" in st:
-                st["pert"].zero_()
+        self._zero_pert()
         self._lazy.pending = False
 
     @staticmethod
