@@ -10,6 +10,7 @@ impl            module                              where it runs
 ``foreach``     :mod:`fip_fast.backends.foreach`            anywhere; ``torch._foreach_*`` (the CPU default)
 ``triton``      :mod:`fip_fast.kernels`             CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``)
 ``cuda``        :mod:`fip_fast.backends.cuda`               CUDA tensors, when the C++/CUDA extension is built
+``cpu``         :mod:`fip_fast.backends.cpu`                CPU fp32 tensors; fused C++ kernels compiled on first use
 ==============  ==================================  =====================================================
 
 ``impl="auto"`` picks, for the device of the tensors, the first available of ``cuda``, ``triton``, ``foreach``
@@ -37,12 +38,13 @@ logger = logging.getLogger("fip_fast")
 
 OPS = ("fisher_accumulate_", "global_norm", "perturb_", "fip_step_", "spectral_weight", "spectral_linear_grad",
        "spectral_update_")
-IMPLS = ("reference", "foreach", "triton", "cuda")
+IMPLS = ("reference", "foreach", "triton", "cuda", "cpu")
 _MODULES = {
     "reference": "fip_fast.reference",
     "foreach": "fip_fast.backends.foreach",
     "triton": "fip_fast.kernels",
     "cuda": "fip_fast.backends.cuda",
+    "cpu": "fip_fast.backends.cpu",
 }
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "foreach")}
 
@@ -127,10 +129,10 @@ def global_norm(tensors, *, impl: str = "auto"):
 
 
 def _bump_versions(params, impl: str) -> None:
-    """Kernels that write through raw pointers (Triton, CUDA) do not advance the tensors' version counters;
-    advance them, so that autograd's checks and version-based caches (Fast FIP's in-place weight sync, which
-    re-derives W when δ._version changes) see the write.  A no-op for the torch-op implementations."""
-    if resolve(impl, params[0].device) in ("triton", "cuda"):
+    """Kernels that write through raw pointers (Triton, CUDA, the C++ CPU kernels) do not advance the tensors'
+    version counters; advance them, so that autograd's checks and version-based caches (Fast FIP's in-place weight
+    sync, which re-derives W when δ._version changes) see the write.  A no-op for the torch-op implementations."""
+    if resolve(impl, params[0].device) in ("triton", "cuda", "cpu"):
         try:
             torch.autograd.graph.increment_version(list(params))
         except TypeError:          # torch < 2.5 takes one tensor at a time

@@ -1,0 +1,176 @@
+// Fused CPU kernels of fip_fast (impl="cpu"): the kernel contracts of fip_fast/reference.py on fp32 tensors,
+// one pass over memory per tensor.  Plain C++ (no torch headers): built by fip_fast/backends/cpu.py with
+//     g++ -O3 -march=native -fopenmp -ffp-contract=off -shared -fPIC
+// -ffp-contract=off matters: the reference does every multiply and add as a separate fp32 operation (no FMA),
+// and these loops do the same operations in the same order, so the results match it bit for bit.
+#include <cmath>
+#include <cstdint>
+#include <omp.h>
+
+namespace {
+// below this many elements a tensor is done by the calling thread (an OpenMP fork costs more than the work)
+constexpr int64_t kParallelMin = 1 << 16;
+constexpr int64_t kChunk = 1 << 14;
+
+inline int threads_for(int64_t n, int nthreads) {
+    if (nthreads <= 1 || n < kParallelMin) return 1;
+    int64_t chunks = (n + kChunk - 1) / kChunk;
+    return chunks < nthreads ? static_cast<int>(chunks) : nthreads;
+}
+
+// F ← β·F + α·g²   (reference: b * F + a * g.pow(2))
+inline void fisher_range(float* __restrict f, const float* __restrict g, float b, float a, int64_t lo,
+                         int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+        float gk = g[k];
+        f[k] = b * f[k] + a * (gk * gk);
+    }
+}
+
+inline void perturb_range(float* __restrict p, const float* __restrict g, float s, int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) p[k] = p[k] + s * g[k];
+}
+
+inline double sumsq_range(const float* __restrict x, int64_t lo, int64_t hi) {
+    // four partial sums so the loop vectorizes without -ffast-math
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t k = lo;
+    for (; k + 4 <= hi; k += 4) {
+        double a = x[k], b = x[k + 1], c = x[k + 2], d = x[k + 3];
+        s0 += a * a; s1 += b * b; s2 += c * c; s3 += d * d;
+    }
+    for (; k < hi; ++k) { double a = x[k]; s0 += a * a; }
+    return (s0 + s1) + (s2 + s3);
+}
+
+struct StepArgs {
+    float* p; const float* g; const float* gp; const float* f0; const float* a0; float* buf; float* fis;
+    float* pert;
+    float lr, mom, wd, eta_r, beta, one_minus_beta, mix, rs, bc, damping, nps;
+    int nesterov, precondition, has_rs, has_anchor;
+};
+
+// One element of reference.fip_step_, same fp32 operations in the same order.
+template <bool HasGp, bool HasPert, bool HasRs, bool HasAnchor, bool HasWd, bool Precond, bool Nesterov>
+void step_range(const StepArgs& A, int64_t lo, int64_t hi) {
+    float* __restrict p = A.p;
+    const float* __restrict g = A.g;
+    const float* __restrict gp = A.gp;
+    const float* __restrict f0 = A.f0;
+    const float* __restrict a0 = A.a0;
+    float* __restrict buf = A.buf;
+    float* __restrict fis = A.fis;
+    float* __restrict pert = A.pert;
+    const float lr = A.lr, mom = A.mom, wd = A.wd, eta_r = A.eta_r, beta = A.beta, omb = A.one_minus_beta;
+    const float mix = A.mix, rs = A.rs, bc = A.bc, damping = A.damping, nps = A.nps;
+    for (int64_t k = lo; k < hi; ++k) {
+        const float gk = g[k];
+        float theta = p[k];
+        // 1. restore
+        if (HasPert) theta = theta - pert[k];
+        else if (HasRs) theta = theta - rs * gk;
+        // 2. direction
+        float d = gk;
+        if (HasGp) d = gk + mix * (gp[k] - gk);
+        if (HasAnchor) d = d + (eta_r * f0[k]) * (theta - a0[k]);
+        if (HasWd) d = d + wd * theta;
+        // 3. Fisher EMA: beta * F + ((1 - beta) * g) * g
+        const float fn = beta * fis[k] + (omb * gk) * gk;
+        fis[k] = fn;
+        // 4. preconditioning
+        if (Precond) d = d / (fn / bc + damping);
+        // 5. momentum and update
+        const float b = mom * buf[k] + d;
+        buf[k] = b;
+        const float u = Nesterov ? d + mom * b : b;
+        theta = theta - lr * u;
+        // 6. next lagged perturbation (stored only)
+        if (HasPert) pert[k] = nps * gk;
+        p[k] = theta;
+    }
+}
+
+typedef void (*StepFn)(const StepArgs&, int64_t, int64_t);
+
+template <bool A, bool B, bool C, bool D, bool E, bool F>
+StepFn pick7(bool nesterov) {
+    return nesterov ? step_range<A, B, C, D, E, F, true> : step_range<A, B, C, D, E, F, false>;
+}
+template <bool A, bool B, bool C, bool D, bool E>
+StepFn pick6(bool pre, bool nesterov) {
+    return pre ? pick7<A, B, C, D, E, true>(nesterov) : pick7<A, B, C, D, E, false>(nesterov);
+}
+template <bool A, bool B, bool C, bool D>
+StepFn pick5(bool wd, bool pre, bool nesterov) {
+    return wd ? pick6<A, B, C, D, true>(pre, nesterov) : pick6<A, B, C, D, false>(pre, nesterov);
+}
+template <bool A, bool B, bool C>
+StepFn pick4(bool anchor, bool wd, bool pre, bool nesterov) {
+    return anchor ? pick5<A, B, C, true>(wd, pre, nesterov) : pick5<A, B, C, false>(wd, pre, nesterov);
+}
+template <bool A, bool B>
+StepFn pick3(bool rs, bool anchor, bool wd, bool pre, bool nesterov) {
+    return rs ? pick4<A, B, true>(anchor, wd, pre, nesterov) : pick4<A, B, false>(anchor, wd, pre, nesterov);
+}
+template <bool A>
+StepFn pick2(bool pert, bool rs, bool anchor, bool wd, bool pre, bool nesterov) {
+    return pert ? pick3<A, true>(rs, anchor, wd, pre, nesterov) : pick3<A, false>(rs, anchor, wd, pre, nesterov);
+}
+StepFn pick(bool gp, bool pert, bool rs, bool anchor, bool wd, bool pre, bool nesterov) {
+    return gp ? pick2<true>(pert, rs, anchor, wd, pre, nesterov) : pick2<false>(pert, rs, anchor, wd, pre, nesterov);
+}
+
+template <class F>
+void parallel_chunks(int64_t n, int nthreads, F body) {
+    int nt = threads_for(n, nthreads);
+    if (nt <= 1) { body(0, n); return; }
+    int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t lo = c * kChunk, hi = lo + kChunk < n ? lo + kChunk : n;
+        body(lo, hi);
+    }
+}
+}  // namespace
+
+extern "C" {
+
+int fip_cpu_abi_version() { return 1; }
+
+void fisher_accumulate_f32(float* f, const float* g, int64_t n, float beta, float alpha, int nthreads) {
+    parallel_chunks(n, nthreads, [=](int64_t lo, int64_t hi) { fisher_range(f, g, beta, alpha, lo, hi); });
+}
+
+void perturb_f32(float* p, const float* g, int64_t n, float scale, int nthreads) {
+    parallel_chunks(n, nthreads, [=](int64_t lo, int64_t hi) { perturb_range(p, g, scale, lo, hi); });
+}
+
+double sumsq_f32(const float* x, int64_t n, int nthreads) {
+    int nt = threads_for(n, nthreads);
+    if (nt <= 1) return sumsq_range(x, 0, n);
+    int64_t chunks = (n + kChunk - 1) / kChunk;
+    double total = 0.0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total)
+    for (int64_t c = 0; c < chunks; ++c) {
+        int64_t lo = c * kChunk, hi = lo + kChunk < n ? lo + kChunk : n;
+        total += sumsq_range(x, lo, hi);
+    }
+    return total;
+}
+
+// One tensor of reference.fip_step_.  gp / f0+a0 / pert may be null (no g', no anchor, not lagged).
+// has_wd: add wd·θ (the host decides, as the reference does, on the Python value).
+// has_rs: fd restore θ −= rs·g (ignored when pert is given).  bc: the fp32 bias correction 1 − β^t of this tensor.
+void fip_step_f32(float* p, const float* g, const float* gp, const float* f0, const float* a0, float* buf,
+                  float* fis, float* pert, int64_t n, float lr, float momentum, int nesterov, float weight_decay,
+                  float eta_r, float beta, float one_minus_beta, float mix, int has_rs, float rs, int precondition,
+                  float bc, float damping, float next_pert_scale, int has_wd, int nthreads) {
+    StepArgs A{p, g, gp, f0, a0, buf, fis, pert, lr, momentum, weight_decay, eta_r, beta, one_minus_beta, mix,
+               rs, bc, damping, next_pert_scale, nesterov, precondition, has_rs, f0 != nullptr};
+    bool anchor = f0 != nullptr && a0 != nullptr;
+    StepFn fn = pick(gp != nullptr, pert != nullptr, has_rs != 0 && pert == nullptr, anchor, has_wd != 0,
+                     precondition != 0, nesterov != 0);
+    parallel_chunks(n, nthreads, [&](int64_t lo, int64_t hi) { fn(A, lo, hi); });
+}
+
+}  // extern "C"
