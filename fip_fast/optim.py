@@ -743,10 +743,17 @@ class FIP(Optimizer):
                 continue
             # r = min(2·η_F·‖g‖, max_mix·ρ) = c·ρ with c the fd mix coefficient; the kernel scales g by r/‖g‖.
             sl.mix = mix_coefficient(h["eta_F"], sl.gnorm, h["rho"], h["max_mix"]) * (
-                h["rho"] / sl.gnorm.clamp_min(_TINY))
-            if h["trace_every"] > 1:
-                calls = _on(self._lagged_counters(h, sl.device)[0], sl.device)
-                sl.mix = sl.mix * (torch.remainder(calls + 1.0, float(h["trace_every"])) == 0).float()
+                h["rho"] / sl.gnorm.clamp_min(_TINY)) * self._next_is_suppressor(h, sl.device)
+
+    def _next_is_suppressor(self, h: dict, device: torch.device) -> Any:
+        """1 when the call after this one is a lagged suppressor call, else 0 — a number where the schedule is
+        trivial, a 0-dim device tensor from the non-skipped-step counter otherwise (no host sync)."""
+        if h["eta_F"] <= 0:
+            return 0.0
+        if h["trace_every"] == 1:
+            return 1.0
+        calls = _on(self._lagged_counters(h, device)[0], device)
+        return (torch.remainder(calls + 1.0, float(h["trace_every"])) == 0).float()
 
     def _fused_step(self, sl: _Slice) -> None:
         h, ps = sl.group, sl.ps
@@ -784,11 +791,7 @@ class FIP(Optimizer):
             done.add(id(h))
             calls, on = self._lagged_counters(h, sl.device)
             ok = 1.0 - _on(sl.found_inf, calls.device)
-            if h["eta_F"] > 0:
-                sched = (1.0 if h["trace_every"] == 1 else
-                         (torch.remainder(calls + 1.0, float(h["trace_every"])) == 0).float())
-            else:
-                sched = 0.0
+            sched = self._next_is_suppressor(h, calls.device)
             on.mul_(1.0 - ok).add_(ok * sched)     # a skipped step keeps the e it had stored
             calls.add_(ok)
         if done:
