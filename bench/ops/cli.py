@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = environment(device)
     wanted = args.impls
     if wanted is None and quick:   # compiling takes ~10-30 s per graph on a CPU: not in the smoke run
-        wanted = ["reference", "foreach", "triton", "cuda"]
+        wanted = ["reference", "foreach", "triton", "cuda", "cpu"]
     impls = resolve_impls(device, wanted, args.compile_loop, explicit=args.impls is not None)
     cases = _cases(args, device)
     ops_wanted = args.ops or ALL_OPS
@@ -88,7 +88,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (CI smoke)")
     p.add_argument("--impls", nargs="+", default=None,
-                   help="implementations (reference foreach compile compile_loop triton cuda); default: all but "
+                   help="implementations (reference foreach compile compile_loop triton cuda cpu); default: all but "
                         "compile_loop")
     p.add_argument("--compile-loop", action="store_true",
                    help="also time torch.compile of the whole reference for-loop (slow to compile)")

@@ -24,7 +24,8 @@ def host_step_overhead(device: torch.device, impls: dict[str, dict], ntensors_li
     if quick:
         ntensors_list, steps = (8,), 20
     for nt in ntensors_list:
-        for impl_name in [n for n in ("reference", "foreach", "triton", "cuda") if impls.get(n, {}).get("available")]:
+        for impl_name in [n for n in ("reference", "foreach", "triton", "cuda", "cpu")
+                          if impls.get(n, {}).get("available")]:
             configs = [("sgd_foreach", None), ("fip_plain", dict(eta_F=0.0)),
                        ("fip_lagged", dict(trace_estimator="lagged")), ("fip_fd", dict(trace_estimator="fd"))]
             for cname, kw in configs:

@@ -69,7 +69,7 @@ def resolve_impls(device: torch.device, wanted: Optional[list[str]], compile_loo
                   explicit: bool = False) -> dict[str, dict]:
     """name → {available, reason, module-or-object, device_scalars}."""
     names = wanted or ["reference", "foreach", "compile"] + (["compile_loop"] if compile_loop else []) + \
-        ["triton", "cuda"]
+        ["triton", "cuda", "cpu"]
     out: dict[str, dict] = {}
     for name in names:
         if name in ("compile", "compile_loop"):
@@ -83,5 +83,6 @@ def resolve_impls(device: torch.device, wanted: Optional[list[str]], compile_loo
         obj = None
         if ok:
             obj = fops._module(name)[0] if name != "reference" else reference
-        out[name] = dict(available=ok, reason=reason, obj=obj, device_scalars=name in ("foreach", "triton", "cuda"))
+        out[name] = dict(available=ok, reason=reason, obj=obj,
+                         device_scalars=name in ("foreach", "triton", "cuda", "cpu"))
     return out

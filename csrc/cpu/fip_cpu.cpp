@@ -1,6 +1,7 @@
 // Fused CPU kernels of fip_fast (impl="cpu"): the kernel contracts of fip_fast/reference.py on fp32 tensors,
 // one pass over memory per tensor.  Plain C++ (no torch headers): built by fip_fast/backends/cpu.py with
-//     g++ -O3 -march=native -fopenmp -ffp-contract=off -shared -fPIC
+//     g++ -O3 -march=native -fopenmp -ffp-contract=off -fno-math-errno -fno-trapping-math -fno-unswitch-loops
+//         -shared -fPIC -std=c++17        (the exact list: CXXFLAGS in fip_fast/backends/cpu.py)
 // -ffp-contract=off matters: the reference does every multiply and add as a separate fp32 operation (no FMA),
 // and these loops do the same operations in the same order, so the results match it bit for bit.
 #include <cmath>
@@ -32,26 +33,35 @@ inline void perturb_range(float* __restrict p, const float* __restrict g, float 
 }
 
 inline double sumsq_range(const float* __restrict x, int64_t lo, int64_t hi) {
-    // four partial sums so the loop vectorizes without -ffast-math
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    // 16 independent fp64 partial sums (vectorized by the compiler without -ffast-math: each lane is its own sum)
+    constexpr int L = 16;
+    double acc[L] = {0};
     int64_t k = lo;
-    for (; k + 4 <= hi; k += 4) {
-        double a = x[k], b = x[k + 1], c = x[k + 2], d = x[k + 3];
-        s0 += a * a; s1 += b * b; s2 += c * c; s3 += d * d;
+    for (; k + L <= hi; k += L) {
+        for (int j = 0; j < L; ++j) {
+            double a = x[k + j];
+            acc[j] += a * a;
+        }
     }
-    for (; k < hi; ++k) { double a = x[k]; s0 += a * a; }
-    return (s0 + s1) + (s2 + s3);
+    double tail = 0.0;
+    for (; k < hi; ++k) { double a = x[k]; tail += a * a; }
+    double s = tail;
+    for (int j = 0; j < L; ++j) s += acc[j];
+    return s;
 }
 
 struct StepArgs {
     float* p; const float* g; const float* gp; const float* f0; const float* a0; float* buf; float* fis;
     float* pert;
     float lr, mom, wd, eta_r, beta, one_minus_beta, mix, rs, bc, damping, nps;
-    int nesterov, precondition, has_rs, has_anchor;
+    int nesterov, precondition, has_rs, has_wd;
 };
 
-// One element of reference.fip_step_, same fp32 operations in the same order.
-template <bool HasGp, bool HasPert, bool HasRs, bool HasAnchor, bool HasWd, bool Precond, bool Nesterov>
+// One element of reference.fip_step_, same fp32 operations in the same order.  The optional inputs (g', lagged
+// pert, anchor) are template parameters (their pointers may be null); the flags that only change arithmetic (fd
+// restore, weight decay, preconditioning, Nesterov) are loop-invariant selects — few instantiations, a fast
+// build, and the loop still vectorizes.
+template <bool HasGp, bool HasPert, bool HasAnchor>
 void step_range(const StepArgs& A, int64_t lo, int64_t hi) {
     float* __restrict p = A.p;
     const float* __restrict g = A.g;
@@ -63,26 +73,28 @@ void step_range(const StepArgs& A, int64_t lo, int64_t hi) {
     float* __restrict pert = A.pert;
     const float lr = A.lr, mom = A.mom, wd = A.wd, eta_r = A.eta_r, beta = A.beta, omb = A.one_minus_beta;
     const float mix = A.mix, rs = A.rs, bc = A.bc, damping = A.damping, nps = A.nps;
+    const bool has_rs = A.has_rs != 0 && !HasPert, has_wd = A.has_wd != 0, pre = A.precondition != 0,
+               nesterov = A.nesterov != 0;
     for (int64_t k = lo; k < hi; ++k) {
         const float gk = g[k];
         float theta = p[k];
         // 1. restore
         if (HasPert) theta = theta - pert[k];
-        else if (HasRs) theta = theta - rs * gk;
+        else theta = has_rs ? theta - rs * gk : theta;
         // 2. direction
         float d = gk;
         if (HasGp) d = gk + mix * (gp[k] - gk);
         if (HasAnchor) d = d + (eta_r * f0[k]) * (theta - a0[k]);
-        if (HasWd) d = d + wd * theta;
+        d = has_wd ? d + wd * theta : d;
         // 3. Fisher EMA: beta * F + ((1 - beta) * g) * g
         const float fn = beta * fis[k] + (omb * gk) * gk;
         fis[k] = fn;
         // 4. preconditioning
-        if (Precond) d = d / (fn / bc + damping);
+        d = pre ? d / (fn / bc + damping) : d;
         // 5. momentum and update
         const float b = mom * buf[k] + d;
         buf[k] = b;
-        const float u = Nesterov ? d + mom * b : b;
+        const float u = nesterov ? d + mom * b : b;
         theta = theta - lr * u;
         // 6. next lagged perturbation (stored only)
         if (HasPert) pert[k] = nps * gk;
@@ -92,33 +104,12 @@ void step_range(const StepArgs& A, int64_t lo, int64_t hi) {
 
 typedef void (*StepFn)(const StepArgs&, int64_t, int64_t);
 
-template <bool A, bool B, bool C, bool D, bool E, bool F>
-StepFn pick7(bool nesterov) {
-    return nesterov ? step_range<A, B, C, D, E, F, true> : step_range<A, B, C, D, E, F, false>;
-}
-template <bool A, bool B, bool C, bool D, bool E>
-StepFn pick6(bool pre, bool nesterov) {
-    return pre ? pick7<A, B, C, D, E, true>(nesterov) : pick7<A, B, C, D, E, false>(nesterov);
-}
-template <bool A, bool B, bool C, bool D>
-StepFn pick5(bool wd, bool pre, bool nesterov) {
-    return wd ? pick6<A, B, C, D, true>(pre, nesterov) : pick6<A, B, C, D, false>(pre, nesterov);
-}
-template <bool A, bool B, bool C>
-StepFn pick4(bool anchor, bool wd, bool pre, bool nesterov) {
-    return anchor ? pick5<A, B, C, true>(wd, pre, nesterov) : pick5<A, B, C, false>(wd, pre, nesterov);
-}
-template <bool A, bool B>
-StepFn pick3(bool rs, bool anchor, bool wd, bool pre, bool nesterov) {
-    return rs ? pick4<A, B, true>(anchor, wd, pre, nesterov) : pick4<A, B, false>(anchor, wd, pre, nesterov);
-}
 template <bool A>
-StepFn pick2(bool pert, bool rs, bool anchor, bool wd, bool pre, bool nesterov) {
-    return pert ? pick3<A, true>(rs, anchor, wd, pre, nesterov) : pick3<A, false>(rs, anchor, wd, pre, nesterov);
+StepFn pick2(bool pert, bool anchor) {
+    if (pert) return anchor ? step_range<A, true, true> : step_range<A, true, false>;
+    return anchor ? step_range<A, false, true> : step_range<A, false, false>;
 }
-StepFn pick(bool gp, bool pert, bool rs, bool anchor, bool wd, bool pre, bool nesterov) {
-    return gp ? pick2<true>(pert, rs, anchor, wd, pre, nesterov) : pick2<false>(pert, rs, anchor, wd, pre, nesterov);
-}
+StepFn pick(bool gp, bool pert, bool anchor) { return gp ? pick2<true>(pert, anchor) : pick2<false>(pert, anchor); }
 
 template <class F>
 void parallel_chunks(int64_t n, int nthreads, F body) {
@@ -166,10 +157,9 @@ void fip_step_f32(float* p, const float* g, const float* gp, const float* f0, co
                   float eta_r, float beta, float one_minus_beta, float mix, int has_rs, float rs, int precondition,
                   float bc, float damping, float next_pert_scale, int has_wd, int nthreads) {
     StepArgs A{p, g, gp, f0, a0, buf, fis, pert, lr, momentum, weight_decay, eta_r, beta, one_minus_beta, mix,
-               rs, bc, damping, next_pert_scale, nesterov, precondition, has_rs, f0 != nullptr};
+               rs, bc, damping, next_pert_scale, nesterov, precondition, has_rs, has_wd};
     bool anchor = f0 != nullptr && a0 != nullptr;
-    StepFn fn = pick(gp != nullptr, pert != nullptr, has_rs != 0 && pert == nullptr, anchor, has_wd != 0,
-                     precondition != 0, nesterov != 0);
+    StepFn fn = pick(gp != nullptr, pert != nullptr, anchor);
     parallel_chunks(n, nthreads, [&](int64_t lo, int64_t hi) { fn(A, lo, hi); });
 }
 
