@@ -2,7 +2,7 @@
 
 Commands: ``ops`` (kernel microbenchmarks), ``end_to_end`` (per-step time and time to ASR ≤ 5 %), ``report``
 (JSON → markdown), ``all`` (ops + end_to_end + report into one folder), and ``baselines`` / ``lagged_vs_fd`` when
-those modules are present in ``bench/``.
+those modules are present in ``bench/`` (and ``fast_fip``: in place vs full FIP vs reference).
 
 ``python -m bench all --out-dir DIR [--device cuda] [--quick]`` writes ``DIR/ops_<device>.json``,
 ``DIR/end_to_end_<device>.json`` and their ``.md`` tables (the GPU recipe: ``--out-dir $OUT``).
@@ -15,8 +15,8 @@ import importlib.util
 import sys
 
 CORE = ("ops", "end_to_end", "report", "all")
-OPTIONAL = ("baselines", "lagged_vs_fd")
-ALIASES = {"end-to-end": "end_to_end", "e2e": "end_to_end", "lagged-vs-fd": "lagged_vs_fd"}
+OPTIONAL = ("baselines", "lagged_vs_fd", "fast_fip")
+ALIASES = {"end-to-end": "end_to_end", "e2e": "end_to_end", "lagged-vs-fd": "lagged_vs_fd", "fast-fip": "fast_fip"}
 
 
 def _available() -> list[str]:

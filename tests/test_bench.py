@@ -98,3 +98,23 @@ def test_dispatcher_lists_commands():
     out = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0 and "ops" in out.stdout and "end_to_end" in out.stdout
+
+
+def test_fast_fip_quick_schema(tmp_path):
+    """``python -m bench fast_fip --quick``: the three sections with every variant, paired ratios, GEMM counts."""
+    out = tmp_path / "ff.json"
+    _wait(_run(["fast_fip", "--quick", "--out", str(out)], tmp_path))
+    d = json.loads(out.read_text())
+    assert d["schema"] == "fip_fast.bench.fast_fip/1" and d["quick"] is True
+    assert set(d["cnn"]["variants"]) == set(d["stack"]["variants"]) == {"fip", "inplace", "reference"}
+    assert {"frozen_linear", "inplace", "inplace+update", "trainable_linear", "reference"} == set(
+        d["layer"]["variants"])
+    for sec, base in (("cnn", "fip"), ("stack", "fip"), ("layer", "frozen_linear")):
+        for v in d[sec]["variants"].values():
+            for key in ("cpu_s", "wall_s", "ratio_cpu", "ratio_wall"):
+                assert v[key]["p20"] <= v[key]["median"] <= v[key]["p80"]
+        assert d[sec]["variants"][base]["ratio_cpu"]["median"] == 1.0
+    assert d["cnn"]["variants"]["inplace"]["trainable"] == d["cnn"]["variants"]["reference"]["trainable"]
+    assert d["cnn"]["variants"]["inplace"]["trainable"] < d["cnn"]["variants"]["fip"]["trainable"]
+    assert all(g["counts"]["fip"] > 0 for g in d["gemms"].values())
+    assert "GEMM count" in out.with_suffix(".md").read_text()
