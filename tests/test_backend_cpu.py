@@ -163,6 +163,23 @@ def test_non_fp32_falls_back_to_foreach(dtype, caplog):
     assert torch.equal(n1, n2) and torch.equal(i1, i2)
 
 
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_tensor_subclass_falls_back():
+    # DTensor (FSDP2) and other subclasses: data_ptr need not be the elements -> the foreach backend
+    p = _rand((9,), 0).as_subclass(_Sub)
+    g = _rand((9,), 1).as_subclass(_Sub)
+    q = p.clone()
+    cpu.perturb_([p], [g], 0.5)
+    foreach.perturb_([q], [g], 0.5)
+    assert torch.equal(p.as_subclass(torch.Tensor), q.as_subclass(torch.Tensor))
+    n1, _ = cpu.global_norm([g])
+    n2, _ = foreach.global_norm([g])
+    assert torch.equal(n1.as_subclass(torch.Tensor), n2.as_subclass(torch.Tensor))
+
+
 @pytest.mark.parametrize("case", ["finite", "inf", "nan", "overflow", "empty", "none"])
 def test_global_norm(case):
     ts = [_rand(s, i) for i, s in enumerate(SIZES)]

@@ -188,6 +188,9 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _why_not(groups: Sequence[Sequence[Optional[Tensor]]]) -> Optional[str]:
     """None when every tensor can go to the kernels; else the reason.  ``groups[j][i]``: tensor i of list j,
     ``groups[0]`` the parameters (the layout reference)."""
@@ -203,6 +206,8 @@ def _why_not(groups: Sequence[Sequence[Optional[Tensor]]]) -> Optional[str]:
             t = lst[i]
             if t is None:
                 continue
+            if type(t) not in _PLAIN:   # DTensor (FSDP2), other subclasses: their data_ptr is not the elements
+                return f"a tensor subclass ({type(t).__name__})"
             if t.device.type != "cpu":
                 return f"a {t.device.type} tensor"
             if t.dtype != torch.float32:
@@ -255,6 +260,9 @@ def global_norm(tensors: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor]:
     lib = _load()
     why = None
     for t in ts:
+        if type(t) not in _PLAIN:
+            why = f"a tensor subclass ({type(t).__name__})"
+            break
         if t.device.type != "cpu" or t.dtype != torch.float32 or not _dense(t):
             why = f"a {t.device.type} {t.dtype} tensor" + ("" if _dense(t) else " (not dense)")
             break
