@@ -251,8 +251,9 @@ def shard_fsdp(model: nn.Module, units: Optional[Sequence[type] | Iterable[nn.Mo
             blocks of a ``transformers`` model (``model.transformer.h`` / ``model.model.layers`` …) when found,
             else only the root.
         mesh: a 1-d ``DeviceMesh`` (default: all ranks on the default group's device type).
-    Reparameterize first.  A :class:`fip_fast.integrations.hf.TiedLMHead` reads the spectral embedding's δ outside the
-    embedding's forward, so a tied pair must live in one unit (the root, by default).
+    Reparameterize first (with the module-swapping :mod:`fip_fast.spectral_reference`: the in-place
+    :mod:`fip_fast.spectral` does not shard yet).  A tied embedding / LM head pair must live in one unit (the root,
+    by default).
     """
     fully_shard = _fully_shard()
     kw = dict(reshard_after_forward=reshard_after_forward, **kwargs)
