@@ -164,7 +164,7 @@ def main(argv=None):
         bp = memory.bytes_per_param(mode, 2, m=4096, n=4096, k=args.rank)
         fit = memory.max_params(80e9, mode, 2, m=4096, n=4096, k=args.rank)
         out_an[mode] = dict(bp, fits_80GB=fit)
-        print(f"  {mode:16s} {bp['total']:5.1f} B/param (+{bp['foreach_transient']:.0f} foreach) → "
+        print(f"  {mode:26s} {bp['total']:5.1f} B/param (+{bp['foreach_transient']:.0f} foreach) → "
               f"{fit / 1e9:5.1f} B params in 80 GB (before activations)")
     if args.json:
         with open(args.json, "w") as f:

@@ -206,7 +206,8 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[
     """Run ``step()`` (one optimizer step, closure included) and report the memory (see the module docstring).
 
     On CUDA: activations = peak allocated during the step − allocated before it − the gradients and state the
-    step created; on CPU: bytes saved for backward (``saved_tensors_hooks``) during the step's forwards (for an
+    step created; on CPU: bytes saved for backward (``saved_tensors_hooks``) during the step's forwards, plus the
+    projected inputs ``a`` held by the in-place Fast FIP taps (``activations_tap``, part of ``activations``) (for an
     fd suppressor step: the larger of the two passes is what is alive at once; the hook sees both, and the
     maximum over passes is reported by counting storages per pass and keeping the largest)."""
     device = device or next(model.parameters()).device
