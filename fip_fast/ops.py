@@ -7,16 +7,17 @@ the kernel-level ops of :mod:`fip_fast.reference` plus ``available(device) -> (o
 impl            module                              where it runs
 ==============  ==================================  =====================================================
 ``reference``   :mod:`fip_fast.reference`           anywhere; plain loops, the spec
-``foreach``     :mod:`fip_fast.backends.foreach`            anywhere; ``torch._foreach_*`` (the CPU default)
+``foreach``     :mod:`fip_fast.backends.foreach`            anywhere; ``torch._foreach_*`` (the fallback)
 ``triton``      :mod:`fip_fast.kernels`             CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``)
 ``cuda``        :mod:`fip_fast.backends.cuda`               CUDA tensors, when the C++/CUDA extension is built
 ``cpu``         :mod:`fip_fast.backends.cpu`                CPU fp32 tensors; fused C++ kernels compiled on first use
 ==============  ==================================  =====================================================
 
 ``impl="auto"`` picks, for the device of the tensors, the first available of ``cuda``, ``triton``, ``foreach``
-(CUDA tensors) or ``foreach`` (elsewhere).  Each fallback is logged once at INFO level with its reason;
-asking explicitly for an unavailable impl raises :class:`ImplUnavailableError` naming what is missing — never a
-silent fallback.
+(CUDA tensors), ``cpu``, ``foreach`` (CPU tensors: the fused C++ kernels when a compiler builds them, ~1 s once;
+``FIP_FAST_CPU=0`` turns them off) or ``foreach`` (elsewhere).  Each fallback is logged once at INFO level with
+its reason; asking explicitly for an unavailable impl raises :class:`ImplUnavailableError` naming what is missing
+— never a silent fallback.
 
 Usage::
 
@@ -46,7 +47,7 @@ _MODULES = {
     "cuda": "fip_fast.backends.cuda",
     "cpu": "fip_fast.backends.cpu",
 }
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "foreach")}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "foreach"), "cpu": ("cpu", "foreach")}
 
 
 class ImplUnavailableError(RuntimeError):

@@ -246,6 +246,52 @@ def test_ops_registry_and_version_bump():
     assert p._version > v and torch.equal(p, torch.ones(5))
 
 
+def test_auto_picks_cpu_on_cpu_tensors():
+    assert ops.resolve("auto", "cpu") == "cpu"
+    assert ops.get("fip_step_", "auto", "cpu") is cpu.fip_step_
+    assert ops.get("spectral_update_", "auto", "cpu") is reference.spectral_update_   # an op cpu lacks
+
+
+def test_auto_falls_back_to_foreach_when_unavailable(monkeypatch):
+    monkeypatch.setattr(cpu, "available", lambda device: (False, "compiling fip_cpu.cpp failed: (test)"))
+    assert ops.resolve("auto", "cpu") == "foreach"
+    with pytest.raises(ops.ImplUnavailableError, match="failed"):
+        ops.resolve("cpu", "cpu")
+
+
+@pytest.mark.parametrize("env", [dict(FIP_FAST_CPU="0"), dict(broken_source=True)])
+def test_auto_falls_back_to_foreach_when_the_build_fails(tmp_path, env):
+    """A fresh process where the kernels can't be had: auto steps with foreach, an explicit impl="cpu" raises."""
+    import os
+    import subprocess
+    import sys
+
+    e = dict(os.environ, FIP_FAST_CPU_CACHE=str(tmp_path / "cache"))
+    if env.get("broken_source"):
+        (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+        (tmp_path / "csrc" / "cpu" / cpu.SOURCE_NAME).write_text("not C++\n")
+        e["FIP_FAST_CSRC"] = str(tmp_path / "csrc")
+    else:
+        e.update(env)
+    code = (
+        "import torch\n"
+        "from fip_fast import ops, FIP\n"
+        "assert ops.resolve('auto', 'cpu') == 'foreach', ops.resolve('auto', 'cpu')\n"
+        "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+        "FIP([p], lr=0.1, momentum=0.0, eta_F=0.0).step()\n"
+        "assert torch.allclose(p.detach(), torch.full((3,), 0.9)), p\n"
+        "try:\n"
+        "    ops.resolve('cpu', 'cpu')\n"
+        "except ops.ImplUnavailableError as exc:\n"
+        "    print('unavailable:', exc)\n"
+        "else:\n"
+        "    raise SystemExit('impl=cpu resolved')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "unavailable:" in r.stdout and ("FIP_FAST_CPU=0" in r.stdout or "failed" in r.stdout), r.stdout
+
+
 def test_build_failure_is_reported(tmp_path, monkeypatch):
     bad = tmp_path / "csrc" / "cpu"
     bad.mkdir(parents=True)

@@ -6,9 +6,11 @@ plain C++ with ``extern "C"`` functions on raw pointers (no torch headers): it i
 system C++ compiler (about a second), cached, and loaded with :mod:`ctypes`.
 
 Cache: ``$FIP_FAST_CPU_CACHE`` or ``~/.cache/fip_fast`` (``$XDG_CACHE_HOME/fip_fast``), one ``.so`` per hash of
-source + compiler + flags; built under a unique temporary name and renamed atomically into place, so concurrent
-first uses never see a partial library.  Environment:
+source + compiler + flags + host CPU (``-march=native``); built under a unique temporary name and renamed
+atomically into place, so concurrent first uses never see a partial library.  ``impl="auto"`` takes these kernels
+for CPU tensors when they build, else foreach (logged once at INFO with the reason).  Environment:
 
+* ``FIP_FAST_CPU=0`` — never build or use the kernels (``impl="auto"`` then takes foreach on the CPU).
 * ``FIP_FAST_CPU_CACHE=DIR`` — the cache directory.
 * ``FIP_FAST_CXX=g++`` — the compiler (default: ``$CXX``, else ``g++``, else ``c++``, else ``clang++``).
 * ``FIP_FAST_CSRC=DIR`` — where ``csrc/`` is (default: beside the package, in a source checkout).
@@ -29,6 +31,7 @@ import hashlib
 import logging
 import math
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -94,6 +97,18 @@ def _compiler_id(cxx: str) -> str:
         return cxx
 
 
+def _host_id() -> str:
+    """The CPU the library is built for (``-march=native``): a cache shared between machines must not mix them."""
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+        ident += "".join(next((ln for ln in lines if ln.startswith(k)), "") for k in ("model name", "flags"))
+    except OSError:
+        ident += platform.processor()
+    return ident
+
+
 def _build() -> ctypes.CDLL:
     """Compile (or find in the cache) and load the library; raises RuntimeError with the reason."""
     global build_seconds
@@ -104,7 +119,7 @@ def _build() -> ctypes.CDLL:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (g++, c++, clang++; or set FIP_FAST_CXX)")
     code = src.read_bytes()
-    key = hashlib.sha256(code + "\0".join((cxx, _compiler_id(cxx)) + CXXFLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(code + "\0".join((cxx, _compiler_id(cxx), _host_id()) + CXXFLAGS).encode()).hexdigest()[:16]
     cache = _cache_dir()
     so = cache / f"fip_cpu_{key}.so"
     t0 = time.perf_counter()
@@ -148,6 +163,8 @@ def _load() -> Optional[ctypes.CDLL]:
     with _lock:
         if _lib is None and _error is None:
             try:
+                if os.environ.get("FIP_FAST_CPU", "1") == "0":
+                    raise RuntimeError("disabled by FIP_FAST_CPU=0")
                 _lib = _build()
             except Exception as exc:
                 _error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RuntimeError) else str(exc)
