@@ -13,7 +13,8 @@ for CPU tensors when they build, else foreach (logged once at INFO with the reas
 * ``FIP_FAST_CPU=0`` — never build or use the kernels (``impl="auto"`` then takes foreach on the CPU).
 * ``FIP_FAST_CPU_CACHE=DIR`` — the cache directory.
 * ``FIP_FAST_CXX=g++`` — the compiler (default: ``$CXX``, else ``g++``, else ``c++``, else ``clang++``).
-* ``FIP_FAST_CSRC=DIR`` — where ``csrc/`` is (default: beside the package, in a source checkout).
+* ``FIP_FAST_CSRC=DIR`` — where ``csrc/`` is (default: beside the package in a source checkout, else the copy a
+  wheel installs as ``fip_fast/_csrc_cpu/``).
 
 What the kernels take: CPU tensors, all fp32, each tensor of a call either contiguous or sharing the dense
 non-overlapping layout of its parameter.  Anything else (fp16/bf16/fp64, mixed layouts, other devices) goes to the
@@ -65,10 +66,15 @@ _c_float, _c_int, _c_i64, _c_vp = ctypes.c_float, ctypes.c_int, ctypes.c_int64, 
 
 
 def _source_path() -> Path:
+    """$FIP_FAST_CSRC/cpu, else csrc/cpu beside the package (source checkout, editable install), else the copy
+    installed as package data (fip_fast/_csrc_cpu/, a wheel)."""
     env = os.environ.get("FIP_FAST_CSRC")
     if env:
         return Path(env) / "cpu" / SOURCE_NAME
-    return Path(__file__).resolve().parents[2] / "csrc" / "cpu" / SOURCE_NAME
+    here = Path(__file__).resolve().parents[1]
+    checkout = here.parent / "csrc" / "cpu" / SOURCE_NAME
+    installed = here / "_csrc_cpu" / SOURCE_NAME
+    return checkout if checkout.is_file() or not installed.is_file() else installed
 
 
 def _cache_dir() -> Path:
