@@ -62,15 +62,11 @@ struct StepArgs {
 // restore, weight decay, preconditioning, Nesterov) are loop-invariant selects — few instantiations, a fast
 // build, and the loop still vectorizes.
 template <bool HasGp, bool HasPert, bool HasAnchor>
-void step_range(const StepArgs& A, int64_t lo, int64_t hi) {
-    float* __restrict p = A.p;
-    const float* __restrict g = A.g;
-    const float* __restrict gp = A.gp;
-    const float* __restrict f0 = A.f0;
-    const float* __restrict a0 = A.a0;
-    float* __restrict buf = A.buf;
-    float* __restrict fis = A.fis;
-    float* __restrict pert = A.pert;
+void step_range_impl(float* __restrict p, const float* __restrict g, const float* __restrict gp,
+                     const float* __restrict f0, const float* __restrict a0, float* __restrict buf,
+                     float* __restrict fis, float* __restrict pert, const StepArgs& A, int64_t lo, int64_t hi) {
+    // (restrict on function parameters: GCC ignores it on locals copied from a struct and then versions the loop
+    // for aliasing, or gives up vectorizing)
     const float lr = A.lr, mom = A.mom, wd = A.wd, eta_r = A.eta_r, beta = A.beta, omb = A.one_minus_beta;
     const float mix = A.mix, rs = A.rs, bc = A.bc, damping = A.damping, nps = A.nps;
     const bool has_rs = A.has_rs != 0 && !HasPert, has_wd = A.has_wd != 0, pre = A.precondition != 0,
@@ -100,6 +96,11 @@ void step_range(const StepArgs& A, int64_t lo, int64_t hi) {
         if (HasPert) pert[k] = nps * gk;
         p[k] = theta;
     }
+}
+
+template <bool HasGp, bool HasPert, bool HasAnchor>
+void step_range(const StepArgs& A, int64_t lo, int64_t hi) {
+    step_range_impl<HasGp, HasPert, HasAnchor>(A.p, A.g, A.gp, A.f0, A.a0, A.buf, A.fis, A.pert, A, lo, hi);
 }
 
 typedef void (*StepFn)(const StepArgs&, int64_t, int64_t);
