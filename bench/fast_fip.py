@@ -228,11 +228,12 @@ def bench_layer(d: int, tokens: int, rank: int, rounds: int, steps: int, warmup:
 def gemm_counts(m: int, n: int, k: int, N: int, passes: int = 2, updates: int = 2) -> dict[str, float]:
     """GEMM-equivalents per step for an m×n layer with N positions, in units of one N·m·n multiply-add GEMM.
 
-    FIP: forward, dX, dW = 3 per pass.  In place: forward, dX (2) + a = x·Vhᵀ (k/m) + c = g·U (k/n) per pass, and
-    k/N per weight update W = W0 + U·diag(·)·Vh (m·n·k).  Reference: forward, dX, dW (3) + W(δ) = U·diag·Vh (k/N)
-    + the projection of dW onto δ (Uᵀ·dW·Vhᵀ restricted to the diagonal, ≈ k/N) per pass.  fd: 2 passes per step
-    and (about) 2 weight updates (perturb, step)."""
-    return dict(fip=3.0 * passes, inplace=passes * (2 + k / m + k / n) + updates * k / N,
+    FIP: forward, dX, dW = 3 per pass (a frozen layer: forward, dX = 2).  In place: forward, dX (2)
+    + a = x·Vhᵀ (k/m) + c = g·U (k/n) per pass, and k/N per weight update W = W0 + U·diag(·)·Vh (m·n·k).
+    Reference: forward, dX, dW (3) + W(δ) = U·diag·Vh (k/N) + the projection of dW onto δ (Uᵀ·dW·Vhᵀ
+    restricted to the diagonal, ≈ k/N) per pass.  fd: 2 passes per step and (about) 2 weight updates (perturb,
+    step)."""
+    return dict(fip=3.0 * passes, frozen=2.0 * passes, inplace=passes * (2 + k / m + k / n) + updates * k / N,
                 reference=passes * (3 + 2 * k / N))
 
 
@@ -273,11 +274,12 @@ def markdown(d: dict) -> str:
         md += ["", f"## {titles[key]}", "", ", ".join(f"{k}: {v}" for k, v in desc.items()), ""]
         md += _table(sec, "frozen_linear" if key == "layer" else "fip")
     md += ["", "## GEMM count (analytical, per step, in units of one N·m·n GEMM)", "",
-           "| case | m × n, k, N | FIP | in place | reference | in place / FIP |", "|---|---|---|---|---|---|"]
+           "| case | m × n, k, N | FIP | frozen | in place | reference | in place / FIP | in place / frozen |",
+           "|---|---|---|---|---|---|---|---|"]
     for name, g in d["gemms"].items():
         c = g["counts"]
-        md.append(f"| {name} | {g['shape']} | {c['fip']:.2f} | {c['inplace']:.2f} | {c['reference']:.2f} | "
-                  f"{c['inplace'] / c['fip']:.3f} |")
+        md.append(f"| {name} | {g['shape']} | {c['fip']:.2f} | {c['frozen']:.2f} | {c['inplace']:.2f} | "
+                  f"{c['reference']:.2f} | {c['inplace'] / c['fip']:.3f} | {c['inplace'] / c['frozen']:.3f} |")
     if d.get("conclusion"):
         md += ["", "## What they say", "", d["conclusion"]]
     return "\n".join(md) + "\n"
