@@ -317,6 +317,23 @@ def test_build_cache_reused(tmp_path, monkeypatch):
     assert cpu.build_seconds == 0.0
 
 
+def test_concurrent_first_builds_do_not_clash(tmp_path):
+    """Two processes building into one empty cache at once: both load a complete library, one .so remains."""
+    import os
+    import subprocess
+    import sys
+
+    e = dict(os.environ, FIP_FAST_CPU_CACHE=str(tmp_path))
+    code = "import torch; from fip_fast.backends import cpu; ok, why = cpu.available(torch.device('cpu')); " \
+           "assert ok, why; p = torch.zeros(3); cpu.perturb_([p], [torch.ones(3)], 2.0); assert p.sum() == 6"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=e, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for pr in procs:
+        _, err = pr.communicate(timeout=300)
+        assert pr.returncode == 0, err
+    assert len(list(tmp_path.glob("fip_cpu_*.so"))) == 1 and not list(tmp_path.glob(".fip_cpu_*"))
+
+
 @pytest.mark.parametrize("kw", [
     dict(trace_estimator="fd", trace_every=2, weight_decay=1e-3, anchored=True),
     dict(trace_estimator="lagged", trace_every=1, nesterov=True, precondition="fisher", anchored=True),
