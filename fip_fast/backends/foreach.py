@@ -141,3 +141,24 @@ def spectral_weight(U, S, delta, Vh, residual=None, relative=False):
 def spectral_linear_grad(x, grad_out, U, S, delta, Vh, relative=False):
     from fip_fast.reference import spectral_linear_grad as ref
     return ref(x, grad_out, U, S, delta, Vh, relative)
+
+
+@torch.no_grad()
+def spectral_update_(weights, U, Vh, s_old, s_new, base=None) -> None:
+    """W ← B + U·diag(s_new − s_old)·Vh (see :func:`fip_fast.reference.spectral_update_`) as ONE addmm per layer
+    writing W directly where the weight and factors are fp32/fp64 and W is contiguous (no m×n temporary, W written
+    once — on a GPU a cuBLAS GEMM with the base as its C operand); otherwise the reference form."""
+    from fip_fast.reference import spectral_update_ as ref
+
+    for i, W in enumerate(weights):
+        B = W if base is None else base[i]
+        fast = (W.dtype in (torch.float32, torch.float64) and W.is_contiguous() and B.dtype == W.dtype
+                and U[i].dtype == W.dtype and Vh[i].dtype == W.dtype)
+        if not fast:
+            ref([W], [U[i]], [Vh[i]], [s_old[i]], [s_new[i]], None if base is None else [B])
+            continue
+        Us = U[i] * (s_new[i] - s_old[i]).to(W.dtype)          # (m, k): the columns of U scaled by Δs
+        if B is W:
+            W.addmm_(Us, Vh[i])
+        else:
+            torch.addmm(B, Us, Vh[i], out=W)
