@@ -249,8 +249,6 @@ def test_ops_registry_and_version_bump():
 def test_auto_picks_cpu_on_cpu_tensors():
     assert ops.resolve("auto", "cpu") == "cpu"
     assert ops.get("fip_step_", "auto", "cpu") is cpu.fip_step_
-    from fip_fast.backends import foreach
-
     assert ops.get("spectral_update_", "auto", "cpu") is foreach.spectral_update_   # an op cpu lacks: the next
 
 
