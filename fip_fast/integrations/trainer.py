@@ -1,46 +1,22 @@
-"""Closure-free FIP in other people's training loops (GitHub issue 9).
+"""Closure-free FIP in other people's training loops.
 
 ``FIP(..., trace_estimator="lagged")`` needs no closure, so it drops into any loop that calls
 ``optimizer.step()`` — Hugging Face ``Trainer``, ``torch.amp.GradScaler``, gradient accumulation, DDP,
-``torch.compile``d models.  The one thing such loops do not know is that, between two steps, the model may hold
-*perturbed* weights θ + e (METHOD.md "Closure-free suppressor").  This module provides what removes e at the
-right moments:
-
-:class:`FIPCallback` (a ``transformers.TrainerCallback``; ``transformers`` is imported lazily)
-    Takes the perturbation off before the ``Trainer`` evaluates, saves a checkpoint or stops, puts it back before
-    the next training forward pass, and at the end of training removes it for good.  Usage::
-
-        opt = FIP(model.parameters(), trace_estimator="lagged", lr=1e-3, eta_F=1e-3, rho=0.05)
-        trainer = Trainer(model, args, train_dataset=ds, eval_dataset=ev, optimizers=(opt, None),
-                          callbacks=[FIPCallback(opt)])
-        trainer.train()          # weights are unperturbed afterwards; checkpoints hold unperturbed weights
-
-:func:`drop_perturbation`
-    Remove the lagged perturbation *permanently* (θ ← θ − e, e ← 0): call it at the end of a hand-written loop
-    before using or saving the model.  The optimizer stays consistent — a later ``step()`` restores nothing and
-    the suppressor resumes at its next scheduled call.  (``with opt.unperturbed():`` is the *temporary* version,
-    for evaluating or saving in the middle of training.)
+``torch.compile``d models.  The stored perturbation e is applied lazily, at the first training
+forward after a step (:class:`fip_fast.optim.FIP`), so **between steps the model always holds the unperturbed θ**:
+evaluation, checkpoints and the end of training need nothing from this module.  What it still provides:
 
 :func:`find_fip`
     The :class:`~fip_fast.FIP` inside a wrapper (accelerate's ``AcceleratedOptimizer``, Lightning's
     ``LightningOptimizer``, …), or ``None``.
-
-Why hooks rather than ``on_evaluate`` / ``on_save``: in the ``Trainer`` (transformers 4.4x–5.x) those two events
-fire *after* the evaluation / the checkpoint was written.  The order after an optimizer step is::
-
-    optimizer.step() → on_optimizer_step → lr_scheduler.step() → on_step_end
-        → [log] → [evaluate → on_evaluate] → [save checkpoint → on_save]
-    (end of epoch: on_epoch_end → [log] → [evaluate] → [save];   end of training: [load best] → on_train_end)
-    next step: on_step_begin → forward/backward of each micro-batch → …
-
-so :class:`FIPCallback` removes the perturbation in ``on_step_end`` / ``on_epoch_end`` when the control flags say
-that an evaluation, a save or the end of training follows (``should_evaluate``, ``should_save``,
-``should_training_stop``, or ``global_step ≥ max_steps``; with ``always=True`` after every step), and puts it
-back in ``on_step_begin`` / ``on_epoch_begin``, which come before the next forward pass.  Checkpoints therefore
-hold the unperturbed model and an optimizer state dict marked perturbed: on ``resume_from_checkpoint`` the
-``Trainer`` loads the model first and then the optimizer, whose ``load_state_dict`` re-applies e — the
-uninterrupted trajectory continues.  Removing and re-applying e is (θ + e) − e + e, so weights may differ from an
-uninterrupted run by one rounding of the parameter dtype at each evaluation or save.
+:func:`drop_perturbation`
+    Discard the stored lagged perturbation (and take it off if it is applied): the next step is a plain one and the
+    suppressor resumes at its next scheduled call.  Accepts wrappers.
+:class:`FIPCallback` (a ``transformers.TrainerCallback``; ``transformers`` is imported lazily)
+    Kept for code written when the model held θ + e between steps.  It takes an *applied* e off
+    in ``on_step_end`` / ``on_epoch_end`` when an evaluation, a save or the end of training follows (or after every
+    step with ``always=True``), puts it back in ``on_step_begin`` / ``on_epoch_begin``, and discards e at
+    ``on_train_end``.  With the lazy perturbation nothing is applied at those points, so it changes nothing.
 """
 from __future__ import annotations
 
