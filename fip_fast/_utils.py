@@ -1,4 +1,4 @@
-"""Small helpers shared by the pipeline modules (purify, fisher, metrics, train, baselines)."""
+"""Small helpers shared across the package (pipeline, fisher, metrics, train, baselines, backends, kernels)."""
 from __future__ import annotations
 
 from typing import Any, Tuple
@@ -23,3 +23,18 @@ def split_batch(batch: Any) -> Tuple[Tensor, Tensor]:
         y = batch["labels"] if "labels" in batch else batch["y"]
         return x, y
     return batch[0], batch[1]
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense (ATen's ``is_non_overlapping_and_dense``, which Python lacks): the elements fill
+    ``numel`` consecutive slots from ``data_ptr()`` in some order of the dimensions, so an elementwise kernel may
+    walk them in memory order."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return False
+        expected *= n
+    return True

@@ -63,6 +63,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fip_fast._utils import is_dense
+
 logger = logging.getLogger("fip_fast")
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -107,20 +109,6 @@ def _memory_order(t: Tensor) -> tuple:
     """(size, stride) of the dimensions of more than one element: two dense tensors with equal values have their
     elements in the same memory order (size-1 dimensions may carry any stride)."""
     return tuple((n, st) for n, st in zip(t.shape, t.stride()) if n > 1)
-
-
-def is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense (ATen's ``is_non_overlapping_and_dense``, which Python lacks): the elements fill
-    ``numel`` consecutive slots from ``data_ptr()`` in some order of the dimensions."""
-    if t.is_contiguous():
-        return True
-    dims = sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1)
-    expected = 1
-    for st, n in dims:
-        if st != expected:
-            return False
-        expected *= n
-    return True
 
 
 def layout_reason(t: Tensor, ref: Tensor) -> str:

@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from fip_fast._utils import is_dense
 from fip_fast.backends import foreach as _fe
 
 logger = logging.getLogger("fip_fast")
@@ -199,19 +200,6 @@ def _fallback(op: str, reason: str) -> None:
         logger.info("fip_fast: impl='cpu' %s falls back to foreach for this call: %s", op, reason)
 
 
-def _dense(t: Tensor) -> bool:
-    """Non-overlapping and dense with non-negative strides: the elements fill [data_ptr, data_ptr + numel)."""
-    if t.is_contiguous():
-        return True
-    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
-    expect = 1
-    for st, sz in dims:
-        if st != expect:
-            return False
-        expect *= sz
-    return True
-
-
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
@@ -239,7 +227,7 @@ def _why_not(groups: Sequence[Sequence[Optional[Tensor]]]) -> Optional[str]:
             if t.shape != ref.shape:
                 return "tensors of different shapes"
             if not t.is_contiguous() or not ref.is_contiguous():
-                if t.stride() != ref.stride() or not _dense(t):
+                if t.stride() != ref.stride() or not is_dense(t):
                     return "a non-dense tensor or layouts that differ within a pair"
     return None
 
@@ -287,8 +275,8 @@ def global_norm(tensors: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor]:
         if type(t) not in _PLAIN:
             why = f"a tensor subclass ({type(t).__name__})"
             break
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not _dense(t):
-            why = f"a {t.device.type} {t.dtype} tensor" + ("" if _dense(t) else " (not dense)")
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not is_dense(t):
+            why = f"a {t.device.type} {t.dtype} tensor" + ("" if is_dense(t) else " (not dense)")
             break
     if why is not None or lib is None:
         _fallback("global_norm", why or _error or "")
