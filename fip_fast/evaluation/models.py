@@ -115,20 +115,23 @@ def _make_layers(block: Type[nn.Module], in_planes: int, planes: int, blocks: in
 
 
 class PreActResNet(nn.Module):
-    """CIFAR-style PreAct-ResNet: 3×3 stem, four stages (64‥512), final BN-ReLU, global average pool, Linear."""
+    """CIFAR-style PreAct-ResNet: 3×3 stem, four stages (w, 2w, 4w, 8w channels; w = ``width``, 64 in the
+    paper's model), final BN-ReLU, global average pool, Linear.  Input ``(N, in_channels, H, W)``, H, W ≥ 8.
+    ``stem_stride`` 2 halves the resolution in the stem (4× less compute; the CPU benchmark's residual net)."""
 
-    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3, width: int = 64,
+                 stem_stride: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        widths, strides, planes = (64, 128, 256, 512), (1, 2, 2, 2), 64
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False)
+        widths, strides, planes = tuple(width * k for k in (1, 2, 4, 8)), (1, 2, 2, 2), width
         stages = []
         for w, s, n in zip(widths, strides, num_blocks):
             stages.append(_make_layers(PreActBlock, planes, w, n, s))
             planes = w
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.bn = nn.BatchNorm2d(512)
+        self.bn = nn.BatchNorm2d(8 * width)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(8 * width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv1(x)
@@ -159,9 +162,11 @@ class ResNet(nn.Module):
         return self.linear(self.avgpool(out).flatten(1))
 
 
-def preact_resnet18(num_classes: int = 10, in_channels: int = 3) -> PreActResNet:
-    """PreAct-ResNet-18 for 32×32 inputs (11.2 M parameters)."""
-    return PreActResNet((2, 2, 2, 2), num_classes, in_channels)
+def preact_resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64,
+                    stem_stride: int = 1) -> PreActResNet:
+    """PreAct-ResNet-18 for 32×32 inputs (11.2 M parameters at ``width`` 64; ``width`` 8 with ``stem_stride`` 2:
+    0.18 M parameters, the CPU-feasible residual network of the benchmark protocol, ``bench/protocol.py``)."""
+    return PreActResNet((2, 2, 2, 2), num_classes, in_channels, width, stem_stride)
 
 
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> ResNet:
