@@ -402,6 +402,27 @@ def test_test_without_triggered_reports_acc(work, capsys):
     assert (out / "asr_acc.png").is_file() and "| fip |" in stdout
 
 
+def test_augment_flag(work, capsys, monkeypatch):
+    """--augment (both commands, the choices of fip_fast.augment) reaches purify: recorded in the method's config;
+    --augment with --set augment=… is refused up front."""
+    from fip_fast.augment import AUGMENT_CHOICES
+    from fip_fast.cli.parser import AUGMENT_CHOICES as CLI_CHOICES
+
+    assert CLI_CHOICES == AUGMENT_CHOICES
+    _, subs = _subparsers()
+    for sp in subs.values():
+        assert next(a for a in sp._actions if "--augment" in a.option_strings).choices == AUGMENT_CHOICES
+    out = work / "out"
+    rc, _, err = _run(_fast(work, out, "--augment", "shift"), capsys)
+    assert rc == 0, err
+    assert json.loads((out / "report.json").read_text())["reports"]["fip"]["config"]["augment"] == "shift(4)"
+    from fip_fast import pipeline
+
+    monkeypatch.setattr(pipeline, "purify", lambda *a, **k: pytest.fail("purify ran despite a bad flag"))
+    rc, _, err = _run(_fast(work, work / "o2", "--augment", "shift", "--set", "augment=none"), capsys)
+    assert "--augment and --set augment" in _one_line_error(rc, err)
+
+
 # ---- 17: --resume with another model's checkpoint dir is refused
 def test_resume_refuses_another_models_checkpoint_dir(work, capsys):
     ck = work / "ckpt"

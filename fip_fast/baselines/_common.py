@@ -10,6 +10,10 @@ The common calling convention of every baseline::
   ``x``/``y`` or ``input_ids``/``labels``) — cycled when exhausted — or a pair of tensors ``(x, y)`` holding the
   whole clean set, from which mini-batches of ``batch_size`` are drawn **with replacement** (the authors' FIP
   protocol: 2000 iterations sampled with replacement from 1 % of the data).
+* ``augment=None`` (ft, ft_sam, ngf, salience_ar): an augmentation of the training batches (a spelling of
+  :func:`fip_fast.augment.make_augment`, e.g. ``"shift"``) passed to :func:`batch_stream`; the fixed batches of a
+  Fisher or salience estimate (:func:`fixed_batches`) stay unaugmented.  :func:`fip_fast.pipeline.purify` passes
+  its ``augment=`` on to a runner that accepts it.
 * ``info`` is a plain dict: ``method``, ``steps``, ``wall_time_s`` (purification only, CUDA-synchronized),
   ``trainable_params`` (number of scalars the method updates), ``loss_history`` (a few (step, loss) pairs),
   ``skipped_steps`` (non-finite gradients), plus method-specific entries.
@@ -40,14 +44,19 @@ def _is_tensor_pair(obj: Any) -> bool:
 
 
 def batch_stream(clean_loader: Any, batch_size: int = 128, seed: int = 0,
-                 device: Optional[torch.device] = None) -> Iterator[tuple[Tensor, Tensor]]:
+                 device: Optional[torch.device] = None, augment: Any = None) -> Iterator[tuple[Tensor, Tensor]]:
     """An endless stream of ``(x, y)`` mini-batches on ``device`` (see the module docstring).
 
     A pair of tensors is sampled with replacement by a private ``torch.Generator`` seeded with ``seed``; any other
-    iterable is re-iterated when exhausted (its own shuffling, if any, applies).
+    iterable is re-iterated when exhausted (its own shuffling, if any, applies).  ``augment``: ``None`` or a
+    spelling of :func:`fip_fast.augment.make_augment` (e.g. ``"shift"``) — every batch's inputs are drawn
+    through it (its own generator, seeded from ``seed``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if augment is not None:
+        yield from _augmented(batch_stream(clean_loader, batch_size, seed, device), augment, seed)
+        return
     if _is_tensor_pair(clean_loader):
         x, y = clean_loader
         g = torch.Generator().manual_seed(int(seed))
@@ -65,6 +74,22 @@ def batch_stream(clean_loader: Any, batch_size: int = 128, seed: int = 0,
                 yield (xb.to(device), yb.to(device)) if device is not None else (xb, yb)
             if empty:
                 raise ValueError("clean_loader yielded no batches")
+
+
+def _augmented(stream: Iterator[tuple[Tensor, Tensor]], augment: Any, seed: int
+               ) -> Iterator[tuple[Tensor, Tensor]]:
+    from fip_fast.augment import make_augment
+
+    g = torch.Generator().manual_seed(int(seed) + 104_729)
+    fn = None
+    for x, y in stream:
+        if fn is None:
+            fn = make_augment(augment, x)
+            if fn is None:          # "none": pass through
+                yield x, y
+                yield from stream
+                return
+        yield fn(x, g), y
 
 
 def clean_tensors(clean_loader: Any, max_batches: Optional[int] = None) -> tuple[Tensor, Tensor]:

@@ -47,7 +47,7 @@ __all__ = ["run_ft"]
 def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.02, *, momentum: float = 0.9,
            weight_decay: float = 0.01, nesterov: bool = False, lr_schedule: str = "cosine", batch_size: int = 128,
            seed: int = 0, bn_train: bool = True, device: Optional[torch.device] = None,
-           loss_fn: Optional[LossFn] = None, progress: bool = True) -> tuple[nn.Module, dict]:
+           loss_fn: Optional[LossFn] = None, progress: bool = True, augment: Any = None) -> tuple[nn.Module, dict]:
     """Fine-tune every parameter of ``model`` on clean data with SGD + momentum.
 
     Args:
@@ -58,6 +58,8 @@ def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.
         batch_size: for tensor input.  seed: seeds the batch sampler.
         bn_train: BatchNorm in train mode (re-estimate its statistics) or eval mode.
         loss_fn: ``loss_fn(logits, y)`` → scalar, default cross-entropy.
+        augment: augmentation of the training batches, a spelling of :func:`fip_fast.augment.make_augment`
+            (``"shift"``, ``"shift_flip"``, an ``Augment``, a callable; None: none).
     Returns:
         ``(model, info)`` — see :mod:`fip_fast.baselines._common` for the keys of ``info``.
     """
@@ -68,7 +70,7 @@ def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.
     loss_fn = default_loss(loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    stream = batch_stream(clean_loader, batch_size, seed, dev)
+    stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     base_lrs = [g["lr"] for g in opt.param_groups]
     hist, skipped, every = [], 0, history_every(steps)
     bar = progress_bar(steps, "FT", progress)

@@ -177,11 +177,12 @@ class SAM(torch.optim.Optimizer):
 def run_ft_sam(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.01, *, rho: float = 0.3,
                adaptive: bool = False, eta: float = 0.0, momentum: float = 0.9, weight_decay: float = 5e-4,
                lr_schedule: str = "cosine", batch_size: int = 128, seed: int = 0, bn_train: bool = True,
-               device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None, progress: bool = True
-               ) -> tuple[nn.Module, dict]:
+               device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None, progress: bool = True,
+               augment: Any = None) -> tuple[nn.Module, dict]:
     """Fine-tune every parameter with SAM(SGD + momentum) on clean data (FT-SAM).
 
-    Args are those of :func:`fip_fast.baselines.ft.run_ft` plus ``rho``, ``adaptive``, ``eta`` of :class:`SAM`.
+    Args are those of :func:`fip_fast.baselines.ft.run_ft` (``augment`` included) plus ``rho``, ``adaptive``,
+    ``eta`` of :class:`SAM`.
     Each step costs two forward/backward passes.
     """
     check_common(steps, lr)
@@ -192,7 +193,7 @@ def run_ft_sam(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = SAM(params, torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, lr=lr, momentum=momentum,
               weight_decay=weight_decay)
-    stream = batch_stream(clean_loader, batch_size, seed, dev)
+    stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     base_lrs = [g["lr"] for g in opt.param_groups]
     hist, every = [], history_every(steps)
     bar = progress_bar(steps, "FT-SAM", progress)

@@ -438,7 +438,8 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
             inv_every: int = 10, beta: float = 0.95, kl_clip: Optional[float] = 1e-3, eta_r: float = 1.0,
             fisher0: Optional[dict[Tensor, Tensor]] = None, fisher_batches: Optional[int] = None,
             lr_schedule: str = "cosine", batch_size: int = 128, seed: int = 0, device: Optional[torch.device] = None,
-            loss_fn: Optional[LossFn] = None, impl: str = "auto", progress: bool = True) -> tuple[nn.Module, dict]:
+            loss_fn: Optional[LossFn] = None, impl: str = "auto", progress: bool = True,
+            augment: Any = None) -> tuple[nn.Module, dict]:
     """Natural Gradient Fine-tuning of one layer with the Fisher anchor.
 
     Args:
@@ -453,6 +454,8 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
         eta_r: anchor weight (0 disables).  fisher0: precomputed ``{param: F0}`` for the layer's parameters;
             default ``estimate_fisher(model, clean batches, params=layer, normalize="max")`` (per-sample, eval mode).
         fisher_batches: cap on the clean batches used for F0.
+        augment: augmentation of the fine-tuning batches (:func:`fip_fast.augment.make_augment`; None: none) —
+            F0 is estimated on the unaugmented clean data.
     """
     from fip_fast.fisher import estimate_fisher
 
@@ -480,7 +483,7 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
         opt = NaturalGradient(params, lr=lr, momentum=momentum, weight_decay=weight_decay, curvature=curvature,
                               kfac=kfac, beta=beta, damping=damping, kl_clip=kl_clip, eta_r=eta_r,
                               fisher0=fisher0 if eta_r > 0 else None, impl=impl)
-        stream = batch_stream(clean_loader, batch_size, seed, dev)
+        stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
         base_lrs = [g["lr"] for g in opt.param_groups]
         hist, every, nus = [], history_every(steps), []
         bar = progress_bar(steps, f"NGF-{curvature}", progress)

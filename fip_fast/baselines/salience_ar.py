@@ -236,7 +236,7 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
                     salience_batches: Optional[int] = None, bn_train: bool = False, lr_schedule: str = "cosine",
                     batch_size: int = 128,
                     seed: int = 0, device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None,
-                    progress: bool = True) -> tuple[nn.Module, dict]:
+                    progress: bool = True, augment: Any = None) -> tuple[nn.Module, dict]:
     """Rank neurons by benign salience, then fine-tune with the adaptive regularizer (module docstring).
 
     Args:
@@ -247,6 +247,8 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
         lam: λ of the adaptive regularizer.  others_lr_scale: learning-rate factor of all other parameters.
         layers: ranked layers (names/modules); default every Linear/Conv2d but the output layer.
         eps: ε of the suspicion score.  bn_train: BatchNorm mode during fine-tuning.
+        augment: augmentation of the fine-tuning batches (:func:`fip_fast.augment.make_augment`; None: none) —
+            the salience is measured on the unaugmented clean data.
     Returns:
         ``(model, info)``; ``info["infected"]`` = ``{layer: [neuron indices]}``.
     """
@@ -280,7 +282,7 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
                 mult[p] = r + (1 - r) * others_lr_scale
             reg.append((m.weight, rm, float(m.weight.detach().abs().mean().clamp_min(1e-12))))
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-        stream = batch_stream(clean_loader, batch_size, seed, dev)
+        stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
         base_lrs = [g["lr"] for g in opt.param_groups]
         hist, skipped, every = [], 0, history_every(steps)
         bar = progress_bar(steps, "Salience-AR", progress)

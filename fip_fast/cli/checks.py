@@ -101,6 +101,8 @@ def check_common_flags(args: argparse.Namespace) -> None:
         v = getattr(args, flag)
         need(v is None or v >= low, f"--{flag.replace('_', '-')} must be ≥ {low}, got {v}")
     device(args.device)
+    need(getattr(args, "augment", None) is None or "augment" not in parse_set(args.set),
+         "--augment and --set augment=… were both given; use one")
     parse_set(args.set)
 
 

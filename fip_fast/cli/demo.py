@@ -167,6 +167,8 @@ def _demo_method(name: str, model, task: DemoTask, args: argparse.Namespace, dev
         kw["steps"] = args.steps
     if args.batch_size is not None:
         kw["batch_size"] = args.batch_size
+    if getattr(args, "augment", None) is not None:
+        kw["augment"] = args.augment
     method = name
     if name == "ft":     # the control: the same loop and optimizer, suppressor and anchor off
         method, kw = "fip", {**kw, "eta_F": 0.0, "eta_r": 0.0}
@@ -175,7 +177,7 @@ def _demo_method(name: str, model, task: DemoTask, args: argparse.Namespace, dev
                         eval_fn=None if args.no_history else task.metrics, eval_every=args.eval_every,
                         seed=args.seed, device=dev, progress=not args.no_progress, **kw)
     except TypeError as e:
-        raise CLIError(f"--set: {e}") from e
+        raise CLIError(f"{'--augment' if 'augment=' in str(e) else '--set'}: {e}") from e
     res = task.metrics(m)
     row = method_row(name, rep, res, lambda_max(m, *probe, args.lambda_iters), divergence(m, rep))
     say(f"{name}: ACC {fmt_pct(res['acc'])} %, ASR {fmt_pct(res['asr'])} %, RA {fmt_pct(res['ra'])} %, "

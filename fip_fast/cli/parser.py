@@ -8,6 +8,9 @@ from fip_fast.cli.checks import OUTPUT_NAMES
 from fip_fast.cli.demo import DEMO_DEFAULTS, DEMO_METHODS, cmd_demo
 from fip_fast.cli.purify_cmd import TORCHRUN_CMD, cmd_purify
 
+#: ``--augment`` choices: :data:`fip_fast.augment.AUGMENT_CHOICES` (spelled out: the parser imports no torch).
+AUGMENT_CHOICES = ("none", "shift", "shift_flip")
+
 _DISTRIBUTED_HELP = (
     "data-parallel purification over the processes of a torchrun launch: "
     f"`{TORCHRUN_CMD.replace('N', '2', 1)}` (or torchrun with the installed fip-fast console script's "
@@ -32,6 +35,10 @@ def _add_run_flags(q: argparse.ArgumentParser) -> None:
                    "method's)")
     q.add_argument("--eval-every", type=int, default=None, help="steps between evaluations "
                    "(default: steps/10)")
+    q.add_argument("--augment", choices=AUGMENT_CHOICES, default=None, help="augmentation of the purification "
+                   "batches: random shifts by up to H/8 pixels (shift), plus left-right flips (shift_flip: natural "
+                   "images, not digits); Fisher and clean validation stay unaugmented (default: the method's, "
+                   "none for every built-in method)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra method option, e.g. "
                    "--set eta_F=0.01 --set trace_estimator=lagged (repeatable; values parsed as JSON)")
 

@@ -167,8 +167,8 @@ def _run_purify(args: argparse.Namespace, model, clean, dev, progress: bool, eva
     from fip_fast.pipeline import ResumeMismatchError, purify
 
     kw = parse_set(args.set)
-    for k in ("steps", "batch_size", "lr"):
-        if getattr(args, k) is not None:
+    for k in ("steps", "batch_size", "lr", "augment"):
+        if getattr(args, k, None) is not None:
             kw[k] = getattr(args, k)
     if distributed:
         kw["distributed"] = "ddp"
@@ -180,7 +180,7 @@ def _run_purify(args: argparse.Namespace, model, clean, dev, progress: bool, eva
     except ResumeMismatchError as e:
         raise CLIError(f"--checkpoint-dir: {e}") from e
     except TypeError as e:
-        raise CLIError(f"--set: {e}") from e
+        raise CLIError(f"{'--augment' if 'augment=' in str(e) else '--set'}: {e}") from e
     except ValueError as e:
         if distributed and "distributed" in str(e):
             raise CLIError(f"--distributed: {e}") from e

@@ -30,11 +30,15 @@ def _tensor_fingerprint(items: Iterable[Tuple[str, Tensor]]) -> str:
 
 
 _NOT_FINGERPRINTED = ("device", "distributed", "world_size", "batchnorm")   # where it runs, not what it computes
+# Options added after checkpoints were first written: left out of the fingerprint at these (default) values, so
+# that a checkpoint written before the option existed still resumes.
+_ADDED_LATER = {"augment": "none"}
 
 
 def _run_fingerprint(theta0: str, config: Dict[str, Any], data: Sequence[Tensor]) -> Dict[str, str]:
     """What a checkpoint must match to be resumed: θ0, the options that shape the run, the clean data."""
-    cfg = {k: v for k, v in config.items() if k not in _NOT_FINGERPRINTED}
+    cfg = {k: v for k, v in config.items()
+           if k not in _NOT_FINGERPRINTED and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
     return {"theta0": theta0, "config": json.dumps(_jsonable(cfg), sort_keys=True),
             "data": _tensor_fingerprint(zip(("x_train", "y_train", "x_val", "y_val"), data))}
 

@@ -6,6 +6,7 @@
   (:class:`CleanSplit`);
 * :func:`batch_indices` — the seeded with-replacement sampler: batch ``t`` depends only on ``(seed, t)``, so a
   resumed (or distributed) run sees exactly the batches of the uninterrupted single-process one;
+* :func:`augment_generator` — the generator of batch ``t``'s augmentation, a function of ``(seed, t)`` too;
 * :func:`val_metrics` — clean-validation loss and accuracy (optionally sharded over ranks);
 * :func:`data_warnings` — degradations of the inputs that let a run go on but weaken it silently.
 """
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 
 from fip_fast._utils import split_batch
 
-__all__ = ["CleanSplit", "split_clean", "batch_indices", "val_metrics", "data_warnings", "LossFn"]
+__all__ = ["CleanSplit", "split_clean", "batch_indices", "augment_generator", "val_metrics", "data_warnings",
+           "LossFn"]
 
 #: ``loss_fn(output, y) -> scalar tensor`` (mean over the batch).
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -71,6 +73,12 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
     """Batch ``step``: ``batch_size`` indices drawn with replacement; a function of (seed, step) only."""
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (2 ** 62))
     return torch.randint(n, (batch_size,), generator=g)
+
+
+def augment_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of batch ``step``'s augmentation: a function of (seed, step) only, like
+    :func:`batch_indices` (and seeded apart from it)."""
+    return torch.Generator().manual_seed((int(seed) * 2_654_435_761 + int(step) * 104_729 + 1_299_709) % (2 ** 62))
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
-"""The purify loop of ``kind="loop"`` methods: ``steps`` purifier steps on seeded with-replacement batches, the lr
-schedule, an evaluation every ``eval_every`` steps (asking :class:`~fip_fast.pipeline.selection.Selection`
-what to keep and whether to stop), checkpoints, the progress bar and the timings.
+"""The purify loop of ``kind="loop"`` methods: ``steps`` purifier steps on seeded with-replacement batches
+(optionally augmented, :func:`step_batch`), the lr schedule, an evaluation every ``eval_every`` steps (asking
+:class:`~fip_fast.pipeline.selection.Selection` what to keep and whether to stop), checkpoints, the progress bar
+and the timings.
 
 Where it runs (one process or DDP) is the business of the :mod:`~fip_fast.pipeline.strategy` it is given.
 """
@@ -10,13 +11,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fip_fast.pipeline.checkpoint import LoopCheckpoint
-from fip_fast.pipeline.data import CleanSplit, batch_indices
+from fip_fast.pipeline.data import CleanSplit, augment_generator, batch_indices
 from fip_fast.pipeline.evaluator import Evaluator
 from fip_fast.pipeline.options import LoopOptions
 from fip_fast.pipeline.purifier import Purifier
@@ -26,28 +27,49 @@ from fip_fast.pipeline.strategy import SingleProcess, sync
 
 logger = logging.getLogger("fip_fast")
 
-__all__ = ["LoopPlan", "loop_plan", "PurifyLoop"]
+__all__ = ["LoopPlan", "loop_plan", "step_batch", "PurifyLoop"]
 
 
 @dataclass
 class LoopPlan:
     """The shape of the run: ``steps`` optimizer steps of ``batch_size`` samples (global, over every rank),
-    an evaluation every ``eval_every`` steps and at the end, the lr ``schedule``, the sampling ``seed``."""
+    an evaluation every ``eval_every`` steps and at the end, the lr ``schedule``, the sampling ``seed`` and
+    ``augment``, the augmentation of the training batches (``augment(x, generator) -> x``, or None)."""
 
     steps: int
     batch_size: int
     eval_every: int
     schedule: str
     seed: int
+    augment: Any = None
 
 
-def loop_plan(opts: Dict[str, Any], loop: LoopOptions, seed: int) -> LoopPlan:
-    """Take ``steps`` and ``batch_size`` out of the method options (the builder does not get them)."""
+def loop_plan(opts: Dict[str, Any], loop: LoopOptions, seed: int, augment: Any = None) -> LoopPlan:
+    """Take ``steps`` and ``batch_size`` out of the method options (the builder does not get them);
+    ``augment``: the resolved augmentation (:func:`fip_fast.augment.make_augment` of ``loop.augment``)."""
     n_steps = int(opts.pop("steps"))
     bs = int(opts.pop("batch_size"))
     if n_steps < 0 or bs < 1:
         raise ValueError(f"steps must be ≥ 0 and batch_size ≥ 1, got {n_steps}, {bs}")
-    return LoopPlan(n_steps, bs, int(loop.eval_every or max(1, n_steps // 10)), loop.lr_schedule, seed)
+    return LoopPlan(n_steps, bs, int(loop.eval_every or max(1, n_steps // 10)), loop.lr_schedule, seed, augment)
+
+
+def step_batch(data: CleanSplit, plan: LoopPlan, step: int, strategy: SingleProcess,
+               device: torch.device) -> Tuple[Tensor, Tensor]:
+    """This process's part of the training batch of ``step``, on ``device``.
+
+    The global batch (``batch_size`` indices, :func:`batch_indices`) is the same on every rank.  With an
+    augmentation the *whole* global batch is augmented with the generator of ``(seed, step)``
+    (:func:`augment_generator`) before this rank takes its slice: every rank of a distributed run, and a resumed
+    run, trains on exactly the views of the uninterrupted single-process run.  Fisher estimation and clean
+    validation never see augmented data."""
+    idx = batch_indices(data.x_train.shape[0], plan.batch_size, plan.seed, step)   # same on every rank
+    if plan.augment is None:
+        idx = strategy.local_batch(idx, plan.batch_size)
+        return data.x_train[idx].to(device, non_blocking=True), data.y_train[idx].to(device, non_blocking=True)
+    pos = strategy.local_batch(torch.arange(idx.numel()), plan.batch_size)        # this rank's positions
+    x = plan.augment(data.x_train[idx].to(device, non_blocking=True), augment_generator(plan.seed, step))
+    return x[pos.to(x.device)], data.y_train[idx[pos]].to(device, non_blocking=True)
 
 
 @dataclass
@@ -119,10 +141,7 @@ class PurifyLoop:
 
     def _train_step(self, step: int) -> None:
         plan, st, dev = self.plan, self.state, self.device
-        idx = batch_indices(self.data.x_train.shape[0], plan.batch_size, plan.seed, step)   # same on every rank
-        idx = self.strategy.local_batch(idx, plan.batch_size)
-        xb = self.data.x_train[idx].to(dev, non_blocking=True)
-        yb = self.data.y_train[idx].to(dev, non_blocking=True)
+        xb, yb = step_batch(self.data, plan, step, self.strategy, dev)
         if plan.schedule == "cosine":    # a decaying rate lets clean accuracy recover after the purifying steps
             fac = 0.5 * (1.0 + math.cos(math.pi * step / max(1, plan.steps)))
             for g, b in zip(self._groups, self._base_lrs):

@@ -14,7 +14,8 @@ from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier, Purifie
 __all__ = ["DEFAULTS", "build_fip", "build_fast_fip"]
 
 #: Defaults of the built-in methods (see :func:`fip_fast.pipeline.purify` and docs/demo.md for how they were
-#: chosen on clean validation data only).  ``patience`` is a loop option: 0 never stops early.
+#: chosen on clean validation data only).  ``patience`` is a loop option: 0 never stops early.  ``augment`` (not set:
+#: no augmentation) and ``lr_schedule`` are loop options too, allowed here; ``purify(augment=…)`` overrides.
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     "fip": dict(
         steps=300, batch_size=64, lr=0.05, momentum=0.9, eta_F=0.005, eta_r=1.0, rho=0.5, max_mix=1.0,

@@ -27,9 +27,12 @@ What :func:`purify` does for the built-in methods (``"fip"``, ``"fast_fip"``):
    leave them trainable), each group with its own learning rate and radius.
 4. **Loop** of ``steps`` iterations with a tqdm bar; the learning rate of every group follows a cosine decay to 0
    over the run (``lr_schedule="cosine"``, default; ``"constant"`` keeps it) — a decaying rate lets clean
-   accuracy recover at the end of a run whose early, large steps did the purifying; every ``eval_every`` steps
-   the clean-validation loss and accuracy are measured, and ``eval_fn(model)`` (if given — e.g. test ACC/ASR) is
-   called.  **eval_fn results go into the history only; nothing is ever selected on them.**
+   accuracy recover at the end of a run whose early, large steps did the purifying.  With ``augment=`` (e.g.
+   ``"shift"``: random shifts by up to round(H/8) pixels, zero fill; ``"shift_flip"`` adds left-right flips) the
+   batch of step ``t`` is augmented with a generator of ``(seed, t)`` only — a resumed or DDP run sees the same
+   views — while F0 and clean validation always use the unaugmented data (default: no augmentation).  Every
+   ``eval_every`` steps the clean-validation loss and accuracy are measured, and ``eval_fn(model)`` (if given —
+   e.g. test ACC/ASR) is called.  **eval_fn results go into the history only; nothing is ever selected on them.**
 5. **Selection / early stopping on clean validation data only.**  Starting accuracy a0 = clean-val accuracy
    of θ0.  The returned weights are those of the *latest* evaluation whose clean-val accuracy is
    ≥ a0 − ``val_margin`` (default 0.03) — purification keeps pushing toward a flatter minimum, so the latest
@@ -78,7 +81,8 @@ Two kinds of plug-ins share the ``purify(model, clean, method=NAME, …)`` entry
     metrics and ``eval_fn`` before and after, times it and wraps ``info`` into the report (``report.extra``);
     periodic evaluation, selection and checkpoints are the runner's business.  ``steps``, ``lr`` and
     ``batch_size`` are passed only when given (``lr`` only if the runner accepts it), so each runner's own
-    defaults apply otherwise.
+    defaults apply otherwise; ``augment`` is passed when asked for (resolved by
+    :func:`fip_fast.augment.make_augment`) — to a runner without an ``augment`` argument that is a TypeError.
 
 ``register_method(name, fn, kind=…, defaults=…, description=…, overwrite=False)`` registers (also usable as a
 decorator); :func:`available_methods` lists the names.  The built-in methods and :mod:`fip_fast.baselines` are
@@ -104,7 +108,6 @@ several seeds and attacks.  Test ASR was never used to choose anything.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import time
@@ -115,11 +118,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fip_fast._utils import model_device
+from fip_fast.augment import make_augment
 from fip_fast.pipeline.checkpoint import ResumeMismatchError, open_checkpoint, theta0_fingerprint
 from fip_fast.pipeline.data import CleanSplit, LossFn, data_warnings, split_clean
 from fip_fast.pipeline.evaluator import EvalFn, Evaluator
 from fip_fast.pipeline.loop import PurifyLoop, loop_plan
-from fip_fast.pipeline.options import resolve_options
+from fip_fast.pipeline.options import loop_config, resolve_options
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier, Purifier
 from fip_fast.pipeline.registry import MethodSpec, available_methods, get_method, register_method
 from fip_fast.pipeline.report import PurifyReport, _jsonable
@@ -138,7 +142,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
            patience: Optional[int] = None, batch_size: Optional[int] = None, lr: Optional[float] = None,
            seed: int = 0, device: Optional[Union[str, torch.device]] = None, loss_fn: Optional[LossFn] = None,
            progress: bool = True, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 50,
-           resume: bool = False, distributed: Optional[str] = None,
+           resume: bool = False, distributed: Optional[str] = None, augment: Any = None,
            **options: Any) -> Tuple[nn.Module, PurifyReport]:
     """Purify ``model`` of a backdoor using the small clean set ``clean_loader``; return ``(model, report)``.
 
@@ -160,6 +164,11 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         device: where to purify (default: the model's device); data are moved per batch.
         loss_fn: ``loss_fn(output, y) -> scalar`` (default mean cross-entropy).  progress: tqdm bar.
         checkpoint_dir / checkpoint_every / resume: periodic checkpoints and resuming (``kind="loop"`` methods).
+        augment: augmentation of the training batches (:func:`fip_fast.augment.make_augment`): ``"none"``,
+            ``"shift"``, ``"shift_flip"``, an :class:`fip_fast.augment.Augment` or a callable ``(x, generator) ->
+            x``; None: the method's default (none for every built-in method).  Loop methods augment batch ``t``
+            with a generator of ``(seed, t)`` (F0 and clean validation stay unaugmented); a runner gets it as its
+            ``augment=`` argument — a runner without one raises TypeError.  Recorded as ``config["augment"]``.
         distributed: ``None`` (one process) or ``"ddp"``: data-parallel purification over the ranks of an
             initialized default process group (``torchrun`` +
             :func:`fip_fast.integrations.distributed.init_from_env`), see
@@ -206,9 +215,10 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     loss_fn = loss_fn or F.cross_entropy
     opts, loop_opts = resolve_options(spec, steps=steps, batch_size=batch_size, lr=lr, options=options,
                                       val_fraction=val_fraction, val_margin=val_margin, patience=patience,
-                                      eval_every=eval_every)
+                                      eval_every=eval_every, augment=augment)
     data = split_clean(clean_loader, val_data, loop_opts.val_fraction, seed)
-    config = {"method": spec.name, "kind": spec.kind, **opts, **dataclasses.asdict(loop_opts), "seed": seed,
+    augment_fn = make_augment(loop_opts.augment, data.x_train[0])      # checked before any work
+    config = {"method": spec.name, "kind": spec.kind, **opts, **loop_config(loop_opts, augment_fn), "seed": seed,
               "device": str(dev), "n_clean_train": int(data.x_train.shape[0]), "n_clean_val": int(data.x_val.shape[0])}
     strategy.configure(model, opts.get("batch_size"), config)
     report = PurifyReport(method=spec.name, config=config, total_params=sum(p.numel() for p in model.parameters()))
@@ -220,9 +230,9 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     report.initial = evaluator(model)
     if spec.kind == "runner":
         return _run_runner(spec, model, data, opts, report, evaluator, seed=seed, progress=progress,
-                           t_total=t_total)
+                           t_total=t_total, augment=(loop_opts.augment, augment_fn))
 
-    plan = loop_plan(opts, loop_opts, seed)      # takes steps and batch_size out of the method options
+    plan = loop_plan(opts, loop_opts, seed, augment_fn)      # takes steps and batch_size out of the method options
     config["eval_every"] = plan.eval_every
     ckpt, resuming = open_checkpoint(checkpoint_dir, checkpoint_every, resume, spec.name, theta0, config,
                                      data.tensors())
@@ -260,8 +270,10 @@ def _build_purifier(spec: MethodSpec, model: nn.Module, ctx: MethodContext, opts
 
 
 def _run_runner(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict[str, Any], report: PurifyReport,
-                evaluator: Evaluator, *, seed: int, progress: bool, t_total: float) -> Tuple[nn.Module, PurifyReport]:
-    """Run a ``kind="runner"`` method (the :mod:`fip_fast.baselines` convention) and wrap its info."""
+                evaluator: Evaluator, *, seed: int, progress: bool, t_total: float,
+                augment: Tuple[Any, Any] = (None, None)) -> Tuple[nn.Module, PurifyReport]:
+    """Run a ``kind="runner"`` method (the :mod:`fip_fast.baselines` convention) and wrap its info.
+    ``augment``: (the requested spelling, its resolved augmentation)."""
     params = inspect.signature(spec.fn).parameters
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kw = dict(opts)
@@ -269,6 +281,12 @@ def _run_runner(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict
     kw.update({k: v for k, v in common.items() if var_kw or k in params})
     if "lr" in kw and not (var_kw or "lr" in params):
         kw.pop("lr")
+    if augment[0] is not None:          # asked for (explicitly or by the method's defaults): passed on, never dropped
+        if var_kw or "augment" in params:
+            kw["augment"] = augment[1]
+        elif augment[1] is not None:
+            raise TypeError(f"method {spec.name!r} does not accept augment= (its runner {spec.fn.__qualname__} has "
+                            "no 'augment' argument): pass augment='none' or add augment to the runner")
     sync(evaluator.device)
     t0 = time.perf_counter()
     out = spec.fn(model, (data.x_train, data.y_train), **kw)
