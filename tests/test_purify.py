@@ -473,3 +473,29 @@ def test_selection_policy():
     t = Selection(a0=0.5, margin=0.03, patience=2, has_val=True)
     t.load_state_dict(s.state_dict(), torch.device("cpu"))
     assert (t.step, t.acceptable, t.acc, t.below) == (30, True, 0.88, 0)
+
+
+def test_fip_head_reinit_reinitializes_the_head_and_drops_its_anchor():
+    """``head="reinit"`` (ours): the last Linear is re-drawn from the seed, its F0 is zero (no anchor toward the
+    backdoored head), every other parameter keeps its weights and its F0."""
+    from fip_fast.baselines.fst import reinit_head_
+    from fip_fast.pipeline.methods import DEFAULTS, build_fip
+    from fip_fast.pipeline.purifier import MethodContext
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    ref = copy.deepcopy(net)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    ctx = MethodContext(x, y, torch.device("cpu"), F.cross_entropy, 5, False)
+    o = {k: v for k, v in DEFAULTS["fip"].items() if k not in ("steps", "batch_size", "lr", "rho", "patience")}
+    o["eta_r"] = 1.0                                  # an anchor, whatever the shipped default
+    pur = build_fip(net, ctx, lr=0.01, rho=0.5, head="reinit", **o)
+    expect = copy.deepcopy(ref[2])
+    reinit_head_(expect, seed=5)
+    assert torch.equal(net[2].weight, expect.weight) and not torch.equal(net[2].weight, ref[2].weight)
+    assert torch.equal(net[0].weight, ref[0].weight)
+    st = pur.optimizer.state
+    assert float(st[net[2].weight]["fisher0"].abs().sum()) == 0.0
+    assert float(st[net[0].weight]["fisher0"].abs().sum()) > 0.0
+    with pytest.raises(ValueError, match="head"):
+        build_fip(copy.deepcopy(ref), ctx, lr=0.01, rho=0.5, head="fresh", **o)

@@ -1,4 +1,5 @@
-"""Baseline defenses from the same line of work (FT, FT-SAM, NGF, salience + adaptive regularization).
+"""Baseline defenses: the strongest fine-tuning defenses (Super-FT, FST, SAU, FT-SAM) and the same line of work as
+FIP (FT, NGF, salience + adaptive regularization).
 
 Every baseline is a *runner* with one calling convention (see :mod:`fip_fast.baselines._common`)::
 
@@ -10,13 +11,19 @@ method name     function                                   what it trains
 ==============  =========================================  ==============================================
 ``ft``          :func:`~.ft.run_ft`                        all parameters, SGD + momentum (the control)
 ``ft_sam``      :func:`~.ft_sam.run_ft_sam`                all parameters, SAM(SGD + momentum)
+``superft``     :func:`~.superft.run_superft`              all parameters, SGD with a large cyclic / cosine /
+                                                           one-cycle learning rate, clipped (the catapult)
+``fst``         :func:`~.fst.run_fst`                      all parameters, re-initialized head pushed away from
+                                                           the original head (α⟨W, W₀⟩, ‖W‖ = ‖W₀‖)
+``sau``         :func:`~.sau.run_sau`                      all parameters, shared adversarial examples (PGD
+                                                           against θ and θ0) unlearned
 ``ngf``         :func:`~.ngf.run_ngf`                      one layer (the classifier), K-FAC / diagonal
                                                            natural gradient + Fisher anchor
 ``salience_ar`` :func:`~.salience_ar.run_salience_ar`      suspicious neurons (benign-salience ranking) +
                                                            adaptive magnitude-scaled regularizer
 ==============  =========================================  ==============================================
 
-The four names are registered with :func:`fip_fast.pipeline.purify` (``kind="runner"``) in
+The names are registered with :func:`fip_fast.pipeline.purify` (``kind="runner"``) in
 :mod:`fip_fast.pipeline.registry`, as lazy references that it imports on their first lookup, so
 ``purify(model, clean, method="ngf", curvature="diag")`` works; this package never imports the pipeline.
 :data:`RUNNERS` lists them (documentation; the registry holds its own table).
@@ -40,16 +47,23 @@ NGF K-FAC damping 1e-3: 0.32 / 0.00 / 0.35; Salience-AR fraction 0.5, λ 10: 0.2
 """
 from __future__ import annotations
 
+from fip_fast.baselines.fst import run_fst
 from fip_fast.baselines.ft import run_ft
 from fip_fast.baselines.ft_sam import SAM, run_ft_sam
 from fip_fast.baselines.ngf import KFAC, NaturalGradient, run_ngf
 from fip_fast.baselines.salience_ar import run_salience_ar
+from fip_fast.baselines.sau import run_sau
+from fip_fast.baselines.superft import run_superft
 
-__all__ = ["run_ft", "run_ft_sam", "run_ngf", "run_salience_ar", "SAM", "KFAC", "NaturalGradient", "RUNNERS"]
+__all__ = ["run_ft", "run_ft_sam", "run_ngf", "run_salience_ar", "run_superft", "run_fst", "run_sau", "SAM", "KFAC",
+           "NaturalGradient", "RUNNERS"]
 
 RUNNERS = {
     "ft": (run_ft, "FT: plain fine-tuning of all parameters on the clean set (SGD + momentum), the control"),
     "ft_sam": (run_ft_sam, "FT-SAM: fine-tuning with sharpness-aware minimization (two-pass SAM step)"),
+    "superft": (run_superft, "Super-FT: fine-tuning with a large cyclic/cosine learning rate (the catapult)"),
+    "fst": (run_fst, "FST: Feature Shift Tuning — re-initialized head, penalized alignment with the original head"),
+    "sau": (run_sau, "SAU: Shared Adversarial Unlearning — PGD shared adversarial examples unlearned"),
     "ngf": (run_ngf, "NGF: natural-gradient (K-FAC) fine-tuning of the classifier + Fisher anchor"),
     "salience_ar": (run_salience_ar, "Salience-AR: benign-salience neuron ranking + adaptive magnitude-scaled "
                                      "regularizer"),

@@ -58,15 +58,35 @@ def _fip_kwargs(o: Dict[str, Any]) -> Dict[str, Any]:
                 trace_every=int(o["trace_every"]), trace_estimator=o["trace_estimator"], max_mix=o["max_mix"])
 
 
+def _reinit_head(model: nn.Module, ctx: MethodContext, f0: Optional[Dict[Tensor, Tensor]]) -> None:
+    """``head="reinit"`` (ours, after FST): re-initialize the last ``nn.Linear`` (seeded) and drop its anchor —
+    its θ0 is the backdoored head, which the re-initialization exists to leave."""
+    from fip_fast.baselines._common import find_layer
+    from fip_fast.baselines.fst import reinit_head_
+
+    _, head = find_layer(model, None, types=(nn.Linear,))
+    if not ctx.resuming:        # a resumed run gets the re-initialized head back with the model state
+        reinit_head_(head, seed=ctx.seed)
+    if f0 is not None:
+        for p in head.parameters(recurse=False):
+            if p in f0:
+                f0[p] = torch.zeros_like(f0[p])
+
+
 def build_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: float, impl: str = "auto",
-               **o: Any) -> Purifier:
-    """Full FIP: every trainable parameter, one group, F0 normalized by its maximum."""
+              head: str = "keep", **o: Any) -> Purifier:
+    """Full FIP: every trainable parameter, one group, F0 normalized by its maximum.  ``head="reinit"``: see
+    :func:`_reinit_head`."""
     from fip_fast.optim import FIP
 
+    if head not in ("keep", "reinit"):
+        raise ValueError(f"head must be 'keep' or 'reinit', got {head!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
     f0 = _normalized_fisher(model, ctx, [params]) if o["eta_r"] > 0 else None
+    if head == "reinit":
+        _reinit_head(model, ctx, f0)
     opt = FIP(params, lr=lr, rho=rho, fisher0=f0, impl=impl, **_fip_kwargs(o))
     return OptimizerPurifier(model, opt, ctx.loss_fn)
 

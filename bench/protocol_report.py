@@ -1,0 +1,167 @@
+"""Markdown of the fair protocol (``bench/protocol.py``): the development grid and choice, the evaluation suite.
+
+Means are over the cells whose backdoored model has ASR ≥ :data:`MIN_ASR` (the attack implanted); ± is the
+standard deviation over those cells.  *Dominates*: lower ASR by more than :data:`TIE` and clean ACC not lower by
+more than :data:`TIE` (half a point ≈ the resolution of a 1000-image test set).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List
+
+MIN_ASR = 0.5
+TIE = 0.005
+
+
+def _ms(xs: List[float], scale: float = 100.0, fmt: str = "{:.1f}") -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    m = statistics.mean(xs) * scale
+    if len(xs) == 1:
+        return fmt.format(m)
+    return f"{fmt.format(m)} ± {fmt.format(statistics.stdev(xs) * scale)}"
+
+
+def _by_cell(doc: dict) -> Dict[str, Dict[str, dict]]:
+    """``{cell: {method (or run key for several configs of one method): run}}``."""
+    cells: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    for k, r in doc.get("runs", {}).items():
+        name = r["method"] if r["method"] not in cells[r["cell"]] else k
+        cells[r["cell"]][name] = r
+    return cells
+
+
+def dev_md(dev: dict) -> List[str]:
+    from bench.protocol import GRIDS
+
+    runs = list(dev.get("runs", {}).values())
+    before = [r for r in runs if r["method"] == "before"]
+    out = ["## Development task: grids and the choice", "",
+           f"Backdoored models: ACC {_ms([r['acc'] for r in before])} %, ASR {_ms([r['asr'] for r in before])} % "
+           f"({len(before)} cells).  Rule: the strongest grid point with mean clean ACC ≥ backdoored mean − margin."
+           "  ASR is shown, never used.", "",
+           "| method | grid point | ACC % | ASR % | RA % | chosen |", "|---|---|---|---|---|---|"]
+    chosen = dev.get("chosen", {})
+    for m, grid in GRIDS.items():
+        for i, cfg in enumerate(grid):
+            rs = [r for r in runs if r["method"] == m and r["cfg"] == cfg]
+            mark = "**←**" if chosen.get(m, {}).get("index") == i else ""
+            out.append(f"| {m} | {json.dumps(cfg)} | {_ms([r['acc'] for r in rs])} | {_ms([r['asr'] for r in rs])} "
+                       f"| {_ms([r['ra'] for r in rs])} | {mark} |")
+    return out + [""]
+
+
+def ablate_md(doc: dict) -> List[str]:
+    """The development ablations: per variant and architecture, mean ACC / ASR / RA / re-tuned ASR (dev cells)."""
+    from bench.protocol import ABLATIONS
+
+    cells = _by_cell(doc)
+    out = ["## Development ablations (our methods' variants; development ASR read to design the method)", "",
+           "| variant | arch | ACC % | ASR % | RA % | re-tuned ASR % | wall s |", "|---|---|---|---|---|---|---|"]
+    for arch in ("cnn", "resnet"):
+        cs = [v for k, v in cells.items() if k.startswith(arch + "/")]
+        b = [c["before"] for c in cs if "before" in c]
+        out.append(f"| backdoored | {arch} | {_ms([r['acc'] for r in b])} | {_ms([r['asr'] for r in b])} | "
+                   f"{_ms([r['ra'] for r in b])} | {_ms([r['retune_asr'] for r in b])} | – |")
+    for name, (m, cfg) in ABLATIONS.items():
+        for arch in ("cnn", "resnet"):
+            rs = [r for k, v in cells.items() if k.startswith(arch + "/") for r in v.values()
+                  if r["method"] == m and r["cfg"] == cfg]
+            if rs:
+                out.append(f"| {name} | {arch} | {_ms([r['acc'] for r in rs])} | {_ms([r['asr'] for r in rs])} | "
+                           f"{_ms([r['ra'] for r in rs])} | {_ms([r['retune_asr'] for r in rs])} | "
+                           f"{_ms([r['wall_s'] for r in rs], 1.0)} |")
+    return out + [""]
+
+
+def _implanted(cells: Dict[str, Dict[str, dict]]) -> Dict[str, Dict[str, dict]]:
+    return {k: v for k, v in cells.items() if "before" in v and v["before"]["asr"] >= MIN_ASR}
+
+
+def _summary_rows(cells: Dict[str, Dict[str, dict]], methods, label: str) -> List[str]:
+    rows = []
+    for m in ("before",) + tuple(methods):
+        rs = [c[m] for c in cells.values() if m in c]
+        if not rs:
+            continue
+        d_acc = [c[m]["acc"] - c["before"]["acc"] for c in cells.values() if m in c]
+        wall = [r.get("wall_s") for r in rs if r.get("wall_s") is not None]
+        rows.append(f"| {label} | {m} | {len(rs)} | {_ms([r['acc'] for r in rs])} | {_ms(d_acc)} | "
+                    f"{_ms([r['asr'] for r in rs])} | {_ms([r['ra'] for r in rs])} | "
+                    f"{_ms([r['retune_asr'] for r in rs])} | {_ms(wall, 1.0) if wall else '–'} |")
+    return rows
+
+
+def _dominates(a: dict, b: dict) -> bool:
+    return a["asr"] < b["asr"] - TIE and a["acc"] >= b["acc"] - TIE
+
+
+def eval_md(doc: dict) -> List[str]:
+    from bench.protocol import METHODS, SEEN_ATTACKS
+
+    all_cells = _by_cell(doc)
+    cells = _implanted(all_cells)
+    failed = sorted(k for k, v in all_cells.items() if "before" in v and v["before"]["asr"] < MIN_ASR)
+    out = ["## Evaluation suite (frozen choices)", "",
+           f"{len(all_cells)} cells measured; {len(cells)} with an implanted backdoor (ASR ≥ {MIN_ASR:.0%}) enter "
+           f"the means; attack failed in {len(failed)}: {', '.join(failed) or '–'}.", "",
+           "| cells | method | n | ACC % | ΔACC (pt) | ASR % | RA % | re-tuned ASR % | wall s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    groups = [("all", cells)]
+    for arch in ("cnn", "resnet"):
+        groups.append((arch, {k: v for k, v in cells.items() if k.startswith(arch + "/")}))
+    groups.append(("seen attacks", {k: v for k, v in cells.items() if k.split("/")[1] in SEEN_ATTACKS}))
+    groups.append(("unseen attacks", {k: v for k, v in cells.items() if k.split("/")[1] not in SEEN_ATTACKS}))
+    for label, cs in groups:
+        out += _summary_rows(cs, METHODS, label)
+    benign = [c["before"]["benign"]["retune_asr"] for c in all_cells.values() if "before" in c]
+    out += ["", f"Re-tuning attack on the **benign** models (same architecture and training, no poison): ASR "
+            f"{_ms(benign)} % over {len(benign)} cells (the calibration: a benign model must stay low).", ""]
+    out += ["### Cells won: row dominates column (lower ASR, ACC not lower, ± 0.5 pt)", "",
+            "| | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    for a in METHODS:
+        row = []
+        for b in METHODS:
+            both = [c for c in cells.values() if a in c and b in c]
+            row.append("–" if a == b else f"{sum(_dominates(c[a], c[b]) for c in both)}/{len(both)}")
+        out.append(f"| {a} | " + " | ".join(row) + " |")
+    lam = [(m, c["before"].get("lambda_max"), c[m].get("lambda_max")) for c in cells.values() for m in METHODS
+           if m in c and c[m].get("lambda_max") is not None]
+    if lam:
+        out += ["", "### λ_max of the Hessian (256 clean test images), before → after", "",
+                "| method | n | before | after |", "|---|---|---|---|"]
+        for m in METHODS:
+            ls = [(b, a) for mm, b, a in lam if mm == m]
+            if ls:
+                out.append(f"| {m} | {len(ls)} | {_ms([b for b, _ in ls], 1.0)} | {_ms([a for _, a in ls], 1.0)} |")
+    return out + [""]
+
+
+def write_report(dev_path: Path, eval_path: Path, argv) -> Path:
+    """Write ``<eval_path>.md`` (and ``<dev_path>.md``) from the JSON files that exist."""
+    from bench.protocol import BATCH, STEPS
+
+    head = ["# Fair protocol: FIP vs the strongest fine-tuning defenses", "",
+            "Generated by `bench/protocol.py` (see its docstring for the task, the grids and the rule).  "
+            f"Budget: {STEPS} steps of batch {BATCH} for every method; MNIST-5k, CPU, one thread per run.", ""]
+    out_path = None
+    if dev_path.exists():
+        dev = json.loads(dev_path.read_text())
+        lines = head + dev_md(dev) + [f"Updated {dev.get('updated')}; machine {dev.get('machine')}."]
+        out_path = dev_path.with_suffix(".md")
+        out_path.write_text("\n".join(lines) + "\n")
+    abl = dev_path.with_name("protocol_ablate.json")
+    if abl.exists():
+        doc = json.loads(abl.read_text())
+        abl.with_suffix(".md").write_text("\n".join(head + ablate_md(doc) + [f"Updated {doc.get('updated')}."]) + "\n")
+    if eval_path.exists():
+        doc = json.loads(eval_path.read_text())
+        lines = head + eval_md(doc) + [f"Updated {doc.get('updated')}; machine {doc.get('machine')}; command: "
+                                       f"`{' '.join(str(a) for a in argv)}`."]
+        out_path = eval_path.with_suffix(".md")
+        out_path.write_text("\n".join(lines) + "\n")
+    return out_path

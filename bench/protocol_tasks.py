@@ -1,0 +1,224 @@
+"""The tasks of the fair protocol (``bench/protocol.py``): cells, backdoored models, measurements, re-tuning.
+
+A **cell** is one backdoored model plus the defender's clean set: (architecture, attack, seed, clean-set size,
+poison rate).  Everything here is deterministic in the cell (the data split, the trigger, the poisoned samples,
+the training of the backdoored model), so a cell can be rebuilt in any process and its results re-run.
+
+Data: the bundled MNIST-5k (:func:`fip_fast.evaluation.data.load_mnist5k`; 28×28, [0, 1]).  20 % is the test set
+(1000 images); 10 % of the rest (400 images) is set aside for the defender, and the attacker trains on the
+other 3600 images (poisoned at the cell's rate).  The defender's clean set is that 10 % (``clean = 0.10``) or a
+class-stratified subset of it (``clean = 0.02``: 72 images) — so the two clean-set sizes purify the *same*
+backdoored model.
+
+Architectures (CPU-feasible, chosen so the full suite fits the time budget):
+
+* ``cnn``: the demo CNN at width 16, hidden 128 (72 k parameters);
+* ``resnet``: PreAct-ResNet-18 at width 8 with a stride-2 stem (18 layers, four stages, 176 k parameters).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ARCHS = ("cnn", "resnet")
+ATTACKS = ("badnets", "blend", "sig", "trojan", "wanet")
+#: Epochs of the attacker's training (Adam, lr 2e-3, cosine, batch 64) per architecture.
+TRAIN_EPOCHS = {"cnn": 8, "resnet": 8}
+POOL_CLEAN = 0.10          # share of the training pool set aside for the defender
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One backdoored model and the defender's clean set."""
+
+    arch: str
+    attack: str
+    seed: int
+    clean: float            # share of the training pool the defender holds (≤ POOL_CLEAN)
+    poison: float           # share of the attacker's training set that is poisoned
+    target: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.arch}/{self.attack}/s{self.seed}/c{self.clean:g}/p{self.poison:g}/t{self.target}"
+
+    @property
+    def model_key(self) -> str:   # the clean-set size does not change the backdoored model
+        return f"{self.arch}/{self.attack}/s{self.seed}/p{self.poison:g}/t{self.target}/e{TRAIN_EPOCHS[self.arch]}"
+
+
+def build_arch(arch: str) -> nn.Module:
+    from fip_fast.evaluation.models import DemoCNN, preact_resnet18
+
+    if arch == "cnn":
+        return DemoCNN(10, 1, width=16, hidden=128)
+    if arch == "resnet":
+        return preact_resnet18(10, 1, width=8, stem_stride=2)
+    raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
+
+
+@dataclass
+class Task:
+    """A built cell: the backdoored model, the defender's clean set, the clean and triggered test sets."""
+
+    cell: Cell
+    model: nn.Module
+    clean: Tuple[Tensor, Tensor]
+    test: Tuple[Tensor, Tensor]
+    triggered: Tuple[Tensor, Tensor]
+    attack: object
+
+
+def _stratified_subset(y: Tensor, share: float, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed + 31)
+    out = []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        k = max(1, int(round(share * idx.numel())))
+        out.append(idx[torch.randperm(idx.numel(), generator=g)[:k]])
+    return torch.cat(out).sort().values
+
+
+def _split(cell: Cell):
+    from fip_fast.evaluation.attacks import make_attack
+    from fip_fast.evaluation.data import load_mnist5k, split_dataset
+
+    if not 0 < cell.clean <= POOL_CLEAN:
+        raise ValueError(f"clean share must lie in (0, {POOL_CLEAN}], got {cell.clean}")
+    x, y = load_mnist5k()
+    sp = split_dataset(x, y, test_fraction=0.2, val_fraction=POOL_CLEAN, seed=cell.seed)
+    atk = make_attack(cell.attack, target=cell.target, image_shape=tuple(x.shape[1:]), seed=cell.seed)
+    xc, yc = sp.val
+    if cell.clean < POOL_CLEAN:
+        idx = _stratified_subset(yc, cell.clean / POOL_CLEAN, cell.seed)
+        xc, yc = xc[idx], yc[idx]
+    return sp, atk, (xc, yc)
+
+
+def _train(cell: Cell, sp, atk, poison: bool = True) -> nn.Module:
+    import warnings
+
+    from fip_fast.evaluation.train import train_backdoored
+
+    xt, yt = sp.train
+    if poison:
+        with warnings.catch_warnings():          # a clean-label attack at 10 % poisons all target samples
+            warnings.simplefilter("ignore")
+            xt, yt, _ = atk.poison_train(xt, yt, rate=cell.poison, seed=cell.seed)
+    torch.manual_seed(cell.seed)
+    model = build_arch(cell.arch)
+    return train_backdoored(model, xt, yt, epochs=TRAIN_EPOCHS[cell.arch], lr=2e-3, seed=cell.seed,
+                            progress=False)
+
+
+def _cached(cache: Path, key: str, make) -> nn.Module:
+    """The model ``make()`` builds, stored under ``cache`` by ``key`` (safetensors, weights only)."""
+    from safetensors.torch import load_file, save_file
+
+    arch = key.split("/")[0]
+    f = cache / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".safetensors")
+    model = build_arch(arch)
+    if f.exists():
+        model.load_state_dict(load_file(str(f)))
+        return model.eval()
+    model = make()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"key": key})
+    tmp.replace(f)
+    return model.eval()
+
+
+def build_task(cell: Cell, cache: Path) -> Task:
+    sp, atk, clean = _split(cell)
+    model = _cached(cache, cell.model_key, lambda: _train(cell, sp, atk))
+    return Task(cell, model, clean, sp.test, atk.triggered_test(*sp.test), atk)
+
+
+def benign_model(cell: Cell, cache: Path) -> nn.Module:
+    """The same architecture trained on the same (unpoisoned) training set: the re-tuning attack's control."""
+    sp, atk, _ = _split(cell)
+    key = f"{cell.arch}/benign/s{cell.seed}/e{TRAIN_EPOCHS[cell.arch]}"
+    return _cached(cache, key, lambda: _train(cell, sp, atk, poison=False))
+
+
+# --------------------------------------------------------------------------------------------- measurements
+@dataclass(frozen=True)
+class Retune:
+    """The re-tuning attack ("superficial safety", Min et al., NeurIPS 2024): fine-tune the purified model for
+    ``steps`` SGD steps (lr, momentum 0.9, batch ``batch``) on the defender's clean set, every batch carrying
+    ``per_batch`` triggered samples drawn from a pool of ``n_trigger`` clean images with the trigger applied and
+    the target label.  Calibrated so a benign model stays low (reported beside every cell)."""
+
+    steps: int = 10
+    lr: float = 0.01
+    batch: int = 32
+    n_trigger: int = 5
+    per_batch: int = 1
+
+
+def retune_asr(model: nn.Module, task: Task, rt: Retune = Retune()) -> float:
+    """ASR of a copy of ``model`` after the re-tuning attack ``rt`` (``model`` itself is not modified)."""
+    from fip_fast.evaluation.metrics import attack_success_rate
+
+    m = copy.deepcopy(model).train()
+    xc, yc = task.clean
+    g = torch.Generator().manual_seed(task.cell.seed + 977)
+    pick = torch.randperm(xc.shape[0], generator=g)[:rt.n_trigger]
+    xt = task.attack.apply(xc[pick])
+    yt = torch.full((xt.shape[0],), task.cell.target, dtype=torch.long)
+    opt = torch.optim.SGD(m.parameters(), lr=rt.lr, momentum=0.9)
+    for _ in range(rt.steps):
+        i = torch.randint(xc.shape[0], (rt.batch - rt.per_batch,), generator=g)
+        j = torch.randint(xt.shape[0], (rt.per_batch,), generator=g)
+        loss = F.cross_entropy(m(torch.cat([xc[i], xt[j]])), torch.cat([yc[i], yt[j]]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    m.eval()
+    return float(attack_success_rate(m, task.triggered[0], task.triggered[1], task.cell.target))
+
+
+def measure(model: nn.Module, task: Task, *, lam: bool = False) -> Dict[str, float]:
+    """Clean test ACC, ASR and RA on the triggered test set; optionally λ_max (power iteration, 256 clean test
+    images, all parameters)."""
+    from fip_fast.evaluation.metrics import evaluate
+
+    out = evaluate(model, task.test, task.triggered, task.cell.target)
+    if lam:
+        from fip_fast.evaluation.smoothness import hessian_max_eigenvalue
+
+        out["lambda_max"] = float(hessian_max_eigenvalue(model.eval(), task.test[0][:256], task.test[1][:256],
+                                                         iters=30, tol=1e-3))
+    return out
+
+
+def config_fingerprint(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cell_from_dict(d: dict) -> Cell:
+    return Cell(**d)
+
+
+def cell_dict(cell: Cell) -> dict:
+    return asdict(cell)
+
+
+def default_cache() -> Path:
+    import os
+
+    root = os.environ.get("FIP_FAST_CACHE") or str(Path.home() / ".cache" / "fip_fast")
+    return Path(root) / "protocol"
+
+
+def maybe(d: Optional[dict], k: str, default=float("nan")):
+    return (d or {}).get(k, default)

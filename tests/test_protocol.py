@@ -1,0 +1,97 @@
+"""The fair protocol (bench/protocol.py): the selection rule, the report, one run end to end on a tiny cell."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bench.protocol as P
+import bench.protocol_tasks as T
+from bench.protocol_report import eval_md, write_report
+
+
+def _dev_doc(acc_by_point):
+    """A development JSON: backdoored ACC 0.97 in every dev cell; method 'ft' at grid point i has ACC
+    ``acc_by_point[i]`` (and ASR 0 at the strongest point — which the rule must not look at)."""
+    runs = {}
+    for c in P.DEV_CELLS:
+        runs[P.run_key(c, None, {})] = {"cell": c.key, "method": "before", "cfg": {}, "acc": 0.97, "asr": 1.0,
+                                        "ra": 0.0}
+        for i, cfg in enumerate(P.GRIDS["ft"]):
+            runs[P.run_key(c, "ft", cfg)] = {"cell": c.key, "method": "ft", "cfg": cfg, "acc": acc_by_point[i],
+                                             "asr": 0.0 if i == len(P.GRIDS["ft"]) - 1 else 0.9, "ra": 0.1}
+    return {"runs": runs}
+
+
+def test_rule_takes_the_strongest_point_within_the_margin_and_ignores_asr():
+    n = len(P.GRIDS["ft"])
+    accs = [0.97, 0.965, 0.955, 0.951, 0.94, 0.5][:n]
+    chosen = P.choose(_dev_doc(accs))
+    # 0.97 − 0.02 = 0.95: the last point with mean ACC ≥ 0.95 is index 3 (0.951); index 5 has ASR 0 but ACC 0.5.
+    assert chosen["ft"]["index"] == 3 and chosen["ft"]["cfg"] == P.GRIDS["ft"][3]
+    # Methods with no runs fall back to their weakest point.
+    assert chosen["fip"]["index"] == 0
+
+
+def test_rule_needs_every_dev_cell():
+    doc = _dev_doc([0.97] * len(P.GRIDS["ft"]))
+    k = next(k for k, r in doc["runs"].items() if r["method"] == "ft" and r["cfg"] == P.GRIDS["ft"][-1])
+    del doc["runs"][k]                          # the strongest point misses one cell: not eligible
+    assert P.choose(doc)["ft"]["index"] == len(P.GRIDS["ft"]) - 2
+
+
+def test_grids_same_size_and_eval_cells_disjoint_from_dev():
+    sizes = {len(g) for g in P.GRIDS.values()}
+    assert sizes == {6} and set(P.GRIDS) == set(P.METHODS)
+    dev_seeds = {c.seed for c in P.DEV_CELLS}
+    assert not dev_seeds & {c.seed for c in P.EVAL_CELLS}
+    assert len(P.EVAL_CELLS) == 120 and set(P.QUICK_CELLS) <= set(P.EVAL_CELLS)
+
+
+def test_report_counts_dominance_and_excludes_failed_attacks(tmp_path):
+    runs = {}
+    for k, (asr0, fip, ft) in {"cnn/badnets/s0/c0.1/p0.1/t0": (1.0, (0.96, 0.01), (0.96, 0.20)),
+                               "cnn/sig/s0/c0.1/p0.1/t0": (0.2, (0.90, 0.00), (0.97, 0.0))}.items():
+        runs[k + "|before"] = {"cell": k, "method": "before", "cfg": {}, "acc": 0.97, "asr": asr0, "ra": 0.0,
+                               "retune_asr": 1.0, "benign": {"retune_asr": 0.02}}
+        for m, (acc, asr) in (("fip", fip), ("ft", ft)):
+            runs[k + "|" + m] = {"cell": k, "method": m, "cfg": {}, "acc": acc, "asr": asr, "ra": 0.5,
+                                 "retune_asr": 0.1, "wall_s": 1.0}
+    md = "\n".join(eval_md({"runs": runs}))
+    assert "attack failed in 1: cnn/sig" in md
+    fip_row = next(line for line in md.splitlines() if line.startswith("| fip |") and "/" in line)
+    cols = [c.strip() for c in fip_row.strip("|").split("|")]
+    assert cols[P.METHODS.index("ft") + 1] == "1/1"       # fip dominates ft on the one implanted cell
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"runs": runs}))
+    assert write_report(tmp_path / "missing.json", path, ["x"]).read_text().startswith("# Fair protocol")
+
+
+@pytest.fixture
+def tiny_protocol(monkeypatch):
+    """One cell at a toy budget: a 2-epoch CNN, 4 purification steps."""
+    monkeypatch.setitem(T.TRAIN_EPOCHS, "cnn", 1)
+    monkeypatch.setattr(P, "STEPS", 4)
+    return T.Cell("cnn", "badnets", 0, 0.02, 0.1)
+
+
+def test_run_one_end_to_end(tiny_protocol, tmp_path):
+    torch.manual_seed(0)
+    before = P.run_one(tiny_protocol, None, {}, str(tmp_path))
+    assert {"acc", "asr", "ra", "retune_asr", "benign"} <= before.keys()
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2          # backdoored + benign model cached
+    after = P.run_one(tiny_protocol, "ft", {"lr": 0.01}, str(tmp_path))
+    assert {"acc", "asr", "ra", "wall_s", "val_acc0", "val_acc", "retune_asr"} <= after.keys()
+    assert 0.0 <= after["asr"] <= 1.0 and after["wall_s"] > 0
+
+
+def test_retune_attack_raises_asr_of_a_purified_model_not_of_a_benign_one(tiny_protocol, tmp_path):
+    """The re-tuning attack is an attack: with a strong setting it implants the trigger in a benign model, and at
+    the calibrated default it does not."""
+    sp, atk, clean = T._split(tiny_protocol)
+    benign = T.benign_model(tiny_protocol, tmp_path)
+    task = T.Task(tiny_protocol, benign, clean, sp.test, atk.triggered_test(*sp.test), atk)
+    weak = T.retune_asr(benign, task)
+    strong = T.retune_asr(benign, task, T.Retune(steps=60, lr=0.05, per_batch=16))
+    assert weak < 0.3 and strong > weak + 0.3
