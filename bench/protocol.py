@@ -47,7 +47,7 @@ from itertools import product
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from bench.protocol_tasks import ARCHS, ATTACKS, Cell, Retune, config_fingerprint, default_cache
+from bench.protocol_tasks import ARCHS, ATTACKS, TRAIN_EPOCHS, Cell, Retune, config_fingerprint, default_cache
 
 ROOT = Path(__file__).resolve().parent / "results"
 STEPS, BATCH = 100, 64
@@ -81,6 +81,14 @@ ABLATIONS: Dict[str, Tuple[str, dict]] = {
     "fip + head reinit": ("fip", dict(head="reinit")),
     "fip + head reinit + shift": ("fip", dict(head="reinit", augment="shift")),
     "fip + head reinit, neither": ("fip", dict(head="reinit", eta_F=0.0, eta_r=0.0)),
+    "fip, no anchor, wd 5e-4": ("fip", dict(eta_r=0.0, weight_decay=5e-4)),
+    "fip, no anchor, wd 5e-4, lr 0.1": ("fip", dict(eta_r=0.0, weight_decay=5e-4, lr=0.1)),
+    "fip, no anchor, wd 0.01, lr 0.1": ("fip", dict(eta_r=0.0, weight_decay=0.01, lr=0.1)),
+    "fip, no anchor, rho 0.2, lr 0.1": ("fip", dict(eta_r=0.0, rho=0.2, lr=0.1)),
+    "fip, no anchor, lr 0.1, onecycle": ("fip", dict(eta_r=0.0, lr=0.1, lr_schedule="onecycle")),
+    "fip, no anchor, lr 0.2, onecycle": ("fip", dict(eta_r=0.0, lr=0.2, lr_schedule="onecycle")),
+    "fip, no anchor, lr 0.1, cyclic": ("fip", dict(eta_r=0.0, lr=0.1, lr_schedule="cyclic")),
+    "fip, no anchor, lr 0.2, cyclic": ("fip", dict(eta_r=0.0, lr=0.2, lr_schedule="cyclic")),
 }
 
 DEV_CELLS = [Cell(a, atk, 100, 0.1, 0.1, target=5) for a, atk in product(ARCHS, SEEN_ATTACKS)]
@@ -206,8 +214,10 @@ def _paths(args) -> Tuple[Path, Path]:
 
 
 def _config(stage: str) -> dict:
-    return {"stage": stage, "steps": STEPS, "batch": BATCH, "acc_margin": ACC_MARGIN, "grids": GRIDS,
-            "retune": RETUNE.__dict__, "methods": METHODS}
+    """What every run of a stage shares (its fingerprint guards the JSON).  The grids are not in it: a run is
+    keyed by its cell, method and options, so a changed grid adds runs and leaves the others valid."""
+    return {"stage": stage, "steps": STEPS, "batch": BATCH, "acc_margin": ACC_MARGIN, "retune": RETUNE.__dict__,
+            "train_epochs": TRAIN_EPOCHS}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -233,13 +243,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             _save(doc, dev_path)
     elif args.stage == "ablate":
         path = dev_path.with_name("protocol_ablate.json")
-        doc = _open(path, {**_config("ablate"), "ablations": ABLATIONS}, args.fresh)
+        doc = _open(path, _config("ablate"), args.fresh)
         _execute(doc, path, stage_jobs("ablate", False, None), args.jobs, Path(args.cache), budget)
     elif args.stage == "eval":
         dev = json.loads(dev_path.read_text()) if dev_path.exists() else {}
         if "chosen" not in dev:
             raise SystemExit(f"{dev_path} holds no frozen choice: run `python -m bench protocol dev` first")
-        doc = _open(eval_path, {**_config("eval"), "chosen": dev["chosen"], "quick": args.quick}, args.fresh)
+        doc = _open(eval_path, {**_config("eval"), "quick": args.quick}, args.fresh)
+        doc["chosen"] = dev["chosen"]
         _execute(doc, eval_path, stage_jobs("eval", args.quick, dev["chosen"]), args.jobs, Path(args.cache), budget)
     write_report(dev_path, eval_path, sys.argv)
     return 0

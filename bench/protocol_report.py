@@ -103,6 +103,10 @@ def _dominates(a: dict, b: dict) -> bool:
 def eval_md(doc: dict) -> List[str]:
     from bench.protocol import METHODS, SEEN_ATTACKS
 
+    chosen = doc.get("chosen")
+    if chosen:      # runs of an earlier frozen choice stay in the JSON; only the current choice is reported
+        doc = {"runs": {k: r for k, r in doc["runs"].items() if r["method"] == "before"
+                        or r["cfg"] == chosen.get(r["method"], {}).get("cfg")}}
     all_cells = _by_cell(doc)
     cells = _implanted(all_cells)
     failed = sorted(k for k, v in all_cells.items() if "before" in v and v["before"]["asr"] < MIN_ASR)

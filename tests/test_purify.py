@@ -499,3 +499,39 @@ def test_fip_head_reinit_reinitializes_the_head_and_drops_its_anchor():
     assert float(st[net[0].weight]["fisher0"].abs().sum()) > 0.0
     with pytest.raises(ValueError, match="head"):
         build_fip(copy.deepcopy(ref), ctx, lr=0.01, rho=0.5, head="fresh", **o)
+
+
+def test_loop_schedules_warm_up_and_cycle():
+    """``lr_schedule="onecycle"`` warms up over the first 10 % of the steps (from 1/25) and then decays as the
+    cosine; ``"cyclic"`` rises to the peak at each half-cycle; an unknown name is refused before any work."""
+    import math
+
+    from fip_fast.pipeline.loop import schedule_factor
+
+    T = 100
+    assert schedule_factor("onecycle", 0, T) == pytest.approx(1 / 25)
+    assert schedule_factor("onecycle", 9, T) == pytest.approx(1.0)
+    assert schedule_factor("onecycle", 10, T) == pytest.approx(1.0)
+    assert schedule_factor("onecycle", 55, T) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert all(schedule_factor("onecycle", t, T) < schedule_factor("onecycle", t + 1, T) for t in range(9))
+    assert schedule_factor("cyclic", 25, T) == pytest.approx(1.0) == schedule_factor("cyclic", 75, T)
+    assert schedule_factor("cyclic", 0, T) == pytest.approx(0.01)
+    assert schedule_factor("cosine", 50, T) == pytest.approx(0.5)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3))
+    data = (torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    seen = []
+    orig = P.loop.PurifyLoop._train_step
+
+    def spy(self, step):
+        orig(self, step)
+        seen.append(self._groups[0]["lr"])
+
+    P.loop.PurifyLoop._train_step = spy
+    try:
+        P.purify(net, data, method="fip", steps=10, batch_size=8, lr=0.1, lr_schedule="onecycle", progress=False)
+    finally:
+        P.loop.PurifyLoop._train_step = orig
+    assert seen[0] == pytest.approx(0.1 / 25) and max(seen) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        P.purify(net, data, method="fip", steps=2, lr_schedule="triangle", progress=False)

@@ -44,6 +44,21 @@ class LoopPlan:
     augment: Any = None
 
 
+#: Learning-rate schedules of the loop (the multiplier of every group's base lr at step t of T).
+SCHEDULES = ("cosine", "constant", "onecycle", "cyclic")
+
+
+def schedule_factor(name: str, step: int, steps: int) -> float:
+    """``"cosine"``: ½(1 + cos(πt/T)).  ``"onecycle"``: a linear warm-up over the first 10 % of the steps (from
+    1/25), then the cosine — the large rate arrives after BatchNorm and momentum have adapted to the clean data.
+    ``"cyclic"``: two triangles from 1 % of the rate up to it and back (Super-FT's schedule)."""
+    if name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
+    from fip_fast.baselines.superft import superft_lr_factor
+
+    return superft_lr_factor(name, step, steps, warmup=max(1, round(0.1 * steps)))
+
+
 def loop_plan(opts: Dict[str, Any], loop: LoopOptions, seed: int, augment: Any = None) -> LoopPlan:
     """Take ``steps`` and ``batch_size`` out of the method options (the builder does not get them);
     ``augment``: the resolved augmentation (:func:`fip_fast.augment.make_augment` of ``loop.augment``)."""
@@ -142,8 +157,8 @@ class PurifyLoop:
     def _train_step(self, step: int) -> None:
         plan, st, dev = self.plan, self.state, self.device
         xb, yb = step_batch(self.data, plan, step, self.strategy, dev)
-        if plan.schedule == "cosine":    # a decaying rate lets clean accuracy recover after the purifying steps
-            fac = 0.5 * (1.0 + math.cos(math.pi * step / max(1, plan.steps)))
+        if plan.schedule != "constant":  # a decaying rate lets clean accuracy recover after the purifying steps
+            fac = schedule_factor(plan.schedule, step, plan.steps)
             for g, b in zip(self._groups, self._base_lrs):
                 g["lr"] = b * fac
         sync(dev)

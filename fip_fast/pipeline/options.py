@@ -16,7 +16,8 @@ class LoopOptions:
 
     val_fraction: share of every class held out for clean validation.  val_margin: selection tolerance on
     clean-val accuracy.  patience: evaluations below a0 − 2·val_margin before stopping (0: never).
-    eval_every: steps between evaluations (None: steps // 10, at least 1).  lr_schedule: "cosine" | "constant".
+    eval_every: steps between evaluations (None: steps // 10, at least 1).
+    lr_schedule: "cosine" | "constant" | "onecycle" | "cyclic" (:func:`fip_fast.pipeline.loop.schedule_factor`).
     augment: the augmentation of the training batches, a spelling of :func:`fip_fast.augment.make_augment`
     (None: none) — of every kind of method: the loop applies it, a runner gets it as ``augment=``.
     """
@@ -50,8 +51,10 @@ def resolve_options(spec: MethodSpec, *, steps: Optional[int], batch_size: Optio
     for k, v in explicit.items():       # an explicit argument wins
         if v is not None:
             setattr(loop, k, v)
-    if loop.lr_schedule not in ("cosine", "constant"):
-        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {loop.lr_schedule!r}")
+    from fip_fast.pipeline.loop import SCHEDULES
+
+    if loop.lr_schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {loop.lr_schedule!r}")
     return opts, loop
 
 
