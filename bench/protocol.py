@@ -159,12 +159,13 @@ def _execute(doc: dict, path: Path, jobs: List[Tuple[Cell, Optional[str], dict]]
              budget_s: Optional[float]) -> None:
     """Run the ``jobs`` not yet in ``doc['runs']`` (in ``n_proc`` processes), saving after each one."""
     todo = [j for j in jobs if run_key(*j) not in doc["runs"]]
-    # The "before" measurements train the backdoored models: do them first, so the methods find them cached.
-    todo.sort(key=lambda j: (j[1] is not None, j[0].arch == "resnet"))
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to go", flush=True)
     t0 = time.perf_counter()
-    befores = [j for j in todo if j[1] is None]
-    for batch in (befores, [j for j in todo if j[1] is not None]):
+    # Seed by seed (an interrupted suite holds whole seeds), and within a seed the "before" measurements first:
+    # they train the backdoored models, which the methods then find cached.
+    batches = [[j for j in todo if j[0].seed == s and (j[1] is None) == before]
+               for s in sorted({j[0].seed for j in todo}) for before in (True, False)]
+    for batch in (b for b in batches if b):
         with ProcessPoolExecutor(max_workers=n_proc) as pool:
             futs = {pool.submit(run_one, c, m, cfg, str(cache)): (c, m, cfg) for c, m, cfg in batch}
             for i, f in enumerate(as_completed(futs)):

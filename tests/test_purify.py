@@ -98,7 +98,11 @@ def test_synthetic_backdoor_is_planted(task):
 def test_purify_lowers_asr(task, method):
     model, clean, test, trig = task
     before = _metrics(model, test, trig)
-    m, rep = P.purify(copy.deepcopy(model), clean, method=method, steps=120, batch_size=32, progress=False)
+    # Fast FIP at the settings before the fair protocol (lr_delta 0.5 with the anchor): its shipped default
+    # (lr_delta 0.3, no anchor: the protocol's clean-accuracy choice) keeps clean accuracy and, like every Fast FIP
+    # setting that does, the backdoor (bench/results/protocol_dev.md).
+    kw = {"lr_delta": 0.5, "eta_r": 1.0} if method == "fast_fip" else {}
+    m, rep = P.purify(copy.deepcopy(model), clean, method=method, steps=120, batch_size=32, progress=False, **kw)
     after = _metrics(m, test, trig)
     # Full FIP removes most of this backdoor; Fast FIP (δ + biases/BN only) lowers it less on such a tiny
     # network (see docs/demo.md, "Where Fast FIP falls short") — the bound says so rather than hiding it.

@@ -35,8 +35,9 @@ _CACHE_VERSION = 2   # 2: initial weights seeded (1 trained from unseeded initia
 #: The demo task's defaults (``fip-fast demo`` flags); ``bench/baselines.py`` builds the same backdoored models.
 DEMO_DEFAULTS = dict(epochs=10, train_lr=2e-3, width=16, hidden=256, test_fraction=0.2, val_fraction=0.1)
 
-#: The demo's default methods; ``ft`` is the control (the same loop with the suppressor and the anchor off).
-DEMO_METHODS = ("fast_fip", "fip", "ft")
+#: The demo's default methods; ``ft`` is the control (the same loop with the suppressor and the anchor off);
+#: ``superft`` the strongest fine-tuning baseline of the fair protocol (bench/results/protocol_eval.md).
+DEMO_METHODS = ("fast_fip", "fip", "ft", "superft")
 
 #: What the demo needs beyond fip_fast's own dependencies (the extra ``fip_fast[demo]``).
 DEMO_EXTRA = ("mlxtend", "matplotlib")
