@@ -28,6 +28,11 @@ The names are registered with :func:`fip_fast.pipeline.purify` (``kind="runner"`
 ``purify(model, clean, method="ngf", curvature="diag")`` works; this package never imports the pipeline.
 :data:`RUNNERS` lists them (documentation; the registry holds its own table).
 
+The fair protocol (``bench/protocol.py``, ``docs/protocol.md``) does not use these defaults: it tunes every method
+on its own development task with the same grid size and rule, and freezes the choice
+(``bench/results/protocol_dev.md``: Super-FT peak lr 0.05 cyclic, FST lr 0.01 / α 0.2, SAU lr 3e-3 at two PGD
+steps, FT lr 0.05, FT-SAM lr 0.01, all at 100 steps of batch 64).  The defaults below are each runner's own.
+
 How the defaults were chosen (clean data only)
 ----------------------------------------------
 Every runner decays its learning rate with a cosine to 0 over the run (``lr_schedule="cosine"``, as

@@ -17,16 +17,18 @@ __all__ = ["DEFAULTS", "build_fip", "build_fast_fip"]
 #: chosen on clean validation data only).  ``patience`` is a loop option: 0 never stops early.  ``augment`` (not set:
 #: no augmentation) and ``lr_schedule`` are loop options too, allowed here; ``purify(augment=…)`` overrides.
 DEFAULTS: Dict[str, Dict[str, Any]] = {
-    # Chosen on the development task of the fair protocol (bench/protocol.py, bench/results/protocol_dev.md) by its
-    # clean-accuracy rule, at its budget of 100 steps of batch 64.  eta_r = 0 (no Fisher anchor): the development
-    # ablations (protocol_ablate.md) found that the anchor protects the trigger (development ASR 10 % with it, 4 %
-    # without it, at equal clean accuracy); the suppressor stays (without it: 22 %).
+    # lr (lr_delta) and eta_r chosen on the development task of the fair protocol (bench/protocol.py,
+    # bench/results/protocol_dev.md) by its clean-accuracy rule, at its equal budget of 100 steps for every method.
+    # eta_r = 0 (no Fisher anchor): the development ablations (protocol_ablate.md) found that the anchor protects
+    # the trigger (development ASR 10 % with it, 4 % without it, at equal clean accuracy); the suppressor stays
+    # (without it: 22 %).  The step count is a budget, not a tuned knob: 300 (as before) — on the demo's wider CNN,
+    # a model the protocol never saw, 300 steps give 96.2 % / 0.8 % (ACC / ASR) and 100 steps 95.4 % / 8.1 %.
     "fip": dict(
-        steps=100, batch_size=64, lr=0.05, momentum=0.9, eta_F=0.005, eta_r=0.0, rho=0.5, max_mix=1.0,
+        steps=300, batch_size=64, lr=0.05, momentum=0.9, eta_F=0.005, eta_r=0.0, rho=0.5, max_mix=1.0,
         trace_every=1, trace_estimator="fd", weight_decay=0.03, patience=0,
     ),
     "fast_fip": dict(
-        steps=100, batch_size=64, lr=0.1, momentum=0.9, eta_F=0.005, eta_r=0.0, rho=0.5, max_mix=1.0,
+        steps=150, batch_size=64, lr=0.1, momentum=0.9, eta_F=0.005, eta_r=0.0, rho=0.5, max_mix=1.0,
         trace_every=1, trace_estimator="fd", weight_decay=0.01, patience=0,
         lr_delta=0.3, rho_delta=2.0, relative=True, rank=None, fast_fip_extra="bias_bn",
     ),

@@ -103,12 +103,13 @@ selection / early stop) · ``checkpoint`` (save / resume, fingerprints) · ``str
 
 Defaults (how they were chosen)
 -------------------------------
-The learning rate (``lr`` for fip, ``lr_delta`` for fast_fip), the step count (100) and the anchor (off) come
-from the fair protocol, ``bench/protocol.py``: on its *development* task every method's grid is run at the same
-budget and the strongest setting whose mean clean accuracy stays within 2 points of the backdoored model's is
-frozen; the evaluation suite (other seeds, targets and attacks) then measures it without further tuning
-(``bench/results/protocol_eval.md``).  The suppressor radius and the weight decay are the earlier clean-data
-choices of ``docs/demo.md``.  Test ASR was never used to choose anything.
+The learning rate (``lr`` for fip, ``lr_delta`` for fast_fip) and the anchor (off) come from the fair protocol,
+``bench/protocol.py``: on its *development* task every method's grid is run at the same budget and the strongest
+setting whose mean clean accuracy stays within 2 points of the backdoored model's is frozen; the evaluation suite
+(other seeds, targets and attacks) then measures it without further tuning
+(``bench/results/protocol_eval.md``).  The protocol compares every method at 100 steps; the shipped step counts
+(fip 300, fast_fip 150), the suppressor radius and the weight decay are the earlier clean-data choices of
+``docs/demo.md``.  Test ASR was never used to choose anything.
 """
 from __future__ import annotations
 
