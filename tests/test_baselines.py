@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,25 +330,9 @@ def test_adaptive_regularizer_gradient():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-S = 8
-
-
-def _synthetic(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = 0.2 * torch.rand(n, 1, S, S, generator=g)
-    bars = [(slice(1, 3), slice(1, 7)), (slice(5, 7), slice(1, 7)), (slice(1, 7), slice(1, 3)),
-            (slice(1, 7), slice(5, 7))]
-    for c, (r, col) in enumerate(bars):
-        x[y == c, :, r, col] += 0.7
-    return x.clamp(0, 1), y
-
-
-_PATTERN = torch.rand(1, 1, S, S, generator=torch.Generator().manual_seed(9))
-
-
-def _trigger(x):
-    return (0.7 * x + 0.3 * _PATTERN).clamp(0, 1)    # a blend trigger, target class 0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bars import acc_asr as _acc_asr  # noqa: E402
+from _bars import backdoored_bars  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -360,32 +346,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def backdoored(_one_thread):
-    x, y = _synthetic(800, 0)
-    pidx = torch.nonzero(y != 0).flatten()[:80]
-    x[pidx], y[pidx] = _trigger(x[pidx]), 0
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                        nn.Linear(8 * 16, 32), nn.ReLU(), nn.Linear(32, 4))
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(10):
-        perm = torch.randperm(800, generator=g)
-        for i in range(0, 800, 64):
-            b = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(net(x[b]), y[b]).backward()
-            opt.step()
-    net.eval()
-    xte, yte = _synthetic(400, 2)
-    clean = _synthetic(64, 3)
-    keep = yte != 0
-    return net, clean, (xte, yte), _trigger(xte[keep])
-
-
-def _acc_asr(net, test, trig):
-    with torch.no_grad():
-        return (float((net(test[0]).argmax(1) == test[1]).float().mean()),
-                float((net(trig).argmax(1) == 0).float().mean()))
+    return backdoored_bars()
 
 
 def test_synthetic_backdoor_is_planted(backdoored):
