@@ -108,11 +108,13 @@ def eval_md(doc: dict) -> List[str]:
         doc = {"runs": {k: r for k, r in doc["runs"].items() if r["method"] == "before"
                         or r["cfg"] == chosen.get(r["method"], {}).get("cfg")}}
     all_cells = _by_cell(doc)
-    cells = _implanted(all_cells)
-    failed = sorted(k for k, v in all_cells.items() if "before" in v and v["before"]["asr"] < MIN_ASR)
+    complete = {k: v for k, v in all_cells.items() if all(m in v for m in ("before",) + tuple(METHODS))}
+    cells = _implanted(complete)
+    failed = sorted(k for k, v in complete.items() if v["before"]["asr"] < MIN_ASR)
     out = ["## Evaluation suite (frozen choices)", "",
-           f"{len(all_cells)} cells measured; {len(cells)} with an implanted backdoor (ASR ≥ {MIN_ASR:.0%}) enter "
-           f"the means; attack failed in {len(failed)}: {', '.join(failed) or '–'}.", "",
+           f"{len(complete)} cells complete (every method run; {len(all_cells) - len(complete)} in progress); "
+           f"{len(cells)} with an implanted backdoor (ASR ≥ {MIN_ASR:.0%}) enter the means; the attack failed in "
+           f"{len(failed)}: {', '.join(failed) or '–'}.", "",
            "| cells | method | n | ACC % | ΔACC (pt) | ASR % | RA % | re-tuned ASR % | wall s |",
            "|---|---|---|---|---|---|---|---|---|"]
     groups = [("all", cells)]
@@ -122,7 +124,7 @@ def eval_md(doc: dict) -> List[str]:
     groups.append(("unseen attacks", {k: v for k, v in cells.items() if k.split("/")[1] not in SEEN_ATTACKS}))
     for label, cs in groups:
         out += _summary_rows(cs, METHODS, label)
-    benign = [c["before"]["benign"]["retune_asr"] for c in all_cells.values() if "before" in c]
+    benign = [c["before"]["benign"]["retune_asr"] for c in complete.values()]
     out += ["", f"Re-tuning attack on the **benign** models (same architecture and training, no poison): ASR "
             f"{_ms(benign)} % over {len(benign)} cells (the calibration: a benign model must stay low).", ""]
     out += ["### Cells won: row dominates column (lower ASR, ACC not lower, ± 0.5 pt)", "",

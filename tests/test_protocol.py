@@ -55,11 +55,16 @@ def test_report_counts_dominance_and_excludes_failed_attacks(tmp_path):
                                "cnn/sig/s0/c0.1/p0.1/t0": (0.2, (0.90, 0.00), (0.97, 0.0))}.items():
         runs[k + "|before"] = {"cell": k, "method": "before", "cfg": {}, "acc": 0.97, "asr": asr0, "ra": 0.0,
                                "retune_asr": 1.0, "benign": {"retune_asr": 0.02}}
-        for m, (acc, asr) in (("fip", fip), ("ft", ft)):
+        for m in P.METHODS:                 # every other method as ft
+            acc, asr = fip if m == "fip" else ft
             runs[k + "|" + m] = {"cell": k, "method": m, "cfg": {}, "acc": acc, "asr": asr, "ra": 0.5,
                                  "retune_asr": 0.1, "wall_s": 1.0}
+    pending = "resnet/badnets/s1/c0.1/p0.1/t0"          # a cell whose methods have not run yet: not in the means
+    runs[pending + "|before"] = {"cell": pending, "method": "before", "cfg": {}, "acc": 0.5, "asr": 1.0, "ra": 0.0,
+                                 "retune_asr": 1.0, "benign": {"retune_asr": 0.9}}
     md = "\n".join(eval_md({"runs": runs}))
-    assert "attack failed in 1: cnn/sig" in md
+    assert "2 cells complete (every method run; 1 in progress)" in md
+    assert "the attack failed in 1: cnn/sig" in md and "ASR 2.0 ± 0.0 % over 2 cells" in md
     fip_row = next(line for line in md.splitlines() if line.startswith("| fip |") and "/" in line)
     cols = [c.strip() for c in fip_row.strip("|").split("|")]
     assert cols[P.METHODS.index("ft") + 1] == "1/1"       # fip dominates ft on the one implanted cell
