@@ -120,6 +120,8 @@ def eval_md(doc: dict) -> List[str]:
     groups = [("all", cells)]
     for arch in ("cnn", "resnet"):
         groups.append((arch, {k: v for k, v in cells.items() if k.startswith(arch + "/")}))
+    for clean in ("0.02", "0.1"):
+        groups.append((f"clean {float(clean):.0%}", {k: v for k, v in cells.items() if k.split("/")[3] == "c" + clean}))
     groups.append(("seen attacks", {k: v for k, v in cells.items() if k.split("/")[1] in SEEN_ATTACKS}))
     groups.append(("unseen attacks", {k: v for k, v in cells.items() if k.split("/")[1] not in SEEN_ATTACKS}))
     for label, cs in groups:
