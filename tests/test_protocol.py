@@ -83,7 +83,10 @@ def tiny_protocol(monkeypatch):
 
 def test_run_one_end_to_end(tiny_protocol, tmp_path):
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     before = P.run_one(tiny_protocol, None, {}, str(tmp_path))
+    # one thread is the workers' business (the pool initializer), not the caller's: it changed later tests' numerics
+    assert torch.get_num_threads() == threads
     assert {"acc", "asr", "ra", "retune_asr", "benign"} <= before.keys()
     assert len(list(tmp_path.glob("*.safetensors"))) == 2          # backdoored + benign model cached
     after = P.run_one(tiny_protocol, "ft", {"lr": 0.01}, str(tmp_path))
