@@ -166,8 +166,11 @@ def _host_step_lines(d: dict) -> list[str]:
     if not d.get("host_step"):
         return []
     md = ["", "## Host time per `optimizer.step()` (tiny tensors of 4 elements: Python + dispatch overhead)", ""]
-    rows = []
+    rows, errors = [], []
     for h in d["host_step"]:
+        if h.get("error"):
+            errors.append(f"* {h['impl']}: {h['error']}")
+            continue
         rows.append([h["optimizer"], h["impl"], str(h["ntensors"]),
                      f"{_ms(h['per_step_median_s'])} [{_ms(h['per_step_p20_s'])}–{_ms(h['per_step_p80_s'])}]",
                      _ms(h.get("per_step_cpu_median_s"))])
@@ -175,8 +178,10 @@ def _host_step_lines(d: dict) -> list[str]:
                      rows))
     md.append("")
     md.append("`fip_lagged` and `fip_fd` are means over a cycle of `trace_every` = 5 calls (one suppressor "
-              "call); the `fip_fd` closure only re-assigns stored gradients.")
-    return md
+              "call; each lagged call preceded by the `apply_perturbation` of its training forward); the `fip_fd` "
+              "closure only re-assigns stored gradients.  `triton (launch mocked)`: the Triton path under the "
+              "interpreter with every kernel launch replaced by a no-op — the host work a GPU step pays.")
+    return md + ([""] + errors if errors else [])
 
 
 # ------------------------------------------------------------------------------------------------ end to end

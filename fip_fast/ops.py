@@ -97,8 +97,8 @@ def resolve(impl: str, device: torch.device | str = "cpu") -> str:
     return "foreach"
 
 
-def get(op: str, impl: str = "auto", device: torch.device | str = "cpu") -> Callable:
-    """The function implementing ``op`` with ``impl`` (resolved for ``device``)."""
+def _lookup(op: str, impl: str, device: torch.device | str) -> tuple[Callable, str]:
+    """(the function implementing ``op``, the name of the impl it comes from)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     name = resolve(impl, device)
@@ -111,29 +111,46 @@ def get(op: str, impl: str = "auto", device: torch.device | str = "cpu") -> Call
                 m = importlib.import_module(_MODULES[cand]) if cand == "reference" else _module(cand)[0]
                 fn = getattr(m, op, None)
                 if fn is not None:
+                    name = cand
                     break
     if fn is None:
         raise ImplUnavailableError(f"impl={name!r} does not implement {op!r}")
-    return fn
+    return fn, name
 
 
-def fisher_accumulate_(fisher, grads, beta, alpha, *, impl: str = "auto"):
+def get(op: str, impl: str = "auto", device: torch.device | str = "cpu") -> Callable:
+    """The function implementing ``op`` with ``impl`` (resolved for ``device``)."""
+    return _lookup(op, impl, device)[0]
+
+
+#: backends whose list ops take ``cache_key`` (a hashable the caller guarantees determines every tensor of the
+#: call: they then reuse the pointer table built for it, skipping their per-tensor checks; see fip_fast._plan)
+_KEYED = frozenset({"cpu", "triton"})
+
+
+def _keyed(name: str, cache_key) -> dict:
+    return {} if cache_key is None or name not in _KEYED else {"cache_key": cache_key}
+
+
+def fisher_accumulate_(fisher, grads, beta, alpha, *, impl: str = "auto", cache_key=None):
     """F ← β·F + α·g² for every tensor of the lists (see :func:`fip_fast.reference.fisher_accumulate_`)."""
     if fisher:
-        get("fisher_accumulate_", impl, fisher[0].device)(fisher, grads, beta, alpha)
+        fn, name = _lookup("fisher_accumulate_", impl, fisher[0].device)
+        fn(fisher, grads, beta, alpha, **_keyed(name, cache_key))
 
 
-def global_norm(tensors, *, impl: str = "auto"):
+def global_norm(tensors, *, impl: str = "auto", cache_key=None):
     """(global L2 norm, found_inf) as 0-dim fp32 tensors (see :func:`fip_fast.reference.global_norm`)."""
     dev = next((t.device for t in tensors if t is not None), torch.device("cpu"))
-    return get("global_norm", impl, dev)(tensors)
+    fn, name = _lookup("global_norm", impl, dev)
+    return fn(tensors, **_keyed(name, cache_key))
 
 
-def _bump_versions(params, impl: str) -> None:
+def _bump_versions(params, name: str) -> None:
     """Kernels that write through raw pointers (Triton, CUDA, the C++ CPU kernels) do not advance the tensors'
     version counters; advance them, so that autograd's checks and version-based caches (Fast FIP's in-place weight
     sync, which re-derives W when δ._version changes) see the write.  A no-op for the torch-op implementations."""
-    if resolve(impl, params[0].device) in ("triton", "cuda", "cpu"):
+    if name in ("triton", "cuda", "cpu"):
         try:
             torch.autograd.graph.increment_version(list(params))
         except TypeError:          # torch < 2.5 takes one tensor at a time
@@ -141,20 +158,23 @@ def _bump_versions(params, impl: str) -> None:
                 torch.autograd.graph.increment_version(p)
 
 
-def perturb_(params, grads, scale, found_inf=None, *, impl: str = "auto"):
+def perturb_(params, grads, scale, found_inf=None, *, impl: str = "auto", cache_key=None):
     """θ ← θ + scale·g unless found_inf (see :func:`fip_fast.reference.perturb_`)."""
     if params:
-        get("perturb_", impl, params[0].device)(params, grads, scale, found_inf)
-        _bump_versions(params, impl)
+        fn, name = _lookup("perturb_", impl, params[0].device)
+        fn(params, grads, scale, found_inf, **_keyed(name, cache_key))
+        _bump_versions(params, name)
 
 
 def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, *, impl: str = "auto",
-              **hyper):
-    """The fused optimizer step (see :func:`fip_fast.reference.fip_step_` for the contract)."""
+              cache_key=None, **hyper):
+    """The fused optimizer step (see :func:`fip_fast.reference.fip_step_` for the contract).  ``cache_key``: see
+    :data:`_KEYED` (ignored by backends without tables)."""
     if params:
-        get("fip_step_", impl, params[0].device)(params, grads, grads_pert, fisher0, anchor, momentum_buf,
-                                                 fisher, pert, **hyper)
-        _bump_versions(params, impl)
+        fn, name = _lookup("fip_step_", impl, params[0].device)
+        fn(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, **hyper,
+           **_keyed(name, cache_key))
+        _bump_versions(params, name)
 
 
 def spectral_weight(U, S, delta, Vh, residual=None, relative=False, *, impl: str = "auto"):

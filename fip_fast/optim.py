@@ -67,7 +67,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from fip_fast import ops
+from fip_fast import _plan, ops
 from fip_fast.reference import mix_coefficient
 
 logger = logging.getLogger("fip_fast")
@@ -158,16 +158,30 @@ class _Slice:
     gp: Optional[list] = None          # the second gradient (fd: at θ + e; batch/exact: g + η_F·∇T)
     restore: Optional[Tensor] = None   # fd: ρ/‖g‖ (θ + e − restore·g = θ)
     mix: Optional[Any] = None
+    plan: Optional[_plan.DevicePlan] = None   # the step plan of these tensors (None: no plan, no cache keys)
+    gptrs: tuple = ()                  # the data_ptr of each tensor of ``g``: the moving part of the cache keys
+
+    def key(self, what: str, *moving: Optional[tuple]) -> Optional[tuple]:
+        """The backends' ``cache_key`` for the call ``what`` on this slice's tensors (None without a plan): the
+        stable part (the plan's uid: its parameters and state) and the pointers of the lists that may move
+        between steps (the gradients), one tuple per such list (see :mod:`fip_fast._plan`)."""
+        return None if self.plan is None else ((self.plan.uid, what), moving)
+
+    def gp_key(self, what: str) -> Optional[tuple]:
+        """The key of a call on ``g`` and ``gp`` (fresh tensors on every suppressor call: read here, each time)."""
+        if self.plan is None:
+            return None
+        return self.key(what, self.gptrs, None if self.gp is None else _plan.pointers(self.gp))
 
 
 def _on(t: Tensor, dev: torch.device) -> Tensor:
     return t if t.device == dev else t.to(dev, non_blocking=True)
 
 
-def _global_norm(tensors: list, impl: str) -> tuple[Tensor, Tensor]:
+def _global_norm(tensors: list, impl: str, cache_key=None) -> tuple[Tensor, Tensor]:
     """(‖tensors‖₂, found_inf) as plain 0-dim tensors: the norm of FSDP2 (DTensor) gradients comes back as a
     DTensor, whose full value the step's scalar bookkeeping needs (``full_tensor`` reduces a partial norm)."""
-    norm, found = ops.global_norm(tensors, impl=impl)
+    norm, found = ops.global_norm(tensors, impl=impl, cache_key=cache_key)
     if hasattr(norm, "full_tensor"):
         norm, found = norm.full_tensor(), found.full_tensor()
     return norm, found
@@ -184,7 +198,10 @@ class _SkipCounter:
         self._event = None
 
     def add(self, flag: Tensor) -> None:
-        self.count = flag.clone() if self.count is None else self.count + _on(flag, self.count.device)
+        if self.count is None:
+            self.count = flag.detach().clone()
+        else:
+            self.count.add_(_on(flag, self.count.device))
         if not self.warned:
             self._poll()
 
@@ -194,7 +211,7 @@ class _SkipCounter:
     def _poll(self) -> None:
         c = self.count
         if c.device.type != "cuda":
-            seen = float(c.detach().cpu().numpy())       # host memory already: not a device sync
+            seen = float(c.numpy())       # host memory already: not a device sync
         else:
             seen = 0.0
             if self._event is not None and self._event.query():
@@ -348,6 +365,10 @@ class FIP(Optimizer):
         self._lazy = _LazyPerturbation(self)
         self._suspended = False          # inside unperturbed(), the applied perturbation is taken off
         self._ids: Optional[set] = None
+        #: bumped by every structural change (groups, loaded state, new state entries): invalidates step plans
+        self._epoch = 0
+        self._plans: dict[int, _plan.GroupPlan] = {}
+        self._resolved: dict[torch.device, str] = {}
         super().__init__(params, defaults)
         if impl not in ("auto", "reference"):
             for dev in {p.device for g in self.param_groups for p in g["params"]}:
@@ -376,6 +397,14 @@ class FIP(Optimizer):
         validate_hyperparameters({**self.defaults, **group})
         super().add_param_group(group)
         self._ids = None
+        self.invalidate_plans()
+
+    def invalidate_plans(self) -> None:
+        """Forget the step plans (:mod:`fip_fast._plan`): the next step re-reads every parameter's state.  Done
+        automatically when groups are added, a state dict is loaded or state is created; call it after replacing
+        state tensors by hand."""
+        self._epoch += 1
+        self._plans = {}
 
     def _param_ids(self) -> set:
         if self._ids is None:
@@ -396,9 +425,12 @@ class FIP(Optimizer):
             st = self.state[p]
             st["anchor"] = p.detach().clone(memory_format=torch.preserve_format)
             st["fisher0"] = f0.detach().to(device=p.device, dtype=torch.float32).clone()
+        self.invalidate_plans()
 
     def _lazy_state(self, p: Tensor, group: dict) -> dict:
         st = self.state[p]
+        if "step" not in st or (group["trace_estimator"] == "lagged" and "pert" not in st):
+            self.invalidate_plans()
         if "step" not in st:
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             st["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
@@ -498,13 +530,18 @@ class FIP(Optimizer):
     def _shift_pert(self, sign: float) -> None:
         """θ ← θ + sign·e for every lagged group (skipped on the device where the stored e is not scheduled)."""
         for group in self.param_groups:
-            by_dev = defaultdict(list)
-            for p in group["params"]:
-                if "pert" in self.state.get(p, {}):
-                    by_dev[p.device].append(p)
-            for dev, ps in by_dev.items():
+            plan = self._plans.get(id(group))
+            if plan is not None and plan.pert_complete and plan.structure == _plan.structure_of(self._epoch, group):
+                parts = [(dp.device, dp.ps, dp.pert, ((dp.uid, "ps,pert"), ())) for dp in plan.devices]
+            else:
+                by_dev = defaultdict(list)
+                for p in group["params"]:
+                    if "pert" in self.state.get(p, {}):
+                        by_dev[p.device].append(p)
+                parts = [(dev, ps, [self.state[p]["pert"] for p in ps], None) for dev, ps in by_dev.items()]
+            for dev, ps, pert, key in parts:
                 off = 1.0 - _on(self._lagged_counters(group, dev)[1], dev)
-                ops.perturb_(ps, [self.state[p]["pert"] for p in ps], sign, off, impl=ops.resolve(self.impl, dev))
+                ops.perturb_(ps, pert, sign, off, impl=self._impl_of(dev), cache_key=key)
 
     def state_dict(self) -> dict:
         """The torch state dict.  Between steps it and ``model.state_dict()`` describe the unperturbed point;
@@ -533,6 +570,7 @@ class FIP(Optimizer):
                     group[k] = torch.as_tensor(group[k], dtype=torch.float32).to(dev).reshape(())
                 lagged = True
         self._ids = None
+        self.invalidate_plans()
         self._lazy.applied = self._suspended = False
         self._lazy.disarm()
         if lagged:
@@ -622,12 +660,53 @@ class FIP(Optimizer):
         return loss
 
     def _slices(self, group: dict, sup: bool) -> list[_Slice]:
-        out = []
-        for dev, ps in self._gather(group).items():
+        """This step's slices of ``group``: from its step plan when the gradients sit where they sat last step
+        and nothing structural changed (no per-tensor Python work beyond reading the gradients), else built anew
+        (and planned for the next step)."""
+        grads, ptrs = _plan.grad_pointers(group["params"])
+        plan = self._plans.get(id(group))
+        if plan is None or not plan.matches(group, _plan.structure_of(self._epoch, group), _plan.missing_of(ptrs)):
+            plan = self._plan_group(group)
+            if plan is None:
+                out = []
+                for dev, ps in self._gather(group).items():
+                    for p in ps:
+                        self._lazy_state(p, group)
+                    out.append(_Slice(group, sup, ps, [p.grad for p in ps], ops.resolve(self.impl, dev), dev))
+                return out
+        return [_Slice(group, sup, dp.ps, dp.grads(grads), self._impl_of(dp.device), dp.device, plan=dp,
+                       gptrs=dp.pointers(ptrs)) for dp in plan.devices]
+
+    def _impl_of(self, device: torch.device) -> str:
+        impl = self._resolved.get(device)
+        if impl is None:
+            impl = self._resolved[device] = ops.resolve(self.impl, device)
+        return impl
+
+    def _plan_group(self, group: dict) -> Optional[_plan.GroupPlan]:
+        """Create the state of ``group``'s parameters that have a gradient and plan them (None for tensor
+        subclasses, which step without a plan)."""
+        by_dev = self._gather(group)
+        for ps in by_dev.values():
             for p in ps:
                 self._lazy_state(p, group)
-            out.append(_Slice(group, sup, ps, [p.grad for p in ps], ops.resolve(self.impl, dev), dev))
-        return out
+        self._plans.pop(id(group), None)
+        if not all(_plan.plannable(ps) for ps in by_dev.values()):
+            return None
+        index = {id(p): i for i, p in enumerate(group["params"])}
+        full = len(by_dev) == 1 and sum(map(len, by_dev.values())) == len(group["params"])
+        devices = [_plan.device_plan(self.state, ps, None if full else [index[id(p)] for p in ps], dev)
+                   for dev, ps in by_dev.items()]
+        _, ptrs = _plan.grad_pointers(group["params"])
+        planned = {id(p) for ps in by_dev.values() for p in ps}
+        # _shift_pert may use the plan only if it holds every parameter that has a stored perturbation
+        pert_complete = all(id(p) in planned or "pert" not in self.state.get(p, {}) for p in group["params"])
+        if group["trace_estimator"] == "lagged" and any(dp.pert is None for dp in devices):
+            pert_complete = False
+        plan = self._plans[id(group)] = _plan.GroupPlan(group, list(group["params"]),
+                                                        _plan.structure_of(self._epoch, group),
+                                                        _plan.missing_of(ptrs), devices, pert_complete)
+        return plan
 
     def _discard_unapplied(self) -> None:
         """A step with a pending but never-applied perturbation: its gradient was taken at θ, so there is
@@ -649,7 +728,7 @@ class FIP(Optimizer):
         """‖g‖ per group — one global norm over all of its devices — and the step-wide found_inf flag."""
         flags = []
         for sl in slices:
-            sl.gnorm, f = _global_norm(sl.g, sl.impl)
+            sl.gnorm, f = _global_norm(sl.g, sl.impl, sl.key("g", sl.gptrs))
             flags.append(f)
         parts = defaultdict(list)
         for sl in slices:
@@ -668,7 +747,7 @@ class FIP(Optimizer):
         for sl in sups:
             h = sl.group
             sl.restore = h["rho"] / sl.gnorm.clamp_min(_TINY)
-            ops.perturb_(sl.ps, sl.g, sl.restore, sl.found_inf, impl=sl.impl)
+            ops.perturb_(sl.ps, sl.g, sl.restore, sl.found_inf, impl=sl.impl, cache_key=sl.key("ps,g", sl.gptrs))
             sl.mix = mix_coefficient(h["eta_F"], sl.gnorm, h["rho"], h["max_mix"])
         # Every group's gradient at θ is set aside: the second pass then writes only fresh tensors, so no group
         # steps with a gradient taken at θ + e, whatever the closure does (zero_grad(set_to_none=False) included).
@@ -681,17 +760,20 @@ class FIP(Optimizer):
             grads_pert = [[p.grad if p.grad is not None else torch.zeros_like(p) for p in sl.ps] for sl in sups]
         except BaseException:
             for sl in sups:       # put θ back before the error propagates
-                ops.perturb_(sl.ps, sl.g, -sl.restore, sl.found_inf, impl=sl.impl)
+                ops.perturb_(sl.ps, sl.g, -sl.restore, sl.found_inf, impl=sl.impl, cache_key=sl.key("ps,g", sl.gptrs))
             raise
         finally:
             self.perturbed_pass = False
             for p, g in saved:    # p.grad is the gradient at θ again, as after a plain step
                 p.grad = g
-        inf2 = self._share_flag(sups, [_global_norm(gp, sl.impl)[1] for sl, gp in zip(sups, grads_pert)])
-        for sl, gp, f2 in zip(sups, grads_pert, inf2):
+        for sl, gp in zip(sups, grads_pert):
             sl.gp = gp
+        inf2 = self._share_flag(sups, [_global_norm(sl.gp, sl.impl, sl.key("gp", _plan.pointers(sl.gp)))[1]
+                                       for sl in sups])
+        for sl, f2 in zip(sups, inf2):
             # A non-finite perturbed gradient with a finite first one: undo θ + e now (the fused step will skip).
-            ops.perturb_(sl.ps, sl.g, -sl.restore, (1.0 - f2) + sl.found_inf, impl=sl.impl)
+            ops.perturb_(sl.ps, sl.g, -sl.restore, (1.0 - f2) + sl.found_inf, impl=sl.impl,
+                         cache_key=sl.key("ps,g", sl.gptrs))
         self._raise_flag(slices, inf2[0])
 
     def _raise_flag(self, slices: list[_Slice], flag: Tensor) -> None:
@@ -756,25 +838,32 @@ class FIP(Optimizer):
         return (torch.remainder(calls + 1.0, float(h["trace_every"])) == 0).float()
 
     def _fused_step(self, sl: _Slice) -> None:
-        h, ps = sl.group, sl.ps
-        st = [self.state[p] for p in ps]
-        not_inf = 1.0 - sl.found_inf
-        steps = [s["step"] for s in st]
-        torch._foreach_add_(steps, not_inf) if len(steps) > 1 else steps[0].add_(not_inf)
+        h, ps, dp = sl.group, sl.ps, sl.plan
         lagged = h["trace_estimator"] == "lagged"
-        pert = [s["pert"] for s in st] if lagged else None
+        not_inf = 1.0 - sl.found_inf
+        if dp is not None:      # the plan's lists; one op advances every step count (views of one vector)
+            f0, anchor, mom, fis, steps = dp.fisher0, dp.anchor, dp.momentum, dp.fisher, dp.steps
+            pert = dp.pert if lagged else None
+            dp.step_vector.add_(not_inf)
+        else:
+            st = [self.state[p] for p in ps]
+            f0, anchor = [s.get("fisher0") for s in st], [s.get("anchor") for s in st]
+            mom, fis, steps = [s["momentum_buffer"] for s in st], [s["fisher"] for s in st], [s["step"] for s in st]
+            pert = [s["pert"] for s in st] if lagged else None
+            torch._foreach_add_(steps, not_inf) if len(steps) > 1 else steps[0].add_(not_inf)
         ops.fip_step_(
-            ps, sl.g, sl.gp, [s.get("fisher0") for s in st], [s.get("anchor") for s in st],
-            [s["momentum_buffer"] for s in st], [s["fisher"] for s in st], pert, impl=sl.impl,
+            ps, sl.g, sl.gp, f0, anchor, mom, fis, pert, impl=sl.impl,
+            cache_key=sl.gp_key("step"),
             lr=h["lr"], momentum=h["momentum"], nesterov=h["nesterov"], weight_decay=h["weight_decay"],
             eta_r=h["eta_r"], beta=h["beta"], mix=sl.mix if sl.gp is not None else None,
             restore_scale=sl.restore,   # set by the fd second pass only
             precondition=h["precondition"] == "fisher", damping=h["damping"], step=steps,
             next_pert_scale=sl.mix if lagged else None, found_inf=sl.found_inf)
-        if lagged and self._lazy.applied:
+        if lagged and self._lazy.applied and (sl.found_inf.device.type != "cpu" or float(sl.found_inf.numpy()) != 0.0):
             # A skipped step wrote nothing: take off the e its gradient was taken at, so that between steps the
-            # parameters hold θ (e stays stored and is applied again at the next training forward).
-            ops.perturb_(ps, pert, -1.0, not_inf, impl=sl.impl)
+            # parameters hold θ (e stays stored and is applied again at the next training forward).  (A CPU flag
+            # is read on the host for free; a device flag is read by the kernel.)
+            ops.perturb_(ps, pert, -1.0, not_inf, impl=sl.impl, cache_key=sl.key("ps,pert"))
 
     def _after_step(self, slices: list[_Slice]) -> None:
         """Count the call and a skip (on the device), advance the lagged schedule, arm the lazy perturbation."""

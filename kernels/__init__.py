@@ -91,6 +91,11 @@ def available(device) -> tuple[bool, str]:
     return False, f"no Triton backend for {device.type} tensors"
 
 
+# ``cache_key`` (the list ops): a hashable the caller guarantees determines every tensor of the call (see
+# fip_fast._plan); its pointer table is then looked up by the key alone.  Ignored while compiling (the torch.library
+# ops take no key).
+
+
 def _compiling() -> bool:
     return _lib.AVAILABLE and torch.compiler.is_compiling()
 
@@ -100,34 +105,34 @@ def _need_triton() -> None:
         raise RuntimeError(f"fip_fast.kernels cannot run: {_IMPORT_ERROR}")
 
 
-def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, alpha) -> None:
+def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, alpha, cache_key=None) -> None:
     """F ← β·F + α·g² (see :func:`fip_fast.kernels.fisher.fisher_accumulate_`)."""
     _need_triton()
     if _compiling():
         return _lib.fisher_accumulate_op(list(fisher), list(grads), *_lib.split_scalar(beta),
                                          *_lib.split_scalar(alpha))
-    return _fi.fisher_accumulate_(fisher, grads, beta, alpha)
+    return _fi.fisher_accumulate_(fisher, grads, beta, alpha, cache_key=cache_key)
 
 
-def global_norm(tensors: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor]:
+def global_norm(tensors: Sequence[Optional[Tensor]], cache_key=None) -> tuple[Tensor, Tensor]:
     """(‖concat(tensors)‖₂, found_inf) (see :func:`fip_fast.kernels.fip_step.global_norm`)."""
     _need_triton()
     if _compiling():
         return _lib.global_norm_op(list(tensors))
-    return _fs.global_norm(tensors)
+    return _fs.global_norm(tensors, cache_key=cache_key)
 
 
-def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf=None) -> None:
+def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf=None, cache_key=None) -> None:
     """θ ← θ + scale·g unless found_inf (see :func:`fip_fast.kernels.fip_step.perturb_`)."""
     _need_triton()
     if _compiling():
         return _lib.perturb_op(list(params), list(grads), *_lib.split_scalar(scale), *_lib.split_scalar(found_inf))
-    return _fs.perturb_(params, grads, scale, found_inf)
+    return _fs.perturb_(params, grads, scale, found_inf, cache_key=cache_key)
 
 
 def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, *, lr, momentum, nesterov,
               weight_decay, eta_r, beta, mix, restore_scale, precondition, damping, step, next_pert_scale,
-              found_inf) -> None:
+              found_inf, cache_key=None) -> None:
     """The fused FIP step (see :func:`fip_fast.kernels.fip_step.fip_step_` and
     :func:`fip_fast.reference.fip_step_` for the contract)."""
     _need_triton()
@@ -141,7 +146,7 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
     return _fs.fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, lr=lr,
                          momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta_r=eta_r, beta=beta,
                          mix=mix, restore_scale=restore_scale, precondition=precondition, damping=damping,
-                         step=step, next_pert_scale=next_pert_scale, found_inf=found_inf)
+                         step=step, next_pert_scale=next_pert_scale, found_inf=found_inf, cache_key=cache_key)
 
 
 def spectral_weight(U: Tensor, S: Tensor, delta: Tensor, Vh: Tensor, residual: Optional[Tensor] = None,

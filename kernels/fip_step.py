@@ -197,6 +197,16 @@ def bias_correction(beta: float, step, n: int, device: torch.device, dummy: Tens
 _FIP_SLOTS = ("params", "grads", "grads_pert", "fisher0", "anchor", "momentum_buf", "fisher", "pert")
 
 
+def _check_step_lists(momentum_buf, fisher, pert, fisher0, anchor, has_anchor: bool) -> None:
+    for name, lst in (("momentum_buf", momentum_buf), ("fisher", fisher), ("pert", pert)):
+        if lst is not None and any(t.dtype != torch.float32 for t in lst):
+            raise TypeError(f"{name} must be fp32 state (the kernels update it in fp32)")
+    if has_anchor:
+        for i, (f0, a) in enumerate(zip(fisher0, anchor)):
+            if (f0 is None) != (a is None):
+                raise ValueError(f"fisher0[{i}] and anchor[{i}] must be both given or both None")
+
+
 @torch.no_grad()
 def fip_step_(
     params: Sequence[Tensor],
@@ -209,7 +219,7 @@ def fip_step_(
     pert: Optional[Sequence[Tensor]],
     *,
     lr, momentum: float, nesterov: bool, weight_decay: float, eta_r: float, beta: float, mix, restore_scale,
-    precondition: bool, damping: float, step, next_pert_scale, found_inf,
+    precondition: bool, damping: float, step, next_pert_scale, found_inf, cache_key=None,
 ) -> None:
     """One FIP optimizer step over every tensor in one launch; the contract of
     :func:`fip_fast.reference.fip_step_` (restore, direction, anchor, weight decay, Fisher EMA,
@@ -236,26 +246,24 @@ def fip_step_(
         if found_inf != 0:
             return
         found_inf = None
-    for name, lst in (("momentum_buf", momentum_buf), ("fisher", fisher), ("pert", pert)):
-        if lst is not None and any(t.dtype != torch.float32 for t in lst):
-            raise TypeError(f"{name} must be fp32 state (the kernels update it in fp32)")
     if pert is not None:
         restore = 1
     elif restore_scale is not None:
         restore = 2
     else:
         restore = 0
-    has_anchor = eta_r != 0.0 and any(f is not None for f in fisher0)
-    if has_anchor:
-        for i, (f0, a) in enumerate(zip(fisher0, anchor)):
-            if (f0 is None) != (a is None):
-                raise ValueError(f"fisher0[{i}] and anchor[{i}] must be both given or both None")
+    # With a caller's key the anchor slots go in whenever eta_r ≠ 0 (None entries are null pointers the kernel
+    # skips), so that the slots are known without a pass over fisher0; without one, only if some F0 is given.
+    has_anchor = eta_r != 0.0 and (cache_key is not None or any(f is not None for f in fisher0))
+    absent = (False, False, grads_pert is None, not has_anchor, not has_anchor, False, False, pert is None)
+    if mt.cached_table(cache_key, BLOCK, 0, _FIP_SLOTS, absent) is None:     # checked once per table
+        _check_step_lists(momentum_buf, fisher, pert, fisher0, anchor, has_anchor)
 
     device = params[0].device
     slots = (params, grads, grads_pert, fisher0 if has_anchor else None, anchor if has_anchor else None,
              momentum_buf, fisher, pert)
     try:
-        tab = mt.tensor_table(slots, BLOCK, device, names=_FIP_SLOTS)
+        tab = mt.tensor_table(slots, BLOCK, device, names=_FIP_SLOTS, key=cache_key)
     except mt.LayoutError as exc:
         mt.fallback("fip_step_", str(exc))
         from fip_fast.backends import foreach as _foreach
@@ -325,7 +333,7 @@ def _perturb_kernel(ptrs, codes, sizes, chunk_t, chunk_s, n_tensors, sc_ptr, sc_
 
 
 @torch.no_grad()
-def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf=None) -> None:
+def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf=None, cache_key=None) -> None:
     """θ ← θ + scale·g for every pair, one launch (fp32 math, result in θ's dtype); nothing is written when
     ``found_inf`` is non-zero (a device tensor is read by the kernel).  See :func:`fip_fast.reference.perturb_`."""
     if not params:
@@ -338,7 +346,7 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf
             return
         fi_m = mt.ABSENT
     try:
-        tab = mt.tensor_table((params, grads), BLOCK, device, names=("params", "grads"))
+        tab = mt.tensor_table((params, grads), BLOCK, device, names=("params", "grads"), key=cache_key)
     except mt.LayoutError as exc:
         mt.fallback("perturb_", str(exc))
         from fip_fast.backends import foreach as _foreach
@@ -387,22 +395,25 @@ def _norm_kernel(ptrs, codes, sizes, chunk_t, chunk_s, n_tensors, n_chunks, part
 
 
 @torch.no_grad()
-def global_norm(tensors: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor]:
+def global_norm(tensors: Sequence[Optional[Tensor]], cache_key=None) -> tuple[Tensor, Tensor]:
     """(‖concat(tensors)‖₂, found_inf) as 0-dim fp32 tensors on the tensors' device, in one launch.
 
     ``None`` entries are skipped; fp32/fp16/bf16 may be mixed.  The sum of squares is fp32 (as the reference),
     so an overflow to +inf also sets ``found_inf``.  Deterministic: per-chunk partial sums are reduced in a fixed
     order by the last program.  An empty list (or all ``None``) returns CPU zeros, like the reference.
     """
-    ts = [t for t in tensors if t is not None]
-    if not ts:
-        return torch.zeros(()), torch.zeros(())
-    # any dense layout is summed in place (the sum of squares does not depend on the order); strided views are
-    # copied to a dense tensor first
-    ts = [t if t.numel() <= 1 or mt.is_dense(t) else t.contiguous() for t in ts]
-    device = ts[0].device
-    # min_chunks=1: one program runs even when every tensor is empty, and writes norm 0, found_inf 0
-    tab = mt.tensor_table((ts,), BLOCK, device, min_chunks=1, names=("tensors",))
+    tab = mt.cached_table(cache_key, BLOCK, 1, ("tensors",))
+    if tab is None:
+        ts = [t for t in tensors if t is not None]
+        if not ts:
+            return torch.zeros(()), torch.zeros(())
+        # any dense layout is summed in place (the sum of squares does not depend on the order); strided views are
+        # copied to a dense tensor first (such a call is not cached under the key: the copies are temporaries)
+        dense = [t if t.numel() <= 1 or mt.is_dense(t) else t.contiguous() for t in ts]
+        key = cache_key if all(a is b for a, b in zip(dense, ts)) else None
+        # min_chunks=1: one program runs even when every tensor is empty, and writes norm 0, found_inf 0
+        tab = mt.tensor_table((dense,), BLOCK, dense[0].device, min_chunks=1, names=("tensors",), key=key)
+    device = tab.ptrs.device
     partial = torch.empty(tab.n_chunks, dtype=torch.float32, device=device)
     norm = torch.empty((), dtype=torch.float32, device=device)
     found = torch.empty((), dtype=torch.float32, device=device)

@@ -40,7 +40,7 @@ def _fisher_kernel(ptrs, codes, sizes, chunk_t, chunk_s, n_tensors, b_ptr, b_val
 
 
 @torch.no_grad()
-def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, alpha) -> None:
+def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, alpha, cache_key=None) -> None:
     """F ← β·F + α·g² for every pair, in place, one launch (see :func:`fip_fast.reference.fisher_accumulate_`).
 
     ``fisher[i]`` and ``grads[i]``: same number of elements, fp32/fp16/bf16 (fp32 math; ``fisher`` is normally
@@ -49,7 +49,7 @@ def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, 
         return
     device = fisher[0].device
     try:
-        tab = mt.tensor_table((fisher, grads), BLOCK, device, names=("fisher", "grads"))
+        tab = mt.tensor_table((fisher, grads), BLOCK, device, names=("fisher", "grads"), key=cache_key)
     except mt.LayoutError as exc:
         mt.fallback("fisher_accumulate_", str(exc))
         from fip_fast.backends import foreach as _foreach

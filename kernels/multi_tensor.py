@@ -28,6 +28,9 @@ tensor of every slot, ``(data_ptr, numel, dtype, layout)``: the key determines t
 a hit is always correct even if tensors were freed and others allocated at the same addresses.  In the steady
 state of an optimizer the tensors never move, so every step after the first is a hit: no host-to-device copy,
 no allocation, one kernel launch.  A miss costs one synchronous host-to-device copy of the buffer.
+Building that key costs four Python calls per tensor and slot (milliseconds for a few hundred tensors), so a
+caller that knows which tensors it passes — FIP's step plans (:mod:`fip_fast._plan`) — gives its own ``key``
+instead, and a hit costs one dictionary lookup.
 
 Dtypes
 ------
@@ -141,22 +144,45 @@ def fallback(op: str, reason: str) -> None:
         logger.warning("fip_fast: impl='triton' %s falls back to impl='foreach' for this call: %s", op, reason)
 
 
+def _caller_key(key, block: int, min_chunks: int, names: Sequence[str], absent: tuple) -> tuple:
+    return ("caller", block, min_chunks, tuple(names), absent, key)
+
+
+def cached_table(key, block: int, min_chunks: int, names: Sequence[str], absent: tuple = (False,)
+                 ) -> Optional[TensorTable]:
+    """The table cached under a caller's ``key`` (see :func:`tensor_table`), or None."""
+    if key is None:
+        return None
+    full = _caller_key(key, block, min_chunks, names, absent)
+    hit = _cache.get(full)
+    if hit is not None:
+        _cache.move_to_end(full)
+    return hit
+
+
 def tensor_table(slots: Sequence[Optional[Sequence[Optional[Tensor]]]], block: int, device: torch.device,
-                 min_chunks: int = 0, names: Sequence[str] = ()) -> TensorTable:
+                 min_chunks: int = 0, names: Sequence[str] = (), key=None) -> TensorTable:
     """The (cached) :class:`TensorTable` for ``slots``: a list of S parallel lists of T tensors each.
 
     A slot may be ``None`` (absent: its row of ``ptrs`` is 0); an entry may be ``None`` (its pointer is 0; the
     kernel must test for it).  Slot 0 must have no ``None`` entries: it defines the sizes.  ``min_chunks``
     pads the grid with empty chunks (tensor 0, start 0, for kernels that must run at least once even when all
     tensors are empty, like the norm whose last program writes the result).  ``names`` label slots in errors.
+    ``key``: a hashable the caller guarantees determines every tensor of ``slots`` (pointer, size, dtype,
+    layout; e.g. FIP's step plans, :mod:`fip_fast._plan`): the cache is then looked up by it alone, without the
+    four calls per tensor and slot of the default key — the host cost of a steady-state optimizer step.
 
     Raises:
         LayoutError: a tensor that is not dense, or not in the memory order of slot 0's tensor (a ValueError).
         ValueError: lists of different lengths, mismatched numels, wrong device.
         TypeError: a dtype other than fp32/fp16/bf16.
     """
-    key = (device, block, min_chunks,
-           tuple(None if s is None else tuple(_entry_key(t) for t in s) for s in slots))
+    if key is not None:
+        # the caller guarantees ``key`` determines every tensor (fip_fast._plan): no per-tensor work on a hit
+        key = _caller_key(key, block, min_chunks, names, tuple(s is None for s in slots))
+    else:
+        key = (device, block, min_chunks,
+               tuple(None if s is None else tuple(_entry_key(t) for t in s) for s in slots))
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)

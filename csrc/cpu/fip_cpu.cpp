@@ -134,7 +134,7 @@ void parallel_chunks(int64_t n, int nthreads, F body) {
 
 extern "C" {
 
-int fip_cpu_abi_version() { return 1; }
+int fip_cpu_abi_version() { return 2; }
 
 void fisher_accumulate_f32(float* f, const float* g, int64_t n, float beta, float alpha, int nthreads) {
     parallel_chunks(n, nthreads, [=](int64_t lo, int64_t hi) { fisher_range(f, g, beta, alpha, lo, hi); });
@@ -169,6 +169,47 @@ void fip_step_f32(float* p, const float* g, const float* gp, const float* f0, co
     bool anchor = f0 != nullptr && a0 != nullptr;
     StepFn fn = pick(gp != nullptr, pert != nullptr, anchor);
     parallel_chunks(n, nthreads, [&](int64_t lo, int64_t hi) { fn(A, lo, hi); });
+}
+
+// Multi-tensor entry points: one call from Python for a whole list (the host cost of a call through ctypes is
+// a few microseconds, so a call per tensor costs milliseconds for a model's few hundred tensors).  ``ptrs`` is a
+// slot-major table: tensor i of slot s at ptrs[s·T + i] (null where a slot or an entry is absent); sizes[i] is
+// the element count of tensor i in every slot.  Tensors are processed in list order, each as the single-tensor
+// function above does, so results equal a loop over that function bit for bit.
+void fisher_accumulate_multi_f32(void* const* ptrs, const int64_t* sizes, int64_t T, float beta, float alpha,
+                                 int nthreads) {
+    for (int64_t i = 0; i < T; ++i)
+        if (sizes[i]) fisher_accumulate_f32(static_cast<float*>(ptrs[i]), static_cast<const float*>(ptrs[T + i]),
+                                            sizes[i], beta, alpha, nthreads);
+}
+
+void perturb_multi_f32(void* const* ptrs, const int64_t* sizes, int64_t T, float scale, int nthreads) {
+    for (int64_t i = 0; i < T; ++i)
+        if (sizes[i]) perturb_f32(static_cast<float*>(ptrs[i]), static_cast<const float*>(ptrs[T + i]), sizes[i],
+                                  scale, nthreads);
+}
+
+// Σ over tensors (in list order, fp64) of sumsq_f32 of each.
+double sumsq_multi_f32(void* const* ptrs, const int64_t* sizes, int64_t T, int nthreads) {
+    double s = 0.0;
+    for (int64_t i = 0; i < T; ++i)
+        if (sizes[i]) s += sumsq_f32(static_cast<const float*>(ptrs[i]), sizes[i], nthreads);
+    return s;
+}
+
+// Slots: 0 params, 1 grads, 2 grads_pert, 3 fisher0, 4 anchor, 5 momentum, 6 fisher, 7 pert.  bcs: one bias
+// correction per tensor, or null (then ``bc`` for all).
+void fip_step_multi_f32(void* const* ptrs, const int64_t* sizes, int64_t T, const float* bcs, float lr,
+                        float momentum, int nesterov, float weight_decay, float eta_r, float beta,
+                        float one_minus_beta, float mix, int has_rs, float rs, int precondition, float bc,
+                        float damping, float next_pert_scale, int has_wd, int nthreads) {
+    auto f = [&](int s, int64_t i) { return static_cast<float*>(ptrs[s * T + i]); };
+    for (int64_t i = 0; i < T; ++i) {
+        if (!sizes[i]) continue;
+        fip_step_f32(f(0, i), f(1, i), f(2, i), f(3, i), f(4, i), f(5, i), f(6, i), f(7, i), sizes[i], lr, momentum,
+                     nesterov, weight_decay, eta_r, beta, one_minus_beta, mix, has_rs, rs, precondition,
+                     bcs ? bcs[i] : bc, damping, next_pert_scale, has_wd, nthreads);
+    }
 }
 
 }  // extern "C"

@@ -39,6 +39,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -51,7 +52,7 @@ from fip_fast.backends import foreach as _fe
 logger = logging.getLogger("fip_fast")
 
 SOURCE_NAME = "fip_cpu.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: -ffp-contract=off: no FMA contraction (the reference rounds every multiply and add);  -fno-trapping-math and
 #: -fno-unswitch-loops: the step's loop-invariant selects are if-converted and vectorized instead of unswitched into
 #: 16 copies per variant (the build takes under a second instead of three); neither changes a result bit.
@@ -151,16 +152,18 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(so))
     if lib.fip_cpu_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{so} has ABI {lib.fip_cpu_abi_version()}, expected {ABI_VERSION}")
-    lib.fisher_accumulate_f32.argtypes = [_c_vp, _c_vp, _c_i64, _c_float, _c_float, _c_int]
-    lib.fisher_accumulate_f32.restype = None
-    lib.perturb_f32.argtypes = [_c_vp, _c_vp, _c_i64, _c_float, _c_int]
-    lib.perturb_f32.restype = None
-    lib.sumsq_f32.argtypes = [_c_vp, _c_i64, _c_int]
-    lib.sumsq_f32.restype = ctypes.c_double
-    lib.fip_step_f32.argtypes = ([_c_vp] * 8 + [_c_i64, _c_float, _c_float, _c_int, _c_float, _c_float, _c_float,
-                                                _c_float, _c_float, _c_int, _c_float, _c_int, _c_float, _c_float,
-                                                _c_float, _c_int, _c_int])
-    lib.fip_step_f32.restype = None
+    # the multi-tensor entry points (one call per list); the single-tensor ones are what they loop over
+    tab = [_c_vp, _c_vp, _c_i64]       # pointer table, sizes, number of tensors
+    lib.fisher_accumulate_multi_f32.argtypes = tab + [_c_float, _c_float, _c_int]
+    lib.fisher_accumulate_multi_f32.restype = None
+    lib.perturb_multi_f32.argtypes = tab + [_c_float, _c_int]
+    lib.perturb_multi_f32.restype = None
+    lib.sumsq_multi_f32.argtypes = tab + [_c_int]
+    lib.sumsq_multi_f32.restype = ctypes.c_double
+    lib.fip_step_multi_f32.argtypes = tab + [_c_vp, _c_float, _c_float, _c_int, _c_float, _c_float, _c_float,
+                                             _c_float, _c_float, _c_int, _c_float, _c_int, _c_float, _c_float,
+                                             _c_float, _c_int, _c_int]
+    lib.fip_step_multi_f32.restype = None
     return lib
 
 
@@ -244,68 +247,129 @@ def _skip(found_inf) -> bool:
     return found_inf is not None and _f(found_inf) != 0.0
 
 
-def _ptr(t: Optional[Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
+# ------------------------------------------------------------------------------------------------ pointer tables
+class _Table:
+    """The ctypes arguments of one multi-tensor call: a slot-major pointer table (tensor i of slot s at
+    ``s·n + i``; null where a slot or an entry is absent) and the element counts.  It holds no reference to the
+    tensors (a cached table must not keep gradients alive): a caller's ``cache_key`` is used only while its
+    tensors live (FIP's plans: see fip_fast._plan)."""
+
+    __slots__ = ("ptrs", "sizes", "n", "moving", "contiguous")
+
+    def __init__(self, slots: Sequence[Optional[Sequence[Optional[Tensor]]]], moving: tuple = ()) -> None:
+        n = len(slots[0])
+        flat = [None if lst is None or t is None else t.data_ptr() for lst in slots for t in (lst or [None] * n)]
+        self.ptrs = (_c_vp * len(flat))(*flat)
+        self.sizes = (_c_i64 * n)(*[t.numel() for t in slots[0]])
+        self.n = n
+        self.moving = moving          # the pointers of the moving slots it holds (see _table)
+        self.contiguous = all(t.is_contiguous() for t in slots[0])
+
+
+#: tables of calls made with a ``cache_key`` (LRU)
+_tables: "OrderedDict[tuple, _Table]" = OrderedDict()
+CACHE_SIZE = 64
+
+
+def _moved_ok(ts: Sequence[Optional[Tensor]]) -> bool:
+    """Whether tensors that replaced the cached ones of a moving slot can be patched in without the full check:
+    plain contiguous fp32 (size and device are enforced by torch for a gradient; the parameters are contiguous)."""
+    f32 = torch.float32
+    return all(t is None or (type(t) in _PLAIN and t.dtype == f32 and t.is_contiguous()) for t in ts)
+
+
+def _table(op: str, cache_key, slots, moving_slots: tuple[int, ...], reason) -> tuple[Optional[_Table], str]:
+    """(the table of this call, '') or (None, why the kernels can't take it).
+
+    ``cache_key`` (None: check and build every time): ``(stable, moving)`` — ``stable`` a hashable the caller
+    guarantees determines every tensor of the call except those of ``moving_slots`` (FIP: its plan's uid), and
+    ``moving`` one tuple of ``data_ptr`` per slot of ``moving_slots`` (the gradients, which may be new tensors every
+    step).  A cached table whose moving pointers differ is patched after a cheap check of the new tensors only."""
+    if cache_key is None:
+        why = reason()
+        return (None, why) if why else (_Table(slots), "")
+    stable, moving = cache_key
+    key = (op, stable)
+    tab = _tables.get(key)
+    if tab is not None:
+        _tables.move_to_end(key)
+        if tab.moving == moving:
+            return tab, ""
+        changed = [(s, new) for s, old, new in zip(moving_slots, tab.moving, moving) if old != new]
+        if tab.contiguous and all(slots[s] is not None and _moved_ok(slots[s]) for s, _ in changed):
+            n = tab.n
+            for s, new in changed:
+                tab.ptrs[s * n:(s + 1) * n] = new
+            tab.moving = moving
+            return tab, ""
+    why = reason()
+    if why:
+        return None, why
+    tab = _tables[key] = _Table(slots, moving)
+    if len(_tables) > CACHE_SIZE:
+        _tables.popitem(last=False)
+    return tab, ""
+
+
+def clear_cache() -> None:
+    """Drop every cached pointer table (tests)."""
+    _tables.clear()
 
 
 # ------------------------------------------------------------------------------------------------ the ops
+# ``cache_key`` (every op): see _table — FIP passes one per step plan; None checks and builds every time.
+
 @torch.no_grad()
-def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, alpha) -> None:
+def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, alpha, cache_key=None) -> None:
     if not fisher:
         return
-    why = _why_not([fisher, grads])
     lib = _load()
-    if why is not None or lib is None:
+    tab, why = _table("fisher", cache_key, [fisher, grads], (1,), lambda: _why_not([fisher, grads]))
+    if tab is None or lib is None:
         _fallback("fisher_accumulate_", why or _error or "")
         return _fe.fisher_accumulate_(fisher, grads, beta, alpha)
-    b, a, nt = _f(beta), _f(alpha), _nthreads()
-    for f, g in zip(fisher, grads):
-        if f.numel():
-            lib.fisher_accumulate_f32(f.data_ptr(), g.data_ptr(), f.numel(), b, a, nt)
+    lib.fisher_accumulate_multi_f32(tab.ptrs, tab.sizes, tab.n, _f(beta), _f(alpha), _nthreads())
+
+
+def _norm_reason(ts: Sequence[Optional[Tensor]]) -> Optional[str]:
+    for t in ts:
+        if t is None:
+            return "a None entry (filtered by global_norm without a cache key)"
+        if type(t) not in _PLAIN:
+            return f"a tensor subclass ({type(t).__name__})"
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not is_dense(t):
+            return f"a {t.device.type} {t.dtype} tensor" + ("" if is_dense(t) else " (not dense)")
+    return None
 
 
 @torch.no_grad()
-def global_norm(tensors: Sequence[Optional[Tensor]]) -> tuple[Tensor, Tensor]:
-    ts = [t for t in tensors if t is not None]
+def global_norm(tensors: Sequence[Optional[Tensor]], cache_key=None) -> tuple[Tensor, Tensor]:
+    lib = _load()
+    ts = tensors if cache_key is not None else [t for t in tensors if t is not None]
     if not ts:
         return torch.zeros(()), torch.zeros(())
-    lib = _load()
-    why = None
-    for t in ts:
-        if type(t) not in _PLAIN:
-            why = f"a tensor subclass ({type(t).__name__})"
-            break
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not is_dense(t):
-            why = f"a {t.device.type} {t.dtype} tensor" + ("" if is_dense(t) else " (not dense)")
-            break
-    if why is not None or lib is None:
+    tab, why = _table("norm", cache_key, [ts], (0,), lambda: _norm_reason(ts))
+    if tab is None or lib is None:
         _fallback("global_norm", why or _error or "")
         return _fe.global_norm(tensors)
-    nt = _nthreads()
-    sq = 0.0
-    for t in ts:
-        if t.numel():
-            sq += lib.sumsq_f32(t.data_ptr(), t.numel(), nt)
+    sq = lib.sumsq_multi_f32(tab.ptrs, tab.sizes, tab.n, _nthreads())
     # the reference sums the squares in fp32: a sum beyond the fp32 range is +inf there, hence non-finite
     if math.isfinite(sq) and sq > 3.4028234663852886e38:
         sq = math.inf
-    norm = torch.tensor(math.sqrt(sq) if sq == sq else math.nan, dtype=torch.float32)
-    return norm, (~torch.isfinite(norm)).float()
+    norm = math.sqrt(sq) if sq == sq else math.nan
+    return torch.scalar_tensor(norm), torch.scalar_tensor(float(not math.isfinite(norm)))
 
 
 @torch.no_grad()
-def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf=None) -> None:
+def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf=None, cache_key=None) -> None:
     if not params or _skip(found_inf):
         return
-    why = _why_not([params, grads])
     lib = _load()
-    if why is not None or lib is None:
+    tab, why = _table("perturb", cache_key, [params, grads], (1,), lambda: _why_not([params, grads]))
+    if tab is None or lib is None:
         _fallback("perturb_", why or _error or "")
         return _fe.perturb_(params, grads, scale, None)
-    s, nt = _f(scale), _nthreads()
-    for p, g in zip(params, grads):
-        if p.numel():
-            lib.perturb_f32(p.data_ptr(), g.data_ptr(), p.numel(), s, nt)
+    lib.perturb_multi_f32(tab.ptrs, tab.sizes, tab.n, _f(scale), _nthreads())
 
 
 _bc_cache: dict[tuple[float, float], float] = {}
@@ -323,58 +387,60 @@ def _bias_correction(beta: float, t: float) -> float:
     return bc
 
 
-@torch.no_grad()
-def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, *, lr, momentum, nesterov,
-              weight_decay, eta_r, beta, mix, restore_scale, precondition, damping, step, next_pert_scale,
-              found_inf) -> None:
-    if not params or _skip(found_inf):
-        return
-    n = len(params)
-    use_anchor = eta_r != 0.0
+def _step_reason(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, use_anchor
+                 ) -> Optional[str]:
+    """None when the step's tensors can go to the kernels, else why not."""
     groups = [params, grads, momentum_buf, fisher]
     if grads_pert is not None:
         groups.append(grads_pert)
     if pert is not None:
         groups.append(pert)
     if use_anchor:
-        if len(fisher0) != n or len(anchor) != n:
-            why: Optional[str] = "lists of different lengths"
-        else:
-            groups += [fisher0, [a if f0 is not None else None for f0, a in zip(fisher0, anchor)]]
-            why = None
-            if any(f0 is not None and a is None for f0, a in zip(fisher0, anchor)):
-                why = "an anchor missing where F0 is given"
+        if len(fisher0) != len(params) or len(anchor) != len(params):
+            return "lists of different lengths"
+        if any(f0 is not None and a is None for f0, a in zip(fisher0, anchor)):
+            return "an anchor missing where F0 is given"
+        groups += [fisher0, [a if f0 is not None else None for f0, a in zip(fisher0, anchor)]]
+    return _why_not(groups)
+
+
+def _step_slots(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, use_anchor) -> list:
+    if use_anchor:
+        f0s = list(fisher0)
+        a0s = [a if f0 is not None else None for f0, a in zip(fisher0, anchor)]
     else:
-        why = None
-    why = why or _why_not(groups)
+        f0s = a0s = None
+    return [params, grads, grads_pert, f0s, a0s, momentum_buf, fisher, pert]
+
+
+@torch.no_grad()
+def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, *, lr, momentum, nesterov,
+              weight_decay, eta_r, beta, mix, restore_scale, precondition, damping, step, next_pert_scale,
+              found_inf, cache_key=None) -> None:
+    if not params or _skip(found_inf):
+        return
+    use_anchor = eta_r != 0.0
     lib = _load()
-    if why is not None or lib is None:
+    lists = (params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, use_anchor)
+    op = f"step{int(use_anchor)}{int(grads_pert is None)}{int(pert is None)}"     # which slots are present
+    tab, why = _table(op, cache_key, _step_slots(*lists), (1, 2), lambda: _step_reason(*lists))
+    if tab is None or lib is None:
         _fallback("fip_step_", why or _error or "")
         return _fe.fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, lr=lr,
-                             momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta_r=eta_r, beta=beta,
-                             mix=mix, restore_scale=restore_scale, precondition=precondition, damping=damping,
-                             step=step, next_pert_scale=next_pert_scale, found_inf=None)
-    lr_ = _f(lr)
-    mix_ = _f(mix) if grads_pert is not None else 0.0
+                             momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta_r=eta_r,
+                             beta=beta, mix=mix, restore_scale=restore_scale, precondition=precondition,
+                             damping=damping, step=step, next_pert_scale=next_pert_scale, found_inf=None)
     has_rs = restore_scale is not None and pert is None
-    rs = _f(restore_scale) if has_rs else 0.0
-    nps = 0.0 if next_pert_scale is None else _f(next_pert_scale)
-    beta_, omb = float(beta), 1.0 - float(beta)
+    beta_ = float(beta)
+    bcs = None
     if precondition:
-        steps = [_f(t) for t in step] if isinstance(step, (list, tuple)) else [_f(step)] * n
-    has_wd = int(weight_decay != 0.0)
-    nt = _nthreads()
-    fn = lib.fip_step_f32
-    for i, p in enumerate(params):
-        numel = p.numel()
-        if not numel:
-            continue
-        f0 = fisher0[i] if use_anchor else None
-        fn(p.data_ptr(), grads[i].data_ptr(), None if grads_pert is None else grads_pert[i].data_ptr(),
-           _ptr(f0), None if f0 is None else anchor[i].data_ptr(), momentum_buf[i].data_ptr(), fisher[i].data_ptr(),
-           None if pert is None else pert[i].data_ptr(), numel, lr_, float(momentum), int(bool(nesterov)),
-           float(weight_decay), float(eta_r), beta_, omb, mix_, int(has_rs), rs, int(bool(precondition)),
-           _bias_correction(beta_, steps[i]) if precondition else 1.0, float(damping), nps, has_wd, nt)
+        steps = [_f(t) for t in step] if isinstance(step, (list, tuple)) else [_f(step)] * len(params)
+        bcs = (_c_float * len(steps))(*[_bias_correction(beta_, t) for t in steps])
+    lib.fip_step_multi_f32(
+        tab.ptrs, tab.sizes, tab.n, bcs, _f(lr), float(momentum), int(bool(nesterov)), float(weight_decay),
+        float(eta_r), beta_, 1.0 - beta_, _f(mix) if grads_pert is not None else 0.0, int(has_rs),
+        _f(restore_scale) if has_rs else 0.0, int(bool(precondition)), 1.0, float(damping),
+        0.0 if next_pert_scale is None else _f(next_pert_scale), int(weight_decay != 0.0), _nthreads())
 
 
 def spectral_weight(U, S, delta, Vh, residual=None, relative=False):
