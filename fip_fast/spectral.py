@@ -4,7 +4,7 @@ without swapping modules, without rebuilding W(δ) in the forward and without th
 For a selected layer with weight matrix W0 (Linear: out×in; Conv: out×(in/groups·k…); Embedding: num×dim; other
 types through :func:`register_adapter`), the (top-k or full) SVD W0 = U·diag(S)·Vh is taken once in fp32 and
 
-    s(δ) = S + δ            (or S·(1 + δ) with ``relative=True``)
+    s(δ) = S + δ            (or S·(1 + δ) with ``relative=True``, or S·exp(δ) with ``relative="exp"``)
     W(δ) = W0 + U_k·diag(relu(s(δ)) − S_k)·Vh_k
 
 which is METHOD.md's W − U_k·diag(S_k)·Vh_k + U_k·diag(relu(S_k + δ))·Vh_k written around W0 (S ≥ 0, so
@@ -25,7 +25,7 @@ relu(S) = S).  How it runs:
   ``a`` (Linear-like: x·Vhᵀ; Conv: the input convolved with the rows of Vh as k filters; Embedding: the rows
   U[idx]) and routes the output through an identity autograd function whose backward projects the output gradient
   (c = g_out·U, over channels for Conv, g_out·Vhᵀ for Embedding) and returns
-  ∂ℓ/∂δ = Σ_positions (a ⊙ c) ⊙ ∂s/∂δ,  ∂s/∂δ = 1[s > 0] (× S when relative).
+  ∂ℓ/∂δ = Σ_positions (a ⊙ c) ⊙ ∂s/∂δ,  ∂s/∂δ = 1[s > 0] (× S when relative; = s for ``"exp"``).
   Per-sample values (sum over positions first) are what :func:`collect_per_sample` hands to the δ-Fisher.  A weight
   shared by several modules (a tied LM head) has one δ and a hook on every module using it.
 * :func:`merge` drops hooks, buffers and δ: the weights already hold W(δ), so the model is its original self.
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from fip_fast import ops
 
 __all__ = ["Adapter", "register_adapter", "reparameterize", "merge", "spectral_layers", "spectrum", "deltas", "sync",
-           "collect_per_sample", "DEFAULT_TYPES"]
+           "collect_per_sample", "add_mixing", "DEFAULT_TYPES"]
 
 
 # ------------------------------------------------------------------------------------------- layer adapters
@@ -142,9 +142,10 @@ class _Spectral:
 
     owner: nn.Module
     adapter: Adapter
-    relative: bool
+    relative: object                                          # False | True | "exp"
     users: list = field(default_factory=list)                 # modules whose forward uses the weight
     synced: int = -1                                          # δ._version the weight holds
+    synced_mix: int = -1                                      # spectral_mix._version the weight holds (mixing)
     sink: Optional[list] = None                               # per-sample δ-gradients while collecting
 
     @property
@@ -153,11 +154,13 @@ class _Spectral:
 
     def spectrum(self) -> Tensor:
         S = self.owner.spectral_S
-        return S * (1.0 + self.delta) if self.relative else S + self.delta
+        return _spectrum(S, self.delta, self.relative)
 
     def jacobian(self) -> Tensor:
         """∂relu(s)/∂δ."""
         S = self.owner.spectral_S
+        if _is_exp(self.relative):
+            return self.spectrum()                            # d(S·e^δ)/dδ = s, and s > 0 wherever S > 0
         return (self.spectrum() > 0).to(S.dtype) * (S if self.relative else 1.0)
 
 
@@ -170,7 +173,13 @@ class _Group:
 
     @torch.no_grad()
     def sync(self) -> None:
-        stale = [sp for sp in self.items if sp.delta._version != sp.synced]
+        stale = [sp for sp in self.items if sp.delta._version != sp.synced or _mix_stale(sp)]
+        if not stale:
+            return
+        mixed = [sp for sp in stale if _has_mix(sp.owner)]
+        for sp in mixed:
+            _sync_mixed(sp)
+        stale = [sp for sp in stale if not _has_mix(sp.owner)]
         if not stale:
             return
         o = [sp.owner for sp in stale]
@@ -226,6 +235,51 @@ class _Tap(torch.autograd.Function):
         return g, ctx.call.delta_grad(), None
 
 
+class _TapMix(torch.autograd.Function):
+    """:class:`_Tap` for a layer with singular-vector mixing (:func:`add_mixing`): also returns ∂ℓ/∂O = Σ cᵀ·a
+    (masked to the trainable off-diagonal band), c = g_out·U, a = x·Vhᵀ — still no dense dW."""
+
+    @staticmethod
+    def forward(ctx, out, delta, mix, call):
+        ctx.call = call
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        call = ctx.call
+        call.capture(g)
+        o = call.sp.owner
+        c = _adapter_for(call.module).project_grad(call.module, g, o.spectral_U, o.spectral_Vh)
+        acc = torch.promote_types(call.a.dtype, torch.float32)
+        gm = torch.einsum("npi,npj->ij", c.to(acc), call.a.to(acc)) * o.spectral_mix_mask
+        return g, call.delta_grad(), gm.to(o.spectral_mix.dtype), None
+
+
+def _has_mix(layer: nn.Module) -> bool:
+    return hasattr(layer, "spectral_mix")
+
+
+def _mix_stale(sp: _Spectral) -> bool:
+    return _has_mix(sp.owner) and sp.owner.spectral_mix._version != sp.synced_mix
+
+
+def _core(o: nn.Module, acc: torch.dtype) -> Tensor:
+    """The k×k change of the core: diag(relu(s(δ)) − S) + O ⊙ mask (W = W0 + U·core·Vh)."""
+    ds = torch.relu(_spectrum(o.spectral_S, o.spectral_delta, o.spectral_relative)) - o.spectral_S
+    return torch.diag(ds.to(acc)) + (o.spectral_mix * o.spectral_mix_mask).to(acc)
+
+
+@torch.no_grad()
+def _sync_mixed(sp: _Spectral) -> None:
+    """W = W0 + U·(diag(relu(s) − S) + O)·Vh, recomputed from W0 (no drift), in plain PyTorch."""
+    o = sp.owner
+    W = sp.adapter.to_matrix(o.weight)
+    acc = torch.promote_types(W.dtype, torch.float32)
+    W0 = sp.adapter.to_matrix(o.spectral_W0)
+    W.copy_((W0.to(acc) + o.spectral_U.to(acc) @ _core(o, acc) @ o.spectral_Vh.to(acc)).to(W.dtype))
+    sp.synced, sp.synced_mix = sp.delta._version, o.spectral_mix._version
+
+
 # ------------------------------------------------------------------------------------------- hooks
 def _pre_hook(group: _Group):
     def hook(module, args):
@@ -240,6 +294,8 @@ def _tap_hook(sp: _Spectral):
         o = sp.owner
         with torch.no_grad():
             a = _adapter_for(module).project(module, args[0], o.spectral_U, o.spectral_Vh)
+        if _has_mix(o):
+            return _TapMix.apply(out, sp.delta, o.spectral_mix, _Call(sp, module, a))
         return _Tap.apply(out, sp.delta, _Call(sp, module, a))
     return hook
 
@@ -254,7 +310,11 @@ def _load_hook(sp: _Spectral):
         ds = torch.relu(sp.spectrum()) - o.spectral_S
         W = sp.adapter.to_matrix(o.weight)
         acc = torch.promote_types(W.dtype, torch.float32)
-        W0 = W.to(acc) - (o.spectral_U.to(acc) * ds.to(acc)) @ o.spectral_Vh.to(acc)
+        if _has_mix(o):
+            W0 = W.to(acc) - o.spectral_U.to(acc) @ _core(o, acc) @ o.spectral_Vh.to(acc)
+            sp.synced_mix = o.spectral_mix._version
+        else:
+            W0 = W.to(acc) - (o.spectral_U.to(acc) * ds.to(acc)) @ o.spectral_Vh.to(acc)
         sp.adapter.to_matrix(o.spectral_W0).copy_(W0)
         sp.synced = sp.delta._version
     return hook
@@ -325,7 +385,9 @@ def reparameterize(model: nn.Module, layer_types: Sequence[type] = DEFAULT_TYPES
     Args:
         rank: ``None`` for full rank; ``k`` trains the top-k singular directions (the rest of W0 stays as is).
         freeze_others: ``requires_grad=False`` on every other parameter (restored by :func:`merge`).
-        relative: s = S·(1 + δ) instead of S + δ.  svd: ``"full"`` or ``"lowrank"`` (randomized, rank-k only).
+        relative: s = S·(1 + δ) instead of S + δ; ``"exp"``: s = S·exp(δ) (multiplicative like ``True``, but a
+            singular value can never reach 0 — under ``True`` a step to δ ≤ −1 zeroes it, and the relu's zero
+            gradient keeps it dead for good).  svd: ``"full"`` or ``"lowrank"`` (randomized, rank-k only).
         include: predicate ``(qualified_name, layer) -> bool`` selecting layers further.
         impl: implementation of the in-place weight update (see :mod:`fip_fast.ops`).
     Returns:
@@ -333,6 +395,8 @@ def reparameterize(model: nn.Module, layer_types: Sequence[type] = DEFAULT_TYPES
     """
     if svd not in ("full", "lowrank"):
         raise ValueError(f"svd must be 'full' or 'lowrank', got {svd!r}")
+    if isinstance(relative, str) and not _is_exp(relative):
+        raise ValueError(f"relative must be False, True or 'exp', got {relative!r}")
     types = tuple(layer_types)
     targets = _targets(model, types, include)
     if not targets:
@@ -369,9 +433,19 @@ def spectral_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def spectrum(layer: nn.Module) -> Tensor:
-    """s(δ) of a reparameterized layer, before the relu (differentiable in δ): S + δ, or S·(1 + δ) if relative."""
-    S, d = layer.spectral_S, layer.spectral_delta
-    return S * (1.0 + d) if layer.spectral_relative else S + d
+    """s(δ) of a reparameterized layer, before the relu (differentiable in δ): S + δ, or S·(1 + δ) if relative
+    (S·exp(δ) if ``relative="exp"``)."""
+    return _spectrum(layer.spectral_S, layer.spectral_delta, layer.spectral_relative)
+
+
+def _is_exp(relative: object) -> bool:
+    return isinstance(relative, str) and relative == "exp"
+
+
+def _spectrum(S: Tensor, d: Tensor, relative: object) -> Tensor:
+    if _is_exp(relative):
+        return S * torch.exp(d)
+    return S * (1.0 + d) if relative else S + d
 
 
 def deltas(model: nn.Module) -> list[nn.Parameter]:
@@ -396,6 +470,42 @@ def sync(model: nn.Module) -> None:
 
 
 @torch.no_grad()
+def add_mixing(model: nn.Module, band: int) -> list[nn.Parameter]:
+    """SVFT-style singular-vector mixing on top of :func:`reparameterize`: every reparameterized layer of
+    ``model`` also trains O (k×k, zeros) restricted to the off-diagonal band 0 < |i − j| ≤ ``band`` of its top-k
+    core, W(δ, O) = W0 + U_k·(diag(relu(s(δ)) − S_k) + O)·Vh_k — U and V can rotate within the top-k subspace
+    (SVFT's banded variant), the spectral budget stays k·(2·band + 1) numbers per layer.
+
+    The layers' weights are still updated in place from W0 (no drift) and the gradient of O comes from the same
+    projections as δ's, ∂ℓ/∂O = Σ (g_out·U)ᵀ·(x·Vhᵀ), masked to the band — no dense dW.  The update of a mixed
+    layer runs in plain PyTorch (one k×k core product per layer), not through :func:`fip_fast.ops.spectral_update_`.
+    O has no per-sample gradients (:func:`collect_per_sample` covers δ only): a Fisher anchor over O is not
+    available.  :func:`merge` drops O with the rest.  Returns the O parameters (fp32), in module order.
+    """
+    if isinstance(band, bool) or not isinstance(band, int) or band < 1:
+        raise ValueError(f"band must be an int ≥ 1, got {band!r}")
+    layers = spectral_layers(model)
+    if not layers:
+        raise ValueError("add_mixing: the model has no reparameterized layer (call reparameterize first)")
+    out = []
+    for _, o in layers:
+        if _has_mix(o):
+            raise ValueError("add_mixing: the layers already have singular-vector mixing")
+        k = o.spectral_S.shape[0]
+        i = torch.arange(k, device=o.spectral_S.device)
+        dist = (i[:, None] - i[None, :]).abs()
+        mask = ((dist > 0) & (dist <= band)).to(o.spectral_S.dtype)
+        o.register_buffer("spectral_mix_mask", mask)
+        o.spectral_mix = nn.Parameter(torch.zeros(k, k, dtype=o.spectral_S.dtype, device=o.spectral_S.device))
+        out.append(o.spectral_mix)
+    for g in _groups(model):
+        for sp in g.items:
+            if _has_mix(sp.owner):
+                sp.synced_mix = sp.owner.spectral_mix._version
+    return out
+
+
+@torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
     """Drop hooks, buffers and δ (the weights already hold W(δ)) and restore the ``requires_grad`` flags that
     :func:`reparameterize` changed.  Returns ``model``, an ordinary model of its original architecture."""
@@ -410,6 +520,9 @@ def merge(model: nn.Module) -> nn.Module:
                 delattr(o, name)
             del o.spectral_delta
             del o.spectral_weight_requires_grad, o.spectral_relative
+            if _has_mix(o):
+                del o.spectral_mix
+                delattr(o, "spectral_mix_mask")
         for ref, flag in frozen:
             p = ref()
             if p is not None:

@@ -59,7 +59,8 @@ def _fip_kwargs(o: Dict[str, Any]) -> Dict[str, Any]:
     unknown = sorted(set(o) - set(_FIP_OPTIONS))
     if unknown:
         raise TypeError(f"unknown FIP option(s) {unknown}; known: {sorted(_FIP_OPTIONS)} plus lr, rho (and "
-                        "lr_delta, rho_delta, relative, rank, fast_fip_extra, layer_types for fast_fip)")
+                        "lr_delta, rho_delta, relative, rank, fast_fip_extra, layer_types, delta_optimizer, "
+                        "clip_norm for fast_fip)")
     return dict(momentum=o["momentum"], weight_decay=o["weight_decay"], eta_F=o["eta_F"], eta_r=o["eta_r"],
                 trace_every=int(o["trace_every"]), trace_estimator=o["trace_estimator"], max_mix=o["max_mix"])
 
@@ -108,14 +109,52 @@ def _is_extra(module: nn.Module, pname: str, mode: str) -> bool:
 def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: float, lr_delta: float,
                     rho_delta: float, relative: bool = True, rank: Optional[int] = None,
                     fast_fip_extra: str = "bias_bn", layer_types: Optional[Sequence[type]] = None,
-                    impl: str = "auto", **o: Any) -> Purifier:
+                    impl: str = "auto", delta_optimizer: str = "fip", clip_norm: Optional[float] = None,
+                    mix_band: int = 0, lr_mix: Optional[float] = None, **o: Any) -> Purifier:
     """Fast FIP: train the singular-value shifts δ (+ biases / normalization affine parameters), in place
-    (:mod:`fip_fast.spectral`: the layers keep their weights, no W(δ) rebuilt, no dense dW)."""
+    (:mod:`fip_fast.spectral`: the layers keep their weights, no W(δ) rebuilt, no dense dW).
+
+    ``delta_optimizer``: how δ is stepped.  ``"fip"`` (default): the FIP optimizer (SGD + momentum + the fd
+    suppressor, fused kernels) at ``lr_delta``, the extras in a second group at ``lr``.  ``"adamw"``: the same
+    objective and the same fd suppressor (radius ``rho_delta`` in δ-space, ``rho`` for the extras), but δ is stepped
+    by AdamW (default betas, no weight decay on δ) after clipping its direction to global norm ``clip_norm``
+    (default 1.0; 0 disables) — :class:`fip_fast.pipeline.purifier.SpectralAdamW`, pure PyTorch; the extras keep
+    FIP's SGD + momentum + weight decay at ``lr``, unclipped.  Use ``lr_delta`` ≈ 1e-3 … 3e-1 with it (SVDiff's and
+    SVFT's range is 1e-3 … 5e-2), not the SGD rates.  ``"sgd"``: FIP's SGD + momentum update of δ in that same
+    optimizer, with the clipping (``clip_norm``, default 1.0): bounds the early, largest steps.  ``clip_norm``
+    applies to ``"adamw"`` and ``"sgd"`` only; ``trace_estimator`` must be ``"fd"`` with them (the lagged /
+    double-backward estimators need FIP's kernels).  ``relative``: ``True`` (s = S·(1 + δ)), ``False``
+    (s = S + δ) or ``"exp"`` (s = S·exp(δ), see :func:`fip_fast.spectral.reparameterize`).  ``mix_band`` ≥ 1:
+    SVFT-style singular-vector mixing (:func:`fip_fast.spectral.add_mixing`): every layer also trains the
+    off-diagonal band 0 < |i − j| ≤ ``mix_band`` of its k×k core, so U and V can rotate within the top-k subspace;
+    those entries form their own group (same optimizer as δ, rate ``lr_mix``, default ``lr_delta``, radius
+    ``rho_delta``, no weight decay; the spectral penalty below covers them: (wd/2)·‖O‖²).  Not with ``eta_r > 0``
+    (no per-sample gradients of O, so no Fisher anchor over them).
+    docs/fast_fip_variants.md: what each variant does on the development task of the fair protocol."""
     from fip_fast import spectral
     from fip_fast.optim import FIP
 
     if fast_fip_extra not in ("bias_bn", "none"):
         raise ValueError(f"fast_fip_extra must be 'bias_bn' or 'none', got {fast_fip_extra!r}")
+    if delta_optimizer not in ("fip", "adamw", "sgd"):
+        raise ValueError(f"delta_optimizer must be 'fip', 'adamw' or 'sgd', got {delta_optimizer!r}")
+    if clip_norm is not None:
+        if delta_optimizer == "fip":
+            raise ValueError(f"clip_norm applies to delta_optimizer='adamw' or 'sgd' only (got clip_norm="
+                             f"{clip_norm!r} with delta_optimizer={delta_optimizer!r})")
+        if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not clip_norm >= 0 \
+                or clip_norm == float("inf"):
+            raise ValueError(f"clip_norm must be a finite number ≥ 0 (0: no clipping), got {clip_norm!r}")
+    if isinstance(mix_band, bool) or not isinstance(mix_band, int) or mix_band < 0:
+        raise ValueError(f"mix_band must be an int ≥ 0 (0: no singular-vector mixing), got {mix_band!r}")
+    if mix_band > 0 and o.get("eta_r", 0.0) > 0:
+        raise ValueError(f"mix_band > 0 needs eta_r = 0 (no Fisher anchor over the mixing entries), got eta_r="
+                         f"{o.get('eta_r')!r}")
+    if lr_mix is not None and mix_band == 0:
+        raise ValueError(f"lr_mix applies to mix_band > 0 only, got lr_mix={lr_mix!r} with mix_band=0")
+    if delta_optimizer != "fip" and o.get("trace_estimator", "fd") != "fd":
+        raise ValueError(f"delta_optimizer={delta_optimizer!r} supports trace_estimator='fd' only, got "
+                         f"{o.get('trace_estimator')!r}")
     # The extras: parameters that were trainable before reparameterization (merge restores every flag).
     extras = [p for m in model.modules() for pname, p in m.named_parameters(recurse=False)
               if p.requires_grad and _is_extra(m, pname, fast_fip_extra)]
@@ -123,6 +162,7 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
     if layer_types is not None:
         kw["layer_types"] = tuple(layer_types)
     deltas = spectral.reparameterize(model, **kw)
+    mixes = spectral.add_mixing(model, mix_band) if mix_band > 0 else []
     extra_ids = {id(p) for p in extras}
     delta_ids = {id(p) for p in deltas}
     extras = [p for p in model.parameters() if id(p) in extra_ids and id(p) not in delta_ids]
@@ -138,11 +178,28 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
     pg = [dict(params=deltas, lr=lr_delta, rho=rho_delta, weight_decay=0.0)]
     if extras:
         pg.append(dict(params=extras, lr=lr, rho=rho, weight_decay=wd))
-    opt = FIP(pg, lr=lr, rho=rho, fisher0=f0, impl=impl, weight_decay=0.0, **kw)
+    if mixes:
+        pg.append(dict(params=mixes, lr=lr_delta if lr_mix is None else lr_mix, rho=rho_delta, weight_decay=0.0))
+    if delta_optimizer != "fip":
+        from fip_fast.pipeline.purifier import SpectralAdamW
+
+        clip = 1.0 if clip_norm is None else float(clip_norm)
+        pg[0].update(kind=delta_optimizer, clip_norm=clip)
+        if extras:
+            pg[1].update(kind="sgd", clip_norm=0.0)
+        if mixes:
+            pg[-1].update(kind=delta_optimizer, clip_norm=clip)
+        opt = SpectralAdamW(pg, lr=lr, rho=rho, momentum=kw["momentum"], eta_F=kw["eta_F"], eta_r=kw["eta_r"],
+                            max_mix=kw["max_mix"], trace_every=kw["trace_every"], fisher0=f0)
+    else:
+        opt = FIP(pg, lr=lr, rho=rho, fisher0=f0, impl=impl, weight_decay=0.0, **kw)
     layers = [m for _, m in spectral.spectral_layers(model)]
     penalty = None
     if wd > 0:
         def penalty() -> Tensor:
-            return 0.5 * wd * sum(F.relu(spectral.spectrum(m)).pow(2).sum() for m in layers)
+            pen = sum(F.relu(spectral.spectrum(m)).pow(2).sum() for m in layers)
+            if mixes:
+                pen = pen + sum((m.spectral_mix * m.spectral_mix_mask).pow(2).sum() for m in layers)
+            return 0.5 * wd * pen
     return OptimizerPurifier(model, opt, ctx.loss_fn, finalize=spectral.merge, penalty=penalty)
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from fip_fast.pipeline.data import LossFn
 
-__all__ = ["MethodContext", "Purifier", "OptimizerPurifier"]
+__all__ = ["MethodContext", "Purifier", "OptimizerPurifier", "SpectralAdamW"]
 
 
 @dataclass
@@ -163,3 +163,203 @@ class OptimizerPurifier(Purifier):
         self._base_model = self.model
         self.model = wrap(self.model)
 
+
+
+class SpectralAdamW(torch.optim.Optimizer):
+    r"""The optimizer of Fast FIP's ``delta_optimizer="adamw"`` variant (see
+    :func:`fip_fast.pipeline.methods.build_fast_fip`): the FIP objective's direction, stepped by AdamW for the δ
+    groups and by FIP's SGD + momentum for the others.
+
+    Per step, for every group (pure PyTorch, no fused kernels — the groups are small: δ and biases / BN affine):
+
+    * g = the gradient of the closure's loss at θ;
+    * on suppressor calls (``eta_F > 0``, every ``trace_every``-th call), the fd suppressor of METHOD.md, unchanged:
+      e = ρ·g/‖g‖ (the group's global norm, ρ its own ``rho``), g' = the gradient at θ + e (second closure call,
+      :attr:`perturbed_pass` True so the purifier freezes BatchNorm's running statistics), θ = (θ + e) − e,
+      d = g + c·(g' − g) with c = min(2·η_F·‖g‖/ρ, max_mix) (at the cap: a SAM step of radius ρ);
+      otherwise d = g;
+    * d += η_r·F0·(θ − θ0) where ``fisher0`` has an entry;
+    * d is clipped to global norm ``clip_norm`` over the group (0, the default, disables);
+    * ``kind="adamw"`` groups: one AdamW step: m = β1·m + (1 − β1)·d, v = β2·v + (1 − β2)·d²,
+      θ ← θ − lr·(m̂/(√v̂ + eps) + wd·θ) (bias-corrected; decoupled weight decay, 0 on δ by default — it would pull
+      δ toward 0, i.e. toward θ0);
+    * ``kind="sgd"`` groups: d += wd·θ, buf = μ·buf + d, θ ← θ − lr·buf (FIP's update without the anchor's fused
+      kernel).
+
+    The normalized update is what working spectral fine-tuning methods use (SVDiff: Adam at 1e-3, SVFT: AdamW
+    with warm-up and cosine): raw δ-gradients differ by orders of magnitude between layers and between the
+    singular values of one layer (∂ℓ/∂δ_i scales with S_i when s = S·(1 + δ)), so one SGD rate either leaves most
+    δ unmoved or blows up the largest.  AdamW moves every δ_i by ≈ lr per step whatever its gradient's scale.
+
+    A step whose gradients (at θ or at θ + e) contain NaN/Inf changes nothing (parameters, moments) and is counted
+    in :attr:`skipped_steps`.
+    """
+
+    def __init__(self, params, *, lr: float, kind: str = "adamw", momentum: float = 0.9, weight_decay: float = 0.0,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, clip_norm: float = 0.0,
+                 eta_F: float = 0.0, rho: float = 0.05, max_mix: float = 1.0, trace_every: int = 1,
+                 eta_r: float = 0.0, fisher0: Optional[Dict[Tensor, Tensor]] = None):
+        defaults = dict(lr=lr, kind=kind, momentum=momentum, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
+                        clip_norm=clip_norm, eta_F=eta_F, rho=rho, max_mix=max_mix, trace_every=int(trace_every),
+                        eta_r=eta_r)
+        self.perturbed_pass = False
+        self._skipped = 0
+        self._calls = 0
+        super().__init__(params, defaults)
+        for p, f0 in (fisher0 or {}).items():
+            st = self.state[p]
+            st["anchor"] = p.detach().clone()
+            st["fisher0"] = f0.detach().to(device=p.device, dtype=torch.float32).clone()
+
+    def add_param_group(self, param_group: dict) -> None:
+        g = {**self.defaults, **param_group}
+        _validate_group(g)
+        super().add_param_group(param_group)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._skipped
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["spectral_adamw"] = {"calls": self._calls, "skipped": self._skipped}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        extra = state_dict.get("spectral_adamw", {})
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "spectral_adamw"})
+        self._calls, self._skipped = int(extra.get("calls", 0)), int(extra.get("skipped", 0))
+
+    @staticmethod
+    def _grads(group: dict) -> List[Tensor]:
+        return [p.grad.detach().to(_acc(p)) if p.grad is not None else torch.zeros_like(p, dtype=_acc(p))
+                for p in group["params"]]
+
+    @staticmethod
+    def _finite(gs: List[Tensor]) -> bool:
+        return all(bool(torch.isfinite(g).all()) for g in gs)
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        if closure is None:
+            raise ValueError("SpectralAdamW.step needs a closure (the fd suppressor evaluates the loss twice)")
+        with torch.enable_grad():
+            loss = closure()
+        groups = self.param_groups
+        g = [self._grads(h) for h in groups]
+        call, self._calls = self._calls, self._calls + 1
+        if not all(self._finite(x) for x in g):
+            self._skipped += 1
+            return loss
+        sup = [h["eta_F"] > 0 and call % h["trace_every"] == 0 for h in groups]
+        d = g
+        if any(sup):
+            d = self._suppressed(closure, g, sup)
+            if d is None:
+                self._skipped += 1
+                return loss
+        with torch.no_grad():
+            for h, dh in zip(groups, d):
+                self._update(h, dh)
+        return loss
+
+    @torch.no_grad()
+    def _suppressed(self, closure, g, sup) -> Optional[List[List[Tensor]]]:
+        """The fd-suppressed directions d of every group (None: the perturbed gradient was not finite)."""
+        groups = self.param_groups
+        es, mixes = [], []
+        for h, gh, s in zip(groups, g, sup):
+            if not s:
+                es.append(None)
+                mixes.append(0.0)
+                continue
+            norm = torch.sqrt(sum((x * x).sum() for x in gh)) if gh else torch.zeros(())
+            scale = h["rho"] / float(norm.clamp_min(1e-12))
+            e = [x * scale for x in gh]
+            for p, ei in zip(h["params"], e):
+                p.add_(ei.to(p.dtype))
+            es.append(e)
+            mixes.append(min(2.0 * h["eta_F"] * float(norm) / h["rho"], h["max_mix"]))
+        self.perturbed_pass = True
+        try:
+            with torch.enable_grad():
+                closure()
+            gp = [self._grads(h) for h in groups]
+        finally:
+            self.perturbed_pass = False
+            for h, e in zip(groups, es):
+                if e is not None:
+                    for p, ei in zip(h["params"], e):
+                        p.sub_(ei.to(p.dtype))
+        if not all(self._finite(x) for x in gp):
+            return None
+        return [[gi + c * (gpi - gi) for gi, gpi in zip(gh, gph)] if e is not None else gh
+                for gh, gph, e, c in zip(g, gp, es, mixes)]
+
+    @torch.no_grad()
+    def _update(self, h: dict, d: List[Tensor]) -> None:
+        ps = h["params"]
+        if h["eta_r"] > 0:
+            for i, p in enumerate(ps):
+                st = self.state[p]
+                if "fisher0" in st:
+                    d[i] = d[i] + h["eta_r"] * st["fisher0"] * (p.detach().to(d[i].dtype) - st["anchor"].to(d[i].dtype))
+        if h["clip_norm"] > 0 and d:
+            norm = float(torch.sqrt(sum((x * x).sum() for x in d)))
+            if norm > h["clip_norm"]:
+                d = [x * (h["clip_norm"] / norm) for x in d]
+        if h["kind"] == "sgd":
+            for p, di in zip(ps, d):
+                st = self.state[p]
+                di = di + h["weight_decay"] * p.detach().to(di.dtype)
+                buf = st.get("momentum_buffer")
+                if buf is None:
+                    buf = st["momentum_buffer"] = di.clone()
+                else:
+                    buf.mul_(h["momentum"]).add_(di)
+                p.sub_((h["lr"] * buf).to(p.dtype))
+            return
+        b1, b2 = h["betas"]
+        for p, di in zip(ps, d):
+            st = self.state[p]
+            if "exp_avg" not in st:
+                st["adam_step"] = 0
+                st["exp_avg"] = torch.zeros_like(di)
+                st["exp_avg_sq"] = torch.zeros_like(di)
+            st["adam_step"] += 1
+            t = st["adam_step"]
+            st["exp_avg"].mul_(b1).add_(di, alpha=1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(di, di, value=1 - b2)
+            denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(h["eps"])
+            upd = (st["exp_avg"] / (1 - b1 ** t)) / denom
+            if h["weight_decay"] > 0:
+                upd = upd + h["weight_decay"] * p.detach().to(upd.dtype)
+            p.sub_((h["lr"] * upd).to(p.dtype))
+
+
+def _acc(p: Tensor) -> torch.dtype:
+    """The dtype of the optimizer's math for ``p``: fp32, fp64 for an fp64 parameter."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _validate_group(g: dict) -> None:
+    """ValueError naming the first bad hyper-parameter of a :class:`SpectralAdamW` group."""
+    import math
+
+    def bad(name: str, why: str) -> None:
+        raise ValueError(f"SpectralAdamW: {name} {why}, got {g[name]!r}")
+
+    if g["kind"] not in ("adamw", "sgd"):
+        bad("kind", "must be 'adamw' or 'sgd'")
+    for name in ("lr", "weight_decay", "eps", "clip_norm", "eta_F", "eta_r", "max_mix"):
+        v = g[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            bad(name, "must be a finite number ≥ 0")
+    if not g["rho"] > 0 or not math.isfinite(g["rho"]):
+        bad("rho", "must be a finite number > 0")
+    if not 0 <= g["momentum"] < 1:
+        bad("momentum", "must lie in [0, 1)")
+    b = g["betas"]
+    if len(b) != 2 or not all(0 <= x < 1 for x in b):
+        bad("betas", "must be two numbers in [0, 1)")
+    if int(g["trace_every"]) < 1:
+        bad("trace_every", "must be ≥ 1")
