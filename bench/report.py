@@ -76,6 +76,7 @@ def ops_markdown(d: dict) -> str:
         md += ["", "## Same, by process CPU time (`time.process_time`, median) — less sensitive to machine load", ""]
         md.append(_table(["op", "case"] + impls, _ops_rows(ok, impls, keys, _cpu_cell)))
     md += _ops_notes(d, ok)
+    md += _whole_step_lines(d)
     md += _host_step_lines(d)
     return "\n".join(md) + "\n"
 
@@ -159,6 +160,21 @@ def _ops_notes(d: dict, ok: list[dict]) -> list[str]:
     if bad:
         md += ["", "Errors:", ""] + [f"* {r['op']} {r.get('variant') or ''} {r['case']} {r['impl']}: {r['reason']}"
                                      for r in bad]
+    return md
+
+
+def _whole_step_lines(d: dict) -> list[str]:
+    if not d.get("whole_step"):
+        return []
+    md = ["", "## The whole `optimizer.step()` on the ResNet-18 list (same run)", ""]
+    rows = []
+    for w in d["whole_step"]:
+        if "median_s" not in w:
+            rows.append([w["optimizer"], w["impl"], "–", "–", w.get("error", "")])
+            continue
+        rows.append([w["optimizer"], w["impl"], f"{_ms(w['median_s'])} [{_ms(w['p20_s'])}–{_ms(w['p80_s'])}]",
+                     f"×{w['vs_sgd']:.2f}" if w.get("vs_sgd") else "–", w.get("note", "")])
+    md.append(_table(["optimizer", "impl", "median per step [p20–p80]", "vs SGD(foreach)", "note"], rows))
     return md
 
 

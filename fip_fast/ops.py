@@ -97,8 +97,17 @@ def resolve(impl: str, device: torch.device | str = "cpu") -> str:
     return "foreach"
 
 
+#: (op, impl, device) → (function, impl name) for impls asked for by name (an optimizer's resolved impl): the
+#: dispatch of every fused call of a step, a dictionary lookup once the impl has been found available
+_found: dict[tuple, tuple[Callable, str]] = {}
+
+
 def _lookup(op: str, impl: str, device: torch.device | str) -> tuple[Callable, str]:
     """(the function implementing ``op``, the name of the impl it comes from)."""
+    if impl != "auto":
+        hit = _found.get((op, impl, device))
+        if hit is not None:
+            return hit
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     name = resolve(impl, device)
@@ -115,6 +124,8 @@ def _lookup(op: str, impl: str, device: torch.device | str) -> tuple[Callable, s
                     break
     if fn is None:
         raise ImplUnavailableError(f"impl={name!r} does not implement {op!r}")
+    if impl != "auto":
+        _found[(op, impl, device)] = (fn, name)
     return fn, name
 
 
@@ -152,7 +163,7 @@ def _bump_versions(params, name: str) -> None:
     sync, which re-derives W when δ._version changes) see the write.  A no-op for the torch-op implementations."""
     if name in ("triton", "cuda", "cpu"):
         try:
-            torch.autograd.graph.increment_version(list(params))
+            torch.autograd.graph.increment_version(params if isinstance(params, list) else list(params))
         except TypeError:          # torch < 2.5 takes one tensor at a time
             for p in params:
                 torch.autograd.graph.increment_version(p)

@@ -67,6 +67,20 @@ def test_ops_quick_schema(quick_results):
             if r.get("max_abs_err_vs_reference") is not None:
                 assert r["max_abs_err_vs_reference"] < 1e-3, r        # every impl computes the same op
     assert {h["optimizer"] for h in ops["host_step"]} >= {"sgd_foreach", "fip_plain", "fip_lagged", "fip_fd"}
+    mocked = [h for h in ops["host_step"] if h["impl"] == "triton (launch mocked)"]
+    assert mocked and all(h.get("per_step_median_s", 0) > 0 for h in mocked), mocked
+
+
+def test_whole_step_compares_fip_with_sgd():
+    import torch
+
+    from bench.ops.whole_step import time_whole_step
+
+    impls = {"foreach": dict(available=True), "reference": dict(available=False)}
+    timing = dict(warmup=1, min_reps=2, max_reps=2, budget_s=0.0)
+    out = time_whole_step(dict(shapes=[(3, 4), (5,)]), impls, torch.device("cpu"), timing)
+    assert [(r["optimizer"], r["impl"]) for r in out] == [("sgd_foreach", "foreach"), ("fip", "foreach")]
+    assert all(r["median_s"] > 0 and r["vs_sgd"] > 0 for r in out)
 
 
 def test_end_to_end_quick_schema(quick_results):

@@ -15,6 +15,7 @@ from .host import host_step_overhead
 from .impls import resolve_impls
 from .micro import Recorder, copy_bandwidth, time_list_ops, time_spectral_ops
 from .results import document, settle_bandwidth
+from .whole_step import time_whole_step
 
 DESCRIPTION = "Microbenchmarks of the fused ops of fip_fast, every implementation side by side in one run."
 
@@ -72,6 +73,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sp_cases = spectral_cases(device, quick)
     time_spectral_ops(record, sp_cases, impls, device, timing, ops_wanted)
 
+    whole = []
+    if not args.no_whole_step and "resnet18" in cases:
+        whole = time_whole_step(cases["resnet18"], impls, device, timing, compile_loop=args.compile_loop)
+        for w in whole:
+            say(f"  whole step  {w['optimizer']:<24}{w['impl']:<10}" + (
+                f"{w['median_s'] * 1e3:9.2f} ms  ×{w.get('vs_sgd', float('nan')):.2f} of SGD" if "median_s" in w
+                else f"  {w['error']}"))
+
     bw_runs.append(copy_bandwidth(device, copy_numel, timing))
     say(f"copy bandwidth at the end: {bw_runs[-1]['gbps']:.1f} GB/s")
     settle_bandwidth(bw, bw_runs, record.results)
@@ -81,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{h['per_step_median_s'] * 1e6:9.1f} µs  [{h['per_step_p20_s'] * 1e6:.1f}, "
             f"{h['per_step_p80_s'] * 1e6:.1f}]")
     return document(env, quick=quick, timing=timing, cases=cases, sp_cases=sp_cases, verify_max=args.verify_numel,
-                    impls=impls, bw=bw, results=record.results, host=host)
+                    impls=impls, bw=bw, results=record.results, host=host, whole_step=whole)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +110,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-numel", type=int, default=2_000_000,
                    help="check each impl against the reference on cases up to this many elements")
     p.add_argument("--no-host-step", action="store_true", help="skip the FIP.step() host-overhead measurement")
+    p.add_argument("--no-whole-step", action="store_true",
+                   help="skip FIP.step() vs SGD(foreach).step() on the resnet18 list")
     p.add_argument("--out", default=None, help="output JSON (default bench/results/ops_<device>.json; "
                                                "ops_<device>_quick.json with --quick)")
     p.add_argument("--threads", type=int, default=1,

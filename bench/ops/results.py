@@ -30,7 +30,7 @@ def settle_bandwidth(bw: dict, bw_runs: list[dict], results: list[dict]) -> None
 
 
 def document(env: dict, *, quick: bool, timing: dict, cases: dict, sp_cases: dict, verify_max: int, impls: dict,
-             bw: dict, results: list[dict], host: list[dict]) -> dict[str, Any]:
+             bw: dict, results: list[dict], host: list[dict], whole_step: list[dict] = ()) -> dict[str, Any]:
     """The whole result of one run, in the key order of the schema."""
     return dict(schema=SCHEMA, **env, load_after=loadavg(), quick=quick,
                 config=dict(timing=timing, hyper=HYPER, dtype="float32",
@@ -39,4 +39,4 @@ def document(env: dict, *, quick: bool, timing: dict, cases: dict, sp_cases: dic
                             spectral_cases=sp_cases, verify_numel=verify_max, compile_note=COMPILE_NOTE),
                 impls={k: dict(available=v["available"], reason=v["reason"]) for k, v in impls.items()},
                 bytes_accounting={k: dict(bytes_per_elem=v[0], what=v[1]) for k, v in BYTES_ACCOUNTING.items()},
-                copy_bandwidth=bw, results=results, host_step=host)
+                copy_bandwidth=bw, results=results, host_step=host, whole_step=list(whole_step))

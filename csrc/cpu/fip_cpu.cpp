@@ -32,7 +32,7 @@ inline void perturb_range(float* __restrict p, const float* __restrict g, float 
     for (int64_t k = lo; k < hi; ++k) p[k] = p[k] + s * g[k];
 }
 
-inline double sumsq_range(const float* __restrict x, int64_t lo, int64_t hi) {
+inline double sumsq_blocks(const float* __restrict x, int64_t lo, int64_t hi) {
     // Blocks of 4096 elements summed in 16 independent fp32 lanes (vectorized by the compiler without -ffast-math:
     // each lane is its own sum, 256 terms deep), each block's total added in fp64: fp32 SIMD speed (no per-element
     // conversion to double), and an error far below fp32 summation of the whole tensor.  A square or a block sum
@@ -55,6 +55,35 @@ inline double sumsq_range(const float* __restrict x, int64_t lo, int64_t hi) {
     }
     for (; k < hi; ++k) { const double a = x[k]; s += a * a; }
     return s;
+}
+
+inline double sumsq_range(const float* __restrict x, int64_t lo, int64_t hi) {
+    // Four quarters of the range read side by side, a block of each per iteration (blocks as in sumsq_blocks): a
+    // single stream leaves one core latency-bound (measured 11–13 GB/s on the 2-core EPYC), four streams keep more
+    // cache misses in flight (18–19 GB/s).  The tail that does not fill four equal quarters goes through
+    // sumsq_blocks.
+    constexpr int S = 4, L = 16;
+    constexpr int64_t B = 4096;
+    const int64_t per = (hi - lo) / B / S;        // blocks per quarter
+    double s = 0.0;
+    for (int64_t b = 0; b < per; ++b) {
+        float acc[S][L] = {{0}};
+        for (int64_t i = 0; i < B; i += L) {
+            for (int q = 0; q < S; ++q) {
+                const float* p = x + lo + (q * per + b) * B + i;
+                for (int j = 0; j < L; ++j) {
+                    const float a = p[j];
+                    acc[q][j] += a * a;
+                }
+            }
+        }
+        for (int q = 0; q < S; ++q) {
+            float t = 0.0f;
+            for (int j = 0; j < L; ++j) t += acc[q][j];
+            s += t;
+        }
+    }
+    return s + sumsq_blocks(x, lo + S * per * B, hi);
 }
 
 struct StepArgs {

@@ -21,7 +21,7 @@ non-overlapping layout of its parameter.  Anything else (fp16/bf16/fp64, mixed l
 foreach backend for that call, logged once at INFO level.  Scalars may be Python numbers or 0-dim tensors (read
 with ``.item()``: free on the CPU).  Results equal :mod:`fip_fast.reference` bit for bit on fp32 (same fp32
 operations in the same order, no FMA contraction), except :func:`global_norm`, which sums 4096-element blocks in
-fp32 lanes and the blocks in fp64.
+fp32 lanes and the blocks in fp64 (four quarters of a tensor read side by side, for memory-level parallelism).
 Threads: ``torch.get_num_threads()`` (OpenMP inside each tensor of ≥ 64 Ki elements).
 
 Importing this module never fails; :func:`available` says why the kernels can't be used.
@@ -279,7 +279,8 @@ def _moved_ok(ts: Sequence[Optional[Tensor]]) -> bool:
 
 
 def _table(op: str, cache_key, slots, moving_slots: tuple[int, ...], reason) -> tuple[Optional[_Table], str]:
-    """(the table of this call, '') or (None, why the kernels can't take it).
+    """(the table of this call, '') or (None, why the kernels can't take it).  ``slots``: the lists, or a
+    function returning them (built only when needed); ``reason()``: None when the kernels can take them.
 
     ``cache_key`` (None: check and build every time): ``(stable, moving)`` — ``stable`` a hashable the caller
     guarantees determines every tensor of the call except those of ``moving_slots`` (FIP: its plan's uid), and
@@ -287,7 +288,7 @@ def _table(op: str, cache_key, slots, moving_slots: tuple[int, ...], reason) -> 
     step).  A cached table whose moving pointers differ is patched after a cheap check of the new tensors only."""
     if cache_key is None:
         why = reason()
-        return (None, why) if why else (_Table(slots), "")
+        return (None, why) if why else (_Table(slots() if callable(slots) else slots), "")
     stable, moving = cache_key
     key = (op, stable)
     tab = _tables.get(key)
@@ -296,6 +297,7 @@ def _table(op: str, cache_key, slots, moving_slots: tuple[int, ...], reason) -> 
         if tab.moving == moving:
             return tab, ""
         changed = [(s, new) for s, old, new in zip(moving_slots, tab.moving, moving) if old != new]
+        slots = slots() if callable(slots) else slots
         if tab.contiguous and all(slots[s] is not None and _moved_ok(slots[s]) for s, _ in changed):
             n = tab.n
             for s, new in changed:
@@ -305,7 +307,7 @@ def _table(op: str, cache_key, slots, moving_slots: tuple[int, ...], reason) -> 
     why = reason()
     if why:
         return None, why
-    tab = _tables[key] = _Table(slots, moving)
+    tab = _tables[key] = _Table(slots() if callable(slots) else slots, moving)
     if len(_tables) > CACHE_SIZE:
         _tables.popitem(last=False)
     return tab, ""
@@ -318,8 +320,9 @@ def clear_cache() -> None:
 
 # ------------------------------------------------------------------------------------------------ the ops
 # ``cache_key`` (every op): see _table — FIP passes one per step plan; None checks and builds every time.
+# No torch.no_grad() here: the kernels write through raw pointers, which autograd never sees (the foreach
+# fallbacks carry their own), and the decorator would cost microseconds per call.
 
-@torch.no_grad()
 def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, alpha, cache_key=None) -> None:
     if not fisher:
         return
@@ -342,7 +345,6 @@ def _norm_reason(ts: Sequence[Optional[Tensor]]) -> Optional[str]:
     return None
 
 
-@torch.no_grad()
 def global_norm(tensors: Sequence[Optional[Tensor]], cache_key=None) -> tuple[Tensor, Tensor]:
     lib = _load()
     ts = tensors if cache_key is not None else [t for t in tensors if t is not None]
@@ -360,7 +362,6 @@ def global_norm(tensors: Sequence[Optional[Tensor]], cache_key=None) -> tuple[Te
     return torch.scalar_tensor(norm), torch.scalar_tensor(float(not math.isfinite(norm)))
 
 
-@torch.no_grad()
 def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf=None, cache_key=None) -> None:
     if not params or _skip(found_inf):
         return
@@ -413,7 +414,6 @@ def _step_slots(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher
     return [params, grads, grads_pert, f0s, a0s, momentum_buf, fisher, pert]
 
 
-@torch.no_grad()
 def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, *, lr, momentum, nesterov,
               weight_decay, eta_r, beta, mix, restore_scale, precondition, damping, step, next_pert_scale,
               found_inf, cache_key=None) -> None:
@@ -423,7 +423,7 @@ def fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, 
     lib = _load()
     lists = (params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, use_anchor)
     op = f"step{int(use_anchor)}{int(grads_pert is None)}{int(pert is None)}"     # which slots are present
-    tab, why = _table(op, cache_key, _step_slots(*lists), (1, 2), lambda: _step_reason(*lists))
+    tab, why = _table(op, cache_key, lambda: _step_slots(*lists), (1, 2), lambda: _step_reason(*lists))
     if tab is None or lib is None:
         _fallback("fip_step_", why or _error or "")
         return _fe.fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, lr=lr,
