@@ -132,6 +132,13 @@ ABLATIONS: Dict[str, Tuple[str, dict]] = {     # at FIP's lr 0.05 unless given; 
     "fast_fip, sgd clip 0.3, lr 0.5 + mix band 16": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
                                                                       lr_delta=0.5, mix_band=16, eta_r=0.0)),
     "fast_fip + mix band 8 (unclipped)": ("fast_fip", dict(mix_band=8, eta_r=0.0)),
+    # the rest of a 6-point lr_delta path (0.1 0.2 0.3 0.5 0.7 1.0) for clipped SGD + mix band 8, for the rule
+    "fast_fip, sgd clip 0.3, lr 0.1 + mix band 8": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
+                                                                     lr_delta=0.1, mix_band=8, eta_r=0.0)),
+    "fast_fip, sgd clip 0.3, lr 0.2 + mix band 8": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
+                                                                     lr_delta=0.2, mix_band=8, eta_r=0.0)),
+    "fast_fip, sgd clip 0.3, lr 0.7 + mix band 8": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
+                                                                     lr_delta=0.7, mix_band=8, eta_r=0.0)),
 }
 
 DEV_CELLS = [Cell(a, atk, 100, 0.1, 0.1, target=5) for a, atk in product(ARCHS, SEEN_ATTACKS)]
