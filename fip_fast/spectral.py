@@ -87,9 +87,13 @@ def _linear_project_grad(layer, g, U, Vh):
 
 def _conv_project(layer, x, U, Vh):
     """The input convolved with the k rows of Vh as filters (each group's input with the same filters):
-    (N, G·k, *out_spatial) → (N, P·G, k) with positions and groups as the positions of the sample."""
+    (N, G·k, *out_spatial) → (N, P·G, k) with positions and groups as the positions of the sample.  With one group
+    the result is a transposed *view* of the convolution's output (no copy; so is :func:`_conv_project_grad`'s)."""
     G, k = layer.groups, Vh.shape[0]
     filt = Vh.to(x.dtype).reshape(k, layer.in_channels // G, *layer.kernel_size)
+    if G == 1:
+        a = layer._conv_forward(x, filt, None)                                         # (N, k, *sp)
+        return a.reshape(a.shape[0], k, -1).transpose(1, 2)
     a = layer._conv_forward(x, filt.repeat(G, *([1] * (filt.dim() - 1))), None)     # (N, G·k, *sp)
     return a.reshape(a.shape[0], G, k, -1).permute(0, 1, 3, 2).reshape(a.shape[0], -1, k)
 
@@ -98,6 +102,8 @@ def _conv_project_grad(layer, g, U, Vh):
     """Σ over each group's output channels of g·U: (N, out, *sp) → (N, P·G, k), ordered as :func:`_conv_project`."""
     G, k = layer.groups, U.shape[1]
     N = g.shape[0]
+    if G == 1:                                  # Uᵀ·g per sample: (k, out)·(out, P), a transposed view as above
+        return torch.matmul(U.to(g.dtype).t(), g.reshape(N, g.shape[1], -1)).transpose(1, 2)
     gg = g.reshape(N, G, g.shape[1] // G, -1)                                        # (N, G, out/G, P)
     c = torch.einsum("ngop,gok->ngpk", gg, U.to(g.dtype).reshape(G, -1, k))
     return c.reshape(N, -1, k)
