@@ -14,8 +14,10 @@ for a core).
 * **cnn** — a purification step through the same loop as ``purify`` (:class:`OptimizerPurifier.step`: the closure,
   the fd suppressor every step, ``trace_every=1``, the FIP optimizer, F0 anchor on, ``DEFAULTS`` of each method)
   on a small pre-activation residual CNN (:class:`fip_fast.evaluation.models.PreActBlock` stages), full rank,
-  3×32×32 inputs: ``fip`` (:func:`build_fip`), ``inplace`` (:func:`build_fast_fip`: :mod:`fip_fast.spectral`)
-  and ``reference`` (the same groups and options on :mod:`fip_fast.spectral_reference`).  Target: in place ≤ 1.0×
+  3×32×32 inputs: ``fip`` (:func:`build_fip`), ``inplace`` (:func:`build_fast_fip` at its shipped defaults:
+  clipped SGD on δ + the mixing band), ``inplace_delta_only`` (the same in-place δ machinery with the FIP
+  optimizer on δ and no mixing: what this design alone costs) and ``reference`` (δ only, the same groups and
+  options on :mod:`fip_fast.spectral_reference`).  Target: in place ≤ 1.0×
   full FIP.
 * **stack** — the same on 6 × ``Linear(1024, 1024)`` (ReLU between) at rank 64, batch × tokens ≥ 1024.  Target:
   in place ≤ 0.75× full FIP.
@@ -101,6 +103,10 @@ def _reference_purifier(model: nn.Module, ctx, *, lr, rho, lr_delta, rho_delta, 
     return OptimizerPurifier(model, opt, ctx.loss_fn, penalty=penalty if wd > 0 else None)
 
 
+#: the δ-only Fast FIP (the FIP optimizer on δ, no mixing band): the machinery of the in-place design alone
+DELTA_ONLY = dict(delta_optimizer="fip", clip_norm=None, mix_band=0)
+
+
 def _purifier(variant: str, model: nn.Module, ctx, rank: Optional[int]):
     from fip_fast.pipeline.methods import DEFAULTS, build_fast_fip, build_fip
 
@@ -109,7 +115,13 @@ def _purifier(variant: str, model: nn.Module, ctx, rank: Optional[int]):
     if method == "fip":
         return build_fip(model, ctx, **opts)
     opts["rank"] = rank
-    return (build_fast_fip if variant == "inplace" else _reference_purifier)(model, ctx, **opts)
+    if variant != "inplace":              # the shipped default; the others are δ only
+        opts.update(DELTA_ONLY)
+    if variant == "reference":
+        for k in DELTA_ONLY:
+            opts.pop(k)
+        return _reference_purifier(model, ctx, **opts)
+    return build_fast_fip(model, ctx, **opts)
 
 
 def _ctx(x, y, loss_fn):
@@ -150,7 +162,7 @@ def _purify_section(model_fn: Callable[[], nn.Module], x, y, loss_fn, rank: Opti
                     steps: int, warmup: int) -> dict[str, Any]:
     calls, trainable = {}, {}
     n_fisher = min(16, x.shape[0])
-    for v in ("fip", "inplace", "reference"):
+    for v in ("fip", "inplace", "inplace_delta_only", "reference"):
         torch.manual_seed(0)
         model = model_fn()
         pur = _purifier(v, model, _ctx(x[:n_fisher], y[:n_fisher], loss_fn), rank)

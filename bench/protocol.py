@@ -60,7 +60,12 @@ GRIDS: Dict[str, List[dict]] = {
     # FIP and Fast FIP without the anchor (eta_r 0): the development ablations (protocol_ablate.md) found that
     # the anchor protects the trigger (development ASR 10 % with it, 4 % without, at equal ACC).
     "fip": [dict(lr=v, eta_r=0.0) for v in (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)],
-    "fast_fip": [dict(lr_delta=v, eta_r=0.0) for v in (0.1, 0.3, 0.5, 1.0, 2.0, 3.0)],
+    # Fast FIP as SVFT-style spectral fine-tuning (ours): clipped SGD on δ plus a band of 8 trainable
+    # off-diagonal core entries per layer (U, V mix inside the top-k subspace).  The development ablations
+    # (protocol_ablate.md, docs/fast_fip_variants.md) found that δ alone purifies only by collapsing singular
+    # values (lr_delta ≥ 1: ACC 57 ± 44 %); the path here is that variant's lr_delta.
+    "fast_fip": [dict(lr_delta=v, delta_optimizer="sgd", clip_norm=0.3, mix_band=8, eta_r=0.0)
+                 for v in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)],
     "ft": [dict(lr=v) for v in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)],
     "superft": [dict(lr=v) for v in (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)],
     "fst": [dict(lr=lr, alpha=a) for lr, a in ((0.01, 0.05), (0.01, 0.1), (0.01, 0.2), (0.02, 0.2), (0.05, 0.2),

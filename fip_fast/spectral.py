@@ -503,6 +503,8 @@ def add_mixing(model: nn.Module, band: int) -> list[nn.Parameter]:
         mask = ((dist > 0) & (dist <= band)).to(o.spectral_S.dtype)
         o.register_buffer("spectral_mix_mask", mask)
         o.spectral_mix = nn.Parameter(torch.zeros(k, k, dtype=o.spectral_S.dtype, device=o.spectral_S.device))
+        # what it trains: the band (the k×k tensor is a masked dense store); counted by purify's report
+        o.spectral_mix.trainable_entries = int(mask.sum())
         out.append(o.spectral_mix)
     for g in _groups(model):
         for sp in g.items:

@@ -98,15 +98,10 @@ def test_synthetic_backdoor_is_planted(task):
 def test_purify_lowers_asr(task, method):
     model, clean, test, trig = task
     before = _metrics(model, test, trig)
-    # Fast FIP at the settings before the fair protocol (lr_delta 0.5 with the anchor): its shipped default
-    # (lr_delta 0.3, no anchor: the protocol's clean-accuracy choice) keeps clean accuracy and, like every Fast FIP
-    # setting that does, the backdoor (bench/results/protocol_dev.md).
-    kw = {"lr_delta": 0.5, "eta_r": 1.0} if method == "fast_fip" else {}
-    m, rep = P.purify(copy.deepcopy(model), clean, method=method, steps=120, batch_size=32, progress=False, **kw)
+    # Both at their shipped defaults (Fast FIP: clipped SGD on δ + the mixing band, docs/fast_fip_variants.md).
+    m, rep = P.purify(copy.deepcopy(model), clean, method=method, steps=120, batch_size=32, progress=False)
     after = _metrics(m, test, trig)
-    # Full FIP removes most of this backdoor; Fast FIP (δ + biases/BN only) lowers it less on such a tiny
-    # network (see docs/demo.md, "Where Fast FIP falls short") — the bound says so rather than hiding it.
-    drop = 0.3 if method == "fip" else 0.1
+    drop = 0.3
     assert after["asr"] < before["asr"] - drop, (before, after, rep.summary())
     assert after["acc"] > before["acc"] - 0.1, (before, after)
 

@@ -27,10 +27,15 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         steps=300, batch_size=64, lr=0.05, momentum=0.9, eta_F=0.005, eta_r=0.0, rho=0.5, max_mix=1.0,
         trace_every=1, trace_estimator="fd", weight_decay=0.03, patience=0,
     ),
+    # Fast FIP (ours beyond the paper, docs/fast_fip_variants.md): δ alone purified the protocol's development
+    # cells only by collapsing singular values (unstable); clipped SGD on δ plus a band of 8 trainable
+    # off-diagonal entries of each layer's k×k core (SVFT-like: U and V mix within the top-k subspace) purified every
+    # development cell.  lr_delta 0.5 is the protocol rule's choice on that variant's lr path (protocol_dev.md).
     "fast_fip": dict(
         steps=150, batch_size=64, lr=0.1, momentum=0.9, eta_F=0.005, eta_r=0.0, rho=0.5, max_mix=1.0,
         trace_every=1, trace_estimator="fd", weight_decay=0.01, patience=0,
-        lr_delta=0.3, rho_delta=2.0, relative=True, rank=None, fast_fip_extra="bias_bn",
+        lr_delta=0.5, rho_delta=2.0, relative=True, rank=None, fast_fip_extra="bias_bn",
+        delta_optimizer="sgd", clip_norm=0.3, mix_band=8,
     ),
 }
 

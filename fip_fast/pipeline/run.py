@@ -270,7 +270,8 @@ def _build_purifier(spec: MethodSpec, model: nn.Module, ctx: MethodContext, opts
     strategy.attach(model, purifier)
     sync(ctx.device)
     report.timings["setup"] = time.perf_counter() - t0
-    report.trainable_params = int(sum(p.numel() for p in purifier.params))
+    # a masked parameter (Fast FIP's mixing band) says how many of its entries train
+    report.trainable_params = int(sum(getattr(p, "trainable_entries", p.numel()) for p in purifier.params))
     return purifier
 
 
