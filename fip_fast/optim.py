@@ -665,15 +665,16 @@ class FIP(Optimizer):
         (and planned for the next step)."""
         grads, ptrs = _plan.grad_pointers(group["params"])
         plan = self._plans.get(id(group))
-        if plan is None or not plan.matches(group, _plan.structure_of(self._epoch, group), _plan.missing_of(ptrs)):
-            plan = self._plan_group(group)
+        missing = _plan.missing_of(ptrs)
+        if plan is None or not plan.matches(group, _plan.structure_of(self._epoch, group), missing):
+            by_dev = self._gather(group)
+            for ps in by_dev.values():
+                for p in ps:
+                    self._lazy_state(p, group)
+            plan = self._plan_group(group, by_dev, missing)
             if plan is None:
-                out = []
-                for dev, ps in self._gather(group).items():
-                    for p in ps:
-                        self._lazy_state(p, group)
-                    out.append(_Slice(group, sup, ps, [p.grad for p in ps], ops.resolve(self.impl, dev), dev))
-                return out
+                return [_Slice(group, sup, ps, [p.grad for p in ps], self._impl_of(dev), dev)
+                        for dev, ps in by_dev.items()]
         return [_Slice(group, sup, dp.ps, dp.grads(grads), self._impl_of(dp.device), dp.device, plan=dp,
                        gptrs=dp.pointers(ptrs)) for dp in plan.devices]
 
@@ -683,29 +684,24 @@ class FIP(Optimizer):
             impl = self._resolved[device] = ops.resolve(self.impl, device)
         return impl
 
-    def _plan_group(self, group: dict) -> Optional[_plan.GroupPlan]:
-        """Create the state of ``group``'s parameters that have a gradient and plan them (None for tensor
-        subclasses, which step without a plan)."""
-        by_dev = self._gather(group)
-        for ps in by_dev.values():
-            for p in ps:
-                self._lazy_state(p, group)
+    def _plan_group(self, group: dict, by_dev: dict, missing: Optional[tuple]) -> Optional[_plan.GroupPlan]:
+        """The plan of ``group``'s parameters that have a gradient (``by_dev``, their state created), kept for the
+        next steps; None for tensor subclasses, which step without a plan."""
         self._plans.pop(id(group), None)
         if not all(_plan.plannable(ps) for ps in by_dev.values()):
             return None
         index = {id(p): i for i, p in enumerate(group["params"])}
-        full = len(by_dev) == 1 and sum(map(len, by_dev.values())) == len(group["params"])
+        full = len(by_dev) == 1 and missing is None
         devices = [_plan.device_plan(self.state, ps, None if full else [index[id(p)] for p in ps], dev)
                    for dev, ps in by_dev.items()]
-        _, ptrs = _plan.grad_pointers(group["params"])
         planned = {id(p) for ps in by_dev.values() for p in ps}
         # _shift_pert may use the plan only if it holds every parameter that has a stored perturbation
         pert_complete = all(id(p) in planned or "pert" not in self.state.get(p, {}) for p in group["params"])
         if group["trace_estimator"] == "lagged" and any(dp.pert is None for dp in devices):
             pert_complete = False
         plan = self._plans[id(group)] = _plan.GroupPlan(group, list(group["params"]),
-                                                        _plan.structure_of(self._epoch, group),
-                                                        _plan.missing_of(ptrs), devices, pert_complete)
+                                                        _plan.structure_of(self._epoch, group), missing, devices,
+                                                        pert_complete)
         return plan
 
     def _discard_unapplied(self) -> None:

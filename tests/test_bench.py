@@ -120,7 +120,8 @@ def test_fast_fip_quick_schema(tmp_path):
     _wait(_run(["fast_fip", "--quick", "--out", str(out)], tmp_path))
     d = json.loads(out.read_text())
     assert d["schema"] == "fip_fast.bench.fast_fip/1" and d["quick"] is True
-    assert set(d["cnn"]["variants"]) == set(d["stack"]["variants"]) == {"fip", "inplace", "reference"}
+    assert set(d["cnn"]["variants"]) == set(d["stack"]["variants"]) == {"fip", "inplace", "inplace_delta_only",
+                                                                         "reference"}
     assert {"frozen_linear", "inplace", "inplace+update", "trainable_linear", "reference"} == set(
         d["layer"]["variants"])
     for sec, base in (("cnn", "fip"), ("stack", "fip"), ("layer", "frozen_linear")):

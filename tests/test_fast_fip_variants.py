@@ -45,15 +45,25 @@ def data():
     return TinyCNN(), (x, y)
 
 
+#: the variant these tests start from: δ only with the FIP optimizer (build_fast_fip's own defaults), not the
+#: shipped DEFAULTS (clipped SGD + mixing band): each test names the options it exercises
+DELTA_ONLY = {"delta_optimizer": "fip", "clip_norm": None, "mix_band": 0, "lr_delta": 0.3}
+
+
 def _run(model, clean, **kw):
-    kw = {"steps": 6, "batch_size": 16, "progress": False, "eta_r": 0.0, **kw}
+    kw = {"steps": 6, "batch_size": 16, "progress": False, "eta_r": 0.0, **DELTA_ONLY, **kw}
     return P.purify(copy.deepcopy(model), clean, method="fast_fip", **kw)
 
 
 # ------------------------------------------------------------------------------------------- the pipeline option
-def test_default_is_unchanged():
-    assert "delta_optimizer" not in DEFAULTS["fast_fip"]          # build_fast_fip's default: "fip"
-    assert DEFAULTS["fast_fip"]["lr_delta"] == 0.3
+def test_shipped_default_is_the_protocol_choice():
+    """DEFAULTS["fast_fip"]: clipped SGD on δ + the mixing band, at the lr_delta the protocol's rule chose."""
+    d = DEFAULTS["fast_fip"]
+    assert (d["delta_optimizer"], d["clip_norm"], d["mix_band"], d["lr_delta"], d["eta_r"]) == ("sgd", 0.3, 8, 0.5, 0)
+    from bench.protocol import GRIDS
+
+    assert {k: d[k] for k in ("delta_optimizer", "clip_norm", "mix_band", "eta_r")} == {
+        k: GRIDS["fast_fip"][0][k] for k in ("delta_optimizer", "clip_norm", "mix_band", "eta_r")}
 
 
 @pytest.mark.parametrize("eta_r", [0.0, 1.0])
