@@ -166,7 +166,7 @@ def _purify_section(model_fn: Callable[[], nn.Module], x, y, loss_fn, rank: Opti
         torch.manual_seed(0)
         model = model_fn()
         pur = _purifier(v, model, _ctx(x[:n_fisher], y[:n_fisher], loss_fn), rank)
-        trainable[v] = sum(p.numel() for p in pur.params)
+        trainable[v] = sum(getattr(p, "trainable_entries", p.numel()) for p in pur.params)   # the band, not k×k
         calls[v] = (lambda p: lambda: p.step(x, y))(pur)
     res = interleaved(calls, "fip", rounds, steps, warmup)
     for v in res:
