@@ -111,7 +111,12 @@ def _purifier(variant: str, model: nn.Module, ctx, rank: Optional[int]):
     from fip_fast.pipeline.methods import DEFAULTS, build_fast_fip, build_fip
 
     method = "fip" if variant == "fip" else "fast_fip"
-    opts = {k: v for k, v in DEFAULTS[method].items() if k not in ("steps", "batch_size", "patience")}
+    from dataclasses import fields
+
+    from fip_fast.pipeline.options import LoopOptions
+
+    loop = {f.name for f in fields(LoopOptions)} | {"steps", "batch_size"}       # the loop's, not the builder's
+    opts = {k: v for k, v in DEFAULTS[method].items() if k not in loop}
     if method == "fip":
         return build_fip(model, ctx, **opts)
     opts["rank"] = rank

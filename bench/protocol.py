@@ -59,7 +59,9 @@ SEEN_ATTACKS = ("badnets", "blend")
 GRIDS: Dict[str, List[dict]] = {
     # FIP and Fast FIP without the anchor (eta_r 0): the development ablations (protocol_ablate.md) found that
     # the anchor protects the trigger (development ASR 10 % with it, 4 % without, at equal ACC).
-    "fip": [dict(lr=v, eta_r=0.0) for v in (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)],
+    # FIP with a one-cycle schedule (warm-up, then cosine; 2026-12-02): on the development ablations it kept the
+    # accuracy of the cosine schedule at lower ASR and re-tuned ASR (protocol_ablate.md, "fip, no anchor, onecycle").
+    "fip": [dict(lr=v, eta_r=0.0, lr_schedule="onecycle") for v in (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)],
     # Fast FIP as SVFT-style spectral fine-tuning (ours): clipped SGD on δ plus a band of 8 trainable
     # off-diagonal core entries per layer (U, V mix inside the top-k subspace).  The development ablations
     # (protocol_ablate.md, docs/fast_fip_variants.md) found that δ alone purifies only by collapsing singular
@@ -94,7 +96,16 @@ ABLATIONS: Dict[str, Tuple[str, dict]] = {     # at FIP's lr 0.05 unless given; 
     "fip, no anchor, lr 0.2, onecycle": ("fip", dict(eta_r=0.0, lr=0.2, lr_schedule="onecycle")),
     "fip, no anchor, lr 0.1, cyclic": ("fip", dict(eta_r=0.0, lr=0.1, lr_schedule="cyclic")),
     "fip, no anchor, lr 0.2, cyclic": ("fip", dict(eta_r=0.0, lr=0.2, lr_schedule="cyclic")),
-    # Fast FIP variants (issue 19 item 2; docs/fast_fip_variants.md), at its shipped lr_delta 0.3 unless given.
+    # FIP at the shipped defaults (no anchor) with a stronger suppressor or a re-initialized head (2026-12-02)
+    "fip, no anchor, rho 1": ("fip", dict(eta_r=0.0, rho=1.0)),
+    "fip, no anchor, rho 2": ("fip", dict(eta_r=0.0, rho=2.0)),
+    "fip, no anchor, eta_F 0.02": ("fip", dict(eta_r=0.0, eta_F=0.02)),
+    "fip, no anchor, head reinit": ("fip", dict(eta_r=0.0, head="reinit")),
+    "fip, no anchor, head reinit, lr 0.03": ("fip", dict(eta_r=0.0, head="reinit", lr=0.03)),
+    "fip, no anchor, onecycle": ("fip", dict(eta_r=0.0, lr_schedule="onecycle")),
+    # Fast FIP variants (issue 19 item 2; docs/fast_fip_variants.md), run while Fast FIP's DEFAULTS were δ only
+    # (delta_optimizer "fip", no mixing band, lr_delta 0.3): options not named here were those.  Runs are keyed by
+    # the options named, not by DEFAULTS — a rerun with --fresh would now take the new defaults for the others.
     "fast_fip, adamw lr 0.01": ("fast_fip", dict(delta_optimizer="adamw", lr_delta=0.01, eta_r=0.0)),
     "fast_fip, adamw lr 0.1": ("fast_fip", dict(delta_optimizer="adamw", lr_delta=0.1, eta_r=0.0)),
     "fast_fip, adamw lr 0.3": ("fast_fip", dict(delta_optimizer="adamw", lr_delta=0.3, eta_r=0.0)),

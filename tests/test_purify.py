@@ -486,7 +486,8 @@ def test_fip_head_reinit_reinitializes_the_head_and_drops_its_anchor():
     ref = copy.deepcopy(net)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     ctx = MethodContext(x, y, torch.device("cpu"), F.cross_entropy, 5, False)
-    o = {k: v for k, v in DEFAULTS["fip"].items() if k not in ("steps", "batch_size", "lr", "rho", "patience")}
+    o = {k: v for k, v in DEFAULTS["fip"].items()
+         if k not in ("steps", "batch_size", "lr", "rho", "patience", "lr_schedule")}     # the loop's options
     o["eta_r"] = 1.0                                  # an anchor, whatever the shipped default
     pur = build_fip(net, ctx, lr=0.01, rho=0.5, head="reinit", **o)
     expect = copy.deepcopy(ref[2])

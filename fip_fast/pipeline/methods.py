@@ -23,9 +23,12 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     # the trigger (development ASR 10 % with it, 4 % without it, at equal clean accuracy); the suppressor stays
     # (without it: 22 %).  The step count is a budget, not a tuned knob: 300 (as before) — on the demo's wider CNN,
     # a model the protocol never saw, 300 steps give 96.2 % / 0.8 % (ACC / ASR) and 100 steps 95.4 % / 8.1 %.
+    # lr_schedule "onecycle" (10 % linear warm-up, then cosine): the development ablations and the re-run grid
+    # (2026-12-02) gave the same clean accuracy as cosine at lower ASR (1.7 % vs 2.4 %) and re-tuned ASR; chosen there,
+    # not on the evaluation suite (where it gave 15.7 % ASR at −3.6 points, cosine 13.8 % at −3.9: README).
     "fip": dict(
         steps=300, batch_size=64, lr=0.05, momentum=0.9, eta_F=0.005, eta_r=0.0, rho=0.5, max_mix=1.0,
-        trace_every=1, trace_estimator="fd", weight_decay=0.03, patience=0,
+        trace_every=1, trace_estimator="fd", weight_decay=0.03, patience=0, lr_schedule="onecycle",
     ),
     # Fast FIP (ours beyond the paper, docs/fast_fip_variants.md): δ alone purified the protocol's development
     # cells only by collapsing singular values (unstable); clipped SGD on δ plus a band of 8 trainable
