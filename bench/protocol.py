@@ -196,7 +196,10 @@ def run_one(cell: Cell, method: Optional[str], cfg: dict, cache: str) -> dict:
     wall = rep.timings.get("loop", time.perf_counter() - t0) + rep.timings.get("setup", 0.0)
     out = measure(model, task, lam=lam)
     out.update(wall_s=wall, val_acc0=rep.initial.get("val_acc"), val_acc=rep.final.get("val_acc"),
-               selected_step=rep.selected_step, retune_asr=retune_asr(model, task, RETUNE))
+               selected_step=rep.selected_step, retune_asr=retune_asr(model, task, RETUNE),
+               # what actually ran, the method's DEFAULTS included: runs are keyed by the options named in the
+               # grid, so this is how a run made under older defaults can be told apart
+               config=rep.config)
     return out
 
 

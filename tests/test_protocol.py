@@ -92,6 +92,9 @@ def test_run_one_end_to_end(tiny_protocol, tmp_path):
     after = P.run_one(tiny_protocol, "ft", {"lr": 0.01}, str(tmp_path))
     assert {"acc", "asr", "ra", "wall_s", "val_acc0", "val_acc", "retune_asr"} <= after.keys()
     assert 0.0 <= after["asr"] <= 1.0 and after["wall_s"] > 0
+    # the record keeps the effective configuration (defaults included), JSON-serializable
+    assert after["config"]["steps"] == P.STEPS and after["config"]["lr"] == 0.01 and "lr_schedule" in after["config"]
+    json.dumps(after)
 
 
 def test_retune_attack_raises_asr_of_a_purified_model_not_of_a_benign_one(tiny_protocol, tmp_path):
