@@ -256,21 +256,22 @@ def fip_step_(
     # skips), so that the slots are known without a pass over fisher0; without one, only if some F0 is given.
     has_anchor = eta_r != 0.0 and (cache_key is not None or any(f is not None for f in fisher0))
     absent = (False, False, grads_pert is None, not has_anchor, not has_anchor, False, False, pert is None)
-    if mt.cached_table(cache_key, BLOCK, 0, _FIP_SLOTS, absent) is None:     # checked once per table
-        _check_step_lists(momentum_buf, fisher, pert, fisher0, anchor, has_anchor)
-
     device = params[0].device
-    slots = (params, grads, grads_pert, fisher0 if has_anchor else None, anchor if has_anchor else None,
-             momentum_buf, fisher, pert)
-    try:
-        tab = mt.tensor_table(slots, BLOCK, device, names=_FIP_SLOTS, key=cache_key)
-    except mt.LayoutError as exc:
-        mt.fallback("fip_step_", str(exc))
-        from fip_fast.backends import foreach as _foreach
-        return _foreach.fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, lr=lr,
-                                  momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta_r=eta_r,
-                                  beta=beta, mix=mix, restore_scale=restore_scale, precondition=precondition,
-                                  damping=damping, step=step, next_pert_scale=next_pert_scale, found_inf=found_inf)
+    tab = mt.cached_table(cache_key, BLOCK, 0, _FIP_SLOTS, absent)
+    if tab is None:                          # checked and built once per table
+        _check_step_lists(momentum_buf, fisher, pert, fisher0, anchor, has_anchor)
+        slots = (params, grads, grads_pert, fisher0 if has_anchor else None, anchor if has_anchor else None,
+                 momentum_buf, fisher, pert)
+        try:
+            tab = mt.tensor_table(slots, BLOCK, device, names=_FIP_SLOTS, key=cache_key)
+        except mt.LayoutError as exc:
+            mt.fallback("fip_step_", str(exc))
+            from fip_fast.backends import foreach as _foreach
+            return _foreach.fip_step_(params, grads, grads_pert, fisher0, anchor, momentum_buf, fisher, pert, lr=lr,
+                                      momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta_r=eta_r,
+                                      beta=beta, mix=mix, restore_scale=restore_scale, precondition=precondition,
+                                      damping=damping, step=step, next_pert_scale=next_pert_scale,
+                                      found_inf=found_inf)
     if tab.n_chunks == 0:
         return
     dmy = mt.dummy(device)

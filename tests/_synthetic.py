@@ -17,6 +17,22 @@ def trigger(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class TinyCNN(nn.Module):
+    """conv 3×3 (``channels``, no bias) → BatchNorm → ReLU → max-pool 2 → Linear(→ ``hidden``) → ReLU → Linear(→ 4),
+    for 1×``side``×``side`` inputs.  The purify tests use the default (10×10), the Fast FIP variant tests 8×8."""
+
+    def __init__(self, channels: int = 16, hidden: int = 64, side: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc1 = nn.Linear(channels * (side // 2) ** 2, hidden)
+        self.fc2 = nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
 def small_cnn(k: int = 4) -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),

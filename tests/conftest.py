@@ -7,3 +7,19 @@ import tempfile as _tempfile
 
 _os.environ.setdefault("TRITON_INTERPRET", "1")
 _os.environ.setdefault("TRITON_CACHE_DIR", _tempfile.mkdtemp(prefix="fip_fast_triton_cache_"))
+
+
+# --- one torch thread ------------------------------------------------------------------------------------------
+import pytest as _pytest
+import torch as _torch
+
+
+@_pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (tiny models: one thread is fastest, and the suite shares the cores
+    with other test processes); the caller's count is restored.
+    Use: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = _torch.get_num_threads()
+    _torch.set_num_threads(1)
+    yield
+    _torch.set_num_threads(n)

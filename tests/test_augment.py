@@ -10,13 +10,7 @@ from fip_fast import pipeline as P
 from fip_fast.augment import AUGMENT_CHOICES, Augment, describe_augment, make_augment
 from fip_fast.pipeline.data import augment_generator, split_clean, val_metrics
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -30,18 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bars import acc_asr as _acc_asr  # noqa: E402
 from _bars import backdoored_bars  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and the file shares the cores with other test processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def backdoored(_one_thread):
+def backdoored(one_thread):
     return backdoored_bars()
 
 

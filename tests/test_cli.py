@@ -17,13 +17,7 @@ from fip_fast import cli
 from fip_fast.cli import checks
 from fip_fast.evaluation.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subparsers():

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _synthetic import TinyCNN as _TinyCNN  # tests/ is on sys.path
 from torch import nn
 
 from fip_fast import pipeline as P
@@ -15,25 +16,12 @@ from fip_fast.pipeline.methods import DEFAULTS
 from fip_fast.pipeline.purifier import SpectralAdamW
 
 
-class TinyCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc1 = nn.Linear(8 * 4 * 4, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+def TinyCNN() -> nn.Module:
+    """The 8×8-input variant of the shared tiny CNN (8 channels, 16 hidden)."""
+    return _TinyCNN(channels=8, hidden=16, side=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
@@ -139,18 +127,22 @@ def _quadratic(dim=5, seed=0):
     return A, theta, closure
 
 
+def _lockstep(A, theta, closure, opt, ref, ref_opt, clip: float, steps: int = 12) -> None:
+    """``steps`` of ``opt`` (a SpectralAdamW on θ) beside torch's ``ref_opt`` on a copy after clip_grad_norm_."""
+    for _ in range(steps):
+        opt.step(closure)
+        ref_opt.zero_grad()
+        (0.5 * ref @ A @ ref).backward()
+        torch.nn.utils.clip_grad_norm_([ref], clip)
+        ref_opt.step()
+
+
 def test_adamw_group_matches_torch_adamw_with_clipping():
     """eta_F = 0: a kind="adamw" group is torch.optim.AdamW (weight decay 0) after clip_grad_norm_."""
     A, theta, closure = _quadratic()
     ref = nn.Parameter(theta.detach().clone())
     opt = SpectralAdamW([theta], lr=0.05, kind="adamw", clip_norm=0.5)
-    ref_opt = torch.optim.AdamW([ref], lr=0.05, weight_decay=0.0)
-    for _ in range(12):
-        opt.step(closure)
-        ref_opt.zero_grad()
-        (0.5 * ref @ A @ ref).backward()
-        torch.nn.utils.clip_grad_norm_([ref], 0.5)
-        ref_opt.step()
+    _lockstep(A, theta, closure, opt, ref, torch.optim.AdamW([ref], lr=0.05, weight_decay=0.0), clip=0.5)
     assert torch.allclose(theta, ref, atol=1e-6)
 
 
@@ -160,13 +152,8 @@ def test_sgd_group_matches_torch_sgd_with_clipping():
     A, theta, closure = _quadratic(seed=2)
     ref = nn.Parameter(theta.detach().clone())
     opt = SpectralAdamW([theta], lr=0.05, kind="sgd", momentum=0.9, weight_decay=0.01, clip_norm=0.3)
-    ref_opt = torch.optim.SGD([ref], lr=0.05, momentum=0.9, weight_decay=0.01)
-    for _ in range(12):
-        opt.step(closure)
-        ref_opt.zero_grad()
-        (0.5 * ref @ A @ ref).backward()
-        torch.nn.utils.clip_grad_norm_([ref], 0.3)
-        ref_opt.step()
+    _lockstep(A, theta, closure, opt, ref, torch.optim.SGD([ref], lr=0.05, momentum=0.9, weight_decay=0.01),
+              clip=0.3)
     assert torch.allclose(theta, ref, atol=1e-10)
 
 

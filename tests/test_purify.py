@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _synthetic import TinyCNN  # tests/ is on sys.path
 from torch import nn
 
 from fip_fast import pipeline as P
@@ -32,30 +33,11 @@ def _trigger(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class TinyCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 16, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
-        self.fc1 = nn.Linear(16 * 5 * 5, 64)
-        self.fc2 = nn.Linear(64, 4)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster than two, and much faster on a loaded machine (no spin-waiting).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def task(_one_thread):
+def task(one_thread):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x, y = _images(600, g)
