@@ -178,6 +178,11 @@ def _whole_step_lines(d: dict) -> list[str]:
     return md
 
 
+def _helper(status: str) -> str:
+    """The host-helper column: C++ or Python (a row recorded before the helper existed: empty)."""
+    return "C++" if status.startswith("C++") else ("Python" if status.startswith("Python") else status)
+
+
 def _host_step_lines(d: dict) -> list[str]:
     if not d.get("host_step"):
         return []
@@ -187,16 +192,18 @@ def _host_step_lines(d: dict) -> list[str]:
         if h.get("error"):
             errors.append(f"* {h['impl']}: {h['error']}")
             continue
-        rows.append([h["optimizer"], h["impl"], str(h["ntensors"]),
+        rows.append([h["optimizer"], h["impl"], _helper(h.get("host_helper", "")), str(h["ntensors"]),
                      f"{_ms(h['per_step_median_s'])} [{_ms(h['per_step_p20_s'])}–{_ms(h['per_step_p80_s'])}]",
                      _ms(h.get("per_step_cpu_median_s"))])
-    md.append(_table(["optimizer", "impl", "tensors", "wall per step, median [p20–p80]", "CPU time per step"],
-                     rows))
+    md.append(_table(["optimizer", "impl", "host work", "tensors", "wall per step, median [p20–p80]",
+                      "CPU time per step"], rows))
     md.append("")
     md.append("`fip_lagged` and `fip_fd` are means over a cycle of `trace_every` = 5 calls (one suppressor "
               "call; each lagged call preceded by the `apply_perturbation` of its training forward); the `fip_fd` "
               "closure only re-assigns stored gradients.  `triton (launch mocked)`: the Triton path under the "
-              "interpreter with every kernel launch replaced by a no-op — the host work a GPU step pays.")
+              "interpreter with every kernel launch replaced by a no-op — the host work a GPU step pays.  "
+              "`host work`: the step's per-tensor host work (reading the gradients, version bumps) in C++ "
+              "(`fip_fast.backends.host`) or in its Python versions (the same step before the helper).")
     return md + ([""] + errors if errors else [])
 
 

@@ -28,25 +28,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from operator import attrgetter, is_
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-_grad = attrgetter("grad")
+from fip_fast.backends import host
+
 _data_ptr = Tensor.data_ptr
 _uids = itertools.count()
 _PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def grad_pointers(params: list) -> tuple[list, tuple]:
-    """(``[p.grad for p in params]``, the tuple of their ``data_ptr()``, ``None`` where a gradient is missing)."""
-    grads = list(map(_grad, params))
-    try:
-        return grads, tuple(map(_data_ptr, grads))
-    except (TypeError, RuntimeError):      # a None (or a sparse) gradient: the slow way
-        return grads, tuple(None if g is None or g.is_sparse else g.data_ptr() for g in grads)
 
 
 def pointers(tensors: list) -> tuple:
@@ -91,11 +82,11 @@ class GroupPlan:
     missing: Optional[tuple]   # None: every parameter had a gradient; else True where one had none
     devices: list              # [DevicePlan]
     pert_complete: bool        # every parameter of the group with a stored lagged perturbation is planned
+    grad_ptrs: Optional[tuple] = None   # the gradients' pointers at the last step (host.read_grads's ``prev``)
 
     def matches(self, group: dict, structure: tuple, missing: Optional[tuple]) -> bool:
-        ps = group["params"]
         return (self.group is group and self.structure == structure and self.missing == missing
-                and len(ps) == len(self.params) and all(map(is_, ps, self.params)))   # no parameter swapped
+                and host.same_items(group["params"], self.params))   # no parameter swapped
 
 
 def missing_of(grad_ptrs: tuple) -> Optional[tuple]:

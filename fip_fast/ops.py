@@ -35,6 +35,8 @@ from typing import Callable
 
 import torch
 
+from fip_fast.backends import host
+
 logger = logging.getLogger("fip_fast")
 
 OPS = ("fisher_accumulate_", "global_norm", "perturb_", "fip_step_", "spectral_weight", "spectral_linear_grad",
@@ -152,7 +154,9 @@ def fisher_accumulate_(fisher, grads, beta, alpha, *, impl: str = "auto", cache_
 
 def global_norm(tensors, *, impl: str = "auto", cache_key=None):
     """(global L2 norm, found_inf) as 0-dim fp32 tensors (see :func:`fip_fast.reference.global_norm`)."""
-    dev = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    first = tensors[0] if tensors else None     # (the common case without a scan)
+    dev = first.device if first is not None else next((t.device for t in tensors if t is not None),
+                                                      torch.device("cpu"))
     fn, name = _lookup("global_norm", impl, dev)
     return fn(tensors, **_keyed(name, cache_key))
 
@@ -162,11 +166,7 @@ def _bump_versions(params, name: str) -> None:
     version counters; advance them, so that autograd's checks and version-based caches (Fast FIP's in-place weight
     sync, which re-derives W when δ._version changes) see the write.  A no-op for the torch-op implementations."""
     if name in ("triton", "cuda", "cpu"):
-        try:
-            torch.autograd.graph.increment_version(params if isinstance(params, list) else list(params))
-        except TypeError:          # torch < 2.5 takes one tensor at a time
-            for p in params:
-                torch.autograd.graph.increment_version(p)
+        host.bump_versions(params if type(params) is list else list(params))
 
 
 def perturb_(params, grads, scale, found_inf=None, *, impl: str = "auto", cache_key=None):

@@ -66,8 +66,10 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from fip_fast import _plan, ops
+from fip_fast.backends import host
 from fip_fast.reference import mix_coefficient
 
 logger = logging.getLogger("fip_fast")
@@ -370,6 +372,7 @@ class FIP(Optimizer):
         self._plans: dict[int, _plan.GroupPlan] = {}
         self._resolved: dict[torch.device, str] = {}
         super().__init__(params, defaults)
+        host.prepare()                   # the C++ host helper of step(): loaded if built, else built in background
         if impl not in ("auto", "reference"):
             for dev in {p.device for g in self.param_groups for p in g["params"]}:
                 ops.resolve(impl, dev)   # fail now, not at the first step, if the impl can't run here
@@ -625,11 +628,23 @@ class FIP(Optimizer):
         with torch.enable_grad():
             return closure()
 
-    @torch.no_grad()
     def step(self, closure: Optional[Callable] = None) -> Optional[Tensor]:
         """One FIP step.  ``closure`` zeroes the gradients, runs forward and backward and returns the loss (see
         the class docstring per estimator).  Returns the loss of the first closure call (at the unperturbed θ
-        for ``"fd"``; at θ + e on lagged suppressor calls), or ``None`` without a closure."""
+        for ``"fd"``; at θ + e on lagged suppressor calls), or ``None`` without a closure.
+
+        Optimizer step hooks (``register_step_pre_hook`` / ``post``, global ones) and the profiler's
+        ``Optimizer.step#FIP.step`` record work as with any torch optimizer; only when there is none of them, the
+        step skips torch's wrapper (its record_function costs microseconds per call even with no profiler)."""
+        if ((self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_optimizer_pre_hooks
+             or _global_optimizer_post_hooks or torch.autograd._profiler_enabled())
+                and type(self).step is FIP.step):    # (a subclass's own step is wrapped by torch already)
+            return _profiled_step(self, closure)
+        return _step_without_grad(self, closure)
+
+    step.hooked = True       # torch's Optimizer.__init__ wraps a step without this mark (profile_hook_step)
+
+    def _step(self, closure: Optional[Callable]) -> Optional[Tensor]:
         groups = self.param_groups
         sup = [g["eta_F"] > 0 and g["trace_estimator"] != "lagged" and g["calls"] % g["trace_every"] == 0
                for g in groups]
@@ -663,9 +678,9 @@ class FIP(Optimizer):
         """This step's slices of ``group``: from its step plan when the gradients sit where they sat last step
         and nothing structural changed (no per-tensor Python work beyond reading the gradients), else built anew
         (and planned for the next step)."""
-        grads, ptrs = _plan.grad_pointers(group["params"])
         plan = self._plans.get(id(group))
-        missing = _plan.missing_of(ptrs)
+        grads, ptrs, has_none = host.read_grads(group["params"], None if plan is None else plan.grad_ptrs)
+        missing = _plan.missing_of(ptrs) if has_none else None
         if plan is None or not plan.matches(group, _plan.structure_of(self._epoch, group), missing):
             by_dev = self._gather(group)
             for ps in by_dev.values():
@@ -675,6 +690,7 @@ class FIP(Optimizer):
             if plan is None:
                 return [_Slice(group, sup, ps, [p.grad for p in ps], self._impl_of(dev), dev)
                         for dev, ps in by_dev.items()]
+        plan.grad_ptrs = ptrs      # the next step's read returns this very tuple if no gradient moved
         return [_Slice(group, sup, dp.ps, dp.grads(grads), self._impl_of(dp.device), dp.device, plan=dp,
                        gptrs=dp.pointers(ptrs)) for dp in plan.devices]
 
@@ -726,6 +742,9 @@ class FIP(Optimizer):
         for sl in slices:
             sl.gnorm, f = _global_norm(sl.g, sl.impl, sl.key("g", sl.gptrs))
             flags.append(f)
+        if len(slices) == 1:          # one group on one device: nothing to combine
+            slices[0].found_inf = flags[0]
+            return
         parts = defaultdict(list)
         for sl in slices:
             parts[id(sl.group)].append(sl)
@@ -836,7 +855,7 @@ class FIP(Optimizer):
     def _fused_step(self, sl: _Slice) -> None:
         h, ps, dp = sl.group, sl.ps, sl.plan
         lagged = h["trace_estimator"] == "lagged"
-        not_inf = 1.0 - sl.found_inf
+        not_inf = torch.rsub(sl.found_inf, 1.0)       # 1 − found_inf (the operator form costs 3× more host time)
         if dp is not None:      # the plan's lists; one op advances every step count (views of one vector)
             f0, anchor, mom, fis, steps = dp.fisher0, dp.anchor, dp.momentum, dp.fisher, dp.steps
             pert = dp.pert if lagged else None
@@ -881,3 +900,17 @@ class FIP(Optimizer):
             calls.add_(ok)
         if done:
             self._lazy.arm()
+
+
+def _step_without_grad(opt: FIP, closure: Optional[Callable]) -> Optional[Tensor]:
+    """``FIP._step`` under no_grad (set directly: the context manager's objects cost microseconds per step)."""
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        return opt._step(closure)
+    finally:
+        torch._C._set_grad_enabled(prev)
+
+
+#: the step as torch's wrapper runs it: the profiler record and the optimizer step hooks around it
+_profiled_step = Optimizer.profile_hook_step(_step_without_grad)

@@ -5,6 +5,10 @@ tensor of its lists, through the tables of :mod:`.multi_tensor`.  Semantics are 
 :mod:`fip_fast.reference` (same names, same signatures); the kernels repeat the reference's order of fp32
 operations so that, under the interpreter, results match it to the last bit in most elements (the tests allow
 1e-6 relative).  On the GPU, LLVM may contract ``a·b + c`` into an FMA, which changes the last bit.
+
+No ``torch.no_grad()`` around the public functions: a launch writes through raw pointers, which autograd never
+sees, their small torch ops touch no tensor that requires grad, and the foreach fallbacks carry their own; the
+decorator would cost microseconds of host time per call (the optimizer's step runs under no_grad anyway).
 """
 from __future__ import annotations
 
@@ -207,7 +211,6 @@ def _check_step_lists(momentum_buf, fisher, pert, fisher0, anchor, has_anchor: b
                 raise ValueError(f"fisher0[{i}] and anchor[{i}] must be both given or both None")
 
 
-@torch.no_grad()
 def fip_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -333,7 +336,6 @@ def _perturb_kernel(ptrs, codes, sizes, chunk_t, chunk_s, n_tensors, sc_ptr, sc_
         _perturb_block(a_p, a_g, c_p, c_g, offs, offs < n, scale, DT_P, DT_G, ALIGNED, True)
 
 
-@torch.no_grad()
 def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf=None, cache_key=None) -> None:
     """θ ← θ + scale·g for every pair, one launch (fp32 math, result in θ's dtype); nothing is written when
     ``found_inf`` is non-zero (a device tensor is read by the kernel).  See :func:`fip_fast.reference.perturb_`."""
@@ -395,7 +397,6 @@ def _norm_kernel(ptrs, codes, sizes, chunk_t, chunk_s, n_tensors, n_chunks, part
         tl.store(counter, 0)
 
 
-@torch.no_grad()
 def global_norm(tensors: Sequence[Optional[Tensor]], cache_key=None) -> tuple[Tensor, Tensor]:
     """(‖concat(tensors)‖₂, found_inf) as 0-dim fp32 tensors on the tensors' device, in one launch.
 

@@ -1,9 +1,9 @@
-"""``fisher_accumulate_``: F ← β·F + α·g² over every tensor of the lists in one Triton launch."""
+"""``fisher_accumulate_``: F ← β·F + α·g² over every tensor of the lists in one Triton launch (no ``no_grad``
+wrapper: see :mod:`.fip_step`)."""
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -39,7 +39,6 @@ def _fisher_kernel(ptrs, codes, sizes, chunk_t, chunk_s, n_tensors, b_ptr, b_val
         _fisher_block(a_f, a_g, c_f, c_g, offs, offs < n, beta, alpha, DT_F, DT_G, ALIGNED, True)
 
 
-@torch.no_grad()
 def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, alpha, cache_key=None) -> None:
     """F ← β·F + α·g² for every pair, in place, one launch (see :func:`fip_fast.reference.fisher_accumulate_`).
 

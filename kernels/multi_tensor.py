@@ -264,12 +264,22 @@ def clear_cache() -> None:
 # Scalars: Python numbers are baked into the launch; 0-dim device tensors are read by pointer in the kernel
 # ----------------------------------------------------------------------------------------------------------
 
+_f32_memo: dict = {}
+
+
 def f32(x: float) -> float:
     """``x`` rounded to fp32, as a Python float.
 
     Kernel float arguments are fp32 on the GPU but Python doubles in the interpreter; rounding on the host makes
-    both see the same value, the one PyTorch uses when it multiplies an fp32 tensor by a Python scalar."""
-    return float(np.float32(x))
+    both see the same value, the one PyTorch uses when it multiplies an fp32 tensor by a Python scalar.  Memoized:
+    a step passes the same hyperparameters every call (a dict lookup is a tenth of the numpy conversion)."""
+    r = _f32_memo.get(x)
+    if r is None:
+        r = float(np.float32(x))
+        if len(_f32_memo) > 4096:      # a schedule's changing values must not grow it without bound
+            _f32_memo.clear()
+        _f32_memo[x] = r
+    return r
 
 
 def scalar_arg(x, device: torch.device, dummy: Tensor) -> tuple[Tensor, float, int]:

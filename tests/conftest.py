@@ -23,3 +23,11 @@ def one_thread():
     _torch.set_num_threads(1)
     yield
     _torch.set_num_threads(n)
+
+
+# --- the step's C++ host helper -------------------------------------------------------------------------------
+# Built (≈10 s, once per machine and torch version) before the tests, so that every FIP.step of the suite takes
+# the path users get after the first seconds; tests/test_step_plan.py also runs its steps with the Python versions.
+from fip_fast.backends import host as _host  # noqa: E402
+
+_host.wait()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fip_fast import ops, reference
-from fip_fast.backends import cpu, foreach
+from fip_fast.backends import _cxx, cpu, foreach
 
 OK, REASON = cpu.available(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(not OK, reason=f"impl='cpu' unavailable: {REASON}")
@@ -302,7 +302,7 @@ def test_build_failure_is_reported(tmp_path, monkeypatch):
         cpu._build()
     monkeypatch.setenv("FIP_FAST_CXX", "/nonexistent-compiler")
     monkeypatch.setenv("CXX", "/nonexistent-compiler")
-    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    monkeypatch.setattr(_cxx.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         cpu._build()
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fip_fast import FIP, ops
+from fip_fast.backends import host
 
 # (triton runs on CPU tensors under TRITON_INTERPRET=1, which tests/conftest.py sets)
 IMPLS = ["foreach"] + [i for i in ("cpu", "triton") if ops.availability(i, "cpu")[0]]
@@ -59,9 +60,19 @@ def _set_grads(ps, used, how: str, rng: random.Random) -> None:
             p.grad = g.clone()
 
 
+@pytest.fixture(params=["cpp", "python"])
+def host_helper(request, monkeypatch):
+    """The step's host work in C++ (fip_fast.backends.host, when it is built) or in its Python versions."""
+    if request.param == "python":
+        monkeypatch.setattr(host, "_mod", None)
+    elif not host.wait():
+        pytest.skip(f"C++ host helper unavailable: {host.status()}")
+    return request.param
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_planned_steps_equal_planless_steps(name, impl):
+def test_planned_steps_equal_planless_steps(name, impl, host_helper):
     cfg = CONFIGS[name]
     runs = [_make(cfg, impl, planned) for planned in (True, False)]
     rng = random.Random(1)

@@ -39,7 +39,32 @@ def _launches_mocked():
         fs.launch, fi.launch = saved
 
 
-def _one(device: torch.device, impl_name: str, cname: str, kw, nt: int, steps: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def _host_helper(which: str):
+    """The step's per-tensor host work in C++ (``"cpp"``: fip_fast.backends.host, built first if needed) or in
+    its Python versions (``"python"``: what every step paid before the helper existed)."""
+    from fip_fast.backends import host
+
+    saved = host._mod
+    if which == "python":
+        host._mod = None
+    else:
+        host.wait()
+    try:
+        yield host.status()
+    finally:
+        host._mod = saved
+
+
+def _one(device: torch.device, impl_name: str, cname: str, kw, nt: int, steps: int,
+         helper: str = "cpp") -> dict[str, Any]:
+    with _host_helper(helper) as status:
+        rec = _timed(device, impl_name, cname, kw, nt, steps)
+    rec["host_helper"] = status if kw is not None else "-"
+    return rec
+
+
+def _timed(device: torch.device, impl_name: str, cname: str, kw, nt: int, steps: int) -> dict[str, Any]:
     from fip_fast import FIP
 
     ps = [nn.Parameter(torch.randn(4, device=device)) for _ in range(nt)]
@@ -94,6 +119,8 @@ def host_step_overhead(device: torch.device, impls: dict[str, dict], ntensors_li
                 if cname == "sgd_foreach" and impl_name != "foreach":
                     continue
                 out.append(_one(device, impl_name, cname, kw, nt, steps))
+            if impl_name in ("cpu", "triton", "cuda"):      # the same plain step with the Python host work
+                out.append(_one(device, impl_name, "fip_plain", CONFIGS[1][1], nt, steps, helper="python"))
     if device.type == "cpu" and mocked_triton and not impls.get("triton", {}).get("available"):
         out += _mocked_triton_subprocess(ntensors_list, steps)
     return out
@@ -124,8 +151,8 @@ def mocked_triton(ntensors_list, steps: int) -> list[dict[str, Any]]:
     out = []
     with _launches_mocked():
         for nt in ntensors_list:
-            for cname, kw in CONFIGS[1:]:
-                rec = _one(torch.device("cpu"), "triton", cname, kw, nt, steps)
+            for cname, kw, helper in [(c, k, "cpp") for c, k in CONFIGS[1:]] + [("fip_plain", CONFIGS[1][1], "python")]:
+                rec = _one(torch.device("cpu"), "triton", cname, kw, nt, steps, helper)
                 rec["impl"] = "triton (launch mocked)"
                 out.append(rec)
     return out

@@ -29,24 +29,18 @@ Importing this module never fails; :func:`available` says why the kernels can't 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import math
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from fip_fast._utils import is_dense
+from fip_fast.backends import _cxx
 from fip_fast.backends import foreach as _fe
 
 logger = logging.getLogger("fip_fast")
@@ -68,87 +62,12 @@ build_seconds: Optional[float] = None
 _c_float, _c_int, _c_i64, _c_vp = ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
 
 
-def _source_path() -> Path:
-    """$FIP_FAST_CSRC/cpu, else csrc/cpu beside the package (source checkout, editable install), else the copy
-    installed as package data (fip_fast/_csrc_cpu/, a wheel)."""
-    env = os.environ.get("FIP_FAST_CSRC")
-    if env:
-        return Path(env) / "cpu" / SOURCE_NAME
-    here = Path(__file__).resolve().parents[1]
-    checkout = here.parent / "csrc" / "cpu" / SOURCE_NAME
-    installed = here / "_csrc_cpu" / SOURCE_NAME
-    return checkout if checkout.is_file() or not installed.is_file() else installed
-
-
-def _cache_dir() -> Path:
-    env = os.environ.get("FIP_FAST_CPU_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "fip_fast"
-
-
-def _compiler() -> Optional[str]:
-    for cand in (os.environ.get("FIP_FAST_CXX"), os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    return None
-
-
-def _tail(text: str, n: int = 2000) -> str:
-    return text if len(text) <= n else "…" + text[-n:]
-
-
-def _compiler_id(cxx: str) -> str:
-    try:
-        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except Exception:
-        return cxx
-
-
-def _host_id() -> str:
-    """The CPU the library is built for (``-march=native``): a cache shared between machines must not mix them."""
-    ident = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        ident += "".join(next((ln for ln in lines if ln.startswith(k)), "") for k in ("model name", "flags"))
-    except OSError:
-        ident += platform.processor()
-    return ident
-
-
 def _build() -> ctypes.CDLL:
     """Compile (or find in the cache) and load the library; raises RuntimeError with the reason."""
     global build_seconds
-    src = _source_path()
-    if not src.is_file():
-        raise RuntimeError(f"C++ source not found: {src} (set FIP_FAST_CSRC to the csrc/ directory)")
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (g++, c++, clang++; or set FIP_FAST_CXX)")
-    code = src.read_bytes()
-    key = hashlib.sha256(code + "\0".join((cxx, _compiler_id(cxx), _host_id()) + CXXFLAGS).encode()).hexdigest()[:16]
-    cache = _cache_dir()
-    so = cache / f"fip_cpu_{key}.so"
-    t0 = time.perf_counter()
-    if not so.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".fip_cpu_{key}_", suffix=".so", dir=cache)
-        os.close(fd)
-        try:
-            r = subprocess.run([cxx, *CXXFLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=600)
-            if r.returncode != 0:
-                raise RuntimeError(f"compiling {src.name} failed ({cxx}, exit {r.returncode}): "
-                                   f"{_tail(r.stderr + r.stdout)}")
-            os.replace(tmp, so)   # atomic: a concurrent build of the same key just replaces it with equal bytes
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        build_seconds = time.perf_counter() - t0
+    so, build_seconds = _cxx.compile_cached(_cxx.source_path(SOURCE_NAME), "fip_cpu", CXXFLAGS, _cxx.host_id())
+    if build_seconds:
         logger.info("fip_fast: built the CPU kernels in %.1f s (%s)", build_seconds, so)
-    else:
-        build_seconds = 0.0
     lib = ctypes.CDLL(str(so))
     if lib.fip_cpu_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{so} has ABI {lib.fip_cpu_abi_version()}, expected {ABI_VERSION}")
