@@ -260,13 +260,13 @@ def fip_step_(
     has_anchor = eta_r != 0.0 and (cache_key is not None or any(f is not None for f in fisher0))
     absent = (False, False, grads_pert is None, not has_anchor, not has_anchor, False, False, pert is None)
     device = params[0].device
-    tab = mt.cached_table(cache_key, BLOCK, 0, _FIP_SLOTS, absent)
+    slots = (params, grads, grads_pert, fisher0 if has_anchor else None, anchor if has_anchor else None,
+             momentum_buf, fisher, pert)
+    tab = mt.cached_table(cache_key, BLOCK, 0, _FIP_SLOTS, absent, slots, (1, 2))
     if tab is None:                          # checked and built once per table
         _check_step_lists(momentum_buf, fisher, pert, fisher0, anchor, has_anchor)
-        slots = (params, grads, grads_pert, fisher0 if has_anchor else None, anchor if has_anchor else None,
-                 momentum_buf, fisher, pert)
         try:
-            tab = mt.tensor_table(slots, BLOCK, device, names=_FIP_SLOTS, key=cache_key)
+            tab = mt.tensor_table(slots, BLOCK, device, names=_FIP_SLOTS, key=cache_key, moving_slots=(1, 2))
         except mt.LayoutError as exc:
             mt.fallback("fip_step_", str(exc))
             from fip_fast.backends import foreach as _foreach
@@ -349,7 +349,8 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale, found_inf
             return
         fi_m = mt.ABSENT
     try:
-        tab = mt.tensor_table((params, grads), BLOCK, device, names=("params", "grads"), key=cache_key)
+        tab = mt.tensor_table((params, grads), BLOCK, device, names=("params", "grads"), key=cache_key,
+                              moving_slots=(1,))
     except mt.LayoutError as exc:
         mt.fallback("perturb_", str(exc))
         from fip_fast.backends import foreach as _foreach
@@ -404,7 +405,7 @@ def global_norm(tensors: Sequence[Optional[Tensor]], cache_key=None) -> tuple[Te
     so an overflow to +inf also sets ``found_inf``.  Deterministic: per-chunk partial sums are reduced in a fixed
     order by the last program.  An empty list (or all ``None``) returns CPU zeros, like the reference.
     """
-    tab = mt.cached_table(cache_key, BLOCK, 1, ("tensors",))
+    tab = mt.cached_table(cache_key, BLOCK, 1, ("tensors",), (False,), (tensors,), (0,))
     if tab is None:
         ts = [t for t in tensors if t is not None]
         if not ts:
@@ -414,7 +415,8 @@ def global_norm(tensors: Sequence[Optional[Tensor]], cache_key=None) -> tuple[Te
         dense = [t if t.numel() <= 1 or mt.is_dense(t) else t.contiguous() for t in ts]
         key = cache_key if all(a is b for a, b in zip(dense, ts)) else None
         # min_chunks=1: one program runs even when every tensor is empty, and writes norm 0, found_inf 0
-        tab = mt.tensor_table((dense,), BLOCK, dense[0].device, min_chunks=1, names=("tensors",), key=key)
+        tab = mt.tensor_table((dense,), BLOCK, dense[0].device, min_chunks=1, names=("tensors",), key=key,
+                              moving_slots=(0,))
     device = tab.ptrs.device
     partial = torch.empty(tab.n_chunks, dtype=torch.float32, device=device)
     norm = torch.empty((), dtype=torch.float32, device=device)

@@ -48,7 +48,8 @@ def fisher_accumulate_(fisher: Sequence[Tensor], grads: Sequence[Tensor], beta, 
         return
     device = fisher[0].device
     try:
-        tab = mt.tensor_table((fisher, grads), BLOCK, device, names=("fisher", "grads"), key=cache_key)
+        tab = mt.tensor_table((fisher, grads), BLOCK, device, names=("fisher", "grads"), key=cache_key,
+                              moving_slots=(1,))
     except mt.LayoutError as exc:
         mt.fallback("fisher_accumulate_", str(exc))
         from fip_fast.backends import foreach as _foreach

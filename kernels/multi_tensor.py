@@ -71,6 +71,7 @@ from fip_fast._utils import is_dense
 logger = logging.getLogger("fip_fast")
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_PLAIN = (Tensor, torch.nn.Parameter)      # DTensor and other subclasses: their data_ptr is not the elements
 MIXED = 3
 CACHE_SIZE = 64
 
@@ -144,33 +145,65 @@ def fallback(op: str, reason: str) -> None:
         logger.warning("fip_fast: impl='triton' %s falls back to impl='foreach' for this call: %s", op, reason)
 
 
-def _caller_key(key, block: int, min_chunks: int, names: Sequence[str], absent: tuple) -> tuple:
-    return ("caller", block, min_chunks, tuple(names), absent, key)
+def _caller_key(stable, block: int, min_chunks: int, names: Sequence[str], absent: tuple) -> tuple:
+    return ("caller", block, min_chunks, tuple(names), absent, stable)
 
 
-def cached_table(key, block: int, min_chunks: int, names: Sequence[str], absent: tuple = (False,)
-                 ) -> Optional[TensorTable]:
-    """The table cached under a caller's ``key`` (see :func:`tensor_table`), or None."""
+class _Keyed:
+    """A table cached under a caller's key, with the host copy of its buffer and what patching moved tensors in
+    needs: the moving pointers it holds, per moving slot the dtype code of each entry (None: no tensor there),
+    and whether every slot-0 tensor is contiguous."""
+
+    __slots__ = ("table", "moving", "flat", "n_slots", "device", "codes", "contig0")
+
+    def __init__(self, table: TensorTable, moving: tuple, flat: np.ndarray, slots, moving_slots: tuple,
+                 device) -> None:
+        self.table, self.moving, self.flat, self.n_slots, self.device = table, moving, flat, len(slots), device
+        self.codes = {s: _codes(slots[s]) for s in moving_slots if s < len(slots)}
+        self.contig0 = all(t.is_contiguous() for t in slots[0])
+
+
+def _codes(lst) -> Optional[list]:
+    return None if lst is None else [None if t is None else DTYPE_CODES.get(t.dtype) for t in lst]
+
+
+#: tables built under a caller's key (LRU): ``(stable part, block, …) → _Keyed``
+_keyed: "OrderedDict[tuple, _Keyed]" = OrderedDict()
+
+
+def cached_table(key, block: int, min_chunks: int, names: Sequence[str], absent: tuple = (False,), slots=None,
+                 moving_slots: tuple = ()) -> Optional[TensorTable]:
+    """The table cached under a caller's ``key`` (see :func:`tensor_table`) for the moving pointers of ``key`` —
+    found, or patched from the cached one when ``slots`` are given and only moved tensors differ —, or None."""
     if key is None:
         return None
-    full = _caller_key(key, block, min_chunks, names, absent)
-    hit = _cache.get(full)
-    if hit is not None:
-        _cache.move_to_end(full)
-    return hit
+    stable, moving = key
+    full = _caller_key(stable, block, min_chunks, names, absent)
+    e = _keyed.get(full)
+    if e is None:
+        return None
+    if e.moving != moving and (slots is None or not _patch(e, slots, moving, moving_slots, e.device)):
+        return None
+    _keyed.move_to_end(full)
+    return e.table
 
 
 def tensor_table(slots: Sequence[Optional[Sequence[Optional[Tensor]]]], block: int, device: torch.device,
-                 min_chunks: int = 0, names: Sequence[str] = (), key=None) -> TensorTable:
+                 min_chunks: int = 0, names: Sequence[str] = (), key=None, moving_slots: tuple = ()) -> TensorTable:
     """The (cached) :class:`TensorTable` for ``slots``: a list of S parallel lists of T tensors each.
 
     A slot may be ``None`` (absent: its row of ``ptrs`` is 0); an entry may be ``None`` (its pointer is 0; the
     kernel must test for it).  Slot 0 must have no ``None`` entries: it defines the sizes.  ``min_chunks``
     pads the grid with empty chunks (tensor 0, start 0, for kernels that must run at least once even when all
     tensors are empty, like the norm whose last program writes the result).  ``names`` label slots in errors.
-    ``key``: a hashable the caller guarantees determines every tensor of ``slots`` (pointer, size, dtype,
-    layout; e.g. FIP's step plans, :mod:`fip_fast._plan`): the cache is then looked up by it alone, without the
-    four calls per tensor and slot of the default key — the host cost of a steady-state optimizer step.
+
+    ``key``: ``(stable, moving)`` from a caller that guarantees ``stable`` determines every tensor of ``slots``
+    (pointer, size, dtype, layout) except those of ``moving_slots``, and ``moving`` is one tuple of ``data_ptr``
+    per moving slot (FIP's step plans and its gradients, :mod:`fip_fast._plan`).  The cache is then looked up by
+    the key alone, without the four calls per tensor and slot of the default key — the host cost of a
+    steady-state optimizer step; when only the moving pointers differ (gradients that are new tensors), the new
+    tensors get a cheap check (plain, same dtype, contiguous) and their pointers are patched into a copy of the
+    table instead of building it again.
 
     Raises:
         LayoutError: a tensor that is not dense, or not in the memory order of slot 0's tensor (a ValueError).
@@ -178,20 +211,59 @@ def tensor_table(slots: Sequence[Optional[Sequence[Optional[Tensor]]]], block: i
         TypeError: a dtype other than fp32/fp16/bf16.
     """
     if key is not None:
-        # the caller guarantees ``key`` determines every tensor (fip_fast._plan): no per-tensor work on a hit
-        key = _caller_key(key, block, min_chunks, names, tuple(s is None for s in slots))
-    else:
-        key = (device, block, min_chunks,
-               tuple(None if s is None else tuple(_entry_key(t) for t in s) for s in slots))
+        return _keyed_table(slots, block, device, min_chunks, names, key, moving_slots)
+    key = (device, block, min_chunks, tuple(None if s is None else tuple(_entry_key(t) for t in s) for s in slots))
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)
         return hit
-    table = _build(slots, block, device, min_chunks, names)
-    _cache[key] = table
+    table = _cache[key] = _build(slots, block, device, min_chunks, names)[0]
     if len(_cache) > CACHE_SIZE:
         _cache.popitem(last=False)
     return table
+
+
+def _keyed_table(slots, block, device, min_chunks, names, key, moving_slots) -> TensorTable:
+    stable, moving = key
+    full = _caller_key(stable, block, min_chunks, names, tuple(s is None for s in slots))
+    e = _keyed.get(full)
+    if e is not None:
+        _keyed.move_to_end(full)
+        if e.moving == moving:
+            return e.table
+        if _patch(e, slots, moving, moving_slots, device):
+            return e.table
+    table, flat = _build(slots, block, device, min_chunks, names)
+    _keyed[full] = _Keyed(table, moving, flat, slots, moving_slots, device)
+    if len(_keyed) > CACHE_SIZE:
+        _keyed.popitem(last=False)
+    return table
+
+
+def _patch(e: _Keyed, slots, moving: tuple, moving_slots: tuple, device) -> bool:
+    """Put the moved tensors of ``slots`` into a new copy of ``e``'s table, if each is plain, contiguous (as every
+    slot-0 tensor must then be) and of the dtype of the one it replaces (None where there was None); False
+    (nothing changed) otherwise."""
+    if len(moving) != len(e.moving) or len(moving) != len(moving_slots) or e.device != device or not e.contig0:
+        return False
+    S, T = e.n_slots, e.table.n_tensors
+    changed = [(s, new) for s, old, new in zip(moving_slots, e.moving, moving) if old != new]
+    for s, new in changed:
+        lst = slots[s]
+        if lst is None or new is None or len(new) != T or _codes(lst) != e.codes.get(s):
+            return False
+        ts = [t for t in lst if t is not None]
+        if not (all(type(t) in _PLAIN for t in ts) and all(t.is_contiguous() for t in ts)):
+            return False
+    flat = e.flat.copy()
+    ptrs = flat[:S * T].reshape(S, T)
+    for s, new in changed:
+        ptrs[s] = [0 if q is None else q for q in new]
+    sizes = flat[2 * S * T:2 * S * T + T]
+    aligned = bool(np.all((ptrs % 16 == 0) | (sizes[None, :] == 0)))
+    e.table = _views(flat, device, S, T, e.table.n_chunks, e.table.dt, aligned)
+    e.flat, e.moving = flat, moving
+    return True
 
 
 def _build(slots, block, device, min_chunks, names) -> TensorTable:
@@ -248,16 +320,24 @@ def _build(slots, block, device, min_chunks, names) -> TensorTable:
         n_chunks = min_chunks
 
     flat = np.concatenate([ptrs.reshape(-1), codes.reshape(-1), sz, chunk_t, chunk_s])
-    # One host-to-device copy for the whole table; the views below share its storage.
-    buf = torch.from_numpy(flat).to(device)
+    return _views(flat, device, n_slots, n_tensors, n_chunks, tuple(dt), aligned), flat
+
+
+def _views(flat: np.ndarray, device, n_slots: int, n_tensors: int, n_chunks: int, dt: tuple, aligned: bool
+           ) -> TensorTable:
+    """The table whose device buffer is a copy of ``flat``: one host-to-device copy, from pinned memory and
+    stream-ordered on CUDA (no host sync; kernels still reading an older table keep theirs); the views share it."""
+    host = torch.from_numpy(flat)
+    buf = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.clone()
     o = np.cumsum([0, n_slots * n_tensors, n_slots * n_tensors, n_tensors, n_chunks, n_chunks])
     v = [buf[o[k]:o[k + 1]] for k in range(5)]
-    return TensorTable(v[0], v[1], v[2], v[3], v[4], n_tensors, n_chunks, tuple(dt), aligned)
+    return TensorTable(v[0], v[1], v[2], v[3], v[4], n_tensors, n_chunks, dt, aligned)
 
 
 def clear_cache() -> None:
     """Drop every cached table (tests; or to release device memory held by tables)."""
     _cache.clear()
+    _keyed.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------

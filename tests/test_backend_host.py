@@ -32,11 +32,8 @@ def _params():
 
 
 def _py(params, prev=None):
-    mod, host._mod = host._mod, None
-    try:
+    with host.python_versions():
         return host.read_grads(params, prev)
-    finally:
-        host._mod = mod
 
 
 @needs_cpp
@@ -145,6 +142,14 @@ def test_without_a_cached_build_the_first_FIP_does_not_wait_for_the_compiler(mon
     assert torch.equal(p.detach(), -torch.ones(2))
     release.set()
     assert not host.wait(30) and "test build" in host.status()
+
+
+@needs_cpp
+def test_python_versions_are_not_undone_by_a_new_FIP():
+    with host.python_versions():
+        _opt()
+        assert host._mod is None and host.status().startswith("Python")
+    assert host._mod is not None
 
 
 # ------------------------------------------------------------------------------------------------ FIP.step

@@ -393,6 +393,42 @@ def test_one_launch_per_call_and_table_cache_hits():
     assert build.call_count == 1
 
 
+def test_a_keyed_table_patches_moved_gradients_instead_of_rebuilding():
+    """Under a caller's key (stable, moving pointers), new gradient tensors of the same dtype and layout are
+    patched into the table — no rebuild, and the step uses the new gradients; another dtype, a None that became a
+    tensor or a non-contiguous gradient builds the table again."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(5,), (BLOCK + 3,), (2, 3)]
+    hyper = dict(lr=0.1, momentum=0.9, nesterov=False, weight_decay=0.0, eta_r=0.0, beta=0.9, mix=None,
+                 restore_scale=None, precondition=False, damping=1e-3, step=1.0, next_pert_scale=None,
+                 found_inf=torch.tensor(0.0))
+    p = [torch.randn(s, generator=gen) for s in shapes]
+    st = lambda: [torch.zeros(s) for s in shapes]  # noqa: E731
+    m, f = st(), st()
+    nones = [None] * len(p)
+    pr, mr, fr = [t.clone() for t in p], st(), st()
+
+    def step(grads, expect_build: bool):
+        key = (("test-plan", "step"), (tuple(g.data_ptr() for g in grads), None))
+        with mock.patch.object(mt, "_build", wraps=mt._build) as build:
+            K.fip_step_(p, grads, None, nones, nones, m, f, None, cache_key=key, **hyper)
+        R.fip_step_(pr, grads, None, nones, nones, mr, fr, None, **hyper)
+        assert build.call_count == int(expect_build)
+        for a, b in zip(p, pr):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    g = [torch.randn(s, generator=gen) for s in shapes]
+    step(g, expect_build=True)
+    step(g, expect_build=False)                                   # a hit
+    g = [torch.randn(s, generator=gen) for s in shapes]           # new tensors elsewhere: patched
+    step(g, expect_build=False)
+    g = [g[0], g[1], torch.randn(3, 2, generator=gen).t()]        # non-contiguous: not patched; the full check
+    step(g, expect_build=True)                                    # refuses it, the call falls back to foreach
+    g = [torch.randn(s, generator=gen) for s in shapes]
+    g16 = [g[0].half(), g[1], g[2]]                               # another dtype: rebuilt
+    step(g16, expect_build=True)
+
+
 def test_one_launch_each_op():
     gen = torch.Generator().manual_seed(8)
     ts = [torch.randn(n, generator=gen) for n in (3, BLOCK + 1, 1, 40)]

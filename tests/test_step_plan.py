@@ -61,13 +61,15 @@ def _set_grads(ps, used, how: str, rng: random.Random) -> None:
 
 
 @pytest.fixture(params=["cpp", "python"])
-def host_helper(request, monkeypatch):
+def host_helper(request):
     """The step's host work in C++ (fip_fast.backends.host, when it is built) or in its Python versions."""
     if request.param == "python":
-        monkeypatch.setattr(host, "_mod", None)
-    elif not host.wait():
+        with host.python_versions():
+            yield request.param
+        return
+    if not host.wait():
         pytest.skip(f"C++ host helper unavailable: {host.status()}")
-    return request.param
+    yield request.param
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -45,15 +45,10 @@ def _host_helper(which: str):
     its Python versions (``"python"``: what every step paid before the helper existed)."""
     from fip_fast.backends import host
 
-    saved = host._mod
-    if which == "python":
-        host._mod = None
-    else:
+    if which != "python":
         host.wait()
-    try:
+    with host.python_versions() if which == "python" else contextlib.nullcontext():
         yield host.status()
-    finally:
-        host._mod = saved
 
 
 def _one(device: torch.device, impl_name: str, cname: str, kw, nt: int, steps: int,

@@ -20,6 +20,7 @@ Importing this module never fails; :func:`status` says what is in use and why.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import logging
@@ -188,3 +189,15 @@ def status() -> str:
     if _error is not None:
         return f"Python ({_error})"
     return "Python (the C++ module is being built)" if _thread is not None else "Python (not prepared)"
+
+
+@contextlib.contextmanager
+def python_versions():
+    """Within: the Python versions serve, and no FIP constructor loads the C++ module (tests, benchmarks)."""
+    global _mod, _error
+    saved = _mod, _error
+    _mod, _error = None, "the Python versions asked for (host.python_versions)"
+    try:
+        yield
+    finally:
+        _mod, _error = saved
