@@ -5,14 +5,15 @@ under the machine load of that run.  The question it answers: what the step of o
 plain step every training loop already pays."""
 from __future__ import annotations
 
-from typing import Any, Optional
+import time
+from typing import Any
 
 import torch
 from torch import nn
 
 from fip_fast import reference
 
-from .. import time_fn
+from .. import summarize, time_fn
 
 
 def _params(shapes, device: torch.device, seed: int = 0) -> list[nn.Parameter]:
@@ -40,39 +41,87 @@ def _compiled_loop(ps: list, state: dict):
 
 def time_whole_step(case: dict, impls: dict[str, dict], device: torch.device, timing: dict,
                     compile_loop: bool = False) -> list[dict[str, Any]]:
-    """One record per optimizer: median time per ``step()`` (and per-impl ratio to SGD) on ``case["shapes"]``."""
+    """One record per optimizer: median time per ``step()`` (and per-impl ratio to SGD) on ``case["shapes"]``.
+
+    On the CPU the optimizers are timed *interleaved* — one step of each in turn, repeated — so that a drift of
+    the machine's load or memory bandwidth during the run moves every row alike and the ratios hold (timed one
+    after the other, the same ratio varied by ±15 % between runs on the shared 2-core VM).  On CUDA each is timed
+    with :func:`time_fn` (device time)."""
     from fip_fast import FIP
 
-    out: list[dict[str, Any]] = []
-
-    def rec(name: str, impl: str, fn, note: str = "") -> Optional[dict]:
-        try:
-            t = time_fn(fn, device, **timing)
-        except Exception as exc:          # an impl that cannot run here: say why, keep the others
-            out.append(dict(optimizer=name, impl=impl, error=f"{type(exc).__name__}: {exc}"[:300]))
-            return None
-        r = dict(optimizer=name, impl=impl, median_s=t["median_s"], p20_s=t["p20_s"], p80_s=t["p80_s"],
-                 first_call_s=t.get("first_call_s"), timer=t["timer"], note=note)
-        out.append(r)
-        return r
-
+    cands: list[tuple[str, str, Any, str]] = []
     ps = _params(case["shapes"], device)
-    sgd = torch.optim.SGD(ps, lr=0.01, momentum=0.9, foreach=True)
-    base = rec("sgd_foreach", "foreach", sgd.step)
+    cands.append(("sgd_foreach", "foreach", torch.optim.SGD(ps, lr=0.01, momentum=0.9, foreach=True).step, ""))
     for name in ("reference", "foreach", "cpu", "triton", "cuda"):
         if not impls.get(name, {}).get("available"):
             continue
         ps = _params(case["shapes"], device)
         f0 = {p: torch.rand_like(p) for p in ps}
         opt = FIP(ps, lr=0.01, momentum=0.9, eta_F=0.0, eta_r=1.0, fisher0=f0, impl=name)
-        rec("fip", name, opt.step, "eta_F=0 (no suppressor), eta_r=1 (anchor on)")
+        cands.append(("fip", name, opt.step, "eta_F=0 (no suppressor), eta_r=1 (anchor on)"))
     if compile_loop:
         ps = _params(case["shapes"], device)
         state = dict(f0=[torch.rand_like(p) for p in ps], anchor=[p.detach().clone() for p in ps],
                      mom=[torch.zeros_like(p) for p in ps], fis=[torch.zeros_like(p) for p in ps])
-        rec("compiled_reference_loop", "compile", _compiled_loop(ps, state), "torch.compile of the reference")
+        cands.append(("compiled_reference_loop", "compile", _compiled_loop(ps, state),
+                      "torch.compile of the reference"))
+    timed = _interleaved([c[2] for c in cands], device, timing)
+    out: list[dict[str, Any]] = []
+    for (name, impl, _, note), t in zip(cands, timed):
+        if "error" in t:          # an impl that cannot run here: say why, keep the others
+            out.append(dict(optimizer=name, impl=impl, error=t["error"]))
+            continue
+        out.append(dict(optimizer=name, impl=impl, median_s=t["median_s"], p20_s=t["p20_s"], p80_s=t["p80_s"],
+                        first_call_s=t.get("first_call_s"), timer=t["timer"], note=note))
+    base = out[0] if "median_s" in out[0] else None
     if base is not None:
         for r in out:
             if "median_s" in r:
                 r["vs_sgd"] = r["median_s"] / base["median_s"]
     return out
+
+
+def _interleaved(fns: list, device: torch.device, timing: dict) -> list[dict[str, Any]]:
+    """Per function: the :func:`time_fn`-style summary, or ``{"error": ...}``.  CPU: warm each up, then cycles of
+    one call of each (as many cycles as ``timing`` allows: at least ``min_reps``, at most ``max_reps``, within
+    ``budget_s`` per function)."""
+    if device.type != "cpu":
+        res = []
+        for fn in fns:
+            try:
+                res.append(time_fn(fn, device, **timing))
+            except Exception as exc:
+                res.append(dict(error=f"{type(exc).__name__}: {exc}"[:300]))
+        return res
+    first: dict[int, float] = {}
+    errors: dict[int, str] = {}
+    for i, fn in enumerate(fns):
+        try:
+            t0 = time.perf_counter()
+            fn()
+            first[i] = time.perf_counter() - t0
+            for _ in range(max(0, timing.get("warmup", 2) - 1)):
+                fn()
+        except Exception as exc:
+            errors[i] = f"{type(exc).__name__}: {exc}"[:300]
+    live = [i for i in range(len(fns)) if i not in errors]
+    wall: dict[int, list] = {i: [] for i in live}
+    cpu: dict[int, list] = {i: [] for i in live}
+    end_at = time.perf_counter() + timing.get("budget_s", 1.0) * max(1, len(live))
+    cycles = 0
+    while cycles < timing.get("max_reps", 50) and (cycles < timing.get("min_reps", 5) or time.perf_counter() < end_at):
+        for i in live:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fns[i]()
+            wall[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
+        cycles += 1
+    res = []
+    for i in range(len(fns)):
+        if i in errors:
+            res.append(dict(error=errors[i]))
+            continue
+        c = summarize(cpu[i])
+        res.append(dict(summarize(wall[i]), timer="time.perf_counter, interleaved", first_call_s=first[i],
+                        cpu_median_s=c["median_s"]))
+    return res
