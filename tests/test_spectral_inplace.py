@@ -354,3 +354,56 @@ def test_spectral_update_backends_match_the_reference(dtype, with_base):
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("side", ["weight", "activations"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("kind,rank,relative", CASES)
+def test_both_gradient_sides_match_the_spec(kind, rank, relative, dtype, tol, side, monkeypatch):
+    """Without per-sample collection each call takes the cheaper side (SI._weight_side); forced either way, the
+    δ-gradient (diag(Uᵀ·dW·Vhᵀ) from the dense weight gradient, or Σ a ⊙ c from the projections) is the spec's."""
+    if side == "activations":
+        monkeypatch.setattr(SI, "_weight_side", lambda *a: False)
+    else:
+        orig = SI._weight_side
+        monkeypatch.setattr(SI, "_weight_side", lambda sp, m, x, out: SI._adapter_for(m).weight_grad is not None
+                            and not isinstance(getattr(m, "padding", 0), str) or orig(sp, m, x, out))
+    model0, model, deltas, layers = _setup(kind, dtype, rank, relative)
+    x, y = _data(DATA_OF[kind], dtype)
+    _loss(model(x), y).backward()
+    ref_d = [d.detach().clone().requires_grad_(True) for d in deltas]
+    want = torch.autograd.grad(_loss(functional_call(model0, _reference_weights(model0, layers, ref_d, relative),
+                                                     (x,)), y), ref_d)
+    truth = _fp64_truth(model0, layers, deltas, relative, x, y) if dtype != torch.float64 else want
+    for d, b, t in zip(deltas, want, truth):
+        ref_err = float((b.double() - t).norm()) / max(float(t.norm()), 1e-300)
+        _close(d.grad.double(), t, max(tol, 2 * ref_err))
+
+
+def test_the_cost_model_picks_the_weight_side_for_a_full_rank_conv_and_activations_for_low_rank():
+    picked = []
+    orig = SI._weight_side
+
+    def spy(sp, m, x, out):
+        r = orig(sp, m, x, out)
+        picked.append((type(m).__name__, r))
+        return r
+    conv = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1))
+    stack = nn.Sequential(nn.Linear(256, 256))
+    SI.reparameterize(conv)
+    SI.reparameterize(stack, rank=8)
+    import unittest.mock as mock
+    with mock.patch.object(SI, "_weight_side", spy):
+        conv(torch.randn(4, 16, 16, 16)).sum().backward()
+        stack(torch.randn(64, 256)).sum().backward()
+    assert picked == [("Conv2d", True), ("Linear", False)]
+
+
+def test_the_weight_side_refuses_an_input_modified_in_place():
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1))
+    SI.reparameterize(net)
+    x = torch.randn(2, 4, 6, 6)
+    out = net(x)
+    x.mul_(2.0)                       # after the forward: the kept input is no longer the one used
+    with pytest.raises(RuntimeError, match="modified by an in-place operation"):
+        out.sum().backward()

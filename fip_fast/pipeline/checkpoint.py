@@ -97,11 +97,40 @@ class LoopCheckpoint:
                device: torch.device) -> Tuple[int, Dict[str, Any]]:
         """Load model, optimizer and RNG state of the latest checkpoint: ``(its step, its extra dict)``."""
         start = self._ckpt.resume(model, optimizer, restore_rng=True, map_location=device)
-        return start, self._ckpt.extra
+        extra = dict(self._ckpt.extra or {})
+        _restore_w0(model, extra.pop(_W0_KEY, None) or {})
+        return start, extra
 
     def save(self, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
              state: Dict[str, Any]) -> None:
-        self._ckpt.save(step, model, optimizer, extra={"fingerprint": self.fingerprint, **state})
+        extra = {"fingerprint": self.fingerprint, **state}
+        w0 = _spectral_w0(model)
+        if w0:
+            extra[_W0_KEY] = w0
+        self._ckpt.save(step, model, optimizer, extra=extra)
+
+
+#: Fast FIP's W0 (a non-persistent buffer: the model's state dict does not carry it) travels in the checkpoint's
+#: extra dict, so that a resumed run re-derives its weights from the very W0 of the interrupted one — re-deriving
+#: W0 from the loaded W(δ) (what loading a bare state dict does) is exact only up to rounding, which the further
+#: steps amplify
+_W0_KEY = "spectral_W0"
+
+
+def _spectral_w0(model: nn.Module) -> Dict[str, Tensor]:
+    from fip_fast.spectral import spectral_layers
+
+    return {name: m.spectral_W0 for name, m in spectral_layers(model)}
+
+
+@torch.no_grad()
+def _restore_w0(model: nn.Module, saved: Dict[str, Tensor]) -> None:
+    from fip_fast.spectral import spectral_layers
+
+    for name, m in spectral_layers(model):
+        w0 = saved.get(name)
+        if w0 is not None and w0.shape == m.spectral_W0.shape:
+            m.spectral_W0.copy_(w0)
 
 
 def open_checkpoint(directory: Any, every: int, resume: bool, method: str, theta0: str, config: Dict[str, Any],
