@@ -28,6 +28,12 @@ relu(S) = S).  How it runs:
   ∂ℓ/∂δ = Σ_positions (a ⊙ c) ⊙ ∂s/∂δ,  ∂s/∂δ = 1[s > 0] (× S when relative; = s for ``"exp"``).
   Per-sample values (sum over positions first) are what :func:`collect_per_sample` hands to the δ-Fisher.  A weight
   shared by several modules (a tied LM head) has one δ and a hook on every module using it.
+* **Or from the weight gradient, where that is cheaper.**  Per call, :func:`_weight_side` compares the
+  multiply-adds of the projections (NP·k·(m + n)) with those of the dense weight gradient projected,
+  ∂ℓ/∂δ = diag(Uᵀ·dW·Vhᵀ) ⊙ ∂s/∂δ (NP·m·n + m·n·k): at full rank a convolution's input projection costs a second
+  forward, its dW less.  The tap then keeps the input (as autograd keeps it for a trainable weight; an in-place
+  change of it before the backward raises) and computes dW in its backward; per-sample gradients always come from
+  the projections.
 * :func:`merge` drops hooks, buffers and δ: the weights already hold W(δ), so the model is its original self.
 
 Reference: :mod:`fip_fast.spectral` (module swap, W(δ) rebuilt by autograd) computes the same gradients; the
