@@ -266,7 +266,7 @@ def _patch(e: _Keyed, slots, moving: tuple, moving_slots: tuple, device) -> bool
     return True
 
 
-def _build(slots, block, device, min_chunks, names) -> TensorTable:
+def _build(slots, block, device, min_chunks, names) -> tuple[TensorTable, np.ndarray]:
     n_slots = len(slots)
     n_tensors = len(slots[0])
     def label(s):
