@@ -42,7 +42,9 @@ S)·Vh once per change of δ (the ``reference`` / ``foreach`` implementation of
 :func:`fip_fast.ops.spectral_update_` makes an fp32 m×n temporary for one layer at a time; the kernels do not).
 Activations: the tap keeps the projected input a (k values per position, N·P·k) instead of the layer input
 (n per position) that a dense dW would need — the layer input is still saved where the input gradient needs it
-(e.g. by the preceding nonlinearity), as in the frozen model.
+(e.g. by the preceding nonlinearity), as in the frozen model.  A call whose δ-gradient is cheaper from the weight
+gradient (:func:`fip_fast.spectral._weight_side`: full-rank convolutions) keeps the layer input instead, as full
+FIP's autograd does (counted once when another op saves the same tensor).
 
 The ``foreach`` implementation (the CPU default) also makes fp32 working copies of θ, g (and g') for each
 group during the fused step — a transient of about 12–16 bytes per trainable parameter that the Triton/CUDA
@@ -266,9 +268,10 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[
 
 @contextlib.contextmanager
 def _tapped_inputs(count: Callable[[Tensor], int], current: dict):
-    """While inside, every tap of an in-place Fast FIP layer (:class:`fip_fast.spectral._Call`) has its projected
-    input ``a`` counted (``count(a)``, added to ``current["tap"]``): the tap holds it for the δ-gradient outside
-    autograd's saved tensors, so ``saved_tensors_hooks`` does not see it."""
+    """While inside, every tap of an in-place Fast FIP layer (:class:`fip_fast.spectral._Call`) has what it keeps
+    counted — its projected input ``a``, or the layer input on the weight side (``count(…)``, added to
+    ``current["tap"]``): the tap holds it for the δ-gradient outside autograd's saved tensors, so
+    ``saved_tensors_hooks`` does not see it."""
     from fip_fast import spectral
 
     base = spectral._Call
@@ -277,7 +280,7 @@ def _tapped_inputs(count: Callable[[Tensor], int], current: dict):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             try:
-                current["tap"] += count(self.a)
+                current["tap"] += count(self.a if self.a is not None else self.x)   # the weight side keeps x
             except Exception:
                 pass
 

@@ -169,3 +169,25 @@ def test_analytical_table_and_fit():
 def test_tensor_bytes_dedups_views():
     t = torch.zeros(10, 10)
     assert memory.tensor_bytes([t, t[0], t.t(), None]) == 400
+
+
+def test_weight_side_taps_count_the_layer_input():
+    """A full-rank convolution takes the weight-gradient side (fip_fast.spectral._weight_side): its tap keeps the
+    layer input instead of a, and the memory report counts it (the first conv's input is saved by nothing else)."""
+    m = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                      nn.LazyLinear(5))
+    x = torch.randn(4, 8, 16, 16)
+    m(x)                                                # materialize the lazy head
+    deltas = inplace.reparameterize(m, layer_types=(nn.Conv2d,))
+    opt = FIP(deltas, trace_every=1)
+    y = torch.randint(0, 5, (4,))
+
+    def step():
+        def closure():
+            opt.zero_grad(set_to_none=False)
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    rep = memory.measure(m, opt, step)
+    assert rep.activations_tap >= x.numel() * 4
