@@ -215,12 +215,30 @@ class _Group:
         if not stale:
             return
         o = [sp.owner for sp in stale]
+        S = [m.spectral_S for m in o]
         ops.spectral_update_([sp.adapter.to_matrix(sp.owner.weight) for sp in stale],
-                             [m.spectral_U for m in o], [m.spectral_Vh for m in o], [m.spectral_S for m in o],
-                             [torch.relu(sp.spectrum()) for sp in stale],
+                             [m.spectral_U for m in o], [m.spectral_Vh for m in o], S,
+                             _relu_spectra(S, [sp.delta for sp in stale], [sp.relative for sp in stale]),
                              base=[sp.adapter.to_matrix(sp.owner.spectral_W0) for sp in stale], impl=self.impl)
         for sp in stale:
             sp.synced = sp.delta._version
+
+
+def _relu_spectra(S: list, deltas: list, relative: list) -> list:
+    """relu(s(δ)) of every layer — the same fp32 operations as :func:`_spectrum` then ``torch.relu``, as a few
+    multi-tensor ops for all layers instead of three small ops per layer (224 layers of a 7B model: 3 launches, not
+    672)."""
+    if len(set(map(repr, relative))) != 1 or len({d.dtype for d in deltas} | {t.dtype for t in S}) != 1:
+        return [torch.relu(_spectrum(s, d, r)) for s, d, r in zip(S, deltas, relative)]
+    rel = relative[0]
+    if _is_exp(rel):
+        out = torch._foreach_mul(S, torch._foreach_exp(deltas))
+    elif rel:
+        out = torch._foreach_mul(S, torch._foreach_add(deltas, 1.0))
+    else:
+        out = torch._foreach_add(S, deltas)
+    torch._foreach_clamp_min_(out, 0.0)
+    return out
 
 
 @dataclass(eq=False)

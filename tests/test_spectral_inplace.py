@@ -407,3 +407,15 @@ def test_the_weight_side_refuses_an_input_modified_in_place():
     x.mul_(2.0)                       # after the forward: the kept input is no longer the one used
     with pytest.raises(RuntimeError, match="modified by an in-place operation"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("relative", [False, True, "exp"])
+def test_the_multi_tensor_spectra_equal_the_per_layer_ones_bit_for_bit(relative):
+    g = torch.Generator().manual_seed(0)
+    S = [torch.rand(k, generator=g) for k in (3, 1, 8)]
+    d = [torch.randn(k, generator=g) * 2 for k in (3, 1, 8)]
+    want = [torch.relu(SI._spectrum(s, x, relative)) for s, x in zip(S, d)]
+    assert all(torch.equal(a, b) for a, b in zip(SI._relu_spectra(S, d, [relative] * 3), want))
+    mixed = [relative, not relative if not isinstance(relative, str) else False, relative]      # per-layer path
+    want = [torch.relu(SI._spectrum(s, x, r)) for s, x, r in zip(S, d, mixed)]
+    assert all(torch.equal(a, b) for a, b in zip(SI._relu_spectra(S, d, mixed), want))
