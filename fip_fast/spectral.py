@@ -312,7 +312,8 @@ class _Call:
 
 class _Tap(torch.autograd.Function):
     """Identity on the layer output that puts δ into the graph; its backward sees the output gradient g_out and
-    returns ∂ℓ/∂δ from the recorded projection — no dense dW, no W(δ) in the graph.  The output is returned as
+    returns ∂ℓ/∂δ from the recorded projection (or, on the weight side, from this call's dense weight gradient,
+    where that is the cheaper GEMM) — no W(δ) in the graph, no dW for autograd to keep.  The output is returned as
     ``out.detach()``: the same storage, no copy, and not a view, so in-place operations on it stay legal (the
     layers tapped here never save their output for backward)."""
 
@@ -329,7 +330,8 @@ class _Tap(torch.autograd.Function):
 
 class _TapMix(torch.autograd.Function):
     """:class:`_Tap` for a layer with singular-vector mixing (:func:`add_mixing`): also returns ∂ℓ/∂O = Σ cᵀ·a
-    (masked to the trainable off-diagonal band), c = g_out·U, a = x·Vhᵀ — still no dense dW."""
+    (masked to the trainable off-diagonal band), c = g_out·U, a = x·Vhᵀ (= Uᵀ·dW·Vhᵀ on the weight side); δ's
+    gradient is the diagonal of the same k×k product."""
 
     @staticmethod
     def forward(ctx, out, delta, mix, call):
