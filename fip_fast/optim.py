@@ -543,7 +543,7 @@ class FIP(Optimizer):
                         by_dev[p.device].append(p)
                 parts = [(dev, ps, [self.state[p]["pert"] for p in ps], None) for dev, ps in by_dev.items()]
             for dev, ps, pert, key in parts:
-                off = 1.0 - _on(self._lagged_counters(group, dev)[1], dev)
+                off = torch.rsub(_on(self._lagged_counters(group, dev)[1], dev), 1.0)
                 ops.perturb_(ps, pert, sign, off, impl=self._impl_of(dev), cache_key=key)
 
     def state_dict(self) -> dict:
@@ -894,9 +894,9 @@ class FIP(Optimizer):
                 continue
             done.add(id(h))
             calls, on = self._lagged_counters(h, sl.device)
-            ok = 1.0 - _on(sl.found_inf, calls.device)
+            ok = torch.rsub(_on(sl.found_inf, calls.device), 1.0)
             sched = self._next_is_suppressor(h, calls.device)
-            on.mul_(1.0 - ok).add_(ok * sched)     # a skipped step keeps the e it had stored
+            on.mul_(torch.rsub(ok, 1.0)).add_(ok * sched)     # a skipped step keeps the e it had stored
             calls.add_(ok)
         if done:
             self._lazy.arm()
