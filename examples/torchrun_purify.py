@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=2 examples/torchrun_purify.py --mode fast_fip --parallel ddp --out runs/ddp
     torchrun --nproc_per_node=2 examples/torchrun_purify.py --mode fip --parallel fsdp --out runs/fsdp
+    torchrun --nproc_per_node=2 examples/torchrun_purify.py --mode fast_fip --parallel fsdp --out runs/fsdp_fast
     python examples/torchrun_purify.py --mode fast_fip            # the same, single process
 
 (For a torchvision-style classifier checkpoint the CLI does the same without a script:
@@ -75,9 +76,6 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], help="override lm_backdoor.Config fields, e.g. fip_steps=20")
     ap.add_argument("--out", default="runs/torchrun_purify")
     args = ap.parse_args(argv)
-    if args.mode == "fast_fip" and args.parallel == "fsdp":
-        ap.error("--mode fast_fip runs in place (fip_fast.spectral), which does not shard under FSDP2 yet: use "
-                 "--parallel ddp (or --mode fip with --parallel fsdp)")
 
     rank, world, device = fd.init_from_env()
     torch.manual_seed(0)

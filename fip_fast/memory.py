@@ -330,15 +330,19 @@ def max_params(memory_bytes: float, mode: str, param_bytes: int = 2, *, activati
     """The largest number of (selected-layer) parameters whose purification fits ``memory_bytes`` per device.
 
     ``shards``: FSDP world size.  Parameters, gradients and optimizer state are divided by it; Fast FIP's
-    ``W0``/``U``/``Vh``/``residual`` are *buffers*, which FSDP2 does not shard, so they are divided only with
+    ``U``/``Vh``/``residual`` are *buffers*, which FSDP2 does not shard, so they are divided only with
     ``shard_buffers=True`` (what would need them registered as frozen parameters — see docs/large-models.md).
-    The in-place layers' frozen weight is a parameter (sharded); the reference's W(δ) is not.
+    In place, the frozen weight is a parameter (sharded) and :func:`fip_fast.spectral.shard` keeps only each
+    rank's rows of W0 (sharded too); the reference's W(δ) is not sharded.
     """
     bp = bytes_per_param(mode, param_bytes, **shape)
     free = memory_bytes - activation_bytes
     if mode.startswith("fast_fip"):
         buf = bp["buffers"]
-        per = (bp["persistent"] - buf) / shards + (buf / shards if shard_buffers else buf) + bp["step_transient"]
+        w0 = float(param_bytes) if mode in ("fast_fip", "fast_fip_rank_k") else 0.0     # sharded by spectral.shard
+        rest = buf - w0
+        per = ((bp["persistent"] - rest) / shards + (rest / shards if shard_buffers else rest)
+               + bp["step_transient"])
     else:
         per = bp["total"] / shards
     return max(0.0, free / per)

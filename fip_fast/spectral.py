@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from fip_fast import ops
 
 __all__ = ["Adapter", "register_adapter", "reparameterize", "merge", "spectral_layers", "spectrum", "deltas", "sync",
-           "collect_per_sample", "add_mixing", "DEFAULT_TYPES"]
+           "collect_per_sample", "add_mixing", "shard", "DEFAULT_TYPES"]
 
 
 # ------------------------------------------------------------------------------------------- layer adapters
@@ -179,6 +179,15 @@ class _Spectral:
     synced: int = -1                                          # δ._version the weight holds
     synced_mix: int = -1                                      # spectral_mix._version the weight holds (mixing)
     sink: Optional[list] = None                               # per-sample δ-gradients while collecting
+    shard: Optional[tuple] = None                             # under FSDP2 (:func:`shard`): (matrix axis, start, end)
+
+    def local_factors(self) -> tuple[Tensor, Tensor]:
+        """(U, Vh) restricted to this rank's part of the weight matrix (whole without FSDP2)."""
+        U, Vh = self.owner.spectral_U, self.owner.spectral_Vh
+        if self.shard is None:
+            return U, Vh
+        axis, a, b = self.shard
+        return (U[a:b], Vh) if axis == 0 else (U, Vh[:, a:b])
 
     @property
     def delta(self) -> nn.Parameter:
@@ -202,9 +211,12 @@ class _Group:
     def __init__(self, impl: str):
         self.items: list[_Spectral] = []
         self.impl = impl
+        self.sharded = False           # FSDP2 (:func:`shard`): the weights are row shards, synced by the root hook
 
     @torch.no_grad()
     def sync(self) -> None:
+        if self.sharded:
+            return self.sync_shards()
         stale = [sp for sp in self.items if sp.delta._version != sp.synced or _mix_stale(sp)]
         if not stale:
             return
@@ -222,6 +234,32 @@ class _Group:
                              base=[sp.adapter.to_matrix(sp.owner.spectral_W0) for sp in stale], impl=self.impl)
         for sp in stale:
             sp.synced = sp.delta._version
+
+    @torch.no_grad()
+    def sync_shards(self) -> None:
+        """Under FSDP2: every rank writes its own rows, W[rows] = W0[rows] + U[rows]·diag(relu(s) − S)·Vh, into the
+        sharded weight before the model's forward gathers it (δ is gathered first: k numbers per layer).  Every
+        forward, on every rank (the gathers are collectives; δ's shards are not version-tracked consistently)."""
+        W, U, Vh, S, s_new, base = [], [], [], [], [], []
+        for sp in self.items:
+            o = sp.owner
+            u, vh = sp.local_factors()
+            W.append(sp.adapter.to_matrix(_local(o.weight)))
+            U.append(u)
+            Vh.append(vh)
+            S.append(o.spectral_S)
+            s_new.append(torch.relu(_spectrum(o.spectral_S, _gathered(sp.delta), sp.relative)))
+            base.append(sp.adapter.to_matrix(o.spectral_W0))
+        ops.spectral_update_(W, U, Vh, S, s_new, base=base, impl=self.impl)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view FSDP2 keeps), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _gathered(t: Tensor) -> Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _relu_spectra(S: list, deltas: list, relative: list) -> list:
@@ -396,7 +434,8 @@ def _sync_mixed(sp: _Spectral) -> None:
 # ------------------------------------------------------------------------------------------- hooks
 def _pre_hook(group: _Group):
     def hook(module, args):
-        group.sync()
+        if not group.sharded:          # under FSDP2 the root's hook has synced the shards (see shard)
+            group.sync()
     return hook
 
 
@@ -447,6 +486,13 @@ def _load_hook(sp: _Spectral):
     @torch.no_grad()
     def hook(module, incompatible_keys):
         o = sp.owner
+        if sp.shard is not None:       # FSDP2: this rank's part of W0, from its part of the loaded W
+            u, vh = sp.local_factors()
+            ds = torch.relu(_spectrum(o.spectral_S, _gathered(sp.delta), sp.relative)) - o.spectral_S
+            W = sp.adapter.to_matrix(_local(o.weight))
+            acc = torch.promote_types(W.dtype, torch.float32)
+            sp.adapter.to_matrix(o.spectral_W0).copy_(W.to(acc) - (u.to(acc) * ds.to(acc)) @ vh.to(acc))
+            return
         ds = torch.relu(sp.spectrum()) - o.spectral_S
         W = sp.adapter.to_matrix(o.weight)
         acc = torch.promote_types(W.dtype, torch.float32)
@@ -645,6 +691,76 @@ def add_mixing(model: nn.Module, band: int) -> list[nn.Parameter]:
             if _has_mix(sp.owner):
                 sp.synced_mix = sp.owner.spectral_mix._version
     return out
+
+
+@torch.no_grad()
+def shard(model: nn.Module) -> nn.Module:
+    """Adapt the in-place reparameterization of ``model`` to FSDP2, after ``fully_shard`` (what
+    :func:`fip_fast.integrations.distributed.shard_fsdp` calls).
+
+    FSDP2 shards every parameter on dim 0 — the frozen weights by rows, δ by singular directions — and gathers a
+    unit's parameters in its forward (and again in its backward).  So the in-place weight update moves before the
+    first gather: a forward pre-hook on ``model`` (ahead of FSDP's own) writes each rank's rows,
+    W[rows] = W0[rows] + U[rows]·diag(relu(s(δ)) − S)·Vh, into the sharded weight, with δ gathered (k numbers per
+    layer) — so the gathered weight that forward and backward use is W(δ), as in one process (a transposed layout,
+    GPT-2's ``Conv1D``, shards the matrix's columns: Vh[:, cols] then).  W0 keeps only this rank's part (the
+    no-drift copy is sharded too); U, S, Vh stay whole (the taps project whole activations).  The
+    taps then work unchanged on the gathered parameters and δ's gradient is reduce-scattered by FSDP.  The update
+    runs on every forward of every rank (its gathers are collectives).  Singular-vector mixing (:func:`add_mixing`)
+    under FSDP2 is not supported yet (NotImplementedError)."""
+    entries = _GROUPS.get(model)
+    if not entries:
+        raise ValueError("shard: call it on the model passed to fip_fast.spectral.reparameterize")
+    for group, handles, _ in entries:
+        if group.sharded:
+            continue
+        for sp in group.items:
+            o = sp.owner
+            if _has_mix(o):
+                raise NotImplementedError("fip_fast.spectral.shard: singular-vector mixing (add_mixing) under FSDP2 "
+                                          "is not supported yet; use Fast FIP without mix_band, or DDP")
+            r0, r1 = _shard_rows(o.weight)
+            sp.shard = (_matrix_axis_of_dim0(sp.adapter, o.weight.shape), r0, r1)
+            o.register_buffer("spectral_W0", o.spectral_W0[r0:r1].clone(), persistent=False)
+        group.sharded = True
+        handles.append(model.register_forward_pre_hook(lambda module, args, g=group: g.sync_shards(), prepend=True))
+    return model
+
+
+def _matrix_axis_of_dim0(adapter: Adapter, shape: torch.Size) -> int:
+    """Which axis of the adapter's weight matrix the weight's dim 0 (what FSDP2 shards) is: 0 for Linear / Conv /
+    Embedding (rows), 1 for a transposed layout like GPT-2's ``Conv1D`` (columns)."""
+    t = torch.arange(int(torch.Size(shape).numel()), dtype=torch.float64).reshape(shape)
+    M, flat = adapter.to_matrix(t), t.reshape(shape[0], -1)
+    if M.shape == flat.shape and torch.equal(M, flat):
+        return 0
+    if M.shape == flat.t().shape and torch.equal(M, flat.t()):
+        return 1
+    raise NotImplementedError("fip_fast.spectral.shard: the layer's weight matrix is neither its dim-0 flattening "
+                              "nor that transposed")
+
+
+def _shard_rows(w: Tensor) -> tuple[int, int]:
+    """This rank's rows of a weight FSDP2 sharded on dim 0 (``torch.chunk`` over the mesh), or all of them."""
+    if not hasattr(w, "placements"):
+        return 0, w.shape[0]
+    from torch.distributed.tensor import Replicate, Shard
+
+    pl = tuple(w.placements)
+    if all(isinstance(p, Replicate) for p in pl):
+        return 0, w.shape[0]
+    if len(pl) != 1 or not isinstance(pl[0], Shard) or pl[0].dim != 0:
+        raise NotImplementedError(f"fip_fast.spectral.shard: a weight sharded as {pl}; only Shard(0) on a 1-d mesh "
+                                  "(FSDP2's fully_shard) is supported")
+    mesh = w.device_mesh
+    rank, world, m = mesh.get_local_rank(), mesh.size(), w.shape[0]
+    step = -(-m // world)                      # torch.chunk: ceil(m / world) rows per rank, the last ones fewer
+    r0 = min(rank * step, m)
+    r1 = min(r0 + step, m)
+    if w.to_local().shape[0] != r1 - r0:
+        raise NotImplementedError(f"fip_fast.spectral.shard: local shard of {w.to_local().shape[0]} rows, expected "
+                                  f"{r1 - r0} (torch.chunk layout)")
+    return r0, r1
 
 
 @torch.no_grad()

@@ -62,7 +62,8 @@ def _run(kind: str, estimator: str, spectral_mode: bool, fsdp: bool, ckpt_dir=No
     """One purification of 4 steps; runs identically with or without a process group."""
     xs, ys, fx, fy = _data()
     model = _model()
-    # DDP runs Fast FIP in place; FSDP2 shards the module-swapping reference form (the in-place one does not shard)
+    # Fast FIP in place (DDP; FSDP2 through fip_fast.spectral.shard, called by shard_fsdp) or the module-swapping
+    # reference form (FSDP2 shards its δ and residual like any parameter)
     sp = spectral if inplace else spectral_reference
     if spectral_mode:
         params = sp.reparameterize(model, relative=True)
@@ -106,6 +107,8 @@ def _run(kind: str, estimator: str, spectral_mode: bool, fsdp: bool, ckpt_dir=No
         ref = torch.sqrt(sum(_full(t).float().pow(2).sum() for t in g))
         gnorms.append((float(n), float(ref)))
     with opt.unperturbed():
+        if spectral_mode and inplace:
+            spectral.sync(model)          # the in-place weights follow δ lazily: bring them to the last step's δ
         out["params"] = _named_full(model)
     out["gnorms"] = gnorms
     out["momentum"] = {n: _full(opt.state[p]["momentum_buffer"]) for n, p in fd.unwrap(model).named_parameters()
@@ -159,6 +162,8 @@ SCENARIOS = {
     "fsdp_full_fd": dict(kind="fsdp", estimator="fd", spectral_mode=False, fsdp=True),
     "fsdp_fast_fd_ckpt": dict(kind="fsdp", estimator="fd", spectral_mode=True, fsdp=True, ckpt=True, inplace=False),
     "fsdp_full_lagged": dict(kind="fsdp", estimator="lagged", spectral_mode=False, fsdp=True, raw=True),
+    "fsdp_inplace_fd_ckpt": dict(kind="fsdp", estimator="fd", spectral_mode=True, fsdp=True, ckpt=True),
+    "fsdp_inplace_lagged": dict(kind="fsdp", estimator="lagged", spectral_mode=True, fsdp=True),
 }
 
 
@@ -255,9 +260,10 @@ def test_fip_for_fsdp_refuses_lagged_on_dtensors(dist_results):
     assert "error" not in dist_results[0]["fsdp_full_lagged"]
 
 
-def test_fsdp_state_is_sharded_and_checkpoint_roundtrip(dist_results):
+@pytest.mark.parametrize("name", ["fsdp_fast_fd_ckpt", "fsdp_inplace_fd_ckpt"])
+def test_fsdp_state_is_sharded_and_checkpoint_roundtrip(dist_results, name):
     for res in dist_results:
-        got = res["fsdp_fast_fd_ckpt"]
+        got = res[name]
         assert "error" not in got, got.get("error")
         assert got["ckpt_extra"] == {"step": STEPS}
         _close(got["ckpt_params"], got["params"], atol=0)                 # loaded weights == saved weights

@@ -159,8 +159,9 @@ def test_analytical_table_and_fit():
     ref = memory.max_params(80e9, "fast_fip_reference", 2)
     assert memory.max_params(80e9, "fast_fip_reference", 2, shards=8) == ref
     assert memory.max_params(80e9, "fast_fip_reference", 2, shards=8, shard_buffers=True) > 2 * ref
-    # in place the frozen weight is a parameter: sharded; W0 / U / Vh are buffers
-    assert memory.max_params(80e9, "fast_fip", 2, shards=8) == pytest.approx(80e9 / (2 / 8 + 6))
+    # in place the frozen weight is a parameter and W0 keeps the local rows (spectral.shard): both sharded; U / Vh
+    # are buffers
+    assert memory.max_params(80e9, "fast_fip", 2, shards=8) == pytest.approx(80e9 / (2 / 8 + 2 / 8 + 4))
     assert memory.max_params(80e9, "fast_fip", 2, shards=8, shard_buffers=True) == pytest.approx(80e9 / 1.0)
     with pytest.raises(ValueError):
         memory.bytes_per_param("nope")

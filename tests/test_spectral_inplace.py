@@ -419,3 +419,29 @@ def test_the_multi_tensor_spectra_equal_the_per_layer_ones_bit_for_bit(relative)
     mixed = [relative, not relative if not isinstance(relative, str) else False, relative]      # per-layer path
     want = [torch.relu(SI._spectrum(s, x, r)) for s, x, r in zip(S, d, mixed)]
     assert all(torch.equal(a, b) for a, b in zip(SI._relu_spectra(S, d, mixed), want))
+
+
+def test_shard_without_a_process_group_keeps_every_row_and_the_same_weights():
+    """spectral.shard on plain (unsharded) weights: all rows are local, and the root-hook update writes the same
+    weights the per-layer hooks would (the distributed behaviour is tests/test_distributed.py)."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    b = copy.deepcopy(a)
+    da, db = SI.reparameterize(a, relative=True), SI.reparameterize(b, relative=True)
+    SI.shard(b)
+    with torch.no_grad():
+        for x, y in zip(da, db):
+            x.add_(0.3)
+            y.add_(0.3)
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)     # b's root hook wrote what a's layer hooks wrote
+    for ma, mb in ((a[0], b[0]), (a[2], b[2])):
+        assert torch.equal(ma.weight, mb.weight) and not torch.equal(mb.weight, mb.spectral_W0)
+
+
+def test_shard_refuses_the_mixing_band():
+    net = nn.Sequential(nn.Linear(4, 4))
+    SI.reparameterize(net)
+    SI.add_mixing(net, band=1)
+    with pytest.raises(NotImplementedError, match="mixing"):
+        SI.shard(net)

@@ -13,10 +13,12 @@ DDP (:func:`wrap_ddp`)
     * ``"lagged"``: the next perturbation is also built from the all-reduced g, so ranks stay bit-identical.
 FSDP2 (:func:`shard_fsdp`, ``torch.distributed.fsdp.fully_shard``, present in torch ≥ 2.6 and working on CPU
 with gloo in the torch 2.13 used here)
-    * Reparameterize (the module-swapping ``fip_fast.spectral_reference``; the in-place ``fip_fast.spectral`` does
-      not shard yet) **before** sharding: the SVD needs the whole weight.  δ, biases and every other parameter
-      become ``DTensor`` shards (``Shard(0)``); ``U``, ``S``, ``Vh`` and the rank-k residual are buffers and stay
-      replicated (they are frozen).  For rank-k Fast FIP of
+    * Reparameterize **before** sharding (the SVD needs the whole weight): in place (``fip_fast.spectral``; δ only,
+      no mixing band — :func:`shard_fsdp` then calls :func:`fip_fast.spectral.shard`, which keeps each rank's rows
+      of W0 and re-derives each rank's rows of the weight before FSDP gathers them) or the module-swapping
+      ``fip_fast.spectral_reference``.  δ, biases and every other parameter become ``DTensor`` shards
+      (``Shard(0)``); ``U``, ``S``, ``Vh`` and the reference's rank-k residual are buffers and stay replicated
+      (they are frozen).  For rank-k Fast FIP of
       a large model the residual dominates memory: see :mod:`fip_fast.memory`.
     * The optimizer state (momentum, Fisher EMA, anchor θ0, F0, lagged perturbation) is created with
       ``zeros_like``/``clone`` of the sharded parameters, so it is sharded the same way.
@@ -251,9 +253,10 @@ def shard_fsdp(model: nn.Module, units: Optional[Sequence[type] | Iterable[nn.Mo
             blocks of a ``transformers`` model (``model.transformer.h`` / ``model.model.layers`` …) when found,
             else only the root.
         mesh: a 1-d ``DeviceMesh`` (default: all ranks on the default group's device type).
-    Reparameterize first (with the module-swapping :mod:`fip_fast.spectral_reference`: the in-place
-    :mod:`fip_fast.spectral` does not shard yet).  A tied embedding / LM head pair must live in one unit (the root,
-    by default).
+    Reparameterize first (Fast FIP in place, :mod:`fip_fast.spectral`: its weight update is then moved ahead of
+    FSDP's gathers by :func:`fip_fast.spectral.shard`, called here; or the module-swapping
+    :mod:`fip_fast.spectral_reference`).  A tied embedding / LM head pair must live in one unit (the root, by
+    default).
     """
     fully_shard = _fully_shard()
     kw = dict(reshard_after_forward=reshard_after_forward, **kwargs)
@@ -269,6 +272,10 @@ def shard_fsdp(model: nn.Module, units: Optional[Sequence[type] | Iterable[nn.Mo
     for m in mods:
         fully_shard(m, **kw)
     fully_shard(model, **kw)
+    from fip_fast import spectral
+
+    if spectral.spectral_layers(model):
+        spectral.shard(model)
     return model
 
 
