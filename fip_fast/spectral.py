@@ -244,13 +244,19 @@ class _Group:
         for sp in self.items:
             o = sp.owner
             u, vh = sp.local_factors()
+            if _has_mix(o):            # W[part] = W0[part] + U[part]·core·Vh[part], core with the gathered δ and O
+                Wl, W0l = sp.adapter.to_matrix(_local(o.weight)), sp.adapter.to_matrix(o.spectral_W0)
+                acc = torch.promote_types(Wl.dtype, torch.float32)
+                Wl.copy_((W0l.to(acc) + (u.to(acc) @ _core(o, acc)) @ vh.to(acc)).to(Wl.dtype))
+                continue
             W.append(sp.adapter.to_matrix(_local(o.weight)))
             U.append(u)
             Vh.append(vh)
             S.append(o.spectral_S)
             s_new.append(torch.relu(_spectrum(o.spectral_S, _gathered(sp.delta), sp.relative)))
             base.append(sp.adapter.to_matrix(o.spectral_W0))
-        ops.spectral_update_(W, U, Vh, S, s_new, base=base, impl=self.impl)
+        if W:
+            ops.spectral_update_(W, U, Vh, S, s_new, base=base, impl=self.impl)
 
 
 def _local(t: Tensor) -> Tensor:
@@ -411,9 +417,10 @@ def _mix_stale(sp: _Spectral) -> bool:
 
 
 def _core(o: nn.Module, acc: torch.dtype) -> Tensor:
-    """The k×k change of the core: diag(relu(s(δ)) − S) + O ⊙ mask (W = W0 + U·core·Vh)."""
-    ds = torch.relu(_spectrum(o.spectral_S, o.spectral_delta, o.spectral_relative)) - o.spectral_S
-    return torch.diag(ds.to(acc)) + (o.spectral_mix * o.spectral_mix_mask).to(acc)
+    """The k×k change of the core: diag(relu(s(δ)) − S) + O ⊙ mask (W = W0 + U·core·Vh); δ and O gathered when
+    FSDP2 shards them (:func:`shard`)."""
+    ds = torch.relu(_spectrum(o.spectral_S, _gathered(o.spectral_delta), o.spectral_relative)) - o.spectral_S
+    return torch.diag(ds.to(acc)) + (_gathered(o.spectral_mix) * o.spectral_mix_mask).to(acc)
 
 
 @torch.no_grad()
@@ -488,10 +495,14 @@ def _load_hook(sp: _Spectral):
         o = sp.owner
         if sp.shard is not None:       # FSDP2: this rank's part of W0, from its part of the loaded W
             u, vh = sp.local_factors()
-            ds = torch.relu(_spectrum(o.spectral_S, _gathered(sp.delta), sp.relative)) - o.spectral_S
             W = sp.adapter.to_matrix(_local(o.weight))
             acc = torch.promote_types(W.dtype, torch.float32)
-            sp.adapter.to_matrix(o.spectral_W0).copy_(W.to(acc) - (u.to(acc) * ds.to(acc)) @ vh.to(acc))
+            if _has_mix(o):
+                dW = (u.to(acc) @ _core(o, acc)) @ vh.to(acc)
+            else:
+                ds = torch.relu(_spectrum(o.spectral_S, _gathered(sp.delta), sp.relative)) - o.spectral_S
+                dW = (u.to(acc) * ds.to(acc)) @ vh.to(acc)
+            sp.adapter.to_matrix(o.spectral_W0).copy_(W.to(acc) - dW)
             return
         ds = torch.relu(sp.spectrum()) - o.spectral_S
         W = sp.adapter.to_matrix(o.weight)
@@ -706,8 +717,9 @@ def shard(model: nn.Module) -> nn.Module:
     GPT-2's ``Conv1D``, shards the matrix's columns: Vh[:, cols] then).  W0 keeps only this rank's part (the
     no-drift copy is sharded too); U, S, Vh stay whole (the taps project whole activations).  The
     taps then work unchanged on the gathered parameters and δ's gradient is reduce-scattered by FSDP.  The update
-    runs on every forward of every rank (its gathers are collectives).  Singular-vector mixing (:func:`add_mixing`)
-    under FSDP2 is not supported yet (NotImplementedError)."""
+    runs on every forward of every rank (its gathers are collectives).  With singular-vector mixing
+    (:func:`add_mixing`) O is gathered too (k² numbers per layer) and the part is W0[part] + U[part]·core·Vh[part].
+    Call :func:`add_mixing` before sharding."""
     entries = _GROUPS.get(model)
     if not entries:
         raise ValueError("shard: call it on the model passed to fip_fast.spectral.reparameterize")
@@ -716,9 +728,6 @@ def shard(model: nn.Module) -> nn.Module:
             continue
         for sp in group.items:
             o = sp.owner
-            if _has_mix(o):
-                raise NotImplementedError("fip_fast.spectral.shard: singular-vector mixing (add_mixing) under FSDP2 "
-                                          "is not supported yet; use Fast FIP without mix_band, or DDP")
             r0, r1 = _shard_rows(o.weight)
             sp.shard = (_matrix_axis_of_dim0(sp.adapter, o.weight.shape), r0, r1)
             o.register_buffer("spectral_W0", o.spectral_W0[r0:r1].clone(), persistent=False)

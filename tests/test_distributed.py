@@ -58,7 +58,7 @@ def _named_full(model):
 
 
 def _run(kind: str, estimator: str, spectral_mode: bool, fsdp: bool, ckpt_dir=None, raw: bool = False,
-         inplace: bool = True) -> dict:
+         inplace: bool = True, mix: bool = False) -> dict:
     """One purification of 4 steps; runs identically with or without a process group."""
     xs, ys, fx, fy = _data()
     model = _model()
@@ -67,6 +67,9 @@ def _run(kind: str, estimator: str, spectral_mode: bool, fsdp: bool, ckpt_dir=No
     sp = spectral if inplace else spectral_reference
     if spectral_mode:
         params = sp.reparameterize(model, relative=True)
+        if mix:                     # the singular-vector mixing band (Fast FIP's default), trained beside δ
+            with torch.no_grad():
+                params = params + [o.add_(0.05) for o in spectral.add_mixing(model, band=1)]
     else:
         params = list(model.parameters())
     # F0 on this rank's share of the clean data: estimate_fisher all-reduces it (before wrapping / sharding).
@@ -129,6 +132,8 @@ def _run(kind: str, estimator: str, spectral_mode: bool, fsdp: bool, ckpt_dir=No
         model2 = _model(seed=5)
         if spectral_mode:
             sp.reparameterize(model2, relative=True)
+            if mix:
+                spectral.add_mixing(model2, band=1)
         if fsdp:
             fd.shard_fsdp(model2, units=[model2[0], model2[2]])
         p2 = [p for p in model2.parameters() if p.requires_grad]
@@ -164,6 +169,7 @@ SCENARIOS = {
     "fsdp_full_lagged": dict(kind="fsdp", estimator="lagged", spectral_mode=False, fsdp=True, raw=True),
     "fsdp_inplace_fd_ckpt": dict(kind="fsdp", estimator="fd", spectral_mode=True, fsdp=True, ckpt=True),
     "fsdp_inplace_lagged": dict(kind="fsdp", estimator="lagged", spectral_mode=True, fsdp=True),
+    "fsdp_inplace_mix_fd_ckpt": dict(kind="fsdp", estimator="fd", spectral_mode=True, fsdp=True, ckpt=True, mix=True),
 }
 
 
@@ -260,7 +266,7 @@ def test_fip_for_fsdp_refuses_lagged_on_dtensors(dist_results):
     assert "error" not in dist_results[0]["fsdp_full_lagged"]
 
 
-@pytest.mark.parametrize("name", ["fsdp_fast_fd_ckpt", "fsdp_inplace_fd_ckpt"])
+@pytest.mark.parametrize("name", ["fsdp_fast_fd_ckpt", "fsdp_inplace_fd_ckpt", "fsdp_inplace_mix_fd_ckpt"])
 def test_fsdp_state_is_sharded_and_checkpoint_roundtrip(dist_results, name):
     for res in dist_results:
         got = res[name]

@@ -439,9 +439,20 @@ def test_shard_without_a_process_group_keeps_every_row_and_the_same_weights():
         assert torch.equal(ma.weight, mb.weight) and not torch.equal(mb.weight, mb.spectral_W0)
 
 
-def test_shard_refuses_the_mixing_band():
-    net = nn.Sequential(nn.Linear(4, 4))
-    SI.reparameterize(net)
-    SI.add_mixing(net, band=1)
-    with pytest.raises(NotImplementedError, match="mixing"):
-        SI.shard(net)
+def test_shard_with_the_mixing_band_writes_the_same_weights():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    b = copy.deepcopy(a)
+    for net in (a, b):
+        SI.reparameterize(net, relative=True)
+        SI.add_mixing(net, band=1)
+    SI.shard(b)
+    with torch.no_grad():
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            if pa.requires_grad:
+                pa.add_(0.1)
+                pb.add_(0.1)
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=1e-6)
+    for ma, mb in ((a[0], b[0]), (a[2], b[2])):
+        torch.testing.assert_close(mb.weight, ma.weight, rtol=0, atol=1e-6)

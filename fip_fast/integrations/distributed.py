@@ -13,10 +13,10 @@ DDP (:func:`wrap_ddp`)
     * ``"lagged"``: the next perturbation is also built from the all-reduced g, so ranks stay bit-identical.
 FSDP2 (:func:`shard_fsdp`, ``torch.distributed.fsdp.fully_shard``, present in torch ≥ 2.6 and working on CPU
 with gloo in the torch 2.13 used here)
-    * Reparameterize **before** sharding (the SVD needs the whole weight): in place (``fip_fast.spectral``; δ only,
-      no mixing band — :func:`shard_fsdp` then calls :func:`fip_fast.spectral.shard`, which keeps each rank's rows
-      of W0 and re-derives each rank's rows of the weight before FSDP gathers them) or the module-swapping
-      ``fip_fast.spectral_reference``.  δ, biases and every other parameter become ``DTensor`` shards
+    * Reparameterize **before** sharding (the SVD needs the whole weight): in place (``fip_fast.spectral``, the
+      mixing band added before sharding too — :func:`shard_fsdp` then calls :func:`fip_fast.spectral.shard`, which
+      keeps each rank's rows of W0 and re-derives each rank's rows of the weight before FSDP gathers them) or the
+      module-swapping ``fip_fast.spectral_reference``.  δ, biases and every other parameter become ``DTensor`` shards
       (``Shard(0)``); ``U``, ``S``, ``Vh`` and the reference's rank-k residual are buffers and stay replicated
       (they are frozen).  For rank-k Fast FIP of
       a large model the residual dominates memory: see :mod:`fip_fast.memory`.
