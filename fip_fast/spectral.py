@@ -720,9 +720,10 @@ def shard(model: nn.Module) -> nn.Module:
     runs on every forward of every rank (its gathers are collectives).  With singular-vector mixing
     (:func:`add_mixing`) O is gathered too (k² numbers per layer) and the part is W0[part] + U[part]·core·Vh[part].
     Call :func:`add_mixing` before sharding."""
-    entries = _GROUPS.get(model)
+    mods = {id(m) for m in model.modules()}
+    entries = [e for es in list(_GROUPS.values()) for e in es if any(id(sp.owner) in mods for sp in e[0].items)]
     if not entries:
-        raise ValueError("shard: call it on the model passed to fip_fast.spectral.reparameterize")
+        raise ValueError("shard: the model has no layer reparameterized in place (fip_fast.spectral.reparameterize)")
     for group, handles, _ in entries:
         if group.sharded:
             continue

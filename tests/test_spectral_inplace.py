@@ -439,6 +439,21 @@ def test_shard_without_a_process_group_keeps_every_row_and_the_same_weights():
         assert torch.equal(ma.weight, mb.weight) and not torch.equal(mb.weight, mb.spectral_W0)
 
 
+def test_shard_finds_a_reparameterized_submodule_and_merge_removes_its_hook():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 2))
+    SI.reparameterize(net[0])                     # a submodule, as for model.transformer
+    SI.shard(net)                                 # sharded from the root
+    with torch.no_grad():
+        net[0][0].spectral_delta.add_(0.5)
+    net(torch.randn(1, 4))                        # the root's hook wrote the weight
+    assert not torch.equal(net[0][0].weight, net[0][0].spectral_W0)
+    SI.merge(net[0])
+    assert not net._forward_pre_hooks and not hasattr(net[0][0], "spectral_delta")
+    with pytest.raises(ValueError, match="no layer reparameterized"):
+        SI.shard(nn.Linear(2, 2))
+
+
 def test_shard_with_the_mixing_band_writes_the_same_weights():
     torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
