@@ -471,3 +471,23 @@ def test_shard_with_the_mixing_band_writes_the_same_weights():
     torch.testing.assert_close(b(x), a(x), rtol=0, atol=1e-6)
     for ma, mb in ((a[0], b[0]), (a[2], b[2])):
         torch.testing.assert_close(mb.weight, ma.weight, rtol=0, atol=1e-6)
+
+
+def test_in_place_layers_work_under_torch_compile():
+    """The model stays an ordinary model with hooks: torch.compile runs it (breaking the graph at the taps) and
+    gives the eager δ-gradients and weights."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    comp = copy.deepcopy(eager)
+    de, dc = SI.reparameterize(eager, relative=True), SI.reparameterize(comp, relative=True)
+    with torch.no_grad():
+        for a, b in zip(de, dc):
+            a.add_(0.1)
+            b.add_(0.1)
+    x = torch.randn(2, 3, 8, 8)
+    eager(x).square().sum().backward()
+    torch.compile(comp)(x).square().sum().backward()
+    for a, b in zip(de, dc):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+    for a, b in zip(SI.spectral_layers(eager), SI.spectral_layers(comp)):
+        torch.testing.assert_close(b[1].weight, a[1].weight, rtol=0, atol=0)
