@@ -243,12 +243,10 @@ class _Group:
         W, U, Vh, S, s_new, base = [], [], [], [], [], []
         for sp in self.items:
             o = sp.owner
-            u, vh = sp.local_factors()
             if _has_mix(o):            # W[part] = W0[part] + U[part]·core·Vh[part], core with the gathered δ and O
-                Wl, W0l = sp.adapter.to_matrix(_local(o.weight)), sp.adapter.to_matrix(o.spectral_W0)
-                acc = torch.promote_types(Wl.dtype, torch.float32)
-                Wl.copy_((W0l.to(acc) + (u.to(acc) @ _core(o, acc)) @ vh.to(acc)).to(Wl.dtype))
+                _sync_mixed(sp)
                 continue
+            u, vh = sp.local_factors()
             W.append(sp.adapter.to_matrix(_local(o.weight)))
             U.append(u)
             Vh.append(vh)
@@ -425,16 +423,18 @@ def _core(o: nn.Module, acc: torch.dtype) -> Tensor:
 
 @torch.no_grad()
 def _sync_mixed(sp: _Spectral) -> None:
-    """W = W0 + U·(diag(relu(s) − S) + O)·Vh, recomputed from W0 (no drift), in plain PyTorch."""
+    """W = W0 + U·(diag(relu(s) − S) + O)·Vh, recomputed from W0 (no drift), in plain PyTorch — this rank's part
+    of it under FSDP2 (:func:`shard`)."""
     o = sp.owner
-    W = sp.adapter.to_matrix(o.weight)
+    U, Vh = sp.local_factors()
+    W = sp.adapter.to_matrix(_local(o.weight))
     acc = torch.promote_types(W.dtype, torch.float32)
     W0 = sp.adapter.to_matrix(o.spectral_W0)
-    Uc = o.spectral_U.to(acc) @ _core(o, acc)                               # (m, k)
+    Uc = U.to(acc) @ _core(o, acc)                                          # (m, k)
     if W.dtype == acc and W0.dtype == acc and W.is_contiguous():
-        torch.addmm(W0, Uc, o.spectral_Vh.to(acc), out=W)                   # one GEMM writing W, no m×n temporary
+        torch.addmm(W0, Uc, Vh.to(acc), out=W)                              # one GEMM writing W, no m×n temporary
     else:
-        W.copy_((W0.to(acc) + Uc @ o.spectral_Vh.to(acc)).to(W.dtype))
+        W.copy_((W0.to(acc) + Uc @ Vh.to(acc)).to(W.dtype))
     sp.synced, sp.synced_mix = sp.delta._version, o.spectral_mix._version
 
 
