@@ -11,6 +11,8 @@
 #   tests    the GPU tests (pytest -m gpu, Triton compiled, not interpreted)
 #   ops      the op microbenchmarks (python -m bench ops), JSON + markdown
 #   e2e      the end-to-end per-step benchmark (python -m bench end_to_end), JSON + markdown
+#   lm       Fast FIP in place on a 1.1 B LLaMA-shaped causal LM in bf16 vs plain fwd+bwd tokens/s
+#            (python -m bench lm_throughput), JSON + markdown
 #   summary  OUT/summary.md: one table of the steps and the headline numbers
 # Everything goes under $OUT: commit it (bench/results/gpu/…) after the run.
 set -u
@@ -22,10 +24,10 @@ mkdir -p "$OUT"
 : > "$OUT/steps.tsv"
 
 if [ "$DRY" = 1 ]; then
-  DEV=cpu; QUICK=--quick; LIM_INSTALL=60; LIM_TESTS=120; LIM_OPS=240; LIM_E2E=240
+  DEV=cpu; QUICK=--quick; LIM_INSTALL=60; LIM_TESTS=120; LIM_OPS=240; LIM_E2E=240; LIM_LM=120
   export TRITON_INTERPRET=1
 else
-  DEV=cuda; QUICK=; LIM_INSTALL=300; LIM_TESTS=150; LIM_OPS=150; LIM_E2E=90
+  DEV=cuda; QUICK=; LIM_INSTALL=300; LIM_TESTS=150; LIM_OPS=150; LIM_E2E=90; LIM_LM=120
   export TRITON_INTERPRET=0 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 fi
 
@@ -49,5 +51,6 @@ fi
 step tests "$LIM_TESTS" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
 step ops "$LIM_OPS" "$PY" -m bench ops --device "$DEV" $QUICK --markdown --out "$OUT/ops_$DEV.json"
 step e2e "$LIM_E2E" "$PY" -m bench end_to_end --device "$DEV" $QUICK --no-asr --out "$OUT/end_to_end_$DEV.json"
+step lm "$LIM_LM" "$PY" -m bench lm_throughput --device "$DEV" $QUICK --out "$OUT/lm_throughput_$DEV.json"
 "$PY" -m bench.gpu_env --summary "$OUT" > "$OUT/summary.md"
 cat "$OUT/summary.md"

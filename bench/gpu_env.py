@@ -76,6 +76,12 @@ def summary(out: Path) -> str:
     if tests.is_file():
         tail = [ln for ln in tests.read_text().splitlines() if ln.strip()][-1:]
         lines += ["", f"GPU tests: `{tail[0] if tail else 'no output'}`"]
+    for lm in sorted(out.glob("lm_throughput_*.json")):
+        d = json.loads(lm.read_text())
+        cells = [f"{r['variant']} {r['tokens_per_s']:.0f} tok/s ({r.get('vs_plain', float('nan')):.2f}× plain)"
+                 for r in d.get("variants", []) if "tokens_per_s" in r]
+        lines += ["", f"LM ({d.get('n_params', 0) / 1e9:.2f} B, {d.get('dtype')}; target {d.get('target')}): "
+                  + "; ".join(cells)]
     lines += ["", "Results: " + ", ".join(sorted(p.name for p in out.glob("*.md") if p.name != "summary.md")
                                             + sorted(p.name for p in out.glob("*.json")))]
     return "\n".join(lines) + "\n"
