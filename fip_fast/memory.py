@@ -37,7 +37,8 @@ reference, rank k            residual b + W(δ) b + b·k·(m + n)/(m·n) (U_k, V
 (``fast_fip_reference_rank_k``)
 ===========================  ====================================================================
 
-In place, nothing is materialized per step: no W(δ), no dW; the weight is re-derived W0 + U·diag(relu(s) −
+In place, nothing is materialized per step: no W(δ), no kept dW (a weight-side call's dW lives only inside its
+backward); the weight is re-derived W0 + U·diag(relu(s) −
 S)·Vh once per change of δ (the ``reference`` / ``foreach`` implementation of
 :func:`fip_fast.ops.spectral_update_` makes an fp32 m×n temporary for one layer at a time; the kernels do not).
 Activations: the tap keeps the projected input a (k values per position, N·P·k) instead of the layer input

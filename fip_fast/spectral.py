@@ -674,8 +674,9 @@ def add_mixing(model: nn.Module, band: int) -> list[nn.Parameter]:
     (SVFT's banded variant), the spectral budget stays k·(2·band + 1) numbers per layer.
 
     The layers' weights are still updated in place from W0 (no drift) and the gradient of O comes from the same
-    projections as δ's, ∂ℓ/∂O = Σ (g_out·U)ᵀ·(x·Vhᵀ), masked to the band — no dense dW.  The update of a mixed
-    layer runs in plain PyTorch (one k×k core product per layer), not through :func:`fip_fast.ops.spectral_update_`.
+    projections as δ's, ∂ℓ/∂O = Σ (g_out·U)ᵀ·(x·Vhᵀ) (= Uᵀ·dW·Vhᵀ on the weight side), masked to the band.  The
+    update of a mixed layer runs in plain PyTorch (one k×k core product and one addmm per layer), not through
+    :func:`fip_fast.ops.spectral_update_`.
     O has no per-sample gradients (:func:`collect_per_sample` covers δ only): a Fisher anchor over O is not
     available.  :func:`merge` drops O with the rest.  Returns the O parameters (fp32), in module order.
     """

@@ -120,7 +120,8 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
                     impl: str = "auto", delta_optimizer: str = "fip", clip_norm: Optional[float] = None,
                     mix_band: int = 0, lr_mix: Optional[float] = None, **o: Any) -> Purifier:
     """Fast FIP: train the singular-value shifts δ (+ biases / normalization affine parameters), in place
-    (:mod:`fip_fast.spectral`: the layers keep their weights, no W(δ) rebuilt, no dense dW).
+    (:mod:`fip_fast.spectral`: the layers keep their weights, no W(δ) rebuilt; δ's gradient from the activations,
+    or from a dense dW where that is the cheaper GEMM).
 
     ``delta_optimizer``: how δ is stepped.  ``"fip"`` (default): the FIP optimizer (SGD + momentum + the fd
     suppressor, fused kernels) at ``lr_delta``, the extras in a second group at ``lr``.  ``"adamw"``: the same
