@@ -50,6 +50,32 @@ def summarize(times: list[float]) -> dict[str, Any]:
                 n_reps=len(times))
 
 
+def time_interleaved(fns: list, *, min_rounds: int, max_rounds: int, budget_s: float = 0.0, steps: int = 1,
+                     warmup: int = 0) -> tuple[list[list[float]], list[list[float]]]:
+    """(wall, process-CPU) seconds per call of every function, measured in rounds that call each in turn — the
+    start rotating from round to round — so that a drift of the machine's load moves every function alike (the
+    CPU way to time things whose ratios matter).  Each round times ``steps`` consecutive calls of each function and
+    records their mean; at least ``min_rounds``, at most ``max_rounds`` rounds, and more than ``min_rounds`` only
+    while ``budget_s`` seconds have not passed.  ``warmup`` untimed calls of each function first."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    n = len(fns)
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
+    end_at = time.perf_counter() + budget_s
+    r = 0
+    while n and r < max_rounds and (r < min_rounds or time.perf_counter() < end_at):
+        for i in list(range(r % n, n)) + list(range(r % n)):
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                fns[i]()
+            wall[i].append((time.perf_counter() - w0) / steps)
+            cpu[i].append((time.process_time() - c0) / steps)
+        r += 1
+    return wall, cpu
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

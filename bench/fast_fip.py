@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import RESULTS_DIR, environment, loadavg, percentile, write_json
+from . import RESULTS_DIR, environment, loadavg, percentile, time_interleaved, write_json
 
 SCHEMA = "fip_fast.bench.fast_fip/1"
 
@@ -145,18 +144,9 @@ def interleaved(calls: dict[str, Callable[[], Any]], baseline: str, rounds: int,
     """Time every call in rotated rounds; per variant: wall / CPU seconds per call and paired ratios to
     ``baseline``."""
     names = list(calls)
-    for n in names:
-        for _ in range(warmup):
-            calls[n]()
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(steps):
-                calls[n]()
-            wall[n].append((time.perf_counter() - w0) / steps)
-            cpu[n].append((time.process_time() - c0) / steps)
+    w, c = time_interleaved([calls[n] for n in names], min_rounds=rounds, max_rounds=rounds, steps=steps,
+                            warmup=warmup)
+    wall, cpu = dict(zip(names, w)), dict(zip(names, c))
     return {n: dict(wall_s=_stats(wall[n]), cpu_s=_stats(cpu[n]),
                     ratio_cpu=_stats([a / b for a, b in zip(cpu[n], cpu[baseline])]),
                     ratio_wall=_stats([a / b for a, b in zip(wall[n], wall[baseline])])) for n in names}

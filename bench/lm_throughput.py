@@ -7,7 +7,8 @@ forward + backward tokens/s.)
     python -m bench lm_throughput --device cuda          # LLaMA-style 1.1 B (TinyLlama's shape), bf16
     python -m bench lm_throughput --quick                # CPU smoke test (a tiny config; numbers mean nothing)
 
-Variants, each timed over ``--iters`` iterations after warm-up, same batch (``--batch`` × ``--seq`` tokens):
+Variants, each timed with :func:`bench.time_fn` (``--iters`` iterations after warm-up on the CPU; CUDA: its
+``do_bench`` device timing), same batch (``--batch`` × ``--seq`` tokens):
 
 * ``plain`` — forward + backward with every weight trainable (what fine-tuning pays per pass; no optimizer);
 * ``frozen`` — forward + backward with every weight frozen and the embeddings' output requiring grad (the floor:
@@ -23,15 +24,14 @@ Reported: tokens/s, the ratio to ``plain`` (target ≥ 0.70 for the one-pass var
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from . import RESULTS_DIR, environment, sync, write_json
+from . import RESULTS_DIR, environment, time_fn, write_json
 
 SCHEMA = "fip_fast.bench.lm_throughput/1"
 #: TinyLlama-1.1B's shape (22 layers, d 2048, MLP 5632, 32 heads / 4 KV heads, vocab 32000): 1.10 B parameters
@@ -54,19 +54,6 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
             return LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
-
-
-def _time(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def _peak(device: torch.device) -> Optional[int]:
@@ -120,9 +107,9 @@ def variant(name: str, shape: dict, device, dtype, ids, rank: int, iters: int, w
         def it():
             opt.step(closure)
     _reset_peak(device)
-    times = _time(it, device, iters, warmup)
-    med = statistics.median(times)
-    rec = dict(variant=name, median_s=med, min_s=min(times), tokens_per_s=ids.numel() / med, iters=iters,
+    t = time_fn(it, device, warmup=warmup, min_reps=iters, max_reps=iters, budget_s=0.0)
+    med = t["median_s"]
+    rec = dict(variant=name, median_s=med, p20_s=t["p20_s"], tokens_per_s=ids.numel() / med, timer=t["timer"],
                setup_s=setup_s, peak_bytes=_peak(device),
                trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     return rec

@@ -270,7 +270,7 @@ def _relu_spectra(S: list, deltas: list, relative: list) -> list:
     """relu(s(δ)) of every layer — the same fp32 operations as :func:`_spectrum` then ``torch.relu``, as a few
     multi-tensor ops for all layers instead of three small ops per layer (224 layers of a 7B model: 3 launches, not
     672)."""
-    if len(set(map(repr, relative))) != 1 or len({d.dtype for d in deltas} | {t.dtype for t in S}) != 1:
+    if len(set(relative)) != 1 or len({d.dtype for d in deltas} | {t.dtype for t in S}) != 1:
         return [torch.relu(_spectrum(s, d, r)) for s, d, r in zip(S, deltas, relative)]
     rel = relative[0]
     if _is_exp(rel):

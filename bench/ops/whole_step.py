@@ -13,7 +13,7 @@ from torch import nn
 
 from fip_fast import reference
 
-from .. import summarize, time_fn
+from .. import summarize, time_fn, time_interleaved
 
 
 def _params(shapes, device: torch.device, seed: int = 0) -> list[nn.Parameter]:
@@ -95,27 +95,18 @@ def _interleaved(fns: list, device: torch.device, timing: dict) -> list[dict[str
         return res
     first: dict[int, float] = {}
     errors: dict[int, str] = {}
-    for i, fn in enumerate(fns):
+    for i, fn in enumerate(fns):         # the first call alone (compilation included), or why it cannot run
         try:
             t0 = time.perf_counter()
             fn()
             first[i] = time.perf_counter() - t0
-            for _ in range(max(0, timing.get("warmup", 2) - 1)):
-                fn()
         except Exception as exc:
             errors[i] = f"{type(exc).__name__}: {exc}"[:300]
     live = [i for i in range(len(fns)) if i not in errors]
-    wall: dict[int, list] = {i: [] for i in live}
-    cpu: dict[int, list] = {i: [] for i in live}
-    end_at = time.perf_counter() + timing.get("budget_s", 1.0) * max(1, len(live))
-    cycles = 0
-    while cycles < timing.get("max_reps", 50) and (cycles < timing.get("min_reps", 5) or time.perf_counter() < end_at):
-        for i in live:
-            c0, t0 = time.process_time(), time.perf_counter()
-            fns[i]()
-            wall[i].append(time.perf_counter() - t0)
-            cpu[i].append(time.process_time() - c0)
-        cycles += 1
+    w, c = time_interleaved([fns[i] for i in live], min_rounds=timing.get("min_reps", 5),
+                            max_rounds=timing.get("max_reps", 50), budget_s=timing.get("budget_s", 1.0) * len(live),
+                            warmup=max(0, timing.get("warmup", 2) - 1))
+    wall, cpu = dict(zip(live, w)), dict(zip(live, c))
     res = []
     for i in range(len(fns)):
         if i in errors:

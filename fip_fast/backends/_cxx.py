@@ -11,6 +11,7 @@ renamed atomically into place, so concurrent first uses never see a partial file
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -53,7 +54,9 @@ def _tail(text: str, n: int = 2000) -> str:
     return text if len(text) <= n else "…" + text[-n:]
 
 
+@functools.lru_cache(maxsize=None)
 def _compiler_id(cxx: str) -> str:
+    """``cxx --version`` (a subprocess: asked once per process and compiler, not per cache lookup)."""
     try:
         return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except Exception:
