@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
+from itertools import product
 from pathlib import Path
 from typing import Dict, List
 
@@ -56,25 +57,32 @@ def dev_md(dev: dict) -> List[str]:
 
 
 def ablate_md(doc: dict) -> List[str]:
-    """The development ablations: per variant and architecture, mean ACC / ASR / RA / re-tuned ASR (dev cells)."""
-    from bench.protocol import ABLATIONS
+    """The development ablations: per variant, architecture and clean-set size, mean ACC / ASR / RA / re-tuned
+    ASR over the development cells (``TINY_ABLATIONS`` on the 2 % ones)."""
+    from bench.protocol import ABLATIONS, TINY_ABLATIONS
 
     cells = _by_cell(doc)
     out = ["## Development ablations (our methods' variants; development ASR read to design the method)", "",
-           "| variant | arch | ACC % | ASR % | RA % | re-tuned ASR % | wall s |", "|---|---|---|---|---|---|---|"]
-    for arch in ("cnn", "resnet"):
-        cs = [v for k, v in cells.items() if k.startswith(arch + "/")]
-        b = [c["before"] for c in cs if "before" in c]
-        out.append(f"| backdoored | {arch} | {_ms([r['acc'] for r in b])} | {_ms([r['asr'] for r in b])} | "
-                   f"{_ms([r['ra'] for r in b])} | {_ms([r['retune_asr'] for r in b])} | – |")
-    for name, (m, cfg) in ABLATIONS.items():
-        for arch in ("cnn", "resnet"):
-            rs = [r for k, v in cells.items() if k.startswith(arch + "/") for r in v.values()
-                  if r["method"] == m and r["cfg"] == cfg]
-            if rs:
-                out.append(f"| {name} | {arch} | {_ms([r['acc'] for r in rs])} | {_ms([r['asr'] for r in rs])} | "
-                           f"{_ms([r['ra'] for r in rs])} | {_ms([r['retune_asr'] for r in rs])} | "
-                           f"{_ms([r['wall_s'] for r in rs], 1.0)} |")
+           "| variant | arch | clean | ACC % | ASR % | RA % | re-tuned ASR % | wall s |",
+           "|---|---|---|---|---|---|---|---|"]
+
+    def group(arch: str, clean: str) -> List[Dict[str, dict]]:
+        return [v for k, v in cells.items() if k.startswith(arch + "/") and f"/c{clean}/" in k]
+
+    for arch, clean in product(("cnn", "resnet"), ("0.1", "0.02")):
+        b = [c["before"] for c in group(arch, clean) if "before" in c]
+        if b:
+            out.append(f"| backdoored | {arch} | {clean} | {_ms([r['acc'] for r in b])} | "
+                       f"{_ms([r['asr'] for r in b])} | {_ms([r['ra'] for r in b])} | "
+                       f"{_ms([r['retune_asr'] for r in b])} | – |")
+    for clean, table in (("0.1", ABLATIONS), ("0.02", TINY_ABLATIONS)):
+        for name, (m, cfg) in table.items():
+            for arch in ("cnn", "resnet"):
+                rs = [r for v in group(arch, clean) for r in v.values() if r["method"] == m and r["cfg"] == cfg]
+                if rs:
+                    out.append(f"| {name} | {arch} | {clean} | {_ms([r['acc'] for r in rs])} | "
+                               f"{_ms([r['asr'] for r in rs])} | {_ms([r['ra'] for r in rs])} | "
+                               f"{_ms([r['retune_asr'] for r in rs])} | {_ms([r['wall_s'] for r in rs], 1.0)} |")
     return out + [""]
 
 
@@ -100,6 +108,19 @@ def _dominates(a: dict, b: dict) -> bool:
     return a["asr"] < b["asr"] - TIE and a["acc"] >= b["acc"] - TIE
 
 
+def _model_check(cells: Dict[str, Dict[str, dict]]) -> List[str]:
+    """A line saying whether every run of each cell purified the same backdoored model (``model_sha``)."""
+    shas = {k: {r.get("model_sha") for r in v.values()} for k, v in cells.items()}
+    mixed = sorted(k for k, s in shas.items() if len(s - {None}) > 1)
+    unknown = sum(None in s for s in shas.values())
+    if mixed:
+        return [f"**Mixed models**: in {len(mixed)} cells the runs purified different backdoored models (the cache "
+                f"was retrained between them): {', '.join(mixed)}.", ""]
+    if unknown:
+        return [f"{unknown} cells hold runs without a model digest (made before runs recorded one).", ""]
+    return ["Every run of a cell purified the same backdoored model (the runs' `model_sha` agree).", ""]
+
+
 def eval_md(doc: dict) -> List[str]:
     from bench.protocol import METHODS, SEEN_ATTACKS
 
@@ -114,7 +135,7 @@ def eval_md(doc: dict) -> List[str]:
     out = ["## Evaluation suite (frozen choices)", "",
            f"{len(complete)} cells complete (every method run; {len(all_cells) - len(complete)} in progress); "
            f"{len(cells)} with an implanted backdoor (ASR ≥ {MIN_ASR:.0%}) enter the means; the attack failed in "
-           f"{len(failed)}: {', '.join(failed) or '–'}.", "",
+           f"{len(failed)}: {', '.join(failed) or '–'}.", "", *_model_check(complete),
            "| cells | method | n | ACC % | ΔACC (pt) | ASR % | RA % | re-tuned ASR % | wall s |",
            "|---|---|---|---|---|---|---|---|---|"]
     groups = [("all", cells)]

@@ -332,7 +332,8 @@ def test_failed_rerun_keeps_previous_outputs(work, capsys, monkeypatch):
 # ---- 15: a diverged run exits 3, says why, and writes no purified model
 def test_diverged_run_exits_3_without_a_model(work, capsys):
     out = work / "out"
-    rc, _, err = _run(_fast(work, out, "--lr", "1e6", "--steps", "10"), capsys)           # 7 of 10 skipped
+    rc, _, err = _run(_fast(work, out, "--lr", "1e6", "--steps", "10", "--val-fraction", "0.2"),
+                      capsys)                                                            # 7 of 10 skipped
     line = _one_line_error(rc, err, status=checks.EXIT_DIVERGED)
     assert "diverged" in line and "skipped" in line, line
     assert not (out / "purified.safetensors").exists()
@@ -505,7 +506,7 @@ def test_tiny_and_single_class_clean_sets_warn(work, capsys):
     x = (np.random.default_rng(1).random((6, 28, 28)) * 255).astype(np.uint8)
     np.savez(work / "one.npz", x=x[:1], y=np.array([3]))
     np.savez(work / "single.npz", x=x, y=np.full(6, 2))
-    for name, expected in (("one.npz", ("fewer than the batch size 8", "validation part is empty")),
+    for name, expected in (("one.npz", ("fewer than the batch size 8", "no clean-val selection")),
                            ("single.npz", ("single class (2)",))):
         argv = _fast(work, work / name.replace(".npz", ""))
         argv[argv.index("--clean") + 1] = str(work / name)

@@ -47,6 +47,22 @@ def test_grids_same_size_and_eval_cells_disjoint_from_dev():
     dev_seeds = {c.seed for c in P.DEV_CELLS}
     assert not dev_seeds & {c.seed for c in P.EVAL_CELLS}
     assert len(P.EVAL_CELLS) == 120 and set(P.QUICK_CELLS) <= set(P.EVAL_CELLS)
+    assert not {c.seed for c in P.DEV_TINY_CELLS} & {c.seed for c in P.EVAL_CELLS}
+    assert {c.clean for c in P.DEV_TINY_CELLS} == {0.02}
+
+
+def test_ablate_report_separates_the_clean_set_sizes():
+    from bench.protocol_report import ablate_md
+
+    name, (m, cfg) = next(iter(P.TINY_ABLATIONS.items()))
+    runs = {}
+    for c, asr in ((P.DEV_TINY_CELLS[0], 0.25), (P.DEV_CELLS[0], 0.75)):
+        runs[P.run_key(c, None, {})] = {"cell": c.key, "method": "before", "cfg": {}, "acc": 0.97, "asr": 1.0,
+                                        "ra": 0.0, "retune_asr": 1.0}
+        runs[P.run_key(c, m, cfg)] = {"cell": c.key, "method": m, "cfg": cfg, "acc": 0.9, "asr": asr, "ra": 0.5,
+                                      "retune_asr": 0.5, "wall_s": 1.0}
+    rows = [r for r in ablate_md({"runs": runs}) if r.startswith(f"| {name} |")]
+    assert rows == [f"| {name} | cnn | 0.02 | 90.0 | 25.0 | 50.0 | 50.0 | 1.0 |"], rows   # the 10 % cell apart
 
 
 def test_report_counts_dominance_and_excludes_failed_attacks(tmp_path):
@@ -106,3 +122,23 @@ def test_retune_attack_raises_asr_of_a_purified_model_not_of_a_benign_one(tiny_p
     weak = T.retune_asr(benign, task)
     strong = T.retune_asr(benign, task, T.Retune(steps=60, lr=0.05, per_batch=16))
     assert weak < 0.3 and strong > weak + 0.3
+
+
+def test_report_flags_runs_of_one_cell_on_different_models():
+    from bench.protocol_report import _model_check
+
+    same = {"c1": {"before": {"model_sha": "a"}, "fip": {"model_sha": "a"}}}
+    assert "the same backdoored model" in _model_check(same)[0]
+    mixed = {**same, "c2": {"before": {"model_sha": "a"}, "fip": {"model_sha": "b"}}}
+    assert _model_check(mixed)[0].startswith("**Mixed models**: in 1 cells") and "c2" in _model_check(mixed)[0]
+    old = {**same, "c3": {"before": {}, "fip": {"model_sha": "a"}}}
+    assert _model_check(old)[0].startswith("1 cells hold runs without a model digest")
+
+
+def test_model_digest_sees_one_changed_weight():
+    m = T.build_arch("cnn")
+    d0 = T.model_digest(m)
+    assert d0 == T.model_digest(m) and len(d0) == 16
+    with torch.no_grad():
+        next(m.parameters()).view(-1)[0] += 1e-6
+    assert T.model_digest(m) != d0

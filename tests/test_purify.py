@@ -97,7 +97,7 @@ def test_report_fields(task):
         return _metrics(m, test, trig)
 
     m, rep = P.purify(copy.deepcopy(model), clean, method="fast_fip", steps=20, batch_size=16, eval_every=5,
-                      eval_fn=ev, progress=False)
+                      eval_fn=ev, progress=False, val_fraction=0.2)
     d = rep.to_dict()
     for key in ("method", "config", "steps_run", "selected_step", "trainable_params", "total_params", "initial",
                 "final", "history", "timings", "skipped_steps"):
@@ -160,7 +160,7 @@ def test_selection_rule_on_clean_val(task):
     """Latest acceptable evaluation (clean-val accuracy within the margin); never θ0."""
     model, clean, _, _ = task
     _, rep = P.purify(copy.deepcopy(model), clean, method="fip", steps=20, batch_size=16, eval_every=5,
-                      progress=False, val_margin=1.0)          # everything acceptable → the last step
+                      progress=False, val_margin=1.0, val_fraction=0.2)          # everything acceptable → the last step
     assert rep.selected_step == 20
     _, rep = P.purify(copy.deepcopy(model), clean, method="fip", steps=20, batch_size=16, eval_every=5,
                       progress=False, val_margin=-1.0, patience=100)     # nothing acceptable → best val acc
@@ -230,7 +230,8 @@ def test_registry_runner_and_loop(task):
         return model, {"steps": steps, "trainable_params": 7, "note": "hi"}
 
     P.register_method("dummy_runner", run_dummy, defaults={"steps": 3}, overwrite=True)
-    m, rep = P.purify(copy.deepcopy(model), clean, method="dummy_runner", steps=5, scale=2.0, progress=False)
+    m, rep = P.purify(copy.deepcopy(model), clean, method="dummy_runner", steps=5, scale=2.0, progress=False,
+                      val_fraction=0.2)
     assert got["steps"] == 5 and got["scale"] == 2.0 and got["n"] == rep.config["n_clean_train"]
     assert rep.trainable_params == 7 and rep.extra["note"] == "hi" and "val_acc" in rep.final
 
@@ -330,8 +331,25 @@ def test_report_warns_about_degenerate_clean_sets(task):
                       val_fraction=0.2, progress=False)
     assert any("validation part is empty" in w for w in rep.warnings), rep.warnings
     assert rep.to_dict()["warnings"] == rep.warnings
-    _, rep = P.purify(copy.deepcopy(model), clean, method="fip", steps=2, batch_size=16, progress=False)
+    _, rep = P.purify(copy.deepcopy(model), clean, method="fip", steps=2, batch_size=16, progress=False,
+                      val_fraction=0.2)
     assert rep.warnings == []
+    # the default "auto" hold-out: 160 samples are too few for a part that resolves the 3-point margin
+    _, rep = P.purify(copy.deepcopy(model), clean, method="fip", steps=2, batch_size=16, progress=False)
+    assert rep.config["n_clean_val"] == 0 and rep.config["n_clean_train"] == 160
+    assert len(rep.warnings) == 1 and "val_fraction='auto'" in rep.warnings[0], rep.warnings
+
+
+def test_auto_val_fraction_resolves_the_margin():
+    """"auto" holds out 20 % exactly when that part is at least two samples of the margin wide."""
+    from fip_fast.pipeline.data import resolve_val_fraction
+
+    assert resolve_val_fraction("auto", 334, 0.03) == 0.2 and resolve_val_fraction("auto", 333, 0.03) == 0.0
+    assert resolve_val_fraction("auto", 100, 0.1) == 0.2 and resolve_val_fraction("auto", 99, 0.1) == 0.0
+    assert resolve_val_fraction("auto", 10, 0.0) == 0.2 and resolve_val_fraction("auto", 10, -0.05) == 0.2
+    assert resolve_val_fraction(0.3, 10, 0.03) == 0.3 and resolve_val_fraction(None, 10, 0.03) == 0.0
+    with pytest.raises(ValueError, match="'auto'"):
+        resolve_val_fraction("half", 10, 0.03)
 
 
 def test_no_import_cycle():

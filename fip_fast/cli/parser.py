@@ -131,7 +131,8 @@ def _add_purify_inputs(q: argparse.ArgumentParser) -> None:
     q.add_argument("--method", default="fast_fip", help="fast_fip (default), fip, or any registered method")
     q.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     q.add_argument("--val-fraction", type=float, default=None, help="part of the clean data held out for "
-                   "clean-validation selection (default: 0.2)")
+                   "clean-validation selection (default: 0.2 when that part resolves the 3-point selection "
+                   "margin, i.e. ≥ 334 clean samples; none below)")
     q.add_argument("--test", default=None, help="optional clean test data (.npz or folder) for reporting ACC")
     q.add_argument("--triggered", default=None, help="optional triggered test data with TRUE labels (.npz or "
                    "folder) for reporting ASR/RA; needs --target")

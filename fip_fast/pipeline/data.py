@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from fip_fast._utils import split_batch
 
-__all__ = ["CleanSplit", "split_clean", "batch_indices", "augment_generator", "val_metrics", "data_warnings",
-           "LossFn"]
+__all__ = ["CleanSplit", "split_clean", "resolve_val_fraction", "AUTO_VAL_FRACTION", "batch_indices",
+           "augment_generator", "val_metrics", "data_warnings", "LossFn"]
 
 #: ``loss_fn(output, y) -> scalar tensor`` (mean over the batch).
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -142,10 +142,37 @@ class CleanSplit:
         return self.x_train, self.y_train, self.x_val, self.y_val
 
 
-def split_clean(clean: Any, val_data: Any, val_fraction: Any, seed: int) -> CleanSplit:
+#: The share ``val_fraction="auto"`` holds out when the clean set is large enough (:func:`resolve_val_fraction`).
+AUTO_VAL_FRACTION = 0.2
+
+
+def resolve_val_fraction(val_fraction: Any, n_clean: int, val_margin: float) -> float:
+    """The held-out share for ``val_fraction``; ``"auto"`` (the default) means :data:`AUTO_VAL_FRACTION` when the
+    held-out part would resolve the selection margin — ``AUTO_VAL_FRACTION · n_clean ≥ 2 / val_margin``, i.e. the
+    margin is at least two validation samples wide (≥ 334 clean samples at the default margin 0.03) — and 0
+    otherwise (no validation part: every sample trains, the last step is returned).  A margin ≤ 0 (strict
+    selection) keeps the hold-out.
+
+    Why: the selection compares clean-val accuracies to within ``val_margin``.  With 72 clean samples (1.8 % of a
+    4 000-image pool) the held-out part has 15 images, one error is 6.7 points, and the selection returned an
+    early, less purified step in 18 of the fair protocol's 60 such cells (ASR 33 % against 14 % for the last step,
+    at no better clean accuracy); on its development cells at that size, training on every sample instead gave
+    4.7 % ASR at −4.7 points where the 20 % hold-out gave 13.3 % at −5.8 (docs/protocol.md)."""
+    if isinstance(val_fraction, str):
+        if val_fraction != "auto":
+            raise ValueError(f"val_fraction must be a number in [0, 1) or 'auto', got {val_fraction!r}")
+        if float(val_margin) <= 0:      # strict selection asked for: no tolerance to resolve, keep the hold-out
+            return AUTO_VAL_FRACTION
+        return AUTO_VAL_FRACTION if AUTO_VAL_FRACTION * n_clean >= 2.0 / float(val_margin) else 0.0
+    return float(val_fraction or 0.0)
+
+
+def split_clean(clean: Any, val_data: Any, val_fraction: Any, seed: int, val_margin: float = 0.03) -> CleanSplit:
     """``val_data`` given: all of ``clean`` is the purification part.  Otherwise ``val_fraction`` of every class
-    is held out (seeded); ``val_fraction`` 0 / None: no validation part (the last step is returned)."""
+    is held out (seeded; ``"auto"``: :func:`resolve_val_fraction` with ``val_margin``); ``val_fraction`` 0 / None:
+    no validation part (the last step is returned)."""
     x_all, y_all = _as_tensors(clean)
+    val_fraction = resolve_val_fraction(val_fraction, int(x_all.shape[0]), val_margin) if val_data is None else 0.0
     if val_data is not None:
         x_tr, y_tr = x_all, y_all
         x_va, y_va = _as_tensors(val_data)
@@ -175,7 +202,11 @@ def data_warnings(data: CleanSplit, batch_size: Optional[int], val_requested: bo
     if batch_size and n_tr < int(batch_size):
         out.append(f"only {n_tr} clean samples are left for purification, fewer than the batch size "
                    f"{int(batch_size)}: every batch repeats samples (drawn with replacement)")
-    if val_requested and n_va == 0:
+    if val_fraction == "auto" and n_va == 0 and val_requested:
+        out.append(f"val_fraction='auto': {n_tr} clean samples are too few for a validation part that resolves the "
+                   f"selection margin (20 % of them < 2 / val_margin): all of them train, no clean-val selection or "
+                   "early stopping, the last step's weights are returned")
+    elif val_requested and n_va == 0:
         out.append(f"the clean validation part is empty ({n_tr} clean samples, val_fraction {val_fraction}): no "
                    "clean-val selection or early stopping, the last step's weights are returned")
     return out

@@ -14,7 +14,9 @@ __all__ = ["LoopOptions", "resolve_options", "loop_config"]
 class LoopOptions:
     """Options of the purify loop (also recorded, in this order, in ``report.config``).
 
-    val_fraction: share of every class held out for clean validation.  val_margin: selection tolerance on
+    val_fraction: share of every class held out for clean validation, or ``"auto"``: 0.2 when that part resolves
+    ``val_margin`` (at least two samples wide), else none (:func:`fip_fast.pipeline.data.resolve_val_fraction`).
+    val_margin: selection tolerance on
     clean-val accuracy.  patience: evaluations below a0 − 2·val_margin before stopping (0: never).
     eval_every: steps between evaluations (None: steps // 10, at least 1).
     lr_schedule: "cosine" | "constant" | "onecycle" | "cyclic" (:func:`fip_fast.pipeline.loop.schedule_factor`).
@@ -22,7 +24,7 @@ class LoopOptions:
     (None: none) — of every kind of method: the loop applies it, a runner gets it as ``augment=``.
     """
 
-    val_fraction: Any = 0.2
+    val_fraction: Any = "auto"
     val_margin: float = 0.03
     patience: int = 3
     eval_every: Optional[int] = None

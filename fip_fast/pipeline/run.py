@@ -11,7 +11,9 @@ What :func:`purify` does for the built-in methods (``"fip"``, ``"fast_fip"``):
 1. **Clean data.**  The clean set (a ``(x, y)`` pair of tensors, a ``Dataset`` or any iterable of ``(x, y)``
    batches — it is small by design, ≈1 % of the training data, and is materialized in memory once) is split,
    class-stratified and seeded, into a *purification* part and a *clean validation* part (``val_fraction``,
-   default 0.2; or pass ``val_data=``).  Mini-batches are drawn **with replacement** from the purification part
+   default ``"auto"``: 0.2 when that part can resolve the selection margin — ≥ 334 clean samples at the default
+   margin — and none below, where every sample trains and the last step is returned; or pass ``val_data=``).
+   Mini-batches are drawn **with replacement** from the purification part
    (the authors' protocol: a fixed number of iterations sampled with replacement); batch ``t`` depends only on
    ``(seed, t)``, so a resumed run sees exactly the batches the uninterrupted one would have.
 2. **F0** (only when the anchor is on, ``eta_r > 0``; the shipped defaults have it off — the fair protocol's
@@ -143,7 +145,7 @@ __all__ = ["purify", "PurifyReport", "Purifier", "OptimizerPurifier", "MethodCon
 
 def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps: Optional[int] = None, *,
            eval_fn: Optional[EvalFn] = None, eval_every: Optional[int] = None, val_data: Any = None,
-           val_fraction: Optional[float] = None, val_margin: Optional[float] = None,
+           val_fraction: Optional[Union[float, str]] = None, val_margin: Optional[float] = None,
            patience: Optional[int] = None, batch_size: Optional[int] = None, lr: Optional[float] = None,
            seed: int = 0, device: Optional[Union[str, torch.device]] = None, loss_fn: Optional[LossFn] = None,
            progress: bool = True, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 50,
@@ -160,8 +162,11 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         eval_fn: ``eval_fn(model) -> dict`` called every ``eval_every`` steps and on θ0 and the result; its
             results are recorded in ``report.history`` / ``initial`` / ``final`` only — never used for selection.
         eval_every: steps between evaluations (default: ``steps // 10``, at least 1).
-        val_data: explicit clean validation data; default: hold out ``val_fraction`` (0.2) of ``clean_loader``,
-            class-stratified.  ``val_fraction=0`` disables validation (the last step is returned).
+        val_data: explicit clean validation data; default: hold out ``val_fraction`` of ``clean_loader``,
+            class-stratified — ``"auto"`` (default): 0.2 when that part resolves ``val_margin`` (at least two
+            samples wide: ≥ 334 clean samples at 0.03), else none
+            (:func:`fip_fast.pipeline.data.resolve_val_fraction`; ``report.warnings`` says so).
+            ``val_fraction=0`` disables validation (the last step is returned).
         val_margin: selection tolerance on clean-val accuracy (default 0.03); ``patience``: evaluations below
             a0 − 2·val_margin before stopping early (default: the method's — 0, never, for fip and
             fast_fip, whose cosine runs dip in clean accuracy mid-run and recover; 3 otherwise).
@@ -221,7 +226,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     opts, loop_opts = resolve_options(spec, steps=steps, batch_size=batch_size, lr=lr, options=options,
                                       val_fraction=val_fraction, val_margin=val_margin, patience=patience,
                                       eval_every=eval_every, augment=augment)
-    data = split_clean(clean_loader, val_data, loop_opts.val_fraction, seed)
+    data = split_clean(clean_loader, val_data, loop_opts.val_fraction, seed, loop_opts.val_margin)
     augment_fn = make_augment(loop_opts.augment, data.x_train[0])      # checked before any work
     config = {"method": spec.name, "kind": spec.kind, **opts, **loop_config(loop_opts, augment_fn), "seed": seed,
               "device": str(dev), "n_clean_train": int(data.x_train.shape[0]), "n_clean_val": int(data.x_val.shape[0])}
