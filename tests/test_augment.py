@@ -179,7 +179,7 @@ def test_fisher_and_validation_see_unaugmented_data(clean, monkeypatch):
 
     monkeypatch.setattr(fisher, "estimate_fisher", spy)
     # eta_r > 0: F0 is estimated only for the anchor (off by default).
-    kw = dict(method="fip", steps=4, batch_size=8, eval_every=2, progress=False, eta_r=1.0)
+    kw = dict(method="fip", steps=4, batch_size=8, eval_every=2, progress=False, eta_r=1.0, val_fraction=0.2)
     m0, rep0 = P.purify(_net(), clean, **kw)
     m1, rep1 = P.purify(_net(), clean, augment="shift", **kw)
     (b0, f0), (b1, f1) = calls

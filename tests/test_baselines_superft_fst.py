@@ -187,7 +187,8 @@ def test_registered_with_purify(backdoored, method):
     pipeline = pytest.importorskip("fip_fast.pipeline")
     assert method in pipeline.available_methods()
     net, clean, _, _ = backdoored
-    m, rep = pipeline.purify(copy.deepcopy(net), clean, method=method, steps=5, batch_size=16, progress=False)
+    m, rep = pipeline.purify(copy.deepcopy(net), clean, method=method, steps=5, batch_size=16, progress=False,
+                             val_fraction=0.2)
     assert rep.steps_run == 5 and rep.extra["method"] == method and "val_acc" in rep.final
     assert rep.trainable_params == sum(p.numel() for p in net.parameters()) and not m.training
 
