@@ -240,18 +240,22 @@ class _Group:
         """Under FSDP2: every rank writes its own rows, W[rows] = W0[rows] + U[rows]·diag(relu(s) − S)·Vh, into the
         sharded weight before the model's forward gathers it (δ is gathered first: k numbers per layer).  Every
         forward, on every rank (the gathers are collectives; δ's shards are not version-tracked consistently)."""
+        # every layer's δ (and O, with mixing) in one collective, not one per layer
+        mixes = [sp.owner.spectral_mix for sp in self.items if _has_mix(sp.owner)]
+        full = _gather_many([sp.delta for sp in self.items] + mixes)
+        full_mix = iter(full[len(self.items):])
         W, U, Vh, S, s_new, base = [], [], [], [], [], []
-        for sp in self.items:
+        for sp, delta in zip(self.items, full):
             o = sp.owner
             if _has_mix(o):            # W[part] = W0[part] + U[part]·core·Vh[part], core with the gathered δ and O
-                _sync_mixed(sp)
+                _sync_mixed(sp, delta, next(full_mix))
                 continue
             u, vh = sp.local_factors()
             W.append(sp.adapter.to_matrix(_local(o.weight)))
             U.append(u)
             Vh.append(vh)
             S.append(o.spectral_S)
-            s_new.append(torch.relu(_spectrum(o.spectral_S, _gathered(sp.delta), sp.relative)))
+            s_new.append(torch.relu(_spectrum(o.spectral_S, delta, sp.relative)))
             base.append(sp.adapter.to_matrix(o.spectral_W0))
         if W:
             ops.spectral_update_(W, U, Vh, S, s_new, base=base, impl=self.impl)
@@ -264,6 +268,53 @@ def _local(t: Tensor) -> Tensor:
 
 def _gathered(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _chunk_rows(n: int, world: int) -> list[int]:
+    """Rows of each rank when ``torch.chunk`` splits ``n`` rows over ``world`` ranks (FSDP2's Shard(0) layout)."""
+    step = -(-n // world) if n else 0
+    return [max(0, min(step, n - r * step)) for r in range(world)]
+
+
+def _gather_many(ts: list) -> list:
+    """``full_tensor()`` of every tensor of ``ts`` (plain tensors as they are) — for DTensors sharded ``Shard(0)``
+    on one 1-d mesh with one dtype, ONE all-gather of their local shards, each padded to ``ceil(rows / world)``
+    rows, instead of one collective per tensor (a 7B LLaMA has 224 reparameterized layers: 224 → 1 per forward)."""
+    out = list(ts)
+    idx = [i for i, t in enumerate(ts) if hasattr(t, "full_tensor")]
+    if len(idx) < 2:
+        return [_gathered(t) for t in ts]
+    from torch.distributed.tensor import Shard
+
+    mesh, dtype = ts[idx[0]].device_mesh, ts[idx[0]].dtype
+    world = mesh.size()
+
+    def fits(t) -> bool:
+        pl = tuple(t.placements)
+        return (t.dim() > 0 and t.device_mesh == mesh and t.dtype == dtype and len(pl) == 1
+                and isinstance(pl[0], Shard) and pl[0].dim == 0
+                and t.to_local().shape[0] == _chunk_rows(t.shape[0], world)[mesh.get_local_rank()])
+
+    if mesh.ndim != 1 or not all(fits(ts[i]) for i in idx):
+        return [_gathered(t) for t in ts]
+    parts, spans = [], []
+    for i in idx:
+        t = ts[i]
+        rest = int(torch.Size(t.shape[1:]).numel())           # elements per row
+        step = max(_chunk_rows(t.shape[0], world))
+        loc = t.to_local().reshape(-1)
+        parts.append(torch.nn.functional.pad(loc, (0, step * rest - loc.numel())))
+        spans.append((i, rest, step * rest))
+    buf = torch.cat(parts)
+    got = [torch.empty_like(buf) for _ in range(world)]
+    torch.distributed.all_gather(got, buf, group=mesh.get_group())
+    off = 0
+    for i, rest, width in spans:
+        t = ts[i]
+        rows = _chunk_rows(t.shape[0], world)
+        out[i] = torch.cat([got[r][off:off + rows[r] * rest] for r in range(world)]).view(t.shape)
+        off += width
+    return out
 
 
 def _relu_spectra(S: list, deltas: list, relative: list) -> list:
@@ -414,23 +465,25 @@ def _mix_stale(sp: _Spectral) -> bool:
     return _has_mix(sp.owner) and sp.owner.spectral_mix._version != sp.synced_mix
 
 
-def _core(o: nn.Module, acc: torch.dtype) -> Tensor:
-    """The k×k change of the core: diag(relu(s(δ)) − S) + O ⊙ mask (W = W0 + U·core·Vh); δ and O gathered when
-    FSDP2 shards them (:func:`shard`)."""
-    ds = torch.relu(_spectrum(o.spectral_S, _gathered(o.spectral_delta), o.spectral_relative)) - o.spectral_S
-    return torch.diag(ds.to(acc)) + (_gathered(o.spectral_mix) * o.spectral_mix_mask).to(acc)
+def _core(o: nn.Module, acc: torch.dtype, delta: Optional[Tensor] = None, mix: Optional[Tensor] = None) -> Tensor:
+    """The k×k change of the core: diag(relu(s(δ)) − S) + O ⊙ mask (W = W0 + U·core·Vh); ``delta`` / ``mix``: δ and
+    O whole (gathered under FSDP2, :func:`shard`; default: gathered here)."""
+    delta = _gathered(o.spectral_delta) if delta is None else delta
+    mix = _gathered(o.spectral_mix) if mix is None else mix
+    ds = torch.relu(_spectrum(o.spectral_S, delta, o.spectral_relative)) - o.spectral_S
+    return torch.diag(ds.to(acc)) + (mix * o.spectral_mix_mask).to(acc)
 
 
 @torch.no_grad()
-def _sync_mixed(sp: _Spectral) -> None:
+def _sync_mixed(sp: _Spectral, delta: Optional[Tensor] = None, mix: Optional[Tensor] = None) -> None:
     """W = W0 + U·(diag(relu(s) − S) + O)·Vh, recomputed from W0 (no drift), in plain PyTorch — this rank's part
-    of it under FSDP2 (:func:`shard`)."""
+    of it under FSDP2 (:func:`shard`; ``delta`` / ``mix`` already gathered, see :func:`_core`)."""
     o = sp.owner
     U, Vh = sp.local_factors()
     W = sp.adapter.to_matrix(_local(o.weight))
     acc = torch.promote_types(W.dtype, torch.float32)
     W0 = sp.adapter.to_matrix(o.spectral_W0)
-    Uc = U.to(acc) @ _core(o, acc)                                          # (m, k)
+    Uc = U.to(acc) @ _core(o, acc, delta, mix)                              # (m, k)
     if W.dtype == acc and W0.dtype == acc and W.is_contiguous():
         torch.addmm(W0, Uc, Vh.to(acc), out=W)                              # one GEMM writing W, no m×n temporary
     else:
@@ -714,8 +767,9 @@ def shard(model: nn.Module) -> nn.Module:
     unit's parameters in its forward (and again in its backward).  So the in-place weight update moves before the
     first gather: a forward pre-hook on ``model`` (ahead of FSDP's own) writes each rank's rows,
     W[rows] = W0[rows] + U[rows]·diag(relu(s(δ)) − S)·Vh, into the sharded weight, with δ gathered (k numbers per
-    layer) — so the gathered weight that forward and backward use is W(δ), as in one process (a transposed layout,
-    GPT-2's ``Conv1D``, shards the matrix's columns: Vh[:, cols] then).  W0 keeps only this rank's part (the
+    layer; every layer's δ — and O — in ONE all-gather, :func:`_gather_many`) — so the gathered weight that
+    forward and backward use is W(δ), as in one process (a transposed layout, GPT-2's ``Conv1D``, shards the
+    matrix's columns: Vh[:, cols] then).  W0 keeps only this rank's part (the
     no-drift copy is sharded too); U, S, Vh stay whole (the taps project whole activations).  The
     taps then work unchanged on the gathered parameters and δ's gradient is reduce-scattered by FSDP.  The update
     runs on every forward of every rank (its gathers are collectives).  With singular-vector mixing

@@ -190,6 +190,8 @@ def _worker(rank: int, world: int, port: int, outdir: str):
                 import traceback
                 results[name] = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
             fd.barrier()
+        results["gather_many"] = _gather_many_check(world)
+        fd.barrier()
         # the wrapper accepts 'lagged' on DTensor parameters (the core foreach step shards-propagates it)
         m = _model()
         fd.shard_fsdp(m)
@@ -202,6 +204,30 @@ def _worker(rank: int, world: int, port: int, outdir: str):
     finally:
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
         fd.cleanup()
+
+
+def _gather_many_check(world: int) -> dict:
+    """spectral._gather_many on DTensors of uneven row counts (one with an empty shard) and a plain tensor:
+    equal to full_tensor() of each, with one collective."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    fulls = [torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) + 100 * i for i, n in enumerate((5, 3, 1))]
+    fulls.append(torch.arange(7, dtype=torch.float32))
+    ts = [distribute_tensor(f, mesh, [Shard(0)]) for f in fulls] + [torch.ones(2)]
+    calls, real = [], dist.all_gather
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    dist.all_gather = counting
+    try:
+        got = spectral._gather_many(ts)
+    finally:
+        dist.all_gather = real
+    return {"equal": all(torch.equal(g, f) for g, f in zip(got, fulls + [torch.ones(2)])), "calls": len(calls)}
 
 
 def _free_port() -> int:
@@ -258,6 +284,11 @@ def test_matches_single_process(name, dist_results, single_results):
             assert n == pytest.approx(n_ref, rel=1e-4)
     # every rank ends with the same model
     _close(dist_results[0][name]["params"], dist_results[1][name]["params"], atol=0)
+
+
+def test_fsdp_sync_gathers_every_delta_in_one_collective(dist_results):
+    for res in dist_results:
+        assert res["gather_many"] == {"equal": True, "calls": 1}, res["gather_many"]
 
 
 def test_fip_for_fsdp_refuses_lagged_on_dtensors(dist_results):
