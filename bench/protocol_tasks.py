@@ -7,7 +7,7 @@ the training of the backdoored model), so a cell can be rebuilt in any process a
 Data: the bundled MNIST-5k (:func:`fip_fast.evaluation.data.load_mnist5k`; 28×28, [0, 1]).  20 % is the test set
 (1000 images); 10 % of the rest (400 images) is set aside for the defender, and the attacker trains on the
 other 3600 images (poisoned at the cell's rate).  The defender's clean set is that 10 % (``clean = 0.10``) or a
-class-stratified subset of it (``clean = 0.02``: 72 images) — so the two clean-set sizes purify the *same*
+class-stratified subset of it (``clean = 0.02``: 80 images, 8 per class) — so the two clean-set sizes purify the *same*
 backdoored model.
 
 Architectures (CPU-feasible, chosen so the full suite fits the time budget):

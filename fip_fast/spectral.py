@@ -238,7 +238,8 @@ class _Group:
     @torch.no_grad()
     def sync_shards(self) -> None:
         """Under FSDP2: every rank writes its own rows, W[rows] = W0[rows] + U[rows]·diag(relu(s) − S)·Vh, into the
-        sharded weight before the model's forward gathers it (δ is gathered first: k numbers per layer).  Every
+        sharded weight before the model's forward gathers it (δ is gathered first: k numbers per layer, every
+        layer's in one all-gather).  Every
         forward, on every rank (the gathers are collectives; δ's shards are not version-tracked consistently)."""
         # every layer's δ (and O, with mixing) in one collective, not one per layer
         mixes = [sp.owner.spectral_mix for sp in self.items if _has_mix(sp.owner)]

@@ -153,8 +153,8 @@ def resolve_val_fraction(val_fraction: Any, n_clean: int, val_margin: float) -> 
     otherwise (no validation part: every sample trains, the last step is returned).  A margin ≤ 0 (strict
     selection) keeps the hold-out.
 
-    Why: the selection compares clean-val accuracies to within ``val_margin``.  With 72 clean samples (1.8 % of a
-    4 000-image pool) the held-out part has 15 images, one error is 6.7 points, and the selection returned an
+    Why: the selection compares clean-val accuracies to within ``val_margin``.  With 80 clean samples (2 % of a
+    4 000-image pool) the held-out part has 20 images, one error is 5 points, and the selection returned an
     early, less purified step in 18 of the fair protocol's 60 such cells (ASR 33 % against 14 % for the last step,
     at no better clean accuracy); on its development cells at that size, training on every sample instead gave
     4.7 % ASR at −4.7 points where the 20 % hold-out gave 13.3 % at −5.8 (docs/protocol.md)."""
