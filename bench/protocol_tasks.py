@@ -151,15 +151,12 @@ def benign_model(cell: Cell, cache: Path) -> nn.Module:
 
 
 def model_digest(model: nn.Module) -> str:
-    """The first 16 hex digits of the SHA-1 of the model's state (names, shapes, bytes): which backdoored model a
-    run purified.  The cache retrains a missing model, and training is not bit-reproducible across machines, so
-    the report checks that every run of a cell saw the same one."""
-    h = hashlib.sha1()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(str(tuple(v.shape)).encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The first 16 hex digits of θ0's fingerprint (:func:`fip_fast.pipeline.checkpoint.theta0_fingerprint`): which
+    backdoored model a run purified.  The cache retrains a missing model, and training is not bit-reproducible
+    across machines, so the report checks that every run of a cell saw the same one."""
+    from fip_fast.pipeline.checkpoint import theta0_fingerprint
+
+    return theta0_fingerprint(model)[:16]
 
 
 # --------------------------------------------------------------------------------------------- measurements
