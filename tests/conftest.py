@@ -25,6 +25,19 @@ def one_thread():
     _torch.set_num_threads(n)
 
 
+@_pytest.fixture
+def broken_csrc(tmp_path, monkeypatch):
+    """``broken_csrc(source_name)``: a ``csrc/cpu/<source_name>`` that does not compile, with FIP_FAST_CSRC and an
+    empty FIP_FAST_CPU_CACHE pointing at it — what a C++ build that fails looks like."""
+    def make(source_name: str):
+        bad = tmp_path / "csrc" / "cpu"
+        bad.mkdir(parents=True, exist_ok=True)
+        (bad / source_name).write_text("this is not C++\n")
+        monkeypatch.setenv("FIP_FAST_CSRC", str(tmp_path / "csrc"))
+        monkeypatch.setenv("FIP_FAST_CPU_CACHE", str(tmp_path / "cache"))
+    return make
+
+
 # --- the step's C++ host helper -------------------------------------------------------------------------------
 # Built (≈10 s, once per machine and torch version) before the tests, so that every FIP.step of the suite takes
 # the path users get after the first seconds; tests/test_step_plan.py also runs its steps with the Python versions.

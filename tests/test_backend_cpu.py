@@ -292,12 +292,8 @@ def test_auto_falls_back_to_foreach_when_the_build_fails(tmp_path, env):
     assert "unavailable:" in r.stdout and ("FIP_FAST_CPU=0" in r.stdout or "failed" in r.stdout), r.stdout
 
 
-def test_build_failure_is_reported(tmp_path, monkeypatch):
-    bad = tmp_path / "csrc" / "cpu"
-    bad.mkdir(parents=True)
-    (bad / cpu.SOURCE_NAME).write_text("this is not C++\n")
-    monkeypatch.setenv("FIP_FAST_CSRC", str(tmp_path / "csrc"))
-    monkeypatch.setenv("FIP_FAST_CPU_CACHE", str(tmp_path / "cache"))
+def test_build_failure_is_reported(broken_csrc, monkeypatch):
+    broken_csrc(cpu.SOURCE_NAME)
     with pytest.raises(RuntimeError, match="failed"):
         cpu._build()
     monkeypatch.setenv("FIP_FAST_CXX", "/nonexistent-compiler")

@@ -99,12 +99,8 @@ def test_bump_versions_is_torchs_increment_version():
     host.bump_versions([inf])                        # ... and so do we
 
 
-def test_a_failed_build_leaves_the_python_versions_serving(tmp_path, monkeypatch):
-    bad = tmp_path / "csrc" / "cpu"
-    bad.mkdir(parents=True)
-    (bad / host.SOURCE_NAME).write_text("this is not C++\n")
-    monkeypatch.setenv("FIP_FAST_CSRC", str(tmp_path / "csrc"))
-    monkeypatch.setenv("FIP_FAST_CPU_CACHE", str(tmp_path / "cache"))
+def test_a_failed_build_leaves_the_python_versions_serving(broken_csrc, monkeypatch):
+    broken_csrc(host.SOURCE_NAME)
     monkeypatch.setenv("FIP_FAST_HOST", "sync")
     for name in ("_mod", "_error", "_thread"):
         monkeypatch.setattr(host, name, None)

@@ -202,7 +202,7 @@ def data_warnings(data: CleanSplit, batch_size: Optional[int], val_requested: bo
     if batch_size and n_tr < int(batch_size):
         out.append(f"only {n_tr} clean samples are left for purification, fewer than the batch size "
                    f"{int(batch_size)}: every batch repeats samples (drawn with replacement)")
-    if val_fraction == "auto" and n_va == 0 and val_requested:
+    if val_fraction == "auto" and n_va == 0:
         out.append(f"val_fraction='auto': {n_tr} clean samples are too few for a validation part that resolves the "
                    f"selection margin (20 % of them < 2 / val_margin): all of them train, no clean-val selection or "
                    "early stopping, the last step's weights are returned")
