@@ -133,3 +133,24 @@ def test_fast_fip_quick_schema(tmp_path):
     assert v["inplace_delta_only"] == v["reference"] < v["inplace"] < v["fip"]     # the default adds the band
     assert all(g["counts"]["fip"] > 0 for g in d["gemms"].values())
     assert "GEMM count" in out.with_suffix(".md").read_text()
+
+
+def test_trigger_probe_statistics():
+    """``bench.trigger_probe``: the clean spread is 0 along a direction the rows never vary in, ≈ 1 for an
+    isotropic cloud, large along the main axis; the head features are the last Linear layer's input."""
+    import torch
+
+    from bench.trigger_probe import head_features, relative_spread
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4000, 4, generator=g)
+    assert abs(relative_spread(X, torch.tensor([1.0, 1.0, 0.0, 0.0])) - 1.0) < 0.1
+    X[:, 3] = 0.0                                                 # never varies along e3
+    assert relative_spread(X, torch.tensor([0.0, 0.0, 0.0, 2.0])) == 0.0
+    X[:, 0] *= 10.0
+    assert relative_spread(X, torch.tensor([1.0, 0.0, 0.0, 0.0])) > 3.0
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    x = torch.randn(7, 3, generator=g)
+    h, logits = head_features(model, x, batch=3)
+    assert torch.allclose(h, model[1](model[0](x)).detach()) and logits.shape == (7, 2)
+    assert not model[2]._forward_hooks                            # the hook is removed
