@@ -86,6 +86,9 @@ def probe(arch: str, attack: str, cache: Path, seed: int = 0) -> Probe:
     task = build_task(cell, cache)
     (xt, yt), (xtr, _), (xc, _) = task.test, task.triggered, task.clean
     keep = yt != cell.target                       # triggered_test keeps the non-target images, in order
+    if len(xtr) != int(keep.sum()):
+        raise RuntimeError(f"{cell.key}: {len(xtr)} triggered images for {int(keep.sum())} non-target test images; "
+                           "the probe pairs each triggered image with its clean original")
     dx = (xtr - xt[keep]).flatten(1)
     model0 = task.model.eval()
     model1, _ = purify(copy.deepcopy(model0), task.clean, method="fip", steps=STEPS, batch_size=BATCH, seed=seed,
