@@ -5,8 +5,9 @@
     python -m bench trigger_probe                       # → bench/results/trigger_probe_cpu.json + .md
     python -m bench trigger_probe --cells cnn/sig cnn/badnets
 
-For each protocol cell (seed 0, 10 % clean set, 10 % poison — the models of ``bench.protocol``'s cache) and FIP at
-its shipped defaults with the protocol's budget (100 steps of batch 64):
+For each protocol cell (seed 0, 10 % clean set, 10 % poison — the models of ``bench.protocol``'s cache) and each
+defense (``--methods``, default FIP) at its frozen protocol choice (``bench/results/protocol_dev.json``) with the
+protocol's budget (100 steps of batch 64):
 
 * **Input space** — the trigger's mean perturbation u = mean(x_triggered − x) over the test images: its norm, and
   the variance of the defender's clean images along û relative to their mean variance per pixel ("clean spread":
@@ -43,6 +44,7 @@ class Probe:
     """One cell's measurements (norms in input / feature units, spreads relative to the mean direction)."""
 
     cell: str
+    method: str
     input_norm: float              # mean ‖x_triggered − x‖
     input_spread: float            # clean variance along û / mean clean variance per pixel
     feature_shift_before: float    # ‖d‖ before FIP
@@ -77,7 +79,19 @@ def head_features(model: nn.Module, x: Tensor, batch: int = 500) -> tuple[Tensor
     return torch.cat(feats), logits
 
 
-def probe(arch: str, attack: str, cache: Path, seed: int = 0) -> Probe:
+def frozen_choice(method: str) -> dict:
+    """The method's configuration frozen by the protocol's development stage."""
+    import json
+
+    from bench.protocol import ROOT
+
+    chosen = json.loads((ROOT / "protocol_dev.json").read_text())["chosen"]
+    if method not in chosen:
+        raise ValueError(f"no frozen protocol choice for {method!r}; choose from {sorted(chosen)}")
+    return chosen[method]["cfg"]
+
+
+def probe(arch: str, attack: str, cache: Path, method: str = "fip", seed: int = 0) -> Probe:
     from bench.protocol import BATCH, STEPS
     from bench.protocol_tasks import Cell, build_task
     from fip_fast.pipeline import purify
@@ -91,8 +105,8 @@ def probe(arch: str, attack: str, cache: Path, seed: int = 0) -> Probe:
                            "the probe pairs each triggered image with its clean original")
     dx = (xtr - xt[keep]).flatten(1)
     model0 = task.model.eval()
-    model1, _ = purify(copy.deepcopy(model0), task.clean, method="fip", steps=STEPS, batch_size=BATCH, seed=seed,
-                       progress=False)                 # purify works in place: keep θ0 for the "before" column
+    model1, _ = purify(copy.deepcopy(model0), task.clean, method=method, steps=STEPS, batch_size=BATCH, seed=seed,
+                       progress=False, **frozen_choice(method))    # in place: keep θ0 for the "before" column
     model1.eval()
     out = {}
     for tag, m in (("before", model0), ("after", model1)):
@@ -108,7 +122,7 @@ def probe(arch: str, attack: str, cache: Path, seed: int = 0) -> Probe:
     hck = b["hc"][keep]
     z = (b["ht"].mean(0) - hck.mean(0)) / (hck.std(0) + 1e-3)
     top = z.argsort(descending=True)[:TOP_UNITS]
-    return Probe(cell=cell.key, input_norm=dx.norm(dim=1).mean().item(),
+    return Probe(cell=cell.key, method=method, input_norm=dx.norm(dim=1).mean().item(),
                  input_spread=relative_spread(xc.flatten(1), dx.mean(0)),
                  feature_shift_before=b["d"].norm().item(), feature_shift_after=a["d"].norm().item(),
                  feature_spread=relative_spread(hd, b["d"]), logit_gain_before=b["gain"], logit_gain_after=a["gain"],
@@ -121,12 +135,12 @@ def markdown(d: dict) -> str:
     lines = ["# Where each trigger lives, and how much of it FIP removes — CPU", "",
              f"* **Date**: {env['date']}; torch {env['versions']['torch']}; git {env['versions']['git_commit']}",
              f"* **Command**: `{d['command']}`", "",
-             "| cell | ‖Δx‖ | clean spread along Δx | ‖d‖ before → after (÷) | clean spread along d | "
+             "| cell | method | ‖Δx‖ | clean spread along Δx | ‖d‖ before → after (÷) | clean spread along d | "
              "target-logit gain along d | top units active on clean | ASR % before → after | ACC % before → after |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in d["probes"]:
         ratio = p["feature_shift_before"] / max(p["feature_shift_after"], 1e-12)
-        lines.append(f"| {p['cell']} | {p['input_norm']:.2f} | {p['input_spread']:.2f} | "
+        lines.append(f"| {p['cell']} | {p['method']} | {p['input_norm']:.2f} | {p['input_spread']:.2f} | "
                      f"{p['feature_shift_before']:.1f} → {p['feature_shift_after']:.1f} (÷{ratio:.1f}) | "
                      f"{p['feature_spread']:.1f} | {p['logit_gain_before']:.1f} → {p['logit_gain_after']:.1f} | "
                      f"{100 * p['top_units_active_clean']:.0f} % | {100 * p['asr_before']:.1f} → "
@@ -141,6 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m bench trigger_probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cells", nargs="+", default=list(DEFAULT_CELLS), help="arch/attack, e.g. cnn/sig")
+    ap.add_argument("--methods", nargs="+", default=["fip"], help="defenses, each at its frozen protocol choice")
     ap.add_argument("--cache", type=Path, default=None, help="backdoored-model cache (default: the protocol's)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "trigger_probe_cpu.json")
     ap.add_argument("--conclusion", default="")
@@ -151,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ap.error(f"--cells takes arch/attack (e.g. cnn/sig), got {c!r}")
     torch.set_num_threads(1)
     cache = a.cache or default_cache()
-    probes = [asdict(probe(*c.split("/"), cache)) for c in a.cells]
+    probes = [asdict(probe(*c.split("/"), cache, method=m)) for c in a.cells for m in a.methods]
     d = dict(env=environment(torch.device("cpu")), command=" ".join(["python -m bench trigger_probe"] + argv),
              probes=probes, conclusion=a.conclusion)
     write_json(d, a.out)
