@@ -14,8 +14,9 @@ protocol's budget (100 steps of batch 64):
   0 means no clean image varies there, a blind spot of the clean data).
 * **Feature space** — at the input of the last Linear layer (the features the head reads): the trigger's mean
   feature shift d = mean h(x_triggered) − mean h(x) and its norm before and after FIP; the defender's clean
-  spread along d̂; the target logit's gain along d, (w_target − mean_c w_c)·d; and the share of the defender's
-  clean images on which the 8 units the trigger raises most are active.
+  spread along d̂; the target logit's gain along d, (w_target − mean_c w_c)·d; the share of the defender's
+  clean images on which the 8 units the trigger raises most are active; and the cosine between d and the target
+  class's own direction among the defender's clean features (how much the trigger looks like the class).
 * ASR before and after (test set; measured, never used to choose anything).
 
 The question is a diagnosis, not a selection: nothing here feeds back into a default.
@@ -53,6 +54,7 @@ class Probe:
     logit_gain_before: float       # (w_target − mean w)·d
     logit_gain_after: float
     top_units_active_clean: float  # share of (clean image, top unit) pairs with the unit active
+    target_alignment: float        # cos(d, mean clean feature of the target class − mean clean feature), before
     asr_before: float
     asr_after: float
     acc_before: float
@@ -119,6 +121,8 @@ def probe(arch: str, attack: str, cache: Path, method: str = "fip", seed: int = 
                         acc=(lc.argmax(1) == yt).float().mean().item())
     b, a = out["before"], out["after"]
     hd, _ = head_features(model0, xc)
+    yc = task.clean[1]
+    own = hd[yc == cell.target].mean(0) - hd.mean(0)
     hck = b["hc"][keep]
     z = (b["ht"].mean(0) - hck.mean(0)) / (hck.std(0) + 1e-3)
     top = z.argsort(descending=True)[:TOP_UNITS]
@@ -127,6 +131,7 @@ def probe(arch: str, attack: str, cache: Path, method: str = "fip", seed: int = 
                  feature_shift_before=b["d"].norm().item(), feature_shift_after=a["d"].norm().item(),
                  feature_spread=relative_spread(hd, b["d"]), logit_gain_before=b["gain"], logit_gain_after=a["gain"],
                  top_units_active_clean=(hd[:, top] > 0).float().mean().item(),
+                 target_alignment=torch.nn.functional.cosine_similarity(b["d"], own, dim=0).item(),
                  asr_before=b["asr"], asr_after=a["asr"], acc_before=b["acc"], acc_after=a["acc"])
 
 
@@ -136,14 +141,16 @@ def markdown(d: dict) -> str:
              f"* **Date**: {env['date']}; torch {env['versions']['torch']}; git {env['versions']['git_commit']}",
              f"* **Command**: `{d['command']}`", "",
              "| cell | method | ‖Δx‖ | clean spread along Δx | ‖d‖ before → after (÷) | clean spread along d | "
-             "target-logit gain along d | top units active on clean | ASR % before → after | ACC % before → after |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "target-logit gain along d | top units active on clean | cos(d, target class) | "
+             "ASR % before → after | ACC % before → after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in d["probes"]:
         ratio = p["feature_shift_before"] / max(p["feature_shift_after"], 1e-12)
         lines.append(f"| {p['cell']} | {p['method']} | {p['input_norm']:.2f} | {p['input_spread']:.2f} | "
                      f"{p['feature_shift_before']:.1f} → {p['feature_shift_after']:.1f} (÷{ratio:.1f}) | "
                      f"{p['feature_spread']:.1f} | {p['logit_gain_before']:.1f} → {p['logit_gain_after']:.1f} | "
-                     f"{100 * p['top_units_active_clean']:.0f} % | {100 * p['asr_before']:.1f} → "
+                     f"{100 * p['top_units_active_clean']:.0f} % | {p['target_alignment']:.2f} | "
+                     f"{100 * p['asr_before']:.1f} → "
                      f"{100 * p['asr_after']:.1f} | {100 * p['acc_before']:.1f} → {100 * p['acc_after']:.1f} |")
     if d.get("conclusion"):
         lines += ["", d["conclusion"]]
