@@ -69,7 +69,8 @@ def relative_spread(X: Tensor, u: Tensor) -> float:
 
 
 def head_features(model: nn.Module, x: Tensor, batch: int = 500) -> tuple[Tensor, Tensor]:
-    """(features at the input of the model's last Linear layer (n, d), logits (n, classes)), in eval mode."""
+    """(features at the input of the model's last Linear layer (n, d), logits (n, classes)), without gradients;
+    the caller sets the mode (the probe measures in eval mode)."""
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     feats: list[Tensor] = []
     hook = head.register_forward_hook(lambda m, a, o: feats.append(a[0].detach().flatten(1)))
@@ -100,7 +101,7 @@ def probe(arch: str, attack: str, cache: Path, method: str = "fip", seed: int = 
 
     cell = Cell(arch, attack, seed, 0.1, 0.1)
     task = build_task(cell, cache)
-    (xt, yt), (xtr, _), (xc, _) = task.test, task.triggered, task.clean
+    (xt, yt), (xtr, _), (xc, yc) = task.test, task.triggered, task.clean
     keep = yt != cell.target                       # triggered_test keeps the non-target images, in order
     if len(xtr) != int(keep.sum()):
         raise RuntimeError(f"{cell.key}: {len(xtr)} triggered images for {int(keep.sum())} non-target test images; "
@@ -121,7 +122,6 @@ def probe(arch: str, attack: str, cache: Path, method: str = "fip", seed: int = 
                         acc=(lc.argmax(1) == yt).float().mean().item())
     b, a = out["before"], out["after"]
     hd, _ = head_features(model0, xc)
-    yc = task.clean[1]
     own = hd[yc == cell.target].mean(0) - hd.mean(0)
     hck = b["hc"][keep]
     z = (b["ht"].mean(0) - hck.mean(0)) / (hck.std(0) + 1e-3)
