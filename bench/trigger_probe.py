@@ -68,18 +68,23 @@ def relative_spread(X: Tensor, u: Tensor) -> float:
     return ((X @ un).var() / X.var(0).mean().clamp_min(1e-12)).item()
 
 
-def head_features(model: nn.Module, x: Tensor, batch: int = 500) -> tuple[Tensor, Tensor]:
-    """(features at the input of the model's last Linear layer (n, d), logits (n, classes)), without gradients;
-    the caller sets the mode (the probe measures in eval mode)."""
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+def _head(model: nn.Module) -> nn.Linear:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def head_features(model: nn.Module, x: Tensor, batch: int = 500) -> Tensor:
+    """Features at the input of the model's last Linear layer, (n, d), in eval mode and without gradients."""
+    from fip_fast.evaluation.metrics import eval_mode
+
     feats: list[Tensor] = []
-    hook = head.register_forward_hook(lambda m, a, o: feats.append(a[0].detach().flatten(1)))
+    hook = _head(model).register_forward_hook(lambda m, a, o: feats.append(a[0].detach().flatten(1)))
     try:
-        with torch.no_grad():
-            logits = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+        with torch.no_grad(), eval_mode(model):
+            for i in range(0, len(x), batch):
+                model(x[i:i + batch])
     finally:
         hook.remove()
-    return torch.cat(feats), logits
+    return torch.cat(feats)
 
 
 def frozen_choice(method: str) -> dict:
@@ -96,7 +101,7 @@ def frozen_choice(method: str) -> dict:
 
 def probe(arch: str, attack: str, cache: Path, method: str = "fip", seed: int = 0) -> Probe:
     from bench.protocol import BATCH, STEPS
-    from bench.protocol_tasks import Cell, build_task
+    from bench.protocol_tasks import Cell, build_task, measure
     from fip_fast.pipeline import purify
 
     cell = Cell(arch, attack, seed, 0.1, 0.1)
@@ -107,21 +112,17 @@ def probe(arch: str, attack: str, cache: Path, method: str = "fip", seed: int = 
         raise RuntimeError(f"{cell.key}: {len(xtr)} triggered images for {int(keep.sum())} non-target test images; "
                            "the probe pairs each triggered image with its clean original")
     dx = (xtr - xt[keep]).flatten(1)
-    model0 = task.model.eval()
+    model0 = task.model
     model1, _ = purify(copy.deepcopy(model0), task.clean, method=method, steps=STEPS, batch_size=BATCH, seed=seed,
                        progress=False, **frozen_choice(method))    # in place: keep θ0 for the "before" column
-    model1.eval()
     out = {}
     for tag, m in (("before", model0), ("after", model1)):
-        hc, lc = head_features(m, xt)
-        ht, lt = head_features(m, xtr)
+        hc, ht = head_features(m, xt), head_features(m, xtr)
         d = ht.mean(0) - hc[keep].mean(0)
-        W = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1].weight.detach()
-        out[tag] = dict(d=d, hc=hc, ht=ht, gain=((W[cell.target] - W.mean(0)) @ d).item(),
-                        asr=(lt.argmax(1) == cell.target).float().mean().item(),
-                        acc=(lc.argmax(1) == yt).float().mean().item())
+        W = _head(m).weight.detach()
+        out[tag] = dict(d=d, hc=hc, ht=ht, gain=((W[cell.target] - W.mean(0)) @ d).item(), **measure(m, task))
     b, a = out["before"], out["after"]
-    hd, _ = head_features(model0, xc)
+    hd = head_features(model0, xc)
     own = hd[yc == cell.target].mean(0) - hd.mean(0)
     hck = b["hc"][keep]
     z = (b["ht"].mean(0) - hck.mean(0)) / (hck.std(0) + 1e-3)

@@ -151,6 +151,6 @@ def test_trigger_probe_statistics():
     assert relative_spread(X, torch.tensor([1.0, 0.0, 0.0, 0.0])) > 3.0
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
     x = torch.randn(7, 3, generator=g)
-    h, logits = head_features(model, x, batch=3)
-    assert torch.allclose(h, model[1](model[0](x)).detach()) and logits.shape == (7, 2)
+    h = head_features(model, x, batch=3)
+    assert h.shape == (7, 5) and torch.allclose(h, model[1](model[0](x)).detach())
     assert not model[2]._forward_hooks                            # the hook is removed
