@@ -13,9 +13,12 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-#: Exit statuses: a usage error (bad flag, unsafe output, missing extra); a diverged purification.
+#: Exit statuses: a usage error found before any work (bad flag or flag combination, unsafe output, unusable
+#: input, missing extra); no purified model was written after the work (diverged, clean accuracy fell more than
+#: the accepted drop, or the outputs could not be written — the previous outputs are intact).
 EXIT_USAGE = 2
-EXIT_DIVERGED = 3
+EXIT_NOT_SAVED = 3
+EXIT_DIVERGED = EXIT_NOT_SAVED
 
 #: Every file name the tool writes into --out; with --overwrite only these are ever replaced.
 OUTPUT_NAMES = ("report.md", "report.json", "asr_acc.png", "lambda_max.png", "purified.safetensors")
@@ -220,6 +223,16 @@ def check_checkpoint_dir(path: Optional[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the result
+def accuracy_refusal(report, accept_drop: bool) -> Optional[str]:
+    """Why the result is not saved for its clean accuracy (None when it may be): the accuracy measured on the
+    defender's own clean data (:class:`fip_fast.pipeline.report.AccuracyCheck`) fell by more than the accepted
+    drop and ``--accept-accuracy-drop`` was not given."""
+    acc = getattr(report, "accuracy", None)
+    if acc is None or not acc.exceeded or accept_drop:
+        return None
+    return f"{acc.describe()}; pass --accept-accuracy-drop to save it anyway"
+
+
 def divergence(model, report) -> Optional[str]:
     """Why a purified result must not be used (None when it may): non-finite values in any parameter or buffer,
     or more than half of the steps skipped for non-finite gradients (the run did not purify, it stalled)."""

@@ -141,6 +141,9 @@ def _add_purify_inputs(q: argparse.ArgumentParser) -> None:
 
 def _add_purify_run(q: argparse.ArgumentParser) -> None:
     """``fip-fast purify``'s outputs, checkpoints and distribution."""
+    q.add_argument("--accept-accuracy-drop", action="store_true", help="save the purified model even when its clean "
+                   "accuracy fell by more than 10 points (measured on the clean-validation part, or on the clean "
+                   "data when there is none).  Without it such a result is reported but not saved (exit 3)")
     q.add_argument("--save", default=None, help="purified weights, safetensors (default: OUT/purified.safetensors)")
     q.add_argument("--checkpoint-dir", default=None, help="save purification checkpoints here")
     q.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fip_fast.cli.checks import (
-    EXIT_DIVERGED,
+    EXIT_NOT_SAVED,
     CLIError,
+    accuracy_refusal,
     check_checkpoint_dir,
     check_out,
     check_purify_flags,
@@ -217,16 +218,17 @@ def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
     lam = lambda_max(model, *probe, args.lambda_iters) if not diverged else float("nan")
     before_row = input_row("input", before, lam0, None, model)
     row = method_row(args.method, rep, after, lam, diverged)
+    row["refused"] = diverged or accuracy_refusal(rep, args.accept_accuracy_drop)
     print(table([before_row, row]), flush=True)
     return _finish(args, me, inp, out, save_path, model, rep, before_row, row)
 
 
 def _purify_report(args: argparse.Namespace, me: Rank, inp: PurifyInputs, save_path: Path, rep,
                    before_row: Dict[str, Any], row: Dict[str, Any]) -> Report:
-    diverged = row["diverged"]
+    refused = row["refused"]
     payload = {"config": config(args), "before": before_row,
-               "results": [row], "reports": {args.method: rep.to_dict()}, "diverged": diverged,
-               "purified_weights": None if diverged else str(save_path)}
+               "results": [row], "reports": {args.method: rep.to_dict()}, "diverged": row["diverged"],
+               "refused": refused, "purified_weights": None if refused else str(save_path)}
     intro = [f"`fip-fast purify --method {args.method}` on `{args.checkpoint}` ({args.arch}), clean data "
              f"`{args.clean}` ({inp.clean[0].shape[0]} samples), {time.strftime('%Y-%m-%d')}"
              + (f", DDP over {me.world} processes ({me.device.type})" if me.distributed else "") + ".",
@@ -236,19 +238,20 @@ def _purify_report(args: argparse.Namespace, me: Rank, inp: PurifyInputs, save_p
 
 def _finish(args: argparse.Namespace, me: Rank, inp: PurifyInputs, out: Path, save_path: Path, model, rep,
             before_row: Dict[str, Any], row: Dict[str, Any]) -> int:
-    """Rank 0: the warnings, the report folder and (unless diverged) the purified weights; the exit status."""
-    diverged = row["diverged"]
+    """Rank 0: the warnings, the report folder and (unless refused: diverged, or clean accuracy fell more than
+    the accepted drop) the purified weights; the exit status."""
+    diverged, refused = row["diverged"], row["refused"]
     for w in rep.warnings:            # logged when found, repeated here beside the result they qualify
         warn(f"{args.method}: {w}")
     if rep.skipped_steps and not diverged:
         warn(f"{args.method}: {rep.skipped_steps} of {rep.steps_run} steps were skipped for non-finite gradients")
     report = _purify_report(args, me, inp, save_path, rep, before_row, row)
-    model_out = None if diverged else ModelOutput(save_path, model, {"method": args.method, "arch": str(args.arch)})
+    model_out = None if refused else ModelOutput(save_path, model, {"method": args.method, "arch": str(args.arch)})
     write_outputs(out, inp.paths, report, model_out)
-    if diverged:
-        print(f"fip-fast: error: purification diverged: {diverged}; no purified model was written "
-              f"(report: {out}/)", file=sys.stderr)
-        return EXIT_DIVERGED
+    if refused:
+        why = f"purification diverged: {diverged}" if diverged else f"the result was not saved: {refused}"
+        print(f"fip-fast: error: {why}; no purified model was written (report: {out}/)", file=sys.stderr)
+        return EXIT_NOT_SAVED
     if not args.quiet:
         print(f"purified weights: {save_path}\nreport: {out}/", flush=True)
     return 0

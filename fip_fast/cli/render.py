@@ -85,8 +85,18 @@ def method_row(name: str, report, metrics: Dict[str, Any], lam: float, diverged:
         "steps_run": report.steps_run, "skipped_steps": report.skipped_steps,
         "initial_val_acc": report.initial.get("val_acc"), "final_val_acc": report.final.get("val_acc"),
         "warnings": list(getattr(report, "warnings", []) or []), "diverged": diverged,
+        "accuracy_check": _accuracy_check(report),
         "history": [{k: v for k, v in h.items()} for h in report.history],
     }
+
+
+def _accuracy_check(report) -> Optional[Dict[str, Any]]:
+    """The clean-accuracy check of the result (:class:`fip_fast.pipeline.report.AccuracyCheck`) with its
+    sentence, or None when it was not measured."""
+    import dataclasses
+
+    acc = getattr(report, "accuracy", None)
+    return None if acc is None else {**dataclasses.asdict(acc), "text": acc.describe()}
 
 
 def config(args) -> Dict[str, Any]:
@@ -123,9 +133,13 @@ def _method_md(r: Dict[str, Any]) -> List[str]:
     if r.get("diverged"):
         md += [f"**DIVERGED: {r['diverged']}.  This result must not be used (no purified model was "
                "written).**", ""]
+    elif r.get("refused"):
+        md += [f"**NOT SAVED: {r['refused']}.  No purified model was written.**", ""]
     md += [f"steps run {r['steps_run']} ({r.get('skipped_steps', 0)} skipped for non-finite gradients), "
            f"returned weights of step {r['selected_step']}; clean-val accuracy "
            f"{fmt_pct(r.get('initial_val_acc'))} % → {fmt_pct(r.get('final_val_acc'))} %", ""]
+    if r.get("accuracy_check"):
+        md += [f"Accuracy check: {r['accuracy_check']['text']}.", ""]
     md += [f"* warning: {w}" for w in r.get("warnings") or []] + ([""] if r.get("warnings") else [])
     if r.get("history"):
         md += _history_md(r["history"])

@@ -5,11 +5,56 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from torch import Tensor
 
-__all__ = ["PurifyReport"]
+__all__ = ["PurifyReport", "AccuracyCheck", "ACCURACY_DROP_LIMIT"]
+
+#: The largest fall of clean accuracy (absolute, as a fraction: 0.10 = 10 points) that :func:`purify` accepts
+#: silently; beyond it ``report.warnings`` says so and ``fip-fast purify`` refuses to save the model (exit 3)
+#: unless ``--accept-accuracy-drop``.  Why 10 points: the honest costs measured so far stay below it (FIP on the
+#: demo: 3.6 points; the fair protocol's hardest cells, 80 clean images: 4.7–5.8 points, docs/protocol.md), while
+#: the failures it exists to catch are far beyond it (a diverged learning rate left 7.6 % ACC; a warm-up spike that
+#: never recovered, 33 %).  On a 20-image hold-out one error is 5 points, so a tighter limit would
+#: refuse good runs on noise.  See docs/own-model.md.
+ACCURACY_DROP_LIMIT = 0.10
+
+
+@dataclass
+class AccuracyCheck:
+    """Clean accuracy of θ0 and of the returned model on the defender's own data.
+
+    Attributes:
+        data: ``"validation"`` (the held-out clean-validation part) or ``"purification"`` (no hold-out: the
+            clean samples the purification trained on — optimistic for the result, so it catches a collapse,
+            not a small loss).
+        n: samples measured.  before / after: accuracies in [0, 1].  drop: before − after (a fraction; > 0 is a
+        loss).  limit: the accepted drop (:data:`ACCURACY_DROP_LIMIT` unless ``purify(max_accuracy_drop=…)``).
+        exceeded: drop > limit.
+    """
+
+    data: str
+    n: int
+    before: float
+    after: float
+    limit: float = ACCURACY_DROP_LIMIT
+    drop: float = field(init=False)
+    exceeded: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.drop = float(self.before) - float(self.after)
+        self.exceeded = bool(self.drop > self.limit) or math.isnan(self.after)
+
+    def describe(self) -> str:
+        """One sentence, e.g. "clean accuracy on the 200 clean purification samples (no validation hold-out)
+        went from 98.0 % to 7.6 % (90.4 points lost, more than the accepted 10.0)"."""
+        where = (f"the {self.n}-sample clean-validation part" if self.data == "validation"
+                 else f"the {self.n} clean purification samples (no validation hold-out)")
+        lost = f"{100 * self.drop:.1f} points lost" if self.drop > 0 else "no loss"
+        s = (f"clean accuracy on {where} went from {100 * self.before:.1f} % to {100 * self.after:.1f} % "
+             f"({lost}")
+        return s + (f", more than the accepted {100 * self.limit:.1f})" if self.exceeded else ")")
 
 
 @dataclass
@@ -31,7 +76,11 @@ class PurifyReport:
         skipped_steps: steps skipped for non-finite gradients.  resumed_from: checkpoint step (0 if none).
         extra: method-specific information (e.g. a runner's ``info`` dict).
         warnings: silent degradations found in the inputs (a single-class clean set, fewer clean samples than
-            the batch size, an empty validation part…); each was also logged as a warning.
+            the batch size, an empty validation part…) and a clean-accuracy drop beyond the limit; each was also
+            logged as a warning.
+        accuracy: the clean-accuracy check of the result (:class:`AccuracyCheck`; None when the labels are not
+            class indices).  ``accuracy.drop`` is the accuracy lost; ``accuracy.exceeded`` says that it is more
+            than ``accuracy.limit`` — the model should not be used without a look.
     """
 
     method: str
@@ -49,6 +98,7 @@ class PurifyReport:
     resumed_from: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
+    accuracy: Optional[AccuracyCheck] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))

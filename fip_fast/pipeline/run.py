@@ -127,13 +127,13 @@ from torch import nn
 from fip_fast._utils import model_device
 from fip_fast.augment import make_augment
 from fip_fast.pipeline.checkpoint import ResumeMismatchError, open_checkpoint, theta0_fingerprint
-from fip_fast.pipeline.data import CleanSplit, LossFn, data_warnings, split_clean
+from fip_fast.pipeline.data import CleanSplit, LossFn, data_warnings, split_clean, val_metrics
 from fip_fast.pipeline.evaluator import EvalFn, Evaluator
 from fip_fast.pipeline.loop import PurifyLoop, loop_plan
 from fip_fast.pipeline.options import loop_config, resolve_options
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier, Purifier
 from fip_fast.pipeline.registry import MethodSpec, available_methods, get_method, register_method
-from fip_fast.pipeline.report import PurifyReport, _jsonable
+from fip_fast.pipeline.report import ACCURACY_DROP_LIMIT, AccuracyCheck, PurifyReport, _jsonable
 from fip_fast.pipeline.selection import Selection
 from fip_fast.pipeline.strategy import SingleProcess, make_strategy, sync
 
@@ -150,7 +150,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
            seed: int = 0, device: Optional[Union[str, torch.device]] = None, loss_fn: Optional[LossFn] = None,
            progress: bool = True, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 50,
            resume: bool = False, distributed: Optional[str] = None, augment: Any = None,
-           **options: Any) -> Tuple[nn.Module, PurifyReport]:
+           max_accuracy_drop: float = ACCURACY_DROP_LIMIT, **options: Any) -> Tuple[nn.Module, PurifyReport]:
     """Purify ``model`` of a backdoor using the small clean set ``clean_loader``; return ``(model, report)``.
 
     Args:
@@ -184,6 +184,12 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
             :func:`fip_fast.integrations.distributed.init_from_env`), see
             "Distributed purification" below.  ``"fsdp"`` is refused (not implemented in ``purify``: use
             :mod:`fip_fast.integrations.distributed` directly, as ``examples/torchrun_purify.py --parallel fsdp`` does).
+        max_accuracy_drop: the clean-accuracy loss (a fraction, default 0.10 = 10 points) beyond which the result
+            is flagged: clean accuracy is measured on θ0 and on the returned model, on the clean-validation part
+            when there is one, else on the purification part itself (``report.accuracy``, an
+            :class:`~fip_fast.pipeline.report.AccuracyCheck`); a larger drop adds a warning to
+            ``report.warnings`` (and the log).  The model is returned either way; ``fip-fast purify`` refuses to
+            save it.
         **options: method options, e.g. ``eta_F``, ``eta_r``, ``rho``, ``trace_estimator``, ``lr_delta``,
             ``rho_delta`` for FIP / Fast FIP (see :data:`DEFAULTS`), or a runner's own keyword arguments.
 
@@ -238,9 +244,10 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         logger.warning("fip_fast.pipeline: %s", w)
     evaluator = Evaluator(data, loss_fn, dev, eval_fn, strategy)
     report.initial = evaluator(model)
+    guard = _AccuracyGuard(model, data, loss_fn, dev, strategy, float(max_accuracy_drop), report.initial)
     if spec.kind == "runner":
-        return _run_runner(spec, model, data, opts, report, evaluator, seed=seed, progress=progress,
-                           t_total=t_total, augment=(loop_opts.augment, augment_fn))
+        return guard.check(*_run_runner(spec, model, data, opts, report, evaluator, seed=seed, progress=progress,
+                                        t_total=t_total, augment=(loop_opts.augment, augment_fn)))
 
     plan = loop_plan(opts, loop_opts, seed, augment_fn)      # takes steps and batch_size out of the method options
     config["eval_every"] = plan.eval_every
@@ -258,7 +265,42 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     if resuming:
         loop.resume()
     loop.run()
-    return loop.finish(), report
+    return guard.check(loop.finish(), report)
+
+
+class _AccuracyGuard:
+    """Clean accuracy before and after, on the defender's data: the clean-validation part when there is one
+    (θ0's is ``report.initial["val_acc"]``), else the purification part (measured on θ0 here, before any step).
+    Without it nothing but non-finite values stopped a ruined model (a learning rate of 1e6 returned a model at
+    7.6 % clean accuracy without a word)."""
+
+    def __init__(self, theta0: nn.Module, data: CleanSplit, loss_fn: LossFn, dev: torch.device,
+                 strategy: SingleProcess, limit: float, initial: Dict[str, Any]):
+        self.data, self.loss_fn, self.dev, self.strategy, self.limit = data, loss_fn, dev, strategy, limit
+        y = data.y_val if data.has_val else data.y_train
+        self.enabled = y.dim() == 1 and not y.is_floating_point() and y.numel() > 0   # class-index labels only
+        self.before = float("nan")
+        if self.enabled:
+            self.before = float(initial["val_acc"]) if data.has_val else self._accuracy_on_train(theta0)
+
+    def _accuracy_on_train(self, model: nn.Module) -> float:
+        return float(val_metrics(model, self.data.x_train, self.data.y_train, self.loss_fn, self.dev,
+                                 shard=self.strategy.val_shard)["val_acc"])
+
+    def check(self, model: nn.Module, report: PurifyReport) -> Tuple[nn.Module, PurifyReport]:
+        """Record :class:`AccuracyCheck` in ``report.accuracy``; warn when the drop exceeds the limit."""
+        if not self.enabled:
+            return model, report
+        after = float(report.final["val_acc"]) if self.data.has_val else self._accuracy_on_train(model)
+        report.accuracy = AccuracyCheck("validation" if self.data.has_val else "purification",
+                                        int((self.data.y_val if self.data.has_val else self.data.y_train).numel()),
+                                        self.before, after, self.limit)
+        if report.accuracy.exceeded:
+            w = f"{report.accuracy.describe()}: check this model before using it"
+            report.warnings.append(w)
+            if self.strategy.is_main:
+                logger.warning("fip_fast.pipeline: %s", w)
+        return model, report
 
 
 def _build_purifier(spec: MethodSpec, model: nn.Module, ctx: MethodContext, opts: Dict[str, Any],

@@ -1,0 +1,107 @@
+"""``fip-fast purify``'s safety on a user's own model (issue: "a user's own model, end to end"): the clean-accuracy
+guard, option combinations checked up front, the output lock, name clashes and write errors, and the messages.
+
+The model and data are those of the worked example, examples/own_model/ (a backdoored 12×12 CNN, 200 clean
+samples: below the validation hold-out threshold, the usual case)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fip_fast import cli
+from fip_fast.cli import checks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "own_model"
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """examples/own_model/make_data.py's files (model.safetensors, clean/test/triggered.npz, the MLP's)."""
+    d = tmp_path_factory.mktemp("own")
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        import make_data
+
+        make_data.main(d)
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    return d
+
+
+@pytest.fixture
+def here(own, monkeypatch):
+    """Run in a copy-free way from the data folder with the example's mymodels importable."""
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.chdir(own)
+    return own
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _argv(out, *extra, method="fast_fip"):
+    return ["purify", "--arch", "mymodels:make", "--checkpoint", "model.safetensors", "--clean", "clean.npz",
+            "--num-classes", "4", "--method", method, "--no-progress", "--lambda-iters", "0", "--out", str(out),
+            *extra]
+
+
+def _one_line_error(rc, err, status=2):
+    assert rc == status, err
+    assert "Traceback" not in err and "\x1b" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("fip-fast: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---- 1: a ruined model is never written with exit 0
+RUIN = ("--steps", "20", "--set", "lr_delta=1e4")   # finite, no skipped step, clean accuracy 100 % -> 23 %
+
+
+def test_accuracy_collapse_is_refused(here, capsys, tmp_path):
+    out = tmp_path / "ruined"
+    rc, _, err = _run(_argv(out, *RUIN), capsys)
+    line = _one_line_error(rc, err, status=checks.EXIT_NOT_SAVED)
+    assert "clean accuracy" in line and "points lost" in line and "--accept-accuracy-drop" in line, line
+    assert not (out / "purified.safetensors").exists()
+    payload = json.loads((out / "report.json").read_text())
+    assert payload["purified_weights"] is None and "clean accuracy" in payload["refused"]
+    check = payload["results"][0]["accuracy_check"]
+    assert check["data"] == "purification" and check["n"] == 200 and check["before"] == 1.0
+    assert check["drop"] > 0.5 and check["exceeded"] and check["limit"] == 0.10
+    assert "NOT SAVED" in (out / "report.md").read_text()
+
+
+def test_accept_accuracy_drop_saves_with_a_warning(here, capsys, tmp_path):
+    out = tmp_path / "accepted"
+    rc, _, err = _run(_argv(out, *RUIN, "--accept-accuracy-drop"), capsys)
+    assert rc == 0, err
+    assert (out / "purified.safetensors").is_file()
+    assert "warning" in err and "points lost" in err
+
+
+def test_purify_api_reports_the_drop(here, caplog):
+    import mymodels
+    import numpy as np
+    import torch
+
+    from fip_fast import purify
+    from fip_fast.io import load_weights
+
+    z = np.load(here / "clean.npz")
+    clean = torch.from_numpy(z["x"]), torch.from_numpy(z["y"]).long()
+    model, rep = purify(load_weights(mymodels.make(4, 1), here / "model.safetensors"), clean, method="fast_fip",
+                        steps=20, lr_delta=1e4, progress=False)
+    assert rep.accuracy.exceeded and rep.accuracy.before == 1.0 and rep.accuracy.drop > 0.5
+    assert any("points lost" in w for w in rep.warnings)
+    assert rep.to_dict()["accuracy"]["drop"] == pytest.approx(rep.accuracy.drop)
+    model, rep = purify(load_weights(mymodels.make(4, 1), here / "model.safetensors"), clean, method="fast_fip",
+                        steps=5, progress=False)
+    assert not rep.accuracy.exceeded and not any("points lost" in w for w in rep.warnings)
