@@ -6,6 +6,7 @@ Public names (imported lazily, so ``import fip_fast`` stays light):
 * :func:`estimate_fisher` — diagonal empirical Fisher (``fip_fast.fisher``)
 * :func:`purify` — the purification pipeline (``fip_fast.pipeline.purify``)
 * :mod:`spectral` — Fast FIP's spectral reparameterization (``reparameterize``, ``merge``)
+* :mod:`recipes` — the settings that purify (:data:`fip_fast.recipes.PURIFY`, the pipeline's FIP defaults)
 * :mod:`reference` — the readable specification every fast path is tested against
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import types
 import warnings
 
 __version__ = "0.1.0"
-__all__ = ["FIP", "estimate_fisher", "purify", "pipeline", "spectral", "reference", "ops", "__version__"]
+__all__ = ["FIP", "estimate_fisher", "purify", "pipeline", "spectral", "recipes", "reference", "ops",
+           "__version__"]
 
 _LAZY = {
     "FIP": ("fip_fast.optim", "FIP"),
@@ -26,6 +28,7 @@ _LAZY = {
     "purify": ("fip_fast.pipeline", "purify"),
     "pipeline": ("fip_fast.pipeline", None),
     "spectral": ("fip_fast.spectral", None),
+    "recipes": ("fip_fast.recipes", None),
     "reference": ("fip_fast.reference", None),
     "ops": ("fip_fast.ops", None),
 }

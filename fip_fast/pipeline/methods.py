@@ -10,8 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier, Purifier
+from fip_fast.recipes import PURIFY
 
 __all__ = ["DEFAULTS", "build_fip", "build_fast_fip"]
+
+#: Fast FIP's settings that are not δ's: the recipe of full FIP with Fast FIP's own budget, and lr and weight decay
+#: of its second group (biases and normalization parameters).
+_FAST_FIP_SHARED = PURIFY.replace(steps=150, lr=0.1, weight_decay=0.01)
 
 #: Defaults of the built-in methods (see :func:`fip_fast.pipeline.purify` and docs/demo.md for how they were
 #: chosen on clean validation data only).  ``patience`` is a loop option: 0 never stops early.  ``augment`` (not set:
@@ -26,18 +31,18 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     # lr_schedule "onecycle" (10 % linear warm-up, then cosine): the development ablations and the re-run grid
     # (2026-12-02) gave the same clean accuracy as cosine at lower ASR (1.7 % vs 2.4 %) and re-tuned ASR; chosen there,
     # not on the evaluation suite (where it gave 15.7 % ASR at −3.6 points, cosine 13.8 % at −3.9: README).
-    "fip": dict(
-        steps=300, batch_size=64, lr=0.05, momentum=0.9, eta_F=0.005, eta_r=0.0, rho=0.5, max_mix=1.0,
-        trace_every=1, trace_estimator="fd", weight_decay=0.03, patience=0, lr_schedule="onecycle",
-    ),
+    # The values live in fip_fast.recipes.PURIFY (one source of truth with the optimizer's documented recipe);
+    # only the loop option patience is the pipeline's own.
+    "fip": dict(PURIFY.pipeline_options(), patience=0),
     # Fast FIP (ours beyond the paper, docs/fast_fip_variants.md): δ alone purified the protocol's development
     # cells only by collapsing singular values (unstable); clipped SGD on δ plus a band of 8 trainable
     # off-diagonal entries of each layer's k×k core (SVFT-like: U and V mix within the top-k subspace) purified every
     # development cell.  lr_delta 0.5 is the protocol rule's choice on that variant's lr path (protocol_dev.md).
+    # The suppressor (η_F, ρ, every step, no anchor), momentum and batch size are full FIP's recipe
+    # (_FAST_FIP_SHARED); the schedule is the loop's default (cosine), not the recipe's one-cycle.
     "fast_fip": dict(
-        steps=150, batch_size=64, lr=0.1, momentum=0.9, eta_F=0.005, eta_r=0.0, rho=0.5, max_mix=1.0,
-        trace_every=1, trace_estimator="fd", weight_decay=0.01, patience=0,
-        lr_delta=0.5, rho_delta=2.0, relative=True, rank=None, fast_fip_extra="bias_bn",
+        _FAST_FIP_SHARED.optimizer_kwargs(), steps=_FAST_FIP_SHARED.steps, batch_size=_FAST_FIP_SHARED.batch_size,
+        patience=0, lr_delta=0.5, rho_delta=2.0, relative=True, rank=None, fast_fip_extra="bias_bn",
         delta_optimizer="sgd", clip_norm=0.3, mix_band=8,
     ),
 }
