@@ -56,7 +56,7 @@ TOL = {
     torch.float16: dict(rtol=2.0 ** -10, atol=1e-5),
     torch.bfloat16: dict(rtol=2.0 ** -7, atol=1e-4),
 }
-BLOCK = 1024  # kernels/fip_step.py BLOCK; checked below so the "just above a block" sizes stay meaningful
+BLOCK = 1024  # kernels/triton/fip_step.py BLOCK; checked below so the "just above a block" sizes stay meaningful
 
 
 def _close(actual, expected, dtype=torch.float32, what=""):

@@ -1,7 +1,11 @@
 """Triton kernels of fip_fast (``impl="triton"``), installed as ``fip_fast.kernels``.
 
-Reached through :mod:`fip_fast.ops` (``ops.get(op, impl="triton", device)``), or directly.  The six ops have
-exactly the signatures of the kernel-level ops of :mod:`fip_fast.reference`:
+The sources live in ``kernels/triton/`` at the repository root, beside ``csrc/``; ``kernels/`` itself has no
+``__init__.py``.  A ``kernels`` package at the root would be importable as the top-level module ``kernels`` from
+there and shadow Hugging Face's ``kernels`` package, which transformers 5 imports.
+
+Reached through :mod:`fip_fast.ops` (``ops.get(op, impl="triton", device)``), or directly.  The six ops
+have exactly the signatures of the kernel-level ops of :mod:`fip_fast.reference`:
 
 * :func:`fisher_accumulate_` F ← β·F + α·g²                                    (:mod:`.fisher`)
 * :func:`global_norm`        (‖[g_1 … g_n]‖₂, found_inf)                         (:mod:`.fip_step`)
@@ -55,6 +59,7 @@ if not _IMPORT_ERROR:
         from . import _interpreter_compat
         _interpreter_compat.apply()
         _interpreter_compat.apply_fast_nested_calls()
+        _interpreter_compat.apply_comparison_dtype()
     from . import fip_step as _fs
     from . import fisher as _fi
     from . import library as _lib

@@ -1,4 +1,4 @@
-"""Two fixes for the Triton interpreter (CPU tests only; compiled kernels are unaffected).
+"""Three fixes for the Triton interpreter (CPU tests only; compiled kernels are unaffected).
 
 1. numpy ≥ 2.4 (:func:`apply`).
 
@@ -13,6 +13,13 @@ interpreter's own (restored after each launch), applied only when the environmen
 kernel re-patches all of ``triton.language`` (~2.5 ms, measured: 193 re-patches were 0.51 s of a 0.81 s
 ``fip_step_`` launch).  The kernel launch has already patched those very module objects, so for helpers of
 this package (and only those) the nested re-patch is skipped.  Results are unchanged; tests run ~3× faster.
+
+3. Comparisons typed as their left operand (:func:`apply_comparison_dtype`).  The interpreter computes
+``a < b`` with numpy and tags the result with ``a``'s type: a comparison of int64 *scalars* (``nn < N``) comes
+back as an int64 0/1 instead of an int1, and ``n_ok & block_mask`` is then int64 too.  triton 3.2–3.6 let such a
+mask through ``tl.load``/``tl.store``; triton 3.9's C++ load/store refuse it ("mask has unsupported dtype").  The
+fix retypes every comparison result as int1 (bool data), what the compiler does; applied only where a comparison
+comes back mistyped, and idempotent.
 """
 from __future__ import annotations
 
@@ -92,4 +99,41 @@ def apply_fast_nested_calls() -> bool:
     _interp.GridExecutor.__call__ = _grid_call
     _interp.InterpretedFunction.__call__ = _fn_call
     _fast_applied = True
+    return True
+
+
+_cmp_applied = False
+
+
+def _comparison_mistyped(interp) -> bool:
+    from triton import language as tl
+    b = interp.InterpreterBuilder()
+    h = interp.TensorHandle(np.array(1, dtype=np.int64), tl.int64)
+    return b.create_icmpSLT(h, h).dtype != tl.int1
+
+
+def apply_comparison_dtype() -> bool:
+    """Make the interpreter's ``create_icmp*`` / ``create_fcmp*`` return int1 (see fix 3 above)."""
+    global _cmp_applied
+    if _cmp_applied:
+        return True
+    try:
+        from triton import language as tl
+        from triton.runtime import interpreter as _interp
+        if not _comparison_mistyped(_interp):
+            return False
+    except Exception:
+        return False
+
+    def _as_int1(fn):
+        def cmp(self, lhs, rhs):
+            out = fn(self, lhs, rhs)
+            return _interp.TensorHandle(np.asarray(out.data).astype(np.bool_), tl.int1)
+        return cmp
+
+    builder = _interp.InterpreterBuilder
+    for name in list(vars(builder)):
+        if name.startswith(("create_icmp", "create_fcmp")):
+            setattr(builder, name, _as_int1(getattr(builder, name)))
+    _cmp_applied = True
     return True
