@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier, Purifier
+from fip_fast.pipeline.purifier import MethodContext, Purifier
 from fip_fast.recipes import PURIFY
 
 __all__ = ["DEFAULTS", "build_fip", "build_fast_fip"]
@@ -94,21 +94,25 @@ def _reinit_head(model: nn.Module, ctx: MethodContext, f0: Optional[Dict[Tensor,
 
 
 def build_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: float, impl: str = "auto",
-              head: str = "keep", **o: Any) -> Purifier:
+              head: str = "keep", universal_perturbation: Any = None, path_aware: Any = None,
+              reset_units: Any = None, **o: Any) -> Purifier:
     """Full FIP: every trainable parameter, one group, F0 normalized by its maximum.  ``head="reinit"``: see
-    :func:`_reinit_head`."""
+    :func:`_reinit_head`.  ``universal_perturbation``, ``path_aware``, ``reset_units`` (off by default; ours,
+    beyond the paper): :mod:`fip_fast.pipeline.holding`, docs/holding.md."""
     from fip_fast.optim import FIP
+    from fip_fast.pipeline import holding
 
     if head not in ("keep", "reinit"):
         raise ValueError(f"head must be 'keep' or 'reinit', got {head!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    hold, reset = holding.prepare(model, ctx, o, universal_perturbation, path_aware, reset_units)  # reset: before F0
     f0 = _normalized_fisher(model, ctx, [params]) if o["eta_r"] > 0 else None
     if head == "reinit":
         _reinit_head(model, ctx, f0)
     opt = FIP(params, lr=lr, rho=rho, fisher0=f0, impl=impl, **_fip_kwargs(o))
-    return OptimizerPurifier(model, opt, ctx.loss_fn)
+    return holding.make_purifier(model, opt, ctx, hold, reset)
 
 
 def _is_extra(module: nn.Module, pname: str, mode: str) -> bool:
@@ -123,7 +127,8 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
                     rho_delta: float, relative: bool = True, rank: Optional[int] = None,
                     fast_fip_extra: str = "bias_bn", layer_types: Optional[Sequence[type]] = None,
                     impl: str = "auto", delta_optimizer: str = "fip", clip_norm: Optional[float] = None,
-                    mix_band: int = 0, lr_mix: Optional[float] = None, **o: Any) -> Purifier:
+                    mix_band: int = 0, lr_mix: Optional[float] = None, universal_perturbation: Any = None,
+                    path_aware: Any = None, reset_units: Any = None, **o: Any) -> Purifier:
     """Fast FIP: train the singular-value shifts δ (+ biases / normalization affine parameters), in place
     (:mod:`fip_fast.spectral`: the layers keep their weights, no W(δ) rebuilt; δ's gradient from the activations,
     or from a dense dW where that is the cheaper GEMM).
@@ -169,6 +174,11 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
     if delta_optimizer != "fip" and o.get("trace_estimator", "fd") != "fd":
         raise ValueError(f"delta_optimizer={delta_optimizer!r} supports trace_estimator='fd' only, got "
                          f"{o.get('trace_estimator')!r}")
+    from fip_fast.pipeline import holding
+
+    # universal_perturbation / path_aware / reset_units: as for build_fip; the reset acts on W before its SVD, and
+    # the path's θ0 is δ = 0 (with the extras and mixing entries at their start).
+    hold, reset = holding.prepare(model, ctx, o, universal_perturbation, path_aware, reset_units)
     # The extras: parameters that were trainable before reparameterization (merge restores every flag).
     extras = [p for m in model.modules() for pname, p in m.named_parameters(recurse=False)
               if p.requires_grad and _is_extra(m, pname, fast_fip_extra)]
@@ -215,5 +225,5 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
             if mixes:
                 pen = pen + sum((m.spectral_mix * m.spectral_mix_mask).pow(2).sum() for m in layers)
             return 0.5 * wd * pen
-    return OptimizerPurifier(model, opt, ctx.loss_fn, finalize=spectral.merge, penalty=penalty)
+    return holding.make_purifier(model, opt, ctx, hold, reset, finalize=spectral.merge, penalty=penalty)
 

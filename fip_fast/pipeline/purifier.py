@@ -117,7 +117,9 @@ class OptimizerPurifier(Purifier):
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self._finalize = finalize
 
-    def step(self, x: Tensor, y: Tensor) -> float:
+    def _closure(self, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+        """The closure :meth:`step` hands ``optimizer.step`` (a subclass may wrap it: see
+        :class:`fip_fast.pipeline.holding.HoldingPurifier`, which takes the gradients at a shifted point)."""
         from fip_fast.optim import frozen_running_stats
 
         model, opt, loss_fn = self.model, self.optimizer, self.loss_fn
@@ -135,7 +137,11 @@ class OptimizerPurifier(Purifier):
             else:
                 loss.backward()
             return loss
+        return closure
 
+    def step(self, x: Tensor, y: Tensor) -> float:
+        model, opt = self.model, self.optimizer
+        closure = self._closure(x, y)
         model.train()
         skipped0 = self.skipped_steps
         bn = _bn_stats_snapshot(model)

@@ -1,0 +1,417 @@
+"""Mechanisms that make a purification *hold* (ours, beyond the FIP paper; docs/holding.md): options of the
+``fip`` and ``fast_fip`` methods, each off by default.
+
+* ``universal_perturbation`` (:class:`UniversalPerturbation`; after I-BAU's and AWM's universal perturbation and
+  SAU's shared adversarial examples): one input-shaped perturbation δ, L∞-bounded by ``eps``, kept across steps and
+  moved by one signed-gradient step per batch (:meth:`_Universal.update`) toward what the model gets most wrong;
+  a ``fraction`` of every training batch is replaced by x + δ *with its true label*.  Clean data never carry the
+  trigger with a wrong label, so clean cross-entropy alone gives no gradient against a trigger-like direction; δ
+  supplies one.  Cost: one extra forward and one input-only backward per step.
+* ``path_aware`` (:class:`PathAware`; PAM, Min et al., NeurIPS 2024, ``fine_tune/BTIDBF/sam.py`` of
+  AISafety-HKUST/stable_backdoor_purification): every gradient of the step is taken at w + ρ·(θ0 − w)/‖θ0 − w‖
+  (θ0: the trainable parameters where purification started; global L2 norm) and applied at w.  A purified model
+  that stays on the backdoored basin's side of the path to θ0 is penalized.  No extra forward/backward.
+* ``reset_units`` (:class:`UnitReset`; TSBD, Lin et al., NeurIPS 2024, linweiii/TSBD): before purification, a
+  short gradient *ascent* on the clean set (on a copy of the model), rank units — output channels of convolutions,
+  rows of hidden Linear layers — by their summed absolute weight change, and zero the most changed weights of the
+  top ``fraction`` of units in the model (:func:`reset_units_`).  Cost: ``steps`` forward/backward passes, once.
+
+Each option accepts ``None``/``False`` (off), ``True`` (the defaults), a number (the first field: ``eps``,
+``rho``, ``fraction``), a dict of fields, or the dataclass.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier
+
+logger = logging.getLogger("fip_fast")
+
+__all__ = ["UniversalPerturbation", "PathAware", "UnitReset", "HoldingOptions", "resolve_holding",
+           "HoldingPurifier", "make_purifier", "prepare", "reset_units_", "ResetResult"]
+
+
+# ------------------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class UniversalPerturbation:
+    """eps: L∞ bound of δ, in input units (0.2 for [0, 1] images).  step: the signed step per batch (None:
+    eps / 10, so the bound is reached in ≈ 10 batches).  fraction: share of every batch replaced by x + δ (true
+    labels; the first ⌊fraction·B⌉ samples of the already random batch).  objective: ``"loss"`` — ascend the
+    cross-entropy of the true labels (untargeted); ``"attract"`` — descend the cross-entropy toward the class
+    that attracts the most probability mass of the wrong classes on x + δ (for a backdoored model, the target).
+    clamp: (lo, hi) range of x + δ; None: the clean set's min and max."""
+
+    eps: float = 0.2
+    step: Optional[float] = None
+    fraction: float = 0.5
+    objective: str = "loss"
+    clamp: Optional[Tuple[float, float]] = None
+
+    def __post_init__(self) -> None:
+        _positive("universal_perturbation.eps", self.eps)
+        if self.step is not None:
+            _positive("universal_perturbation.step", self.step)
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"universal_perturbation.fraction must lie in (0, 1], got {self.fraction!r}")
+        if self.objective not in ("loss", "attract"):
+            raise ValueError(f"universal_perturbation.objective must be 'loss' or 'attract', got {self.objective!r}")
+        if self.clamp is not None and (len(self.clamp) != 2 or not self.clamp[0] < self.clamp[1]):
+            raise ValueError(f"universal_perturbation.clamp must be (lo, hi) with lo < hi, got {self.clamp!r}")
+
+
+@dataclass(frozen=True)
+class PathAware:
+    """rho: the distance (global L2, in parameter units) of the gradient point from w toward θ0 (PAM's 0.5)."""
+
+    rho: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive("path_aware.rho", self.rho)
+
+
+@dataclass(frozen=True)
+class UnitReset:
+    """fraction: share of all ranked units to reset (TSBD's n).  weight_fraction: among the weights of those
+    units, the share with the largest change that is zeroed (TSBD's m, 0.7; 1.0: whole units).  steps, lr,
+    batch_size: the clean gradient-ascent pass (SGD, momentum 0.9, seeded batches with replacement); it stops
+    early once a batch's accuracy is ≤ stop_acc (TSBD stops at 10 % clean accuracy).  layers: ``"conv"``
+    (convolutions, TSBD's default) or ``"conv_linear"`` (also every Linear layer but the last, the head)."""
+
+    fraction: float = 0.05
+    weight_fraction: float = 0.7
+    steps: int = 20
+    lr: float = 0.01
+    batch_size: int = 64
+    stop_acc: float = 0.1
+    layers: str = "conv"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"reset_units.fraction must lie in (0, 1], got {self.fraction!r}")
+        if not 0 < self.weight_fraction <= 1:
+            raise ValueError(f"reset_units.weight_fraction must lie in (0, 1], got {self.weight_fraction!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"reset_units.steps must be an int ≥ 1, got {self.steps!r}")
+        _positive("reset_units.lr", self.lr)
+        if self.batch_size < 1:
+            raise ValueError(f"reset_units.batch_size must be ≥ 1, got {self.batch_size!r}")
+        if self.layers not in ("conv", "conv_linear"):
+            raise ValueError(f"reset_units.layers must be 'conv' or 'conv_linear', got {self.layers!r}")
+
+
+def _positive(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+def _as_option(name: str, value: Any, cls: type) -> Any:
+    """None/False → None; True → cls(); a number → cls(first field); a dict → cls(**dict); an instance → itself."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, (int, float)):
+        first = next(iter(cls.__dataclass_fields__))
+        return cls(**{first: value})
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as e:
+            raise TypeError(f"{name}: {e} (fields: {list(cls.__dataclass_fields__)})") from None
+    raise TypeError(f"{name} must be None, a bool, a number, a dict or a {cls.__name__}, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class HoldingOptions:
+    """The three mechanisms of one purification, resolved (None: off)."""
+
+    universal: Optional[UniversalPerturbation] = None
+    path: Optional[PathAware] = None
+    reset: Optional[UnitReset] = None
+
+    @property
+    def any(self) -> bool:
+        return self.universal is not None or self.path is not None or self.reset is not None
+
+
+def resolve_holding(universal_perturbation: Any = None, path_aware: Any = None, reset_units: Any = None, *,
+                    trace_estimator: str = "fd", eta_F: float = 0.0) -> HoldingOptions:
+    """Parse the three options and check they fit the optimizer's suppressor.  ``path_aware`` shifts the weights
+    inside the closure only, so it needs every gradient to be computed inside it: not with the ``"batch"`` /
+    ``"exact"`` estimators (their double backward runs after the closure) nor ``"lagged"`` (the model holds a
+    perturbation between steps)."""
+    h = HoldingOptions(_as_option("universal_perturbation", universal_perturbation, UniversalPerturbation),
+                       _as_option("path_aware", path_aware, PathAware),
+                       _as_option("reset_units", reset_units, UnitReset))
+    if h.path is not None and eta_F > 0 and trace_estimator != "fd":
+        raise ValueError(f"path_aware needs trace_estimator='fd' (or eta_F=0), got trace_estimator="
+                         f"{trace_estimator!r}: the gradient point is shifted inside the closure only")
+    return h
+
+
+# -------------------------------------------------------------------------------- universal perturbation
+class _Universal:
+    """The persistent perturbation δ (shape of one input, fp32) and its per-batch update."""
+
+    def __init__(self, cfg: UniversalPerturbation, x_train: Tensor, device: torch.device):
+        self.cfg = cfg
+        lo, hi = cfg.clamp if cfg.clamp is not None else (float(x_train.min()), float(x_train.max()))
+        self.lo, self.hi = lo, hi
+        self.step_size = cfg.step if cfg.step is not None else cfg.eps / 10
+        self.delta = torch.zeros(x_train.shape[1:], dtype=torch.float32, device=device)
+        self.skipped = 0
+        self.attracted: Optional[int] = None    # the last "attract" class
+
+    def perturb(self, x: Tensor, delta: Optional[Tensor] = None) -> Tensor:
+        d = self.delta if delta is None else delta
+        return (x + d.to(x.dtype)).clamp(self.lo, self.hi)
+
+    def update(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        """One signed-gradient step of δ on the batch (x, y), the model in eval mode (BatchNorm's running statistics
+        untouched, as AWM does) and only δ's gradient computed; a non-finite gradient leaves δ as it was."""
+        was = model.training
+        model.eval()
+        try:
+            d = self.delta.clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = model(self.perturb(x, d)).float()
+                obj = self._objective(out, y)
+                (g,) = torch.autograd.grad(obj, d)
+        finally:
+            model.train(was)
+        if not bool(torch.isfinite(g).all()):
+            self.skipped += 1
+            return
+        with torch.no_grad():
+            self.delta.add_(g.sign(), alpha=self.step_size).clamp_(-self.cfg.eps, self.cfg.eps)
+
+    def _objective(self, out: Tensor, y: Tensor) -> Tensor:
+        """What δ ascends: the true labels' cross-entropy, or minus the cross-entropy toward the class with the
+        most wrong-class probability mass (the samples of that class left out)."""
+        if self.cfg.objective == "loss":
+            return F.cross_entropy(out, y)
+        with torch.no_grad():
+            p = out.softmax(1)
+            p[torch.arange(p.shape[0], device=p.device), y] = 0.0
+            c = int(p.mean(0).argmax())
+        self.attracted = c
+        keep = y != c
+        if not bool(keep.any()):
+            return out.sum() * 0.0
+        return -F.cross_entropy(out[keep], torch.full_like(y[keep], c))
+
+    def mix(self, x: Tensor) -> Tensor:
+        """The batch with its first ⌊fraction·B⌉ samples (at least one) replaced by x + δ."""
+        k = max(1, int(round(self.cfg.fraction * x.shape[0])))
+        x = x.clone()
+        x[:k] = self.perturb(x[:k])
+        return x
+
+
+# -------------------------------------------------------------------------------------------- path aware
+class _Path:
+    """θ0 (the trainable parameters at the start) and the per-step shift s = ρ·(θ0 − w)/‖θ0 − w‖."""
+
+    def __init__(self, cfg: PathAware, params: Sequence[Tensor]):
+        self.rho = cfg.rho
+        self.params = list(params)
+        self.anchor = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def shift(self) -> Optional[List[Tensor]]:
+        """s at the current w (None at w = θ0: the direction is undefined, the gradient is taken at w)."""
+        # fp32 math, fp64 for fp64 parameters (as the optimizer's)
+        diff = [a.to(_acc(p)) - p.detach().to(_acc(p)) for a, p in zip(self.anchor, self.params)]
+        norm = math.sqrt(sum(float((d * d).sum()) for d in diff))
+        if norm == 0.0 or not math.isfinite(norm):
+            return None
+        return [d.mul_(self.rho / norm) for d in diff]
+
+    @contextlib.contextmanager
+    def applied(self, s: List[Tensor]) -> Iterator[None]:
+        """Inside: every parameter p + s; after: p exactly as before (a saved copy, not a subtraction)."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.params]
+            for p, si in zip(self.params, s):
+                p.add_(si.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, saved):
+                    p.copy_(v)
+
+
+def _acc(p: Tensor) -> torch.dtype:
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- unit reset
+@dataclass
+class ResetResult:
+    """What :func:`reset_units_` did.  ranking: (module name, unit index, score) over every candidate unit, most
+    changed first (score: Σ|Δw| of the unit's weights after the ascent).  reset: the units chosen (the first
+    ``len(reset)`` of ``ranking``).  zeroed: weights set to 0.  ascent_steps: steps of the ascent pass run."""
+
+    ranking: List[Tuple[str, int, float]]
+    reset: List[Tuple[str, int]]
+    zeroed: int
+    ascent_steps: int
+
+    def summary(self) -> Dict[str, Any]:
+        return {"units_reset": len(self.reset), "units_ranked": len(self.ranking), "weights_zeroed": self.zeroed,
+                "ascent_steps": self.ascent_steps}
+
+
+def _unit_layers(model: nn.Module, layers: str) -> List[Tuple[str, nn.Module]]:
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if layers == "conv":
+        out = convs
+    else:
+        lin = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        out = convs + lin[:-1]        # the last Linear is the head: its units are the classes
+    if not out:
+        raise ValueError(f"reset_units(layers={layers!r}): the model has no such layer to reset")
+    return out
+
+
+def _ascend(model: nn.Module, x: Tensor, y: Tensor, cfg: UnitReset, seed: int, loss_fn: Any,
+            device: torch.device) -> int:
+    """TSBD's clean unlearning: SGD (momentum 0.9) on −loss, seeded batches with replacement; returns steps run."""
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=0.9)
+    g = torch.Generator().manual_seed(seed + 7919)
+    for t in range(cfg.steps):
+        i = torch.randint(x.shape[0], (min(cfg.batch_size, x.shape[0]),), generator=g)
+        xb, yb = x[i].to(device), y[i].to(device)
+        out = model(xb)
+        if float((out.argmax(1) == yb).float().mean()) <= cfg.stop_acc:
+            return t
+        opt.zero_grad(set_to_none=True)
+        (-loss_fn(out, yb)).backward()
+        opt.step()
+    return cfg.steps
+
+
+@torch.no_grad()
+def reset_units_(model: nn.Module, ctx: MethodContext, cfg: UnitReset) -> ResetResult:
+    """TSBD's zero reinitialization, in place on ``model``: ascend on a copy (:func:`_ascend`), rank every unit
+    (a row of the weight reshaped to out × rest) by Σ|w_ascended − w0|, take the top ⌈fraction·units⌉, and zero,
+    among their weights, the ``weight_fraction`` with the largest |Δw| (one threshold over all of them, as TSBD)."""
+    work = copy.deepcopy(model)
+    with torch.enable_grad():
+        ran = _ascend(work, ctx.x_train, ctx.y_train, cfg, ctx.seed, ctx.loss_fn, ctx.device)
+    mods = dict(work.named_modules())
+    changes: Dict[str, Tensor] = {}
+    ranking: List[Tuple[str, int, float]] = []
+    for name, m in _unit_layers(model, cfg.layers):
+        dw = (mods[name].weight.detach().float() - m.weight.detach().float()).abs().reshape(m.weight.shape[0], -1)
+        changes[name] = dw
+        ranking += [(name, i, float(s)) for i, s in enumerate(dw.sum(1).tolist())]
+    ranking.sort(key=lambda r: -r[2])
+    k = max(1, math.ceil(cfg.fraction * len(ranking)))
+    chosen = [(n, i) for n, i, _ in ranking[:k]]
+    merged = torch.cat([changes[n][i] for n, i in chosen])
+    n_zero = max(1, int(round(cfg.weight_fraction * merged.numel())))
+    thresh = merged.topk(n_zero).values.min()
+    zeroed = 0
+    for n, i in chosen:
+        w = model.get_submodule(n).weight
+        mask = (changes[n][i] >= thresh).reshape(w.shape[1:])
+        w[i][mask] = 0.0
+        zeroed += int(mask.sum())
+    return ResetResult(ranking, chosen, zeroed, ran)
+
+
+# ----------------------------------------------------------------------------------------------- purifier
+class HoldingPurifier(OptimizerPurifier):
+    """:class:`OptimizerPurifier` with the universal perturbation (batches mixed before the step) and the
+    path-aware gradient point (the closure runs at w + s, the optimizer steps at w)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any, *, hold: HoldingOptions,
+                 ctx: MethodContext, reset: Optional[ResetResult] = None, **kw: Any):
+        super().__init__(model, optimizer, loss_fn, **kw)
+        if hold.universal is not None and ctx.resuming:
+            raise NotImplementedError("universal_perturbation cannot resume from a checkpoint yet (δ is not saved "
+                                      "with it): run without checkpoint resume, or without the option")
+        self.universal = _Universal(hold.universal, ctx.x_train, ctx.device) if hold.universal is not None else None
+        self.path = _Path(hold.path, self.params) if hold.path is not None else None
+        self.reset = reset
+        self._shift: Optional[List[Tensor]] = None
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        if self.universal is not None:
+            self.universal.update(self.model, x, y)
+            x = self.universal.mix(x)
+        self._shift = self.path.shift() if self.path is not None else None
+        try:
+            return super().step(x, y)
+        finally:
+            self._shift = None
+
+    def _closure(self, x: Tensor, y: Tensor):
+        inner = super()._closure(x, y)
+        s = self._shift
+        if s is None:
+            return inner
+
+        def closure():
+            with self.path.applied(s):
+                return inner()
+        return closure
+
+    def distribute(self, wrap: Any) -> None:
+        if wrap is not None and self.universal is not None:
+            raise NotImplementedError("universal_perturbation does not support purify(distributed=…) yet (every "
+                                      "rank would update its own δ)")
+        super().distribute(wrap)
+
+    def info(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        if self.universal is not None:
+            out["universal_perturbation"] = {"linf": float(self.universal.delta.abs().max()),
+                                             "skipped": self.universal.skipped,
+                                             "attracted_class": self.universal.attracted}
+        if self.reset is not None:
+            out["reset_units"] = self.reset.summary()
+        return out
+
+
+def make_purifier(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext, hold: HoldingOptions,
+                  reset: Optional[ResetResult] = None, **kw: Any) -> OptimizerPurifier:
+    """A plain :class:`OptimizerPurifier` when no mechanism is on (the purification is then exactly the
+    method's own), else a :class:`HoldingPurifier`.  ``kw``: ``finalize``, ``penalty``."""
+    if not hold.any:
+        return OptimizerPurifier(model, optimizer, ctx.loss_fn, **kw)
+    if reset is not None:
+        logger.info("fip_fast.pipeline: reset_units zeroed %d weights in %d units (%d ascent steps)", reset.zeroed,
+                    len(reset.reset), reset.ascent_steps)
+    return HoldingPurifier(model, optimizer, ctx.loss_fn, hold=hold, ctx=ctx, reset=reset, **kw)
+
+
+def describe(hold: HoldingOptions) -> Dict[str, Any]:
+    """The resolved options as plain dicts (for logs and reports)."""
+    return {k: (asdict(v) if v is not None else None) for k, v in
+            (("universal_perturbation", hold.universal), ("path_aware", hold.path), ("reset_units", hold.reset))}
+
+
+def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_perturbation: Any, path_aware: Any,
+            reset_units: Any) -> Tuple[HoldingOptions, Optional[ResetResult]]:
+    """What a builder calls first: resolve the options against its optimizer options ``o`` (``trace_estimator``,
+    ``eta_F``) and run the unit reset on ``model`` (also when resuming: the checkpoint's weights replace the
+    model's anyway, and the path's θ0 must be the same reset model as in the uninterrupted run)."""
+    hold = resolve_holding(universal_perturbation, path_aware, reset_units,
+                           trace_estimator=o.get("trace_estimator", "fd"), eta_F=o.get("eta_F", 0.0))
+    reset = reset_units_(model, ctx, hold.reset) if hold.reset is not None else None
+    return hold, reset

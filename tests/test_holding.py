@@ -1,0 +1,241 @@
+"""fip_fast.pipeline.holding: each mechanism does what it claims (tiny synthetic backdoor, CPU, one thread)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _synthetic import TinyCNN, small_cnn  # tests/ is on sys.path
+from test_purify import TARGET, _images, _trigger
+from torch import nn
+
+from fip_fast import pipeline as P
+from fip_fast.pipeline import holding as H
+from fip_fast.pipeline.methods import DEFAULTS, build_fip
+from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def backdoored(one_thread):
+    """A TinyCNN with a 2×2 corner patch backdoor (target 0) on [0, 1] images, its clean set and test set."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = _images(600, g)
+    xc, yc = _images(160, g)
+    xt, yt = _images(300, g)
+    xp, yp = x.clone(), y.clone()
+    idx = torch.nonzero(y != TARGET).flatten()[:60]
+    xp[idx], yp[idx] = _trigger(x[idx]), TARGET
+    model = TinyCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(10):
+        perm = torch.randperm(xp.shape[0], generator=g)
+        for i in range(0, xp.shape[0], 50):
+            b = perm[i:i + 50]
+            opt.zero_grad()
+            F.cross_entropy(model(xp[b]), yp[b]).backward()
+            opt.step()
+    return model.eval(), (xc, yc), (xt, yt)
+
+
+def _ctx(x, y, seed: int = 0) -> MethodContext:
+    return MethodContext(x, y, torch.device("cpu"), F.cross_entropy, seed, False)
+
+
+# ------------------------------------------------------------------------------------ universal perturbation
+@pytest.mark.parametrize("objective", ["loss", "attract"])
+def test_universal_perturbation_finds_the_backdoor(backdoored, objective):
+    """20 per-batch updates of δ (eps 0.2) on clean batches send most clean non-target test images of the backdoored
+    model to the target class; no perturbation and a random sign pattern of the same L∞ norm send none."""
+    model, (xc, yc), (xt, yt) = backdoored
+    u = H._Universal(H.UniversalPerturbation(eps=0.2, objective=objective), xc, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        i = torch.randint(xc.shape[0], (64,), generator=g)
+        u.update(model, xc[i], yc[i])
+    keep = yt != TARGET
+
+    def target_rate(x):
+        with torch.no_grad():
+            return float((model(x).argmax(1) == TARGET).float().mean())
+
+    rand = torch.sign(torch.randn(xc.shape[1:], generator=g)) * 0.2
+    assert float(u.delta.abs().max()) <= 0.2 + 1e-7
+    assert target_rate(xt[keep]) < 0.05
+    assert target_rate(u.perturb(xt[keep], rand)) < 0.2
+    assert target_rate(u.perturb(xt[keep])) > 0.8
+    if objective == "attract":
+        assert u.attracted == TARGET
+
+
+def test_universal_perturbation_mixes_a_fraction_with_true_labels(backdoored):
+    """The purifier replaces the first ⌊fraction·B⌉ samples by x + δ and trains on the unchanged labels."""
+    model, (xc, yc), _ = backdoored
+    m = copy.deepcopy(model)
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()) if mod.training else None)
+    opts = dict(DEFAULTS["fip"], universal_perturbation=dict(eps=0.2, fraction=0.25))
+    for k in ("steps", "batch_size", "patience", "lr_schedule"):
+        opts.pop(k)
+    pur = build_fip(m, _ctx(xc, yc), **opts)
+    assert isinstance(pur, H.HoldingPurifier)
+    x, y = xc[:64], yc[:64]
+    pur.step(x, y)
+    d = pur.universal.delta
+    assert float(d.abs().max()) > 0
+    lo, hi = float(xc.min()), float(xc.max())      # clamp: the clean set's range
+    assert torch.equal(seen[0][:16], (x[:16] + d).clamp(lo, hi)) and torch.equal(seen[0][16:], x[16:])
+    assert not torch.equal(seen[0][:16], x[:16])
+
+
+# ------------------------------------------------------------------------------------------------- path aware
+def _mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _plain_sgd(model, ctx, path_aware, **kw):
+    o = dict(lr=0.1, rho=0.5, momentum=0.0, weight_decay=0.0, eta_F=0.0, eta_r=0.0, trace_every=1,
+             trace_estimator="fd", max_mix=1.0)
+    o.update(kw)
+    return build_fip(model, ctx, path_aware=path_aware, **o)
+
+
+def test_path_aware_step_uses_the_gradient_at_the_shifted_point():
+    """With plain SGD (no momentum, decay or suppressor): the gradient is that of w + ρ·(θ0 − w)/‖θ0 − w‖ and the
+    new weights are w − lr·that gradient (not the gradient at w)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(3, (32,), generator=g)
+    model = _mlp()
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    pur = _plain_sgd(model, _ctx(x, y), 0.5)
+    pur.step(x, y)                  # at w = θ0 the direction is undefined: a plain step, w moves off θ0
+    w = [p.detach().clone() for p in model.parameters()]
+    diff = [a - b for a, b in zip(theta0, w)]
+    norm = torch.sqrt(sum((d * d).sum() for d in diff))
+    assert norm > 0
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, wi, d in zip(ref.parameters(), w, diff):
+            p.copy_(wi + 0.5 * d / norm)
+    F.cross_entropy(ref(x), y).backward()
+    g_shift = [p.grad for p in ref.parameters()]
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y).backward()
+    assert max(float((a - b.grad).abs().max()) for a, b in zip(g_shift, plain.parameters())) > 1e-3
+    pur.step(x, y)
+    for p, wi, gs in zip(model.parameters(), w, g_shift):
+        torch.testing.assert_close(p.grad, gs, rtol=1e-10, atol=1e-12)
+        # the FIP step's arithmetic is fp32 (METHOD.md): 1e-7 here, against a 1e-4 gap to w − lr·∇ℓ(w)
+        torch.testing.assert_close(p.detach(), wi - 0.1 * gs, rtol=0, atol=1e-7)
+
+
+def test_path_aware_costs_no_extra_forward():
+    """With the fd suppressor on, a step runs two forwards with or without path_aware."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(3, (32,), generator=g)
+    counts = []
+    for pa in (None, 0.5):
+        model, n = _mlp(), [0]
+        model.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        pur = _plain_sgd(model, _ctx(x, y), pa, eta_F=0.005)
+        for _ in range(3):
+            pur.step(x, y)
+        counts.append(n[0])
+    assert counts == [6, 6]
+
+
+def test_path_aware_refuses_estimators_outside_the_closure():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g)
+    with pytest.raises(ValueError, match="path_aware needs trace_estimator='fd'"):
+        _plain_sgd(_mlp(), _ctx(x, y), 0.5, eta_F=0.005, trace_estimator="batch")
+
+
+# ------------------------------------------------------------------------------------------------ unit reset
+def _reference_changes(model, x, y, cfg, seed):
+    """Σ|Δw| per output unit of every conv after the ascent, computed independently of the implementation."""
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=0.9)
+    g = torch.Generator().manual_seed(seed + 7919)
+    for _ in range(cfg.steps):
+        i = torch.randint(x.shape[0], (min(cfg.batch_size, x.shape[0]),), generator=g)
+        out = m(x[i])
+        if float((out.argmax(1) == y[i]).float().mean()) <= cfg.stop_acc:
+            break
+        opt.zero_grad()
+        (-F.cross_entropy(out, y[i])).backward()
+        opt.step()
+    mods = dict(m.named_modules())
+    return {n: (mods[n].weight - mod.weight).detach().abs().flatten(1).sum(1) for n, mod in model.named_modules()
+            if isinstance(mod, nn.Conv2d)}
+
+
+@pytest.mark.parametrize("weight_fraction", [1.0, 0.7])
+def test_reset_zeroes_the_units_it_ranks_first(weight_fraction):
+    """The ranking is by the ascent's Σ|Δw| (checked against an independent re-computation), most changed first;
+    the top ⌈fraction·units⌉ units lose their most changed weights (all of them at weight_fraction 1); every other
+    weight of the model is untouched."""
+    g = torch.Generator().manual_seed(0)
+    x, y = _images(128, g)
+    torch.manual_seed(0)
+    model = small_cnn()
+    before = copy.deepcopy(model)
+    cfg = H.UnitReset(fraction=0.1, weight_fraction=weight_fraction, steps=5, lr=0.05, stop_acc=0.0)
+    res = H.reset_units_(model, _ctx(x, y, seed=3), cfg)
+    ref = _reference_changes(before, x, y, cfg, seed=3)
+    scores = [s for _, _, s in res.ranking]
+    assert scores == sorted(scores, reverse=True) and len(res.ranking) == 32
+    for n, i, s in res.ranking:
+        assert s == pytest.approx(float(ref[n][i]), rel=1e-5)
+    assert res.reset == [(n, i) for n, i, _ in res.ranking[:4]]
+    zeroed = 0
+    chosen = set(res.reset)
+    for (n, m), (_, m0) in zip(model.named_modules(), before.named_modules()):
+        if not isinstance(m, nn.Conv2d):
+            continue
+        for i in range(m.weight.shape[0]):
+            if (n, i) in chosen:
+                z = m.weight[i] == 0
+                zeroed += int(z.sum())
+                assert torch.equal(m.weight[i][~z], m0.weight[i][~z])
+                if weight_fraction == 1.0:
+                    assert bool(z.all())
+            else:
+                assert torch.equal(m.weight[i], m0.weight[i])
+    assert zeroed == res.zeroed
+    n_w = sum(model.get_submodule(n).weight[i].numel() for n, i in res.reset)
+    assert zeroed == pytest.approx(weight_fraction * n_w, abs=1)
+    for (k, v), v0 in zip(model.state_dict().items(), before.state_dict().values()):
+        if not k.endswith("weight") or v.dim() != 4:
+            assert torch.equal(v, v0), k
+
+
+# ---------------------------------------------------------------------------------------------- through purify
+@pytest.mark.parametrize("method", ["fip", "fast_fip"])
+def test_purify_with_every_mechanism(backdoored, method):
+    """All three options through ``purify``: the run completes, reports what each did, and the model keeps its
+    architecture; with every option off the purifier is the plain one."""
+    model, (xc, yc), _ = backdoored
+    m, rep = P.purify(copy.deepcopy(model), (xc, yc), method=method, steps=6, progress=False, val_fraction=0,
+                      universal_perturbation=0.2, path_aware=True, reset_units=dict(fraction=0.1, steps=3))
+    assert rep.steps_run == 6 and rep.extra["reset_units"]["units_reset"] == 2
+    assert 0 < rep.extra["universal_perturbation"]["linf"] <= 0.2 + 1e-7
+    assert set(m.state_dict()) == set(model.state_dict())
+    opts = {k: v for k, v in DEFAULTS["fip"].items() if k not in ("steps", "batch_size", "patience", "lr_schedule")}
+    assert type(build_fip(copy.deepcopy(model), _ctx(xc, yc), **opts)) is OptimizerPurifier
+
+
+def test_options_parse_and_reject():
+    assert H.resolve_holding(0.3, None, None).universal == H.UniversalPerturbation(eps=0.3)
+    assert H.resolve_holding(None, True, 0.2) == H.HoldingOptions(None, H.PathAware(), H.UnitReset(fraction=0.2))
+    with pytest.raises(ValueError, match="universal_perturbation.fraction"):
+        H.resolve_holding(dict(fraction=0.0))
+    with pytest.raises(TypeError, match="reset_units"):
+        H.resolve_holding(None, None, dict(bogus=1))
+    with pytest.raises(TypeError, match="path_aware must be"):
+        H.resolve_holding(None, "yes")
