@@ -127,6 +127,21 @@ def check_purify_flags(args: argparse.Namespace) -> None:
          "--triggered needs --target (the attack's target class) to compute ASR")
     need(args.target is None or 0 <= args.target < args.num_classes,
          f"--target must be a class index in 0..{args.num_classes - 1}, got {args.target}")
+    check_method_options(args)
+
+
+def check_method_options(args: argparse.Namespace) -> None:
+    """--method with --set, --steps, --batch-size, --lr, --augment: every name and combination the method itself
+    would refuse (:func:`fip_fast.pipeline.run.check_options`, a dry run on a tiny probe model) is refused here,
+    before any file is read — e.g. ``--set trace_estimator=lagged`` with Fast FIP's default SGD δ-optimizer."""
+    from fip_fast.pipeline.run import check_options
+
+    kw = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "augment", "val_fraction")}
+    try:
+        check_options(args.method, **kw, **parse_set(args.set))
+    except (ValueError, TypeError) as e:
+        flags = "--set" if args.set else "the options"
+        raise CLIError(f"--method {args.method} with {flags}: {' '.join(str(e).split())}") from e
 
 
 def check_demo_flags(args: argparse.Namespace, controls: Sequence[str]) -> None:

@@ -40,7 +40,8 @@ def _add_run_flags(q: argparse.ArgumentParser) -> None:
                    "images, not digits); Fisher and clean validation stay unaugmented (default: the method's, "
                    "none for every built-in method)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra method option, e.g. "
-                   "--set eta_F=0.01 --set trace_estimator=lagged (repeatable; values parsed as JSON)")
+                   "--set eta_F=0.01 --set rho=0.3 (repeatable; values parsed as JSON; names and combinations "
+                   "are checked before any work: trace_estimator=lagged needs --method fip)")
 
 
 def _add_output_flags(q: argparse.ArgumentParser) -> None:
@@ -153,10 +154,34 @@ def _add_purify_run(q: argparse.ArgumentParser) -> None:
                    "before failing, with --distributed (default: 1800)")
 
 
+#: ``fip-fast purify --help``'s examples and rules; every ``  fip-fast`` line runs in tests/test_cli_safety.py on
+#: the files of examples/own_model/ (docs/own-model.md walks through them).
+_COMMON = "--checkpoint model.safetensors --clean clean.npz --num-classes 4"
+PURIFY_EXAMPLES = (
+    f"fip-fast purify --arch mymodels:make {_COMMON}",
+    f"fip-fast purify --arch mymodels:make {_COMMON} --test test.npz --triggered triggered.npz --target 0 --out report",
+    f"fip-fast purify --arch mymodels:make {_COMMON} --method fip --set trace_estimator=lagged",
+)
+PURIFY_EPILOG = "examples (run from the folder of examples/own_model/ after `python make_data.py`):\n" + "".join(
+    f"  {ex}\n" for ex in PURIFY_EXAMPLES) + """
+your model: --arch module:factory imports module from the current folder (no PYTHONPATH needed) and calls
+  factory(num_classes=..., in_channels=...) for the arguments its signature takes; it must return an
+  nn.Module that maps a batch to (N, num_classes) logits.
+your data: .npz with arrays x and y (integer labels 0..num_classes-1), or an image folder root/<class>/<image>.
+  Images (N, H, W), (N, H, W, C) or (N, C, H, W): uint8 0..255 or float in [0, 1] (the model sees [0, 1]).
+  At 334 clean samples or more, 20 % are held out for clean-validation selection; below, all of them train.
+  Clean accuracy is measured before and after; a drop of more than 10 points is not saved without
+  --accept-accuracy-drop.
+exit status: 0 saved; 2 usage error or unusable input (nothing run, nothing written); 3 no purified model
+  written (diverged, accuracy drop, or an output could not be written; the previous outputs are intact);
+  130 interrupted.  docs/own-model.md: a worked example."""
+
+
 def _add_purify(sub) -> None:
     q = sub.add_parser("purify", help="purify a checkpoint with clean data",
                        description="Purify a model checkpoint with a small clean data set; optional test and "
-                       "triggered data are used for reporting only.")
+                       "triggered data are used for reporting only.", epilog=PURIFY_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(q)
     q.set_defaults(out=None, default_out="fip_fast_report")
     _add_purify_inputs(q)

@@ -21,7 +21,7 @@ What :func:`purify` does for the built-in methods (``"fip"``, ``"fast_fip"``):
    empirical Fisher of the trainable parameters at θ0 on the purification part
    (:func:`fip_fast.estimate_fisher`, exact per-sample estimator, BatchNorm in eval mode), **normalized by its
    maximum** per parameter group, so that F0 ∈ [0, 1] and η_r ≈ 1 means the same on every model
-   (METHOD.md "Stability": with SGD the anchor is stable while lr·η_r·max F0 < 2·(1+μ); max-normalization makes
+   (docs/method.md "Stability": with SGD the anchor is stable while lr·η_r·max F0 < 2·(1+μ); max-normalization makes
    that lr·η_r < 3.9 at μ = 0.95, whatever the model).  Fast FIP normalizes the δ group and the group of biases /
    BatchNorm affine parameters separately: their raw Fisher magnitudes are on different scales.
 3. **Optimizer.**  :class:`fip_fast.FIP` (SGD + momentum, suppressor ``"fd"`` by default with a closure, or
@@ -139,7 +139,7 @@ from fip_fast.pipeline.strategy import SingleProcess, make_strategy, sync
 
 logger = logging.getLogger("fip_fast")
 
-__all__ = ["purify", "PurifyReport", "Purifier", "OptimizerPurifier", "MethodContext", "MethodSpec",
+__all__ = ["purify", "check_options", "PurifyReport", "Purifier", "OptimizerPurifier", "MethodContext", "MethodSpec",
            "register_method", "available_methods", "get_method", "ResumeMismatchError", "_jsonable"]
 
 
@@ -301,6 +301,44 @@ class _AccuracyGuard:
             if self.strategy.is_main:
                 logger.warning("fip_fast.pipeline: %s", w)
         return model, report
+
+
+def _probe_model() -> nn.Module:
+    """A tiny model with the layer kinds the built-in methods handle (conv, BatchNorm, linear), for
+    :func:`check_options`'s dry run."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(8 * 16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def check_options(method: str = "fast_fip", *, steps: Optional[int] = None, batch_size: Optional[int] = None,
+                  lr: Optional[float] = None, augment: Any = None, val_fraction: Any = None,
+                  **options: Any) -> None:
+    """Judge ``method``'s options — their names and their combinations — before any data are loaded: raise the
+    ValueError / TypeError that :func:`purify` would raise only after loading the data and the model.
+
+    A ``kind="loop"`` method's builder runs once on a tiny probe model (conv + BatchNorm + linear, 1×8×8 inputs,
+    a few random samples), so every check it makes (e.g. Fast FIP's ``delta_optimizer='sgd'`` supports
+    ``trace_estimator='fd'`` only) fires here; a runner's option names are checked against its signature.
+    Options that depend on the user's model (``layer_types``, ``rank`` beyond the probe's layers) are not
+    judged here."""
+    spec = get_method(method)
+    opts, loop_opts = resolve_options(spec, steps=steps, batch_size=batch_size, lr=lr, options=dict(options),
+                                      val_fraction=val_fraction, val_margin=None, patience=None, eval_every=None,
+                                      augment=augment)
+    make_augment(loop_opts.augment, torch.zeros(1, 1, 8, 8))
+    if spec.kind == "runner":
+        params = inspect.signature(spec.fn).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(k for k in opts if k not in params and k != "lr")
+            if unknown:
+                raise TypeError(f"method {spec.name!r} does not accept option(s) {unknown}")
+        return
+    loop_plan(opts, loop_opts, 0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 1, 8, 8, generator=g), torch.arange(6) % 3
+    ctx = MethodContext(x, y, torch.device("cpu"), F.cross_entropy, 0, False)
+    _build_purifier(spec, _probe_model(), ctx, opts, SingleProcess(), PurifyReport(spec.name, {}))
 
 
 def _build_purifier(spec: MethodSpec, model: nn.Module, ctx: MethodContext, opts: Dict[str, Any],
