@@ -27,6 +27,14 @@ def _ms(xs: List[float], scale: float = 100.0, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(m)} ± {fmt.format(statistics.stdev(xs) * scale)}"
 
 
+def _mild(rs: List[dict]) -> str:
+    """Mean ± sd of the milder re-tuning attack's ASR (``retune_mild_asr``) over the runs that have it ('–' for runs
+    made before it existed), with how many when not all."""
+    xs = [r.get("retune_mild_asr") for r in rs if r.get("retune_mild_asr") is not None]
+    cell = _ms(xs)
+    return cell if not xs or len(xs) == len(rs) else f"{cell} (n={len(xs)})"
+
+
 def _by_cell(doc: dict) -> Dict[str, Dict[str, dict]]:
     """``{cell: {method (or run key for several configs of one method): run}}``."""
     cells: Dict[str, Dict[str, dict]] = defaultdict(dict)
@@ -56,15 +64,18 @@ def dev_md(dev: dict) -> List[str]:
     return out + [""]
 
 
-def ablate_md(doc: dict) -> List[str]:
+def ablate_md(doc: dict, holding: bool = False) -> List[str]:
     """The development ablations: per variant, architecture and clean-set size, mean ACC / ASR / RA / re-tuned
-    ASR over the development cells (``TINY_ABLATIONS`` on the 2 % ones)."""
-    from bench.protocol import ABLATIONS, TINY_ABLATIONS
+    ASR over the development cells (``TINY_ABLATIONS`` on the 2 % ones).  ``holding``: the table of
+    ``HOLDING_ABLATIONS`` (both clean-set sizes) instead."""
+    from bench.protocol import ABLATIONS, HOLDING_ABLATIONS, TINY_ABLATIONS
 
     cells = _by_cell(doc)
-    out = ["## Development ablations (our methods' variants; development ASR read to design the method)", "",
-           "| variant | arch | clean | ACC % | ASR % | RA % | re-tuned ASR % | wall s |",
-           "|---|---|---|---|---|---|---|---|"]
+    title = ("## Holding mechanisms on the development cells (docs/holding.md)" if holding else
+             "## Development ablations (our methods' variants; development ASR read to design the method)")
+    out = [title, "",
+           "| variant | arch | clean | ACC % | ASR % | RA % | re-tuned ASR % | re-tuned (mild) ASR % | wall s |",
+           "|---|---|---|---|---|---|---|---|---|"]
 
     def group(arch: str, clean: str) -> List[Dict[str, dict]]:
         return [v for k, v in cells.items() if k.startswith(arch + "/") and f"/c{clean}/" in k]
@@ -74,15 +85,18 @@ def ablate_md(doc: dict) -> List[str]:
         if b:
             out.append(f"| backdoored | {arch} | {clean} | {_ms([r['acc'] for r in b])} | "
                        f"{_ms([r['asr'] for r in b])} | {_ms([r['ra'] for r in b])} | "
-                       f"{_ms([r['retune_asr'] for r in b])} | – |")
-    for clean, table in (("0.1", ABLATIONS), ("0.02", TINY_ABLATIONS)):
+                       f"{_ms([r['retune_asr'] for r in b])} | {_mild(b)} | – |")
+    tables = (("0.1", HOLDING_ABLATIONS), ("0.02", HOLDING_ABLATIONS)) if holding else \
+        (("0.1", ABLATIONS), ("0.02", TINY_ABLATIONS))
+    for clean, table in tables:
         for name, (m, cfg) in table.items():
             for arch in ("cnn", "resnet"):
                 rs = [r for v in group(arch, clean) for r in v.values() if r["method"] == m and r["cfg"] == cfg]
                 if rs:
                     out.append(f"| {name} | {arch} | {clean} | {_ms([r['acc'] for r in rs])} | "
                                f"{_ms([r['asr'] for r in rs])} | {_ms([r['ra'] for r in rs])} | "
-                               f"{_ms([r['retune_asr'] for r in rs])} | {_ms([r['wall_s'] for r in rs], 1.0)} |")
+                               f"{_ms([r['retune_asr'] for r in rs])} | {_mild(rs)} | "
+                               f"{_ms([r['wall_s'] for r in rs], 1.0)} |")
     return out + [""]
 
 
@@ -100,7 +114,7 @@ def _summary_rows(cells: Dict[str, Dict[str, dict]], methods, label: str) -> Lis
         wall = [r.get("wall_s") for r in rs if r.get("wall_s") is not None]
         rows.append(f"| {label} | {m} | {len(rs)} | {_ms([r['acc'] for r in rs])} | {_ms(d_acc)} | "
                     f"{_ms([r['asr'] for r in rs])} | {_ms([r['ra'] for r in rs])} | "
-                    f"{_ms([r['retune_asr'] for r in rs])} | {_ms(wall, 1.0) if wall else '–'} |")
+                    f"{_ms([r['retune_asr'] for r in rs])} | {_mild(rs)} | {_ms(wall, 1.0) if wall else '–'} |")
     return rows
 
 
@@ -136,8 +150,9 @@ def eval_md(doc: dict) -> List[str]:
            f"{len(complete)} cells complete (every method run; {len(all_cells) - len(complete)} in progress); "
            f"{len(cells)} with an implanted backdoor (ASR ≥ {MIN_ASR:.0%}) enter the means; the attack failed in "
            f"{len(failed)}: {', '.join(failed) or '–'}.", "", *_model_check(complete),
-           "| cells | method | n | ACC % | ΔACC (pt) | ASR % | RA % | re-tuned ASR % | wall s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| cells | method | n | ACC % | ΔACC (pt) | ASR % | RA % | re-tuned ASR % | re-tuned (mild) ASR % "
+           "| wall s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     groups = [("all", cells)]
     for arch in ("cnn", "resnet"):
         groups.append((arch, {k: v for k, v in cells.items() if k.startswith(arch + "/")}))
@@ -149,7 +164,8 @@ def eval_md(doc: dict) -> List[str]:
         out += _summary_rows(cs, METHODS, label)
     benign = [c["before"]["benign"]["retune_asr"] for c in complete.values()]
     out += ["", f"Re-tuning attack on the **benign** models (same architecture and training, no poison): ASR "
-            f"{_ms(benign)} % over {len(benign)} cells (the calibration: a benign model must stay low).", ""]
+            f"{_ms(benign)} % over {len(benign)} cells (the calibration: a benign model must stay low); the milder "
+            f"attack: {_mild([c['before']['benign'] for c in complete.values()])} %.", ""]
     out += ["### Cells won: row dominates column (lower ASR, ACC not lower, ± 0.5 pt)", "",
             "| | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
     for a in METHODS:
@@ -187,6 +203,11 @@ def write_report(dev_path: Path, eval_path: Path, argv) -> Path:
     if abl.exists():
         doc = json.loads(abl.read_text())
         abl.with_suffix(".md").write_text("\n".join(head + ablate_md(doc) + [f"Updated {doc.get('updated')}."]) + "\n")
+    hold = dev_path.with_name("protocol_holding.json")
+    if hold.exists():
+        doc = json.loads(hold.read_text())
+        hold.with_suffix(".md").write_text("\n".join(head + ablate_md(doc, holding=True) + [
+            f"Updated {doc.get('updated')}; machine {doc.get('machine')}."]) + "\n")
     if eval_path.exists():
         doc = json.loads(eval_path.read_text())
         lines = head + eval_md(doc) + [f"Updated {doc.get('updated')}; machine {doc.get('machine')}; command: "

@@ -196,6 +196,63 @@ def retune_asr(model: nn.Module, task: Task, rt: Retune = Retune()) -> float:
     return float(attack_success_rate(m, task.triggered[0], task.triggered[1], task.cell.target))
 
 
+@dataclass(frozen=True)
+class MildRetune:
+    """The milder re-tuning attack, PAM's own ("Uncovering, Explaining, and Mitigating the Superficial Safety of
+    Backdoor Defense", NeurIPS 2024; ``fine_tune/ft_poison.py`` of AISafety-HKUST/stable_backdoor_purification:
+    ``--split_ratio 0.02 --poison_num 5 --epochs 5 --lr 0.01``, SGD momentum 0.9, batch 128): fine-tune on a
+    ``split`` share of the training pool (here the class-stratified 2 % subset of the defender's pool, 80 images —
+    for the 2 % cells, their own clean set) in which ``n_trigger`` images of non-target classes carry the trigger
+    and the target label, for ``epochs`` shuffled epochs.  With 80 images and batch 128 an epoch is one batch: 5
+    steps, each with 5 triggered images among 80 (today's :class:`Retune`: 10 steps, 1 among 32)."""
+
+    split: float = 0.02
+    n_trigger: int = 5
+    epochs: int = 5
+    lr: float = 0.01
+    batch: int = 128
+
+
+def mild_retune_set(task: Task, rt: MildRetune = MildRetune()) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(x, y, poisoned)``: the attack's fine-tuning set — the ``rt.split`` subset of the defender's pool (the same
+    seeded stratified draw as the 2 % cells' clean set) with ``rt.n_trigger`` non-target images (seeded choice)
+    replaced by their triggered versions labelled with the target; ``poisoned``: their indices."""
+    xc, yc = task.clean
+    if task.cell.clean > rt.split:
+        idx = _stratified_subset(yc, rt.split / task.cell.clean, task.cell.seed)
+        xc, yc = xc[idx], yc[idx]
+    cand = torch.nonzero(yc != task.cell.target).flatten()
+    if cand.numel() < rt.n_trigger:
+        raise ValueError(f"the {rt.split:.0%} split holds {cand.numel()} non-target images, fewer than n_trigger="
+                         f"{rt.n_trigger}")
+    g = torch.Generator().manual_seed(task.cell.seed + 1307)
+    pick = cand[torch.randperm(cand.numel(), generator=g)[:rt.n_trigger]].sort().values
+    x, y = xc.clone(), yc.clone()
+    x[pick] = task.attack.apply(xc[pick])
+    y[pick] = task.cell.target
+    return x, y, pick
+
+
+def retune_mild_asr(model: nn.Module, task: Task, rt: MildRetune = MildRetune()) -> float:
+    """ASR of a copy of ``model`` after the milder re-tuning attack ``rt`` (``model`` itself is not modified)."""
+    from fip_fast.evaluation.metrics import attack_success_rate
+
+    m = copy.deepcopy(model).train()
+    x, y, _ = mild_retune_set(task, rt)
+    g = torch.Generator().manual_seed(task.cell.seed + 1308)
+    opt = torch.optim.SGD(m.parameters(), lr=rt.lr, momentum=0.9)
+    for _ in range(rt.epochs):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], rt.batch):
+            b = perm[i:i + rt.batch]
+            loss = F.cross_entropy(m(x[b]), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    m.eval()
+    return float(attack_success_rate(m, task.triggered[0], task.triggered[1], task.cell.target))
+
+
 def measure(model: nn.Module, task: Task, *, lam: bool = False) -> Dict[str, float]:
     """Clean test ACC, ASR and RA on the triggered test set; optionally λ_max (power iteration, 256 clean test
     images, all parameters)."""

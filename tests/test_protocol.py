@@ -62,7 +62,12 @@ def test_ablate_report_separates_the_clean_set_sizes():
         runs[P.run_key(c, m, cfg)] = {"cell": c.key, "method": m, "cfg": cfg, "acc": 0.9, "asr": asr, "ra": 0.5,
                                       "retune_asr": 0.5, "wall_s": 1.0}
     rows = [r for r in ablate_md({"runs": runs}) if r.startswith(f"| {name} |")]
-    assert rows == [f"| {name} | cnn | 0.02 | 90.0 | 25.0 | 50.0 | 50.0 | 1.0 |"], rows   # the 10 % cell apart
+    # the 10 % cell apart; the milder attack's column '–' for runs made before it existed
+    assert rows == [f"| {name} | cnn | 0.02 | 90.0 | 25.0 | 50.0 | 50.0 | – | 1.0 |"], rows
+    for r in runs.values():
+        r["retune_mild_asr"] = 0.2
+    rows = [r for r in ablate_md({"runs": runs}) if r.startswith(f"| {name} |")]
+    assert rows == [f"| {name} | cnn | 0.02 | 90.0 | 25.0 | 50.0 | 50.0 | 20.0 | 1.0 |"], rows
 
 
 def test_report_counts_dominance_and_excludes_failed_attacks(tmp_path):
@@ -142,3 +147,34 @@ def test_model_digest_sees_one_changed_weight():
     with torch.no_grad():
         next(m.parameters()).view(-1)[0] += 1e-6
     assert T.model_digest(m) != d0
+
+
+def test_mild_retune_set_is_pams_split_with_five_triggered_images(tiny_protocol, tmp_path):
+    """The milder attack's set: the 2 % split (80 images, the 2 % cells' own clean set), exactly 5 of its
+    non-target images replaced by their triggered versions labelled with the target, the rest untouched; the same
+    80 images when the defender holds the 10 % set."""
+    import dataclasses
+
+    sp, atk, clean = T._split(tiny_protocol)
+    task = T.Task(tiny_protocol, None, clean, sp.test, atk.triggered_test(*sp.test), atk)
+    x, y, pick = T.mild_retune_set(task)
+    assert x.shape[0] == clean[0].shape[0] == 80 and pick.numel() == 5
+    assert bool((clean[1][pick] != tiny_protocol.target).all()) and bool((y[pick] == tiny_protocol.target).all())
+    assert torch.equal(x[pick], atk.apply(clean[0][pick]))
+    rest = torch.ones(80, dtype=torch.bool)
+    rest[pick] = False
+    assert torch.equal(x[rest], clean[0][rest]) and torch.equal(y[rest], clean[1][rest])
+    big = dataclasses.replace(tiny_protocol, clean=0.1)
+    sp, atk, clean10 = T._split(big)
+    x10, _, _ = T.mild_retune_set(T.Task(big, None, clean10, sp.test, atk.triggered_test(*sp.test), atk))
+    assert clean10[0].shape[0] == 400 and torch.equal(x10[rest], x[rest])
+
+
+def test_mild_retune_attack_is_milder_and_still_an_attack(tiny_protocol, tmp_path):
+    """On a benign model: PAM's setting stays low; the same mechanics at a strong setting implant the trigger."""
+    sp, atk, clean = T._split(tiny_protocol)
+    benign = T.benign_model(tiny_protocol, tmp_path)
+    task = T.Task(tiny_protocol, benign, clean, sp.test, atk.triggered_test(*sp.test), atk)
+    mild = T.retune_mild_asr(benign, task)
+    strong = T.retune_mild_asr(benign, task, T.MildRetune(n_trigger=40, epochs=40, lr=0.05))
+    assert mild < 0.3 and strong > mild + 0.3
