@@ -9,18 +9,23 @@ a synthetic backdoor and checks that it purifies.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fip_fast.optim import frozen_running_stats
 from fip_fast.recipes import PURIFY, FIPRecipe
 
 
 def purify_in_a_loop(model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Tensor,
-                     recipe: FIPRecipe = PURIFY, seed: int = 0) -> nn.Module:
-    """Purify ``model`` in place on the clean set ``(clean_x (N, …), clean_y (N,))`` and return it (eval mode)."""
+                     recipe: FIPRecipe = PURIFY, fisher0=None, seed: int = 0) -> nn.Module:
+    """Purify ``model`` in place on the clean set ``(clean_x (N, …), clean_y (N,))`` and return it (eval mode).
+
+    ``fisher0``: F0 per parameter, needed only by a recipe with ``eta_r > 0`` (PURIFY has none)."""
     # --- snippet: FIP in a plain loop -------------------------------------------------------------------------
-    opt = recipe.optimizer(model.parameters())   # FIP(lr=0.05, momentum=0.9, eta_F=5e-3, rho=0.5, trace_every=1, ...)
+    opt = recipe.optimizer(model.parameters(), fisher0)   # FIP(lr=0.05, momentum=0.9, eta_F=5e-3, rho=0.5, ...)
     sched = recipe.scheduler(opt)                # one-cycle: 10 % warm-up from lr/25, then cosine to 0
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -30,7 +35,10 @@ def purify_in_a_loop(model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Ten
 
         def closure():                           # called twice on suppressor steps (the second time at θ + e)
             opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
+            # at θ + e BatchNorm uses the batch statistics but keeps its running ones (as the pipeline does)
+            with frozen_running_stats(model) if opt.perturbed_pass else nullcontext():
+                out = model(x)
+            loss = F.cross_entropy(out, y)
             loss.backward()
             return loss
 

@@ -397,7 +397,7 @@ def normalize_fisher(fisher: dict[Tensor, Tensor], how: bool | str = "max") -> d
     """Scale all entries by one global number: their maximum (``"max"`` / ``True``) or mean (``"mean"``).
 
     Raw Fisher magnitudes vary by orders of magnitude between models; after ``"max"`` normalization F0 ∈ [0, 1]
-    and η_r ≈ 1 behaves the same across models (METHOD.md "Stability").
+    and η_r ≈ 1 behaves the same across models (docs/method.md "Stability").
     """
     if how is False or how is None:
         return fisher

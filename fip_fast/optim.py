@@ -1,4 +1,4 @@
-"""``fip_fast.FIP``: the FIP optimizer (METHOD.md "One optimizer step"), a ``torch.optim.Optimizer``.
+"""``fip_fast.FIP``: the FIP optimizer (docs/method.md "One optimizer step"), a ``torch.optim.Optimizer``.
 
 This module orchestrates; the arithmetic of a step lives in the kernel-level ops reached through
 :mod:`fip_fast.ops` (reference / foreach / Triton / CUDA), whose contract is
@@ -19,7 +19,7 @@ Suppressor estimators (``trace_estimator``), applied on every ``trace_every``-th
     the *perturbed* network into the running mean/var that evaluation uses (measured on the demo CNN: clean
     accuracy fell by up to 10 points at the end of a cosine schedule whose lr was already ≈ 0).
 ``"lagged"``
-    One pass (METHOD.md "Closure-free suppressor"): a step that precedes a suppressor call stores
+    One pass (docs/method.md "Closure-free suppressor"): a step that precedes a suppressor call stores
     e = r·g/‖g‖, r = min(2·η_F·‖g‖, max_mix·ρ); e is applied **lazily**, by a forward pre-hook, at the first
     forward of a module holding these parameters that runs in training mode with gradients enabled; the next
     step restores θ inside the fused kernel.  So *between steps the parameters always hold the unperturbed θ*:
@@ -230,7 +230,7 @@ class _SkipCounter:
 
 
 class _LazyPerturbation:
-    """Applies the stored lagged perturbation e at the first training forward after a step (METHOD.md
+    """Applies the stored lagged perturbation e at the first training forward after a step (docs/method.md
     "Closure-free suppressor", made lazy so that between steps the parameters hold θ).
 
     The optimizer knows its parameters, not the model.  So the first time e is pending, a process-wide forward
@@ -309,6 +309,10 @@ class FIP(Optimizer):
     empirical Fisher (the *suppressor*, pushing toward flat minima) and the last term is the Fisher-weighted
     anchor (CDA) to the weights θ0 held at construction.
 
+    The constructor's defaults are the authors' values; the settings that purify in a plain loop (and that
+    ``fip_fast.purify`` uses) are the recipe :data:`fip_fast.recipes.PURIFY`:
+    ``PURIFY.optimizer(model.parameters())`` and ``PURIFY.scheduler(opt)`` (``examples/optimizer_loop.py``).
+
     Args:
         params: iterable of parameters or of dicts (param groups with their own hyper-parameters); generators
             are fine (they are consumed once and kept as lists).
@@ -330,7 +334,7 @@ class FIP(Optimizer):
             Parameters without an entry have no anchor (and no copy θ0 is kept for them).
         impl: ``"auto"`` | ``"reference"`` | ``"foreach"`` | ``"triton"`` | ``"cuda"`` (see :mod:`fip_fast.ops`).
         max_mix: cap on the fd mix coefficient c = min(2·η_F·‖g‖/ρ, max_mix); at the cap (1.0) a suppressor step
-            is exactly a SAM step of radius ρ, the known-stable limit (METHOD.md "Stability").
+            is exactly a SAM step of radius ρ, the known-stable limit (docs/method.md "Stability").
 
     Every hyper-parameter is checked (a finite number in its range, the right type) when a group is added and
     when a state dict is loaded; a bad one raises ``ValueError`` naming it, and nothing is registered.

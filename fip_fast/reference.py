@@ -1,8 +1,10 @@
-"""The specification of fip_fast in plain PyTorch (METHOD.md, read as code).
+"""The specification of fip_fast in plain PyTorch: docs/method.md, read as code.
 
-Everything faster in this project — the ``foreach`` path, the Triton kernels, the CUDA extension — is tested
-against the functions in this file.  They are written for clarity: plain loops over tensors, fp32 (or fp64)
-math, no fusion, no tricks.
+docs/method.md states the method (objective, suppressor estimators, Fast FIP, the optimizer step, the kernel
+contracts, the measurements, and the choices made where the method is silent); the functions below are its
+formulas, section by section.  Everything faster in this project — the ``foreach`` path, the C++ CPU kernels,
+the Triton kernels, the CUDA extension — is tested against the functions in this file.  They are written for
+clarity: plain loops over tensors, fp32 (or fp64) math, no fusion, no tricks.
 
 Contents
 --------
@@ -15,7 +17,7 @@ Objective and suppressors (functional, on a model):
 Fisher (diagonal empirical Fisher, BatchNorm in eval mode):
     * :func:`fisher_per_sample_loop` the explicit per-sample loop — the slowest, most obviously right one.
 
-Kernel-level ops (METHOD.md "Kernel contracts"), on lists of tensors, in place:
+Kernel-level ops (docs/method.md "Kernel contracts"), on lists of tensors, in place:
     * :func:`fisher_accumulate_`     F ← β·F + α·g²
     * :func:`global_norm`            ‖[g_1 … g_n]‖₂ (one number for the whole list) and the non-finite flag
     * :func:`perturb_`               θ ← θ + scale·g
@@ -182,7 +184,7 @@ def fisher_per_sample_loop(model: nn.Module, x: Tensor, y: Tensor, params: Optio
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernel-level ops: the contracts of METHOD.md, one tensor at a time
+# Kernel-level ops: the contracts of docs/method.md, one tensor at a time
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -221,7 +223,7 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], scale: Scalar,
 
 
 def mix_coefficient(eta_F: float, gnorm: Tensor, rho: float, max_mix: float) -> Tensor:
-    """c = min(2·η_F·‖g‖/ρ, max_mix) — the weight of (g' − g) in a suppressor step (METHOD.md)."""
+    """c = min(2·η_F·‖g‖/ρ, max_mix) — the weight of (g' − g) in a suppressor step (docs/method.md)."""
     return torch.clamp(2.0 * eta_F * gnorm / rho, max=max_mix)
 
 
@@ -250,7 +252,7 @@ def fip_step_(
     next_pert_scale: Optional[Scalar],
     found_inf: Optional[Scalar],
 ) -> None:
-    """One FIP optimizer step (METHOD.md "One optimizer step" and "Closure-free suppressor"), in place.
+    """One FIP optimizer step (docs/method.md "One optimizer step", "Closure-free suppressor"), in place.
 
     Per tensor i and element, in fp32 (``θ`` is read from and written to ``params[i]`` in its own dtype):
 
@@ -339,7 +341,7 @@ def spectral_weight(U: Tensor, S: Tensor, delta: Tensor, Vh: Tensor, residual: O
     """W(δ) = U·diag(relu(s))·Vh (+ residual), with s = S + δ, or s = S·(1 + δ) when ``relative``.
 
     Shapes: U (m, r), S (r,), δ (r,), Vh (r, n), residual (m, n) or None → W (m, n) in U's dtype, math in
-    fp32.  The rank-k form of METHOD.md is W − U_k·diag(S_k)·Vh_k + U_k·diag(relu(S_k+δ))·Vh_k; its first two
+    fp32.  The rank-k form of docs/method.md is W − U_k·diag(S_k)·Vh_k + U_k·diag(relu(S_k+δ))·Vh_k; its first two
     terms are the frozen ``residual``.
     """
     s = _acc(S) * (1.0 + _acc(delta)) if relative else _acc(S) + _acc(delta)
@@ -375,7 +377,7 @@ def spectral_linear_grad(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, delt
 @torch.no_grad()
 def spectral_update_(weights: Sequence[Tensor], U: Sequence[Tensor], Vh: Sequence[Tensor], s_old: Sequence[Tensor],
                      s_new: Sequence[Tensor], base: Optional[Sequence[Tensor]] = None) -> None:
-    """W ← B + U·diag(s_new − s_old)·Vh for every layer i, in place (METHOD.md "In place"), B = ``base[i]`` or W.
+    """W ← B + U·diag(s_new − s_old)·Vh for every layer i, in place (docs/method.md "In place"), B = base[i] or W.
 
     Shapes: ``weights[i]`` (m, n) — the layer's weight as a matrix, possibly a view —, ``U[i]`` (m, k),
     ``Vh[i]`` (k, n), ``s_old[i]``, ``s_new[i]`` (k,); ``base[i]`` like ``weights[i]``.  fp32 math (fp64 stays

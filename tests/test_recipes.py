@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
-import math
 import pathlib
 
 import pytest
@@ -15,7 +14,7 @@ from _synthetic import make_task  # tests/ is on sys.path
 from torch import nn
 
 import fip_fast
-from fip_fast import FIP, estimate_fisher
+from fip_fast import estimate_fisher
 from fip_fast import pipeline as P
 from fip_fast.recipes import PURIFY, FIPRecipe
 
@@ -161,26 +160,6 @@ def test_recipe_refuses_bad_values():
         PURIFY.scheduler(PURIFY.optimizer(net.parameters()), steps=0)
 
 
-def _plain_loop_asr(task, make_opt, steps: int = 300) -> tuple[float, float]:
-    """The loop of examples/optimizer_loop.py with another optimizer and no schedule: (ACC, ASR) after it."""
-    m = copy.deepcopy(task.model)
-    opt = make_opt(m)
-    g = torch.Generator().manual_seed(0)
-    m.train()
-    for _ in range(steps):
-        idx = torch.randint(len(task.clean_x), (64,), generator=g)
-        x, y = task.clean_x[idx], task.clean_y[idx]
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(m(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    return task.acc(m), task.asr(m)
-
-
 def test_optimizer_loop_example_purifies(task):
     """The snippet of examples/optimizer_loop.py (the README's optimizer loop), run as it is on a synthetic
     backdoor: ASR from > 90 % to < 20 %, clean accuracy within 5 points."""
@@ -193,14 +172,12 @@ def test_optimizer_loop_example_purifies(task):
 
 def test_constructor_defaults_do_not_purify_in_that_loop(task):
     """Why the recipe exists: FIP's constructor values (the authors' lr 5e-3, momentum 0.95, η_F 1e-3, ρ 0.05, the
-    anchor on a max-normalized F0 — the optimizer snippet the README showed before the recipe) leave the backdoor
-    in the same loop and budget (measured: ASR 100 % on seeds 0–2 of this task, the recipe 0–0.7 %)."""
-    f0 = estimate_fisher(task.model, [(task.clean_x, task.clean_y)], normalize="max")
-
-    def old(m):
-        return FIP(m.parameters(), lr=5e-3, momentum=0.95, eta_F=1e-3, rho=0.05,
-                   fisher0={q: f0[p] for p, q in zip(task.model.parameters(), m.parameters())})
-
-    _, asr_old = _plain_loop_asr(task, old)
-    assert asr_old > 0.5, asr_old
-    assert math.isfinite(asr_old)
+    suppressor every 5th call, the anchor η_r 1 on a max-normalized F0 — the optimizer snippet the README showed
+    before the recipe), in the same loop and budget, leave the backdoor (measured: ASR 100 % on seeds 0–2 of this
+    task; PURIFY 0–0.7 %)."""
+    authors = PURIFY.replace(lr=5e-3, momentum=0.95, eta_F=1e-3, rho=0.05, trace_every=5, weight_decay=0.0,
+                             eta_r=1.0, lr_schedule="constant")
+    model = copy.deepcopy(task.model)
+    f0 = estimate_fisher(model, [(task.clean_x, task.clean_y)], normalize="max")
+    model = _example().purify_in_a_loop(model, task.clean_x, task.clean_y, recipe=authors, fisher0=f0)
+    assert task.asr(model) > 0.5, task.asr(model)

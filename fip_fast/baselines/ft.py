@@ -14,7 +14,7 @@ wd 0.03 → 0.925; every lr ≥ 0.05 → ≤ 0.95 on badnets and ≤ 0.925 on at
 remove the backdoor (e.g. lr 0.05, wd 0.03: test ACC 93.8 %, ASR 1.1 % on badnets — recorded, not used).  On the
 synthetic backdoor of the tests every candidate kept 100 % clean-val accuracy; there FT lowers ASR from lr·wd ≈
 3e-3 (lr 0.1, wd 0.03: ASR 0.00 / 0.00 / 0.03 on seeds 0/1/2), while the chosen defaults leave it at 1.00.
-So, as METHOD.md ("Stability") reports, FT does not remove a backdoor at a strength that keeps clean accuracy.
+So, as docs/method.md ("Stability") reports, FT does not remove a backdoor at a strength that keeps clean accuracy.
 """
 from __future__ import annotations
 

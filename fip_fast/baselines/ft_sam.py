@@ -15,7 +15,7 @@ A step whose first or second gradient is non-finite restores θ, leaves the base
 in :attr:`SAM.skipped_steps`.
 
 :func:`run_ft_sam` fine-tunes every parameter with SAM(SGD + momentum) on the clean set.  The default radius
-ρ = 0.3 sits in the range METHOD.md ("Stability") reports as purifying a SAM-strength suppressor (0.2–0.5); it
+ρ = 0.3 sits in the range docs/method.md ("Stability") reports as purifying a SAM-strength suppressor (0.2–0.5); it
 was fixed before any benchmark run, not tuned on test ASR; lr 0.01 / weight decay 5e-4 are FT's literature values,
 now with the cosine learning-rate decay of every runner (``lr_schedule``).  On the synthetic backdoor of the tests
 (60 steps, batch 32) the defaults give ASR 0.00 / 0.00 / 0.02 on seeds 0/1/2 with clean-val accuracy 100 % —

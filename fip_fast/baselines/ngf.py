@@ -1,5 +1,5 @@
 r"""NGF — Natural Gradient Fine-tuning (Karim et al., "Efficient Backdoor Removal Through Natural Gradient
-Fine-tuning"; METHOD.md Background): fine-tune **one layer** (by default the classifier, i.e. the last
+Fine-tuning"; docs/method.md Background): fine-tune **one layer** (by default the classifier, i.e. the last
 ``nn.Linear``/``nn.Conv2d`` of the model; any layer by qualified name) with a natural-gradient optimizer whose
 curvature is the Fisher, plus the Fisher anchor (CDA) of FIP: (η_r/2)·Σ F0·(θ − θ0)².
 

@@ -1,6 +1,6 @@
 r"""Salience-AR — benign-salience neuron ranking + fine-tuning with an adaptive, magnitude-scaled regularizer.
 
-This is our implementation of the **neuron-level method** that METHOD.md's Background lists as the second
+This is our implementation of the **neuron-level method** that docs/method.md's Background lists as the second
 baseline from the FIP line of work ("rank neurons by a *benign salience* — first-order gradient × weight on clean
 data — and fine-tune the suspicious ones with an adaptive, magnitude-scaled regularizer").  The spec gives only
 that sentence; every precise choice below is ours and is written down so it can be checked and changed.

@@ -8,7 +8,7 @@ Every attack is an :class:`Attack` built for one image shape ``(C, H, W)`` (any 
   Dirty-label attacks draw the poisoned samples from the non-target classes and relabel them to the target;
   clean-label attacks (SIG) draw them from the target class and keep the labels.
 * :meth:`Attack.triggered_test` ``(x, y) → (x_triggered, y_true)``: the ASR / RA test set — every test input
-  whose true class is not the target, triggered, with its true label (METHOD.md, "Measuring purification").
+  whose true class is not the target, triggered, with its true label (docs/method.md, "Measuring purification").
 
 The trigger itself (blend pattern, warping field…) is a fixed function of the attack's ``seed``; which samples
 are poisoned is a fixed function of the ``seed`` given to :meth:`poison_train`.

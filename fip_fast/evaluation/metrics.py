@@ -1,4 +1,4 @@
-"""Purification metrics (METHOD.md, "Measuring purification").
+"""Purification metrics (docs/method.md, "Measuring purification").
 
 * ACC — accuracy on the clean test set.
 * ASR — attack success rate: among triggered test inputs whose true class is not the target, the fraction

@@ -1,4 +1,4 @@
-"""Smoothness of the loss surface at a model's weights (METHOD.md, "Measuring purification").
+"""Smoothness of the loss surface at a model's weights (docs/method.md, "Measuring purification").
 
 FIP's premise is that a backdoored model sits in a sharper minimum than a benign one; these estimators measure
 that, on one fixed clean batch ``(x, y)``, with the model in eval mode (BatchNorm uses its running statistics,

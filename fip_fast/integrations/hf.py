@@ -1,6 +1,6 @@
 """Hugging Face ``transformers`` integration for Fast FIP (optional: ``pip install fip_fast[hf]``).
 
-Built on the in-place reparameterization of :mod:`fip_fast.spectral` (METHOD.md "Fast FIP", "In place"): no
+Built on the in-place reparameterization of :mod:`fip_fast.spectral` (docs/method.md "Fast FIP", "In place"): no
 module is swapped; each selected layer keeps its (frozen) weight and gets a parameter ``spectral_delta`` and
 buffers ``spectral_U`` / ``spectral_S`` / ``spectral_Vh`` (and a non-persistent ``spectral_W0``); the weight is
 re-derived in place from W0 when δ changes, and the δ-gradient comes from an output tap (see
@@ -170,7 +170,7 @@ def reparameterize_transformer(model: nn.Module, embeddings: bool = False, lm_he
         relative: s = S·(1 + δ) (recommended: one step size for every layer).
         freeze_others: freeze every other parameter (restored by :func:`merge_transformer`).
         train_biases: leave the biases of the selected layers and LayerNorm affine parameters trainable
-            (METHOD.md: Fast FIP purifies better when these train beside δ).  Returned after the δs.
+            (docs/method.md: Fast FIP purifies better when these train beside δ).  Returned after the δs.
         include: extra predicate ``(qualified_name, layer) -> bool`` (for a tied pair it decides on the
             embedding; the head follows).
         impl: implementation of the in-place weight update (:func:`fip_fast.ops.spectral_update_`).

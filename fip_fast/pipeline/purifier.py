@@ -179,7 +179,7 @@ class SpectralAdamW(torch.optim.Optimizer):
     Per step, for every group (pure PyTorch, no fused kernels — the groups are small: δ and biases / BN affine):
 
     * g = the gradient of the closure's loss at θ;
-    * on suppressor calls (``eta_F > 0``, every ``trace_every``-th call), the fd suppressor of METHOD.md, unchanged:
+    * on suppressor calls (``eta_F > 0``, every ``trace_every``-th call), the fd suppressor (docs/method.md):
       e = ρ·g/‖g‖ (the group's global norm, ρ its own ``rho``), g' = the gradient at θ + e (second closure call,
       :attr:`perturbed_pass` True so the purifier freezes BatchNorm's running statistics), θ = (θ + e) − e,
       d = g + c·(g' − g) with c = min(2·η_F·‖g‖/ρ, max_mix) (at the cap: a SAM step of radius ρ);
