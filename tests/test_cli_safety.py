@@ -167,3 +167,50 @@ def test_bad_option_combinations_fail_before_loading_data(here, capsys, monkeypa
     rc, _, err = _run(_argv(tmp_path / "o", *extra), capsys)
     assert re.search(pattern, _one_line_error(rc, err)), err
     assert not (tmp_path / "o").exists()
+
+
+# ---- 4: two runs into one new --out: the second fails (exit 2), the first's results stand
+def test_second_run_into_the_same_out_fails(here, capsys, monkeypatch, tmp_path):
+    from fip_fast import pipeline
+
+    out = tmp_path / "shared"
+    real = pipeline.purify
+    second = {}
+
+    def purify_while_another_run_starts(*a, **k):
+        if not second:                # run B starts while run A purifies, with the same new --out
+            second["started"] = True
+            second["rc"] = cli.main(_argv(out, "--steps", "2", method="fip"))
+            second["err"] = capsys.readouterr().err
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "purify", purify_while_another_run_starts)
+    rc, _, err = _run(_argv(out, "--steps", "2", method="fip"), capsys)
+    assert rc == 0, err
+    line = _one_line_error(second["rc"], second["err"])
+    assert "being written by another fip-fast run" in line and str(out) in line, line
+    assert json.loads((out / "report.json").read_text())["config"]["steps"] == 2
+    names = {p.name for p in out.iterdir()}
+    assert {"report.md", "report.json", "purified.safetensors"} <= names and not [n for n in names if n[0] == "."]
+
+
+def test_a_stale_lock_file_is_taken_over(here, capsys, tmp_path):
+    """A killed run leaves an unlocked lock file: the next run takes it over (no --overwrite needed)."""
+    from fip_fast.io import LOCK_NAME
+
+    out = tmp_path / "stale"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("12345\n")
+    rc, _, err = _run(_argv(out, "--steps", "2", method="fip"), capsys)
+    assert rc == 0, err
+    assert not (out / LOCK_NAME).exists() and (out / "purified.safetensors").is_file()
+
+
+def test_folder_lock_is_exclusive(tmp_path):
+    from fip_fast.io import FolderBusyError, FolderLock
+
+    with FolderLock(tmp_path / "new") as lock:
+        with pytest.raises(FolderBusyError, match="another fip-fast run"):
+            FolderLock(tmp_path / "new").acquire()
+        assert lock.path.is_file()
+    assert not (tmp_path / "new").exists()          # created by the lock, empty again: removed

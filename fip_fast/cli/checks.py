@@ -197,11 +197,12 @@ def check_out(out: Path, overwrite: bool, inputs: Sequence[Optional[Path]], flag
     ``--overwrite`` (which then replaces only :data:`OUTPUT_NAMES`, file by file; the folder itself and every
     other file in it are kept), and no output name may be an input (a checkpoint or data file called
     ``report.json``, or an image-folder input that contains --out)."""
-    from fip_fast.io import OverwriteInputError, check_not_input
+    from fip_fast.io import LOCK_NAME, OverwriteInputError, check_not_input
 
     if out.exists() and not out.is_dir():
         raise CLIError(f"{flag} {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    # The lock file alone does not count: a run that is writing into --out is refused when it takes the lock.
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
         raise CLIError(f"{flag} {out} exists and is not empty; choose a new folder, or pass --overwrite to replace "
                        f"only fip-fast's own outputs in it ({', '.join(OUTPUT_NAMES)}; nothing else is touched)")
     check_writable(out, flag)
@@ -210,6 +211,17 @@ def check_out(out: Path, overwrite: bool, inputs: Sequence[Optional[Path]], flag
             check_not_input(out / name, *inputs)
         except OverwriteInputError as e:
             raise CLIError(f"{flag}: {e}") from e
+
+
+def lock_out(out: Path, flag: str = "--out"):
+    """The lock of the report folder (:class:`fip_fast.io.FolderLock`), taken: a second run into the same folder
+    fails at once with exit status 2 instead of silently replacing the first one's results."""
+    from fip_fast.io import FolderBusyError, FolderLock
+
+    try:
+        return FolderLock(out).acquire()
+    except FolderBusyError as e:
+        raise CLIError(f"{flag}: {e}") from e
 
 
 def check_save(save: Path, overwrite: bool, inputs: Sequence[Optional[Path]]) -> None:

@@ -20,6 +20,7 @@ from fip_fast.cli.checks import (
     check_save,
     device,
     divergence,
+    lock_out,
     out_folder,
     parse_set,
 )
@@ -204,6 +205,16 @@ def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
         warn_if_no_plots()
     inp = purify_inputs(args, me.device)
     out, save_path = _purify_outputs(args, inp.paths)
+    lock = lock_out(out) if me.main else None      # a second run into --out fails now, not after its work
+    try:
+        return _purify_and_report(args, me, inp, out, save_path)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _purify_and_report(args: argparse.Namespace, me: Rank, inp: PurifyInputs, out: Path, save_path: Path) -> int:
+    """Measure the input model, purify, measure the result, print the table; rank 0 then reports and saves."""
     measure = _metrics_fn(inp, args.target)
     before = measure(inp.model) if measure is not None and me.main else {}
     x, y = inp.clean
