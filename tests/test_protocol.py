@@ -108,10 +108,11 @@ def test_run_one_end_to_end(tiny_protocol, tmp_path):
     before = P.run_one(tiny_protocol, None, {}, str(tmp_path))
     # one thread is the workers' business (the pool initializer), not the caller's: it changed later tests' numerics
     assert torch.get_num_threads() == threads
-    assert {"acc", "asr", "ra", "retune_asr", "benign"} <= before.keys()
+    assert {"acc", "asr", "ra", "retune_asr", "retune_mild_asr", "benign"} <= before.keys()
+    assert {"retune_asr", "retune_mild_asr"} <= before["benign"].keys()
     assert len(list(tmp_path.glob("*.safetensors"))) == 2          # backdoored + benign model cached
     after = P.run_one(tiny_protocol, "ft", {"lr": 0.01}, str(tmp_path))
-    assert {"acc", "asr", "ra", "wall_s", "val_acc0", "val_acc", "retune_asr"} <= after.keys()
+    assert {"acc", "asr", "ra", "wall_s", "val_acc0", "val_acc", "retune_asr", "retune_mild_asr"} <= after.keys()
     assert 0.0 <= after["asr"] <= 1.0 and after["wall_s"] > 0
     # the record keeps the effective configuration (defaults included), JSON-serializable
     assert after["config"]["steps"] == P.STEPS and after["config"]["lr"] == 0.01 and "lr_schedule" in after["config"]
