@@ -5,6 +5,7 @@
     python -m bench protocol dev            # grid of every method on the development cells, then the choice
     python -m bench protocol eval           # the frozen choices on the evaluation suite
     python -m bench protocol eval --quick   # a 4-cell subset
+    python -m bench protocol holding        # FIP's choice with each holding mechanism (docs/holding.md), dev cells
     python -m bench protocol report         # JSON -> markdown (also written after every stage)
 
 **Development task** (``DEV_CELLS``): both architectures × the attacks ``badnets`` and ``blend`` at seed 100,
@@ -27,7 +28,8 @@ evaluation cell.
 **Evaluation suite** (``EVAL_CELLS``): 5 attacks × seeds 0 1 2 × 2 architectures × clean sets of 2 % and 10 % of
 the training pool × poison rates 5 % and 10 % = 120 cells.  Per run: clean test ACC, ASR, RA, wall time of the
 purification, the re-tuning attack's ASR (:class:`bench.protocol_tasks.Retune`; the benign model's under the same
-attack is reported per cell), and λ_max for the cells of seed 0 with the 10 % clean set and 10 % poison.  A cell
+attack is reported per cell) and the milder one's (PAM's, :class:`bench.protocol_tasks.MildRetune`), and λ_max
+for the cells of seed 0 with the 10 % clean set and 10 % poison.  A cell
 whose backdoored model has ASR < 50 % (the attack failed to implant) is reported and left out of the means.
 
 Resumable: every finished run is written to the JSON at once, and a run that is already there (same
