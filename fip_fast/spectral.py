@@ -42,7 +42,9 @@ tests compare the two.
 from __future__ import annotations
 
 import contextlib
-import weakref
+import functools
+import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -58,19 +60,25 @@ __all__ = ["Adapter", "register_adapter", "reparameterize", "merge", "spectral_l
 # ------------------------------------------------------------------------------------------- layer adapters
 @dataclass(frozen=True)
 class Adapter:
-    """How a layer type's weight is a matrix and how its δ-gradient comes from activations.
+    """How a layer type's weight is a matrix and how its δ-gradient comes from activations — one registry for the
+    in-place form (here) and the module-swapping reference (:mod:`fip_fast.spectral_reference`).
 
     ``to_matrix(weight) -> (m, n)`` (a view of the weight where possible); ``from_matrix(W, shape) -> weight``;
     ``project(layer, x, U, Vh) -> a`` the projected input, (N, P, k) with P positions per sample;
     ``project_grad(layer, g_out, U, Vh) -> c`` the projected output gradient, (N, P, k);
     ``weight_grad(layer, x, g_out) -> dW`` the dense weight gradient as an (m, n) matrix, or None where the type
-    has none — then the δ-gradient always comes from the projections (see :func:`_weight_side`).
+    has none — then the δ-gradient always comes from the projections (see :func:`_weight_side`);
+    ``forward(layer, x, weight) -> y`` the layer run with another weight (the reference's module swap needs it;
+    None: the type works in place only); ``linear_like``: y = x·Wᵀ + b along the last dim (the reference's fast
+    per-sample Fisher).
     """
     to_matrix: Callable[[Tensor], Tensor]
     from_matrix: Callable[[Tensor, torch.Size], Tensor]
     project: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
     project_grad: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
     weight_grad: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None
+    forward: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None
+    linear_like: bool = False
 
 
 def _flat(w: Tensor) -> Tensor:
@@ -146,16 +154,32 @@ def _embedding_project_grad(layer, g, U, Vh):
     return _tokens(g) @ Vh.to(g.dtype).t()
 
 
-LINEAR_ADAPTER = Adapter(_flat, _unflat, _linear_project, _linear_project_grad, _linear_weight_grad)
-CONV_ADAPTER = Adapter(_flat, _unflat, _conv_project, _conv_project_grad, _conv_weight_grad)
-EMBEDDING_ADAPTER = Adapter(_flat, _unflat, _embedding_project, _embedding_project_grad)
+def _linear_forward(layer, x, w):
+    return torch.nn.functional.linear(x, w, layer.bias)
+
+
+def _conv_forward(layer, x, w):
+    return layer._conv_forward(x, w, layer.bias)
+
+
+def _embedding_forward(layer, idx, w):
+    return torch.nn.functional.embedding(idx, w, layer.padding_idx, None, layer.norm_type, layer.scale_grad_by_freq,
+                                         layer.sparse)
+
+
+LINEAR_ADAPTER = Adapter(_flat, _unflat, _linear_project, _linear_project_grad, _linear_weight_grad,
+                         _linear_forward, linear_like=True)
+CONV_ADAPTER = Adapter(_flat, _unflat, _conv_project, _conv_project_grad, _conv_weight_grad, _conv_forward)
+EMBEDDING_ADAPTER = Adapter(_flat, _unflat, _embedding_project, _embedding_project_grad,
+                            forward=_embedding_forward)
 _ADAPTERS: dict[type, Adapter] = {nn.Linear: LINEAR_ADAPTER, nn.Conv1d: CONV_ADAPTER, nn.Conv2d: CONV_ADAPTER,
                                   nn.Conv3d: CONV_ADAPTER, nn.Embedding: EMBEDDING_ADAPTER}
 DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 def register_adapter(layer_type: type, adapter: Adapter) -> None:
-    """Teach :func:`reparameterize` a new layer type (e.g. Hugging Face GPT-2 ``Conv1D``)."""
+    """Teach :func:`reparameterize` (and :func:`fip_fast.spectral_reference.reparameterize`, which shares this
+    registry; it needs ``adapter.forward``) a new layer type (e.g. Hugging Face GPT-2 ``Conv1D``)."""
     _ADAPTERS[layer_type] = adapter
 
 
@@ -167,19 +191,31 @@ def _adapter_for(layer: nn.Module) -> Adapter:
 
 
 # ------------------------------------------------------------------------------------------- one weight
+#: the attribute of every module using a reparameterized weight that holds its :class:`_Spectral`: the hooks are
+#: plain functions that look their state up on the module they are called with, so a ``copy.deepcopy`` of the
+#: model (``AveragedModel`` / EMA copies included) carries its own state and trains and merges on its own
+_STATE = "_fip_spectral"
+
+
 @dataclass(eq=False)
 class _Spectral:
-    """One reparameterized weight: its owner layer (holding δ and the buffers), the modules that use it, and the
-    version of δ the weight was last derived from."""
+    """One reparameterized weight: its owner layer (holding δ and the buffers), the modules that use it, its group,
+    and the values of δ (and O) the weight was last derived from.
+
+    ``seen`` is a copy of those values, compared by value (:meth:`stale`): fused optimizer kernels and writes
+    through ``.data`` change δ without bumping its version counter, so the counter cannot tell whether the weight
+    is current; δ is k numbers, one ``torch.equal`` per call."""
 
     owner: nn.Module
     adapter: Adapter
     relative: object                                          # False | True | "exp"
+    group: Optional["_Group"] = None
     users: list = field(default_factory=list)                 # modules whose forward uses the weight
-    synced: int = -1                                          # δ._version the weight holds
-    synced_mix: int = -1                                      # spectral_mix._version the weight holds (mixing)
+    seen: Optional[tuple] = None                              # (δ,) or (δ, O) the weight holds; None: re-derive
     sink: Optional[list] = None                               # per-sample δ-gradients while collecting
     shard: Optional[tuple] = None                             # under FSDP2 (:func:`shard`): (matrix axis, start, end)
+    loaded: frozenset = frozenset()                           # this layer's entries in the state dict being loaded
+    load_prefix: str = ""
 
     def local_factors(self) -> tuple[Tensor, Tensor]:
         """(U, Vh) restricted to this rank's part of the weight matrix (whole without FSDP2)."""
@@ -193,6 +229,19 @@ class _Spectral:
     def delta(self) -> nn.Parameter:
         return self.owner.spectral_delta
 
+    def state(self) -> tuple:
+        """What the weight is derived from besides the frozen buffers: (δ,), or (δ, O) with mixing."""
+        p = self.owner._parameters
+        return (p["spectral_delta"],) if "spectral_mix" not in p else (p["spectral_delta"], p["spectral_mix"])
+
+    def stale(self) -> bool:
+        """Whether δ (or O) differs in value from what the weight was derived from."""
+        seen = self.seen
+        if seen is None:
+            return True
+        cur = self.state()
+        return not _same_layout(cur, seen) or any(not torch.equal(a, b) for a, b in zip(cur, seen))
+
     def spectrum(self) -> Tensor:
         S = self.owner.spectral_S
         return _spectrum(S, self.delta, self.relative)
@@ -205,35 +254,116 @@ class _Spectral:
         return (self.spectrum() > 0).to(S.dtype) * (S if self.relative else 1.0)
 
 
+def _same_layout(cur: tuple, seen: tuple) -> bool:
+    return len(cur) == len(seen) and all(a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+                                         for a, b in zip(cur, seen))
+
+
+def _changed(cur: list, seen: list) -> list:
+    """[cur[i] differs in value from seen[i]] (same layouts): one multi-tensor pass and one host read for many
+    tensors on one device (max |cur − seen| is 0 exactly when they are equal: IEEE subtraction of distinct finite
+    numbers is never 0; NaN compares unequal)."""
+    if len(cur) <= 2 or len({t.device for t in cur}) > 1:
+        return [not torch.equal(a, b) for a, b in zip(cur, seen)]
+    gaps = torch._foreach_norm(torch._foreach_sub([t.detach() for t in cur], seen), ord=math.inf)
+    return torch.stack(gaps).ne(0).tolist()
+
+
+@torch.no_grad()
+def _snapshot(items: list) -> None:
+    """Record the δ (and O) values the weights of ``items`` now hold (one multi-tensor copy where layouts match)."""
+    dst, src = [], []
+    for sp in items:
+        cur = sp.state()
+        if sp.seen is not None and _same_layout(cur, sp.seen):
+            dst.extend(sp.seen)
+            src.extend(t.detach() for t in cur)
+        else:
+            sp.seen = tuple(t.detach().clone() for t in cur)
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+def _aliases(M: Tensor, w: Tensor) -> bool:
+    """Whether the matrix view ``M`` of the weight ``w`` is its memory (a channels_last 4-d weight flattens into a
+    copy, which an in-place update must not write into)."""
+    return M.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+
+
+@torch.no_grad()
+def _write_matrix(sp: _Spectral, target: Tensor, M: Tensor) -> None:
+    """target ← M, ``target`` a weight-shaped tensor (the weight, its local shard or W0), ``M`` its (m, n) matrix:
+    through the adapter's view where that is the target's memory, else through ``from_matrix`` (any layout)."""
+    view = sp.adapter.to_matrix(target)
+    if _aliases(view, target):
+        view.copy_(M)
+    else:
+        target.copy_(sp.adapter.from_matrix(M.to(target.dtype), target.shape))
+
+
 class _Group:
-    """The weights of one :func:`reparameterize` call: synchronized together (one spectral_update_ call)."""
+    """The weights of one :func:`reparameterize` call: synchronized together (one spectral_update_ call).
+    ``frozen``: (parameter, its requires_grad) that :func:`reparameterize` turned off, restored by :func:`merge`
+    (strong references: a deep copy of the model maps them to its own parameters); ``handles``: hooks outside the
+    layers (the FSDP2 root hook of :func:`shard`)."""
 
     def __init__(self, impl: str):
         self.items: list[_Spectral] = []
         self.impl = impl
         self.sharded = False           # FSDP2 (:func:`shard`): the weights are row shards, synced by the root hook
+        self.frozen: list = []
+        self.handles: list = []
+
+    def stale_items(self) -> list:
+        """The items whose δ (or O) differs from what their weight holds, in order."""
+        hit, cur, seen, who = set(), [], [], []
+        for sp in self.items:
+            c = sp.state()
+            if sp.seen is None or not _same_layout(c, sp.seen):
+                hit.add(id(sp))
+                continue
+            cur.extend(c)
+            seen.extend(sp.seen)
+            who.extend([sp] * len(c))
+        if cur:
+            hit.update(id(sp) for sp, ch in zip(who, _changed(cur, seen)) if ch)
+        return [sp for sp in self.items if id(sp) in hit]
 
     @torch.no_grad()
     def sync(self) -> None:
         if self.sharded:
             return self.sync_shards()
-        stale = [sp for sp in self.items if sp.delta._version != sp.synced or _mix_stale(sp)]
+        stale = self.stale_items()
         if not stale:
             return
-        mixed = [sp for sp in stale if _has_mix(sp.owner)]
-        for sp in mixed:
-            _sync_mixed(sp)
-        stale = [sp for sp in stale if not _has_mix(sp.owner)]
-        if not stale:
-            return
-        o = [sp.owner for sp in stale]
-        S = [m.spectral_S for m in o]
-        ops.spectral_update_([sp.adapter.to_matrix(sp.owner.weight) for sp in stale],
-                             [m.spectral_U for m in o], [m.spectral_Vh for m in o], S,
-                             _relu_spectra(S, [sp.delta for sp in stale], [sp.relative for sp in stale]),
-                             base=[sp.adapter.to_matrix(sp.owner.spectral_W0) for sp in stale], impl=self.impl)
+        plain = []
         for sp in stale:
-            sp.synced = sp.delta._version
+            if _has_mix(sp.owner):
+                _sync_mixed(sp)
+            else:
+                plain.append(sp)
+        if plain:
+            self._update(plain)
+        _snapshot(stale)
+
+    def _update(self, items: list) -> None:
+        """W = W0 + U·diag(relu(s(δ)) − S)·Vh for every item, in one :func:`fip_fast.ops.spectral_update_` call;
+        a weight whose matrix is not a view of it (channels_last) is computed aside and copied in."""
+        o = [sp.owner for sp in items]
+        S = [m.spectral_S for m in o]
+        out, back = [], []
+        for sp in items:
+            w = sp.owner.weight
+            M = sp.adapter.to_matrix(w)
+            if not _aliases(M, w):
+                M = torch.empty(M.shape, dtype=M.dtype, device=M.device)
+                back.append((sp, w, M))
+            out.append(M)
+        ops.spectral_update_(out, [m.spectral_U for m in o], [m.spectral_Vh for m in o], S,
+                             _relu_spectra(S, [sp.delta for sp in items], [sp.relative for sp in items]),
+                             base=[sp.adapter.to_matrix(m.spectral_W0) for sp, m in zip(items, o)], impl=self.impl)
+        for sp, w, M in back:
+            _write_matrix(sp, w, M)
 
     @torch.no_grad()
     def sync_shards(self) -> None:
@@ -245,14 +375,19 @@ class _Group:
         mixes = [sp.owner.spectral_mix for sp in self.items if _has_mix(sp.owner)]
         full = _gather_many([sp.delta for sp in self.items] + mixes)
         full_mix = iter(full[len(self.items):])
-        W, U, Vh, S, s_new, base = [], [], [], [], [], []
+        W, U, Vh, S, s_new, base, back = [], [], [], [], [], [], []
         for sp, delta in zip(self.items, full):
             o = sp.owner
             if _has_mix(o):            # W[part] = W0[part] + U[part]·core·Vh[part], core with the gathered δ and O
                 _sync_mixed(sp, delta, next(full_mix))
                 continue
             u, vh = sp.local_factors()
-            W.append(sp.adapter.to_matrix(_local(o.weight)))
+            w = _local(o.weight)
+            M = sp.adapter.to_matrix(w)
+            if not _aliases(M, w):               # channels_last: computed aside, copied in below
+                M = torch.empty(M.shape, dtype=M.dtype, device=M.device)
+                back.append((sp, w, M))
+            W.append(M)
             U.append(u)
             Vh.append(vh)
             S.append(o.spectral_S)
@@ -260,6 +395,8 @@ class _Group:
             base.append(sp.adapter.to_matrix(o.spectral_W0))
         if W:
             ops.spectral_update_(W, U, Vh, S, s_new, base=base, impl=self.impl)
+        for sp, w, M in back:
+            _write_matrix(sp, w, M)
 
 
 def _local(t: Tensor) -> Tensor:
@@ -335,6 +472,14 @@ def _relu_spectra(S: list, deltas: list, relative: list) -> list:
     return out
 
 
+#: the taps compute ∂ℓ/∂δ outside autograd (from the recorded projections): a backward that builds a graph of it
+#: would differentiate a constant, so it is refused rather than silently wrong
+_NO_DOUBLE_BACKWARD = (
+    "Fast FIP in place does not support double backward (create_graph=True through a reparameterized layer, "
+    "e.g. FIP(trace_estimator='batch' or 'exact') on its δ): use trace_estimator='fd' or 'lagged', or the "
+    "module-swapping fip_fast.spectral_reference")
+
+
 @dataclass(eq=False)
 class _Call:
     """One forward call of a module using a reparameterized weight: the projected input ``a`` (N, P, k) — or, on
@@ -346,10 +491,13 @@ class _Call:
     a: Optional[Tensor]
     x: Optional[Tensor] = None
     x_version: int = 0
+    unbatched: bool = False                   # a convolution called on one sample: g gets a batch of one too
     g: Optional[Tensor] = None
 
     def capture(self, g: Tensor) -> None:
-        self.g = g
+        if torch.is_grad_enabled():
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        self.g = g.unsqueeze(0) if self.unbatched else g
 
     def c(self, g: Tensor) -> Tensor:
         """The projected output gradient (N, P, k)."""
@@ -433,9 +581,10 @@ class _TapMix(torch.autograd.Function):
         return out.detach()
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g_out):
         call = ctx.call
-        call.capture(g)
+        call.capture(g_out)
+        g = call.g                                               # with its batch dimension
         o = call.sp.owner
         acc = torch.promote_types(o.spectral_U.dtype, torch.float32)
         if call.weight_side:                                     # Σ cᵀ·a = Uᵀ·dW·Vhᵀ
@@ -445,7 +594,7 @@ class _TapMix(torch.autograd.Function):
             c = call.c(g)                                        # projected once, for O and for δ
             cross = _cross(c.to(acc), call.projected().to(acc))
         gm = cross * o.spectral_mix_mask
-        return g, call.delta_grad(c, cross), gm.to(o.spectral_mix.dtype), None
+        return g_out, call.delta_grad(c, cross), gm.to(o.spectral_mix.dtype), None
 
 
 def _cross(c: Tensor, a: Tensor) -> Tensor:
@@ -460,10 +609,6 @@ def _cross(c: Tensor, a: Tensor) -> Tensor:
 
 def _has_mix(layer: nn.Module) -> bool:
     return hasattr(layer, "spectral_mix")
-
-
-def _mix_stale(sp: _Spectral) -> bool:
-    return _has_mix(sp.owner) and sp.owner.spectral_mix._version != sp.synced_mix
 
 
 def _core(o: nn.Module, acc: torch.dtype, delta: Optional[Tensor] = None, mix: Optional[Tensor] = None) -> Tensor:
@@ -481,23 +626,24 @@ def _sync_mixed(sp: _Spectral, delta: Optional[Tensor] = None, mix: Optional[Ten
     of it under FSDP2 (:func:`shard`; ``delta`` / ``mix`` already gathered, see :func:`_core`)."""
     o = sp.owner
     U, Vh = sp.local_factors()
-    W = sp.adapter.to_matrix(_local(o.weight))
+    w = _local(o.weight)
+    W = sp.adapter.to_matrix(w)
     acc = torch.promote_types(W.dtype, torch.float32)
     W0 = sp.adapter.to_matrix(o.spectral_W0)
     Uc = U.to(acc) @ _core(o, acc, delta, mix)                              # (m, k)
-    if W.dtype == acc and W0.dtype == acc and W.is_contiguous():
+    if W.dtype == acc and W0.dtype == acc and W.is_contiguous() and _aliases(W, w):
         torch.addmm(W0, Uc, Vh.to(acc), out=W)                              # one GEMM writing W, no m×n temporary
-    else:
-        W.copy_((W0.to(acc) + Uc @ Vh.to(acc)).to(W.dtype))
-    sp.synced, sp.synced_mix = sp.delta._version, o.spectral_mix._version
+    else:                                                                   # other dtype, or channels_last
+        _write_matrix(sp, w, (W0.to(acc) + Uc @ Vh.to(acc)).to(W.dtype))
 
 
 # ------------------------------------------------------------------------------------------- hooks
-def _pre_hook(group: _Group):
-    def hook(module, args):
-        if not group.sharded:          # under FSDP2 the root's hook has synced the shards (see shard)
-            group.sync()
-    return hook
+def _pre_hook(module, args):
+    """Before a forward: bring the weight up to date with δ if δ changed (then every stale weight of the group is
+    updated, in one call).  Under FSDP2 the root's hook has synced the shards (see :func:`shard`)."""
+    sp = module.__dict__.get(_STATE)
+    if sp is not None and not sp.group.sharded and sp.stale():
+        sp.group.sync()
 
 
 def _weight_side(sp: _Spectral, module: nn.Module, x: Tensor, out: Tensor) -> bool:
@@ -523,61 +669,142 @@ def _weight_side(sp: _Spectral, module: nn.Module, x: Tensor, out: Tensor) -> bo
     return weight < act
 
 
-def _tap_hook(sp: _Spectral):
-    def hook(module, args, out):
-        if not (torch.is_grad_enabled() and sp.delta.requires_grad and args and isinstance(out, Tensor)):
-            return None
-        o = sp.owner
-        x = args[0]
-        if _weight_side(sp, module, x, out):
-            call = _Call(sp, module, None, x.detach(), x._version)
-        else:
-            with torch.no_grad():
-                call = _Call(sp, module, _adapter_for(module).project(module, x, o.spectral_U, o.spectral_Vh))
-        if _has_mix(o):
-            return _TapMix.apply(out, sp.delta, o.spectral_mix, call)
-        return _Tap.apply(out, sp.delta, call)
-    return hook
+@functools.lru_cache(maxsize=None)
+def _input_name(cls: type) -> Optional[str]:
+    """The name of the first argument of ``cls.forward`` (``input`` for torch's layers), for keyword calls."""
+    params = [p for p in inspect.signature(cls.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return params[1].name if len(params) > 1 else None
 
 
-def _load_hook(sp: _Spectral):
-    """After ``load_state_dict``: the loaded weight is W(δ) of the loaded δ, U, S, Vh (that is what
-    ``state_dict`` saves); re-derive the non-persistent W0 from it, W0 = W − U·diag(relu(s) − S)·Vh, so that the
-    next update starts from the loaded point (W itself is kept as loaded)."""
-    @torch.no_grad()
-    def hook(module, incompatible_keys):
-        o = sp.owner
-        if sp.shard is not None:       # FSDP2: this rank's part of W0, from its part of the loaded W
-            u, vh = sp.local_factors()
-            W = sp.adapter.to_matrix(_local(o.weight))
-            acc = torch.promote_types(W.dtype, torch.float32)
-            if _has_mix(o):
-                dW = (u.to(acc) @ _core(o, acc)) @ vh.to(acc)
-            else:
-                ds = torch.relu(_spectrum(o.spectral_S, _gathered(sp.delta), sp.relative)) - o.spectral_S
-                dW = (u.to(acc) * ds.to(acc)) @ vh.to(acc)
-            sp.adapter.to_matrix(o.spectral_W0).copy_(W.to(acc) - dW)
-            return
+def _unbatched(module: nn.Module, x) -> bool:
+    """A convolution called on one sample without its batch dimension (C, *spatial)."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and isinstance(x, Tensor)
+            and x.dim() == len(module.kernel_size) + 1)
+
+
+def _tap_hook(module, args, kwargs, out):
+    """After a forward: record the projected input (or keep the input, on the weight side) and route the output
+    through the tap that returns ∂ℓ/∂δ in the backward.  The input is the first positional argument or its
+    keyword (``fc(input=x)``); an unbatched convolution's input and output gradient get a batch of one."""
+    sp = module.__dict__.get(_STATE)
+    if sp is None or not isinstance(out, Tensor) or not torch.is_grad_enabled():
+        return None
+    o = sp.owner
+    if not o.spectral_delta.requires_grad:
+        return None
+    x = args[0] if args else kwargs.get(_input_name(type(module)))
+    if x is None:
+        raise TypeError(f"a reparameterized {type(module).__name__} was called without its input "
+                        f"(args={len(args)}, kwargs={sorted(kwargs)}): Fast FIP in place cannot tap it")
+    unbatched = _unbatched(module, x)
+    if unbatched:
+        x = x.unsqueeze(0)
+    if _weight_side(sp, module, x, out):
+        call = _Call(sp, module, None, x.detach(), x._version, unbatched=unbatched)
+    else:
+        with torch.no_grad():
+            a = _adapter_for(module).project(module, x, o.spectral_U, o.spectral_Vh)
+        call = _Call(sp, module, a, unbatched=unbatched)
+    if _has_mix(o):
+        return _TapMix.apply(out, o.spectral_delta, o.spectral_mix, call)
+    return _Tap.apply(out, o.spectral_delta, call)
+
+
+#: the entries of a reparameterized layer in a state dict (``spectral_mix`` with :func:`add_mixing`)
+_ENTRIES = ("weight", "spectral_delta", "spectral_mix", "spectral_U", "spectral_S", "spectral_Vh", "spectral_W0")
+
+
+def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Before ``load_state_dict`` fills the layer: note which of its entries the state dict carries."""
+    sp = module.__dict__.get(_STATE)
+    if sp is not None and sp.owner is module:
+        sp.load_prefix = prefix
+        sp.loaded = frozenset(n for n in _ENTRIES if prefix + n in state_dict)
+
+
+@torch.no_grad()
+def _load_hook(module, incompatible_keys):
+    """After ``load_state_dict``, from what was loaded (:func:`_load_pre_hook`):
+
+    * W0 loaded (saved since W0 became persistent): it is exact; the weight is re-derived from it and the loaded
+      δ at the next forward (bit for bit what was saved, with no rounding of a rounded weight — bf16 resumes do
+      not drift);
+    * the weight loaded without W0 (a state dict from before): W0 = W − U·diag(relu(s) − S)·Vh (− U·O·Vh), the
+      weight kept as loaded;
+    * neither (δ alone with ``strict=False``, the PEFT habit): W0 is kept and the weight re-derived from it.
+
+    A state dict without ``spectral_W0`` still loads with ``strict=True``."""
+    sp = module.__dict__.get(_STATE)
+    if sp is None or sp.owner is not module:
+        return
+    key = sp.load_prefix + "spectral_W0"
+    if key in incompatible_keys.missing_keys:
+        incompatible_keys.missing_keys.remove(key)
+    loaded, sp.loaded = sp.loaded, frozenset()
+    if sp.shard is not None:
+        if "weight" in loaded:
+            _rederive_w0_shard(sp)
+        return
+    if "spectral_W0" in loaded or "weight" not in loaded:
+        sp.seen = None
+        return
+    o = sp.owner
+    W = sp.adapter.to_matrix(o.weight)
+    acc = torch.promote_types(W.dtype, torch.float32)
+    if _has_mix(o):
+        W0 = W.to(acc) - o.spectral_U.to(acc) @ _core(o, acc) @ o.spectral_Vh.to(acc)
+    else:
         ds = torch.relu(sp.spectrum()) - o.spectral_S
-        W = sp.adapter.to_matrix(o.weight)
-        acc = torch.promote_types(W.dtype, torch.float32)
-        if _has_mix(o):
-            W0 = W.to(acc) - o.spectral_U.to(acc) @ _core(o, acc) @ o.spectral_Vh.to(acc)
-            sp.synced_mix = o.spectral_mix._version
-        else:
-            W0 = W.to(acc) - (o.spectral_U.to(acc) * ds.to(acc)) @ o.spectral_Vh.to(acc)
-        sp.adapter.to_matrix(o.spectral_W0).copy_(W0)
-        sp.synced = sp.delta._version
-    return hook
+        W0 = W.to(acc) - (o.spectral_U.to(acc) * ds.to(acc)) @ o.spectral_Vh.to(acc)
+    _write_matrix(sp, o.spectral_W0, W0)
+    _snapshot([sp])
 
 
-def _state_dict_hook(group: _Group):
-    def hook(module, *args, **kwargs):
-        group.sync()
-    return hook
+def _rederive_w0_shard(sp: _Spectral) -> None:
+    """FSDP2: this rank's part of W0, from its part of the loaded W."""
+    o = sp.owner
+    u, vh = sp.local_factors()
+    W = sp.adapter.to_matrix(_local(o.weight))
+    acc = torch.promote_types(W.dtype, torch.float32)
+    if _has_mix(o):
+        dW = (u.to(acc) @ _core(o, acc)) @ vh.to(acc)
+    else:
+        ds = torch.relu(_spectrum(o.spectral_S, _gathered(sp.delta), sp.relative)) - o.spectral_S
+        dW = (u.to(acc) * ds.to(acc)) @ vh.to(acc)
+    _write_matrix(sp, o.spectral_W0, W.to(acc) - dW)
 
 
-_GROUPS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+def _state_dict_hook(module, prefix, keep_vars):
+    """Before ``state_dict``: the saved weight is the current W(δ)."""
+    sp = module.__dict__.get(_STATE)
+    if sp is not None:
+        sp.group.sync()
+
+
+_HOOKS = (_pre_hook, _tap_hook, _load_pre_hook, _load_hook, _state_dict_hook)
+
+
+def _remove_hooks(module: nn.Module) -> None:
+    """Remove this module's hooks of :func:`reparameterize` (found by function: a deep copy has its own)."""
+    for d in (module._forward_pre_hooks, module._forward_hooks, module._state_dict_pre_hooks,
+              module._load_state_dict_pre_hooks, module._load_state_dict_post_hooks):
+        for k in [k for k, h in d.items() if getattr(h, "hook", h) in _HOOKS]:
+            del d[k]
+            module._forward_hooks_with_kwargs.pop(k, None)
+            module._forward_hooks_always_called.pop(k, None)
+
+
+def _groups(model: nn.Module) -> list:
+    """The groups with a layer in ``model``: those of :func:`reparameterize` calls on ``model`` itself, on one of
+    its submodules or on a model containing it — found on the layers, wherever they are in the tree."""
+    seen, out = set(), []
+    for m in model.modules():
+        sp = m.__dict__.get(_STATE)
+        if sp is not None and id(sp.group) not in seen:
+            seen.add(id(sp.group))
+            out.append(sp.group)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -590,12 +817,20 @@ def _svd(W: Tensor, k: int, svd: str) -> tuple[Tensor, Tensor, Tensor]:
     return U[:, :k], S[:k].clone(), Vh[:k]
 
 
+def _weights_read_directly(model: nn.Module) -> set:
+    """ids of the layers whose weight their parent reads directly, never calling the layer's forward — so no hook
+    of it would ever run: ``nn.MultiheadAttention.out_proj`` (``F.multi_head_attention_forward`` takes
+    ``out_proj.weight``; ``nn.TransformerEncoderLayer``, torchvision's ViT).  They are not reparameterized."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def _targets(model, types, include):
     seen, out = set(), []
+    skip = _weights_read_directly(model)
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
         if (not name or not isinstance(m, types) or not isinstance(w, nn.Parameter) or hasattr(m, "spectral_delta")
-                or (include is not None and not include(name, m))):
+                or id(m) in skip or (include is not None and not include(name, m))):
             continue
         if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq or m.sparse):
             raise ValueError(f"{name}: nn.Embedding with max_norm, scale_grad_by_freq or sparse cannot be "
@@ -619,7 +854,8 @@ def _attach(layer: nn.Module, rank: Optional[int], svd: str, relative: bool) -> 
     layer.register_buffer("spectral_U", U.to(w.dtype).contiguous())
     layer.register_buffer("spectral_S", S.contiguous())
     layer.register_buffer("spectral_Vh", Vh.to(w.dtype).contiguous())
-    layer.register_buffer("spectral_W0", w.detach().clone(), persistent=False)
+    # W0 is saved (exact resumes, whatever the weight dtype) and kept contiguous: its matrix is then a view
+    layer.register_buffer("spectral_W0", w.detach().clone(memory_format=torch.contiguous_format))
     layer.spectral_delta = nn.Parameter(torch.zeros(k, dtype=acc, device=w.device))
     layer.spectral_weight_requires_grad = w.requires_grad
     layer.spectral_relative = relative
@@ -652,29 +888,29 @@ def reparameterize(model: nn.Module, layer_types: Sequence[type] = DEFAULT_TYPES
     targets = _targets(model, types, include)
     if not targets:
         raise ValueError(f"no layer of types {[t.__name__ for t in types]} found to reparameterize")
-    frozen = []
+    group = _Group(impl)
     if freeze_others:
         for p in model.parameters():
             if p.requires_grad:
-                frozen.append((weakref.ref(p), True))
+                group.frozen.append((p, True))
                 p.requires_grad_(False)
-    group = _Group(impl)
     by_weight: dict[int, _Spectral] = {}
     for name, layer, shared in targets:
         sp = by_weight.get(id(layer.weight))
         if sp is None:
             sp = by_weight[id(layer.weight)] = _attach(layer, rank, svd, relative)
+            sp.group = group
             group.items.append(sp)
-            sp.synced = sp.delta._version
         sp.users.append(layer)
-    handles = []
+    _snapshot(group.items)                               # δ = 0: the weights are W0, current
     for sp in group.items:
-        handles.append(sp.owner.register_state_dict_pre_hook(_state_dict_hook(group)))
-        handles.append(sp.owner.register_load_state_dict_post_hook(_load_hook(sp)))
+        sp.owner.register_state_dict_pre_hook(_state_dict_hook)
+        sp.owner.register_load_state_dict_pre_hook(_load_pre_hook)
+        sp.owner.register_load_state_dict_post_hook(_load_hook)
         for m in sp.users:
-            handles.append(m.register_forward_pre_hook(_pre_hook(group)))
-            handles.append(m.register_forward_hook(_tap_hook(sp)))
-    _GROUPS.setdefault(model, []).append((group, handles, frozen))
+            setattr(m, _STATE, sp)
+            m.register_forward_pre_hook(_pre_hook)
+            m.register_forward_hook(_tap_hook, with_kwargs=True)
     return [sp.delta for sp in group.items]
 
 
@@ -702,14 +938,6 @@ def _spectrum(S: Tensor, d: Tensor, relative: object) -> Tensor:
 def deltas(model: nn.Module) -> list[nn.Parameter]:
     """The δ parameters of the reparameterized layers of ``model`` (one per distinct weight), in module order."""
     return [m.spectral_delta for _, m in spectral_layers(model)]
-
-
-def _groups(model: nn.Module) -> list[_Group]:
-    """The groups with a layer in ``model``: those of :func:`reparameterize` calls on ``model`` itself, on one of
-    its submodules or on a model containing it."""
-    mods = {id(m) for m in model.modules()}
-    return [g for entries in list(_GROUPS.values()) for g, _, _ in entries
-            if any(id(sp.owner) in mods for sp in g.items)]
 
 
 def sync(model: nn.Module) -> None:
@@ -755,7 +983,7 @@ def add_mixing(model: nn.Module, band: int) -> list[nn.Parameter]:
     for g in _groups(model):
         for sp in g.items:
             if _has_mix(sp.owner):
-                sp.synced_mix = sp.owner.spectral_mix._version
+                sp.seen = None          # O = 0 leaves the weight as it is; re-derived once, with O, all the same
     return out
 
 
@@ -776,11 +1004,10 @@ def shard(model: nn.Module) -> nn.Module:
     runs on every forward of every rank (its gathers are collectives).  With singular-vector mixing
     (:func:`add_mixing`) O is gathered too (k² numbers per layer) and the part is W0[part] + U[part]·core·Vh[part].
     Call :func:`add_mixing` before sharding."""
-    mods = {id(m) for m in model.modules()}
-    entries = [e for es in list(_GROUPS.values()) for e in es if any(id(sp.owner) in mods for sp in e[0].items)]
-    if not entries:
+    groups = _groups(model)
+    if not groups:
         raise ValueError("shard: the model has no layer reparameterized in place (fip_fast.spectral.reparameterize)")
-    for group, handles, _ in entries:
+    for group in groups:
         if group.sharded:
             continue
         for sp in group.items:
@@ -789,7 +1016,8 @@ def shard(model: nn.Module) -> nn.Module:
             sp.shard = (_matrix_axis_of_dim0(sp.adapter, o.weight.shape), r0, r1)
             o.register_buffer("spectral_W0", o.spectral_W0[r0:r1].clone(), persistent=False)
         group.sharded = True
-        handles.append(model.register_forward_pre_hook(lambda module, args, g=group: g.sync_shards(), prepend=True))
+        group.handles.append(model.register_forward_pre_hook(lambda module, args, g=group: g.sync_shards(),
+                                                             prepend=True))
     return model
 
 
@@ -832,13 +1060,30 @@ def _shard_rows(w: Tensor) -> tuple[int, int]:
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
     """Drop hooks, buffers and δ (the weights already hold W(δ)) and restore the ``requires_grad`` flags that
-    :func:`reparameterize` changed.  Returns ``model``, an ordinary model of its original architecture."""
-    for group, handles, frozen in _GROUPS.pop(model, []):
+    :func:`reparameterize` changed.  ``model``: the model passed to :func:`reparameterize`, one containing it
+    (``merge(model)`` after ``reparameterize(model.body)``) or a deep copy of either.  Returns ``model``, an
+    ordinary model of its original architecture.
+
+    Raises:
+        ValueError: ``model`` holds only part of the layers of one :func:`reparameterize` call."""
+    mods = {id(m) for m in model.modules()}
+    groups = _groups(model)
+    for group in groups:
+        outside = [type(u).__name__ for sp in group.items for u in sp.users if id(u) not in mods]
+        if outside:
+            raise ValueError(f"merge: {len(outside)} layer(s) ({', '.join(sorted(set(outside)))}) reparameterized "
+                             "in the same call are outside the model given; merge the model passed to "
+                             "reparameterize or one containing it")
+    for group in groups:
         group.sync()
-        for h in handles:
+        for h in group.handles:
             h.remove()
         for sp in group.items:
+            for u in sp.users:
+                _remove_hooks(u)
+                u.__dict__.pop(_STATE, None)
             o = sp.owner
+            _remove_hooks(o)
             o.weight.requires_grad_(o.spectral_weight_requires_grad)
             for name in ("spectral_U", "spectral_S", "spectral_Vh", "spectral_W0"):
                 delattr(o, name)
@@ -847,10 +1092,8 @@ def merge(model: nn.Module) -> nn.Module:
             if _has_mix(o):
                 del o.spectral_mix
                 delattr(o, "spectral_mix_mask")
-        for ref, flag in frozen:
-            p = ref()
-            if p is not None:
-                p.requires_grad_(flag)
+        for p, flag in group.frozen:
+            p.requires_grad_(flag)
     return model
 
 

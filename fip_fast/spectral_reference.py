@@ -7,7 +7,8 @@ for the parity tests and for the callers not yet moved to the in-place form.
 Train only a shift δ of each layer's singular values.
 
 For a selected layer with weight matrix W (Linear: out×in; Conv: out×(in/groups·k…); Embedding: num×dim;
-other layer types through :func:`register_adapter`), the thin SVD W = U·diag(S)·Vh is taken once in fp32 and
+other layer types through :func:`register_adapter`), the thin SVD W = U·diag(S)·Vh is taken once in fp32 (fp64
+for an fp64 model) and
 
     W(δ) = U·diag(relu(S + δ))·Vh                                   (full rank, r = min(out, in))
     W(δ) = R + U_k·diag(relu(S_k + δ))·Vh_k,  R = W − U_k·diag(S_k)·Vh_k   (``rank=k``: R frozen)
@@ -16,8 +17,9 @@ With ``relative=True`` the shift is relative, s = S·(1 + δ), which puts every 
 (useful because singular values are O(1–10) and a common step size moves small ones too much).
 
 ``U``, ``Vh`` (and ``R``) are buffers in the parameter dtype, ``S`` an fp32 buffer, ``delta`` an fp32
-parameter: they are saved in the ``state_dict`` and moved by ``.to()``.  :func:`merge` writes W(δ) back into
-ordinary layers, so a purified model has no SVD left and loads into the original architecture.
+parameter (both fp64 for an fp64 model): they are saved in the ``state_dict`` and moved by ``.to()``.
+:func:`merge` writes W(δ) back into ordinary layers, so a purified model has no SVD left and loads into the original
+architecture.
 
 Example::
 
@@ -28,63 +30,32 @@ Example::
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fip_fast import ops
+from fip_fast import spectral as _inplace
 
 __all__ = ["SpectralLayer", "reparameterize", "merge", "spectral_layers", "register_adapter", "Adapter"]
 
 
 # ------------------------------------------------------------------------------------------- layer adapters
-@dataclass(frozen=True)
-class Adapter:
-    """How to see a layer type's weight as a matrix and run the layer with another weight.
-
-    to_matrix(weight) -> (m, n);  from_matrix(W, weight_shape) -> weight;  forward(layer, x, weight) -> y.
-    """
-    to_matrix: Callable[[Tensor], Tensor]
-    from_matrix: Callable[[Tensor, torch.Size], Tensor]
-    forward: Callable[[nn.Module, Tensor, Tensor], Tensor]
-    linear_like: bool = False       # y = x·Wᵀ + b along the last dim (enables the fast per-sample Fisher)
-
-
-def _flat(w: Tensor) -> Tensor:
-    return w.reshape(w.shape[0], -1)
-
-
-def _unflat(W: Tensor, shape: torch.Size) -> Tensor:
-    return W.reshape(shape)
-
-
-def _embedding_forward(m: nn.Embedding, x: Tensor, w: Tensor) -> Tensor:
-    return F.embedding(x, w, m.padding_idx, None, m.norm_type, m.scale_grad_by_freq, m.sparse)
-
-
-_ADAPTERS: dict[type, Adapter] = {
-    nn.Linear: Adapter(_flat, _unflat, lambda m, x, w: F.linear(x, w, m.bias), linear_like=True),
-    nn.Conv1d: Adapter(_flat, _unflat, lambda m, x, w: m._conv_forward(x, w, m.bias)),
-    nn.Conv2d: Adapter(_flat, _unflat, lambda m, x, w: m._conv_forward(x, w, m.bias)),
-    nn.Conv3d: Adapter(_flat, _unflat, lambda m, x, w: m._conv_forward(x, w, m.bias)),
-    nn.Embedding: Adapter(_flat, _unflat, _embedding_forward),
-}
-
-
-def register_adapter(layer_type: type, adapter: Adapter) -> None:
-    """Teach :func:`reparameterize` a new layer type (e.g. Hugging Face GPT-2 ``Conv1D``, see
-    ``fip_fast.integrations.hf``)."""
-    _ADAPTERS[layer_type] = adapter
+# One registry for both forms: an adapter registered with fip_fast.spectral.register_adapter serves here too (the
+# module swap needs its ``forward``).
+Adapter = _inplace.Adapter
+register_adapter = _inplace.register_adapter
+DEFAULT_TYPES = _inplace.DEFAULT_TYPES
 
 
 def _adapter_for(layer: nn.Module) -> Adapter:
-    for t in type(layer).__mro__:
-        if t in _ADAPTERS:
-            return _ADAPTERS[t]
-    raise TypeError(f"no spectral adapter for {type(layer).__name__}; see fip_fast.spectral.register_adapter")
+    adapter = _inplace._adapter_for(layer)
+    if adapter.forward is None:
+        raise TypeError(f"the spectral adapter of {type(layer).__name__} has no forward (the module swap runs the "
+                        "layer with W(δ)); register one with Adapter(..., forward=...) via "
+                        "fip_fast.spectral.register_adapter")
+    return adapter
 
 
 # ------------------------------------------------------------------------------------------- W(δ) autograd
@@ -106,10 +77,11 @@ class _SpectralWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dW):
         delta, U, S, Vh = ctx.saved_tensors
-        ds = (U.float() * (dW.float() @ Vh.float().t())).sum(0)
+        acc = torch.promote_types(torch.promote_types(dW.dtype, delta.dtype), torch.float32)  # fp64 stays fp64
+        ds = (U.to(acc) * (dW.to(acc) @ Vh.to(acc).t())).sum(0)
         s = S * (1.0 + delta) if ctx.relative else S + delta
-        jac = (s > 0).float() * (S if ctx.relative else 1.0)
-        return ds * jac, None, None, None, None, None, None
+        jac = (s > 0).to(acc) * (S.to(acc) if ctx.relative else 1.0)
+        return (ds * jac).to(delta.dtype), None, None, None, None, None, None
 
 
 class SpectralLayer(nn.Module):
@@ -117,7 +89,8 @@ class SpectralLayer(nn.Module):
 
     Attributes:
         base: the original layer, its ``weight`` removed (bias and configuration kept).
-        U (m, r), Vh (r, n): buffers in the weight dtype.  S (r,): fp32 buffer.  delta (r,): fp32 parameter.
+        U (m, r), Vh (r, n): buffers in the weight dtype.  S (r,): fp32 buffer.  delta (r,): fp32
+        parameter (both fp64 for an fp64 model).
         residual (m, n) or None: frozen W − U_k·diag(S_k)·Vh_k in rank-k mode.
     """
 
@@ -131,7 +104,8 @@ class SpectralLayer(nn.Module):
             raise ValueError(f"svd must be 'full' or 'lowrank', got {svd!r}")
         adapter = _adapter_for(base)
         weight = base.weight
-        W = adapter.to_matrix(weight.detach()).float()
+        acc = torch.promote_types(weight.dtype, torch.float32)      # S and δ in fp32 (fp64 for an fp64 model)
+        W = adapter.to_matrix(weight.detach()).to(acc)
         m, n = W.shape
         r_full = min(m, n)
         k = r_full if rank is None else int(rank)
@@ -157,12 +131,12 @@ class SpectralLayer(nn.Module):
         self.register_buffer("S", S.contiguous())
         self.register_buffer("Vh", Vh.to(weight.dtype).contiguous())
         self.register_buffer("residual", residual)
-        self.delta = nn.Parameter(torch.zeros(k, dtype=torch.float32, device=weight.device))
+        self.delta = nn.Parameter(torch.zeros(k, dtype=acc, device=weight.device))
         del base.weight
         self.base = base
 
     def spectrum(self) -> Tensor:
-        """The current singular values s(δ) (fp32, before relu)."""
+        """The current singular values s(δ) (fp32 — fp64 for an fp64 model —, before relu)."""
         return self.S * (1.0 + self.delta) if self.relative else self.S + self.delta
 
     def matrix(self) -> Tensor:
@@ -174,8 +148,8 @@ class SpectralLayer(nn.Module):
         """W(δ) in the original layer's weight shape."""
         return self.adapter.from_matrix(self.matrix(), self.weight_shape)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.adapter.forward(self.base, x, self.weight())
+    def forward(self, input: Tensor) -> Tensor:         # named as torch's layers name it: fc(input=x) works
+        return self.adapter.forward(self.base, input, self.weight())
 
     def extra_repr(self) -> str:
         return (f"{type(self.base).__name__}, rank={self.rank}, shape={tuple(self.weight_shape)}, "
@@ -191,7 +165,6 @@ class SpectralLayer(nn.Module):
 
 # ------------------------------------------------------------------------------------------- model surgery
 _FROZEN: "weakref.WeakKeyDictionary[nn.Module, list[tuple[weakref.ref, bool]]]" = weakref.WeakKeyDictionary()
-DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 def spectral_layers(model: nn.Module) -> list[tuple[str, SpectralLayer]]:
@@ -225,8 +198,9 @@ def reparameterize(model: nn.Module, layer_types: Sequence[type] = DEFAULT_TYPES
         The δ parameters, in module order.
     """
     types = tuple(layer_types)
+    skip = _inplace._weights_read_directly(model)          # nn.MultiheadAttention.out_proj, as in place
     targets = [(n, m) for n, m in model.named_modules()
-               if n and isinstance(m, types) and not isinstance(m, SpectralLayer)
+               if n and isinstance(m, types) and not isinstance(m, SpectralLayer) and id(m) not in skip
                and not any(n.startswith(s + ".") for s, _ in spectral_layers(model))
                and isinstance(getattr(m, "weight", None), nn.Parameter)
                and (include is None or include(n, m))]
