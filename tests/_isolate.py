@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
 import sys
+
+from _hang import run
 
 _FLAG = "FIP_FAST_IN_SUBPROCESS"
 
@@ -23,7 +24,6 @@ def in_fresh_process(fn):
             return fn(*args, **kwargs)
         nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
         env = dict(os.environ, **{_FLAG: "1"})
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", nodeid],
-                           env=env, capture_output=True, text=True, timeout=600)
+        r = run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", nodeid], env=env)
         assert r.returncode == 0, f"{nodeid} failed in a fresh process:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
     return wrapper

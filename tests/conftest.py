@@ -44,3 +44,17 @@ def broken_csrc(tmp_path, monkeypatch):
 from fip_fast.backends import host as _host  # noqa: E402
 
 _host.wait()
+
+
+# --- what was resolved ------------------------------------------------------------------------------------------
+def pytest_report_header(config):
+    """The versions that decide whether the suite passes (pip resolves the extras anew on every fresh install)."""
+    from importlib import metadata
+
+    found = []
+    for dist in ("torch", "triton", "transformers", "accelerate", "numpy"):
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{dist} -")
+    return "resolved: " + ", ".join(found)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _hang import communicate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +22,8 @@ def _run(args, tmp_path):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(proc, timeout=120):
-    out, _ = proc.communicate(timeout=timeout)
+def _wait(proc):
+    out, _ = communicate(proc, "python -m bench " + " ".join(proc.args[3:]))
     assert proc.returncode == 0, out
     return out
 

@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+from _hang import communicate, run
 
 import fip_fast
 from fip_fast import ops, reference
@@ -61,7 +62,7 @@ def builds(tmp_path_factory):
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = {}
     for name, p in procs.items():
-        log, _ = p.communicate(timeout=300)
+        log, _ = communicate(p, name)
         results[name] = (p.returncode, log)
     return out, results
 
@@ -458,8 +459,7 @@ def test_setup_ext_forced_off_needs_nothing(monkeypatch):
 @cpu_torch
 def test_setup_py_runs_pure_python():
     env = {k: v for k, v in os.environ.items() if k != "FIP_FAST_BUILD_CUDA"}
-    r = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, env=env,
-                       timeout=120)
+    r = run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "fip_fast"
     assert "building without the CUDA extension" in r.stderr

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _hang import HANG_S, hung
 from torch import nn
 
 from fip_fast import ops, spectral, spectral_reference
@@ -24,7 +25,6 @@ from fip_fast.optim import FIP
 WORLD = 2
 GLOBAL_B = 8
 STEPS = 4
-TIMEOUT_S = 75
 ATOL = 2e-5
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -177,7 +177,7 @@ def _worker(rank: int, world: int, port: int, outdir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    r, w, _ = fd.init_from_env(backend="gloo", timeout_s=60)
+    r, w, _ = fd.init_from_env(backend="gloo", timeout_s=HANG_S)
     assert (r, w) == (rank, world)
     results = {}
     try:
@@ -241,11 +241,11 @@ def dist_results(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("dist"))
     ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD, join=False,
                              start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
+    started = time.monotonic()
     try:
         while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"2-process run did not finish within {TIMEOUT_S} s")
+            if time.monotonic() > started + HANG_S:
+                hung("the 2-process run", started)
     finally:
         for p in ctx.processes:
             if p.is_alive():

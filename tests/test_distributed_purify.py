@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from _hang import run
 from torch import nn
 
 from fip_fast import cli
@@ -26,7 +26,6 @@ from fip_fast.io import load_state_dict
 from fip_fast.pipeline import purify
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 120          # a hang guard; the run takes ≈10 s on 2 CPU cores
 ATOL = 2e-5
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -78,10 +77,7 @@ def ddp_run(files):
     """``torchrun --standalone --nproc_per_node=2 -m fip_fast.cli purify --distributed ddp …``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "fip_fast.cli", *_args(files, "ddp", "--distributed", "ddp")]
-    try:
-        r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the 2-process torchrun did not finish within {TIMEOUT_S} s:\n{e.stdout}\n{e.stderr}")
+    r = run(cmd, cwd=ROOT, env=_env())
     assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r
 

@@ -2,11 +2,11 @@
 the summary is written — so the script does not rot between GPU loans."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _hang import run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,8 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
     env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable)
-    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                       timeout=900, cwd=ROOT)
+    r = run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     steps = [ln.split("\t") for ln in (tmp_path / "steps.tsv").read_text().splitlines()]
     assert [s[0] for s in steps] == ["env", "install", "tests", "ops", "e2e", "lm"]

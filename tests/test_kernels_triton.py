@@ -39,6 +39,8 @@ from _isolate import in_fresh_process  # noqa: E402
 pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
+from _hang import communicate  # noqa: E402
+
 import fip_fast.kernels as K  # noqa: E402
 from fip_fast import ops  # noqa: E402
 from fip_fast import reference as R  # noqa: E402
@@ -696,7 +698,7 @@ def _start_aot(subset: bool) -> subprocess.Popen:
 
 def _finish_aot(proc: subprocess.Popen):
     import json
-    out, err = proc.communicate(timeout=900)
+    out, err = communicate(proc, "the AOT compile")
     assert proc.returncode == 0, err[-4000:]
     line = next(ln for ln in out.splitlines() if ln.startswith("AOT-JSON "))
     return json.loads(line[len("AOT-JSON "):])

@@ -18,6 +18,7 @@ from fip_fast import FIP, ops
 from fip_fast.integrations import drop_perturbation, find_fip
 
 sys.path.insert(0, os.path.dirname(__file__))  # noqa: E402
+from _hang import HANG_S, hung  # noqa: E402
 from _isolate import in_fresh_process  # noqa: E402
 
 
@@ -333,11 +334,11 @@ def test_ddp_two_process_gloo_perturbation_identical_on_ranks():
         # each worker runs with one torch thread, as DataLoader workers forked from a torch process do.
         ctx = mp.start_processes(_ddp_worker, args=(world, _free_port(), d, steps), nprocs=world, join=False,
                                  start_method="fork")
-        deadline = time.monotonic() + 180   # a hang guard, not a speed claim: ~8 s on an idle 2-core machine
+        started = time.monotonic()   # ~8 s on an idle 2-core machine
         try:
             while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    pytest.fail("DDP workers did not finish within 180 s")
+                if time.monotonic() > started + HANG_S:
+                    hung("the DDP workers", started)
         finally:
             for p in ctx.processes:
                 if p.is_alive():

@@ -5,10 +5,11 @@ import subprocess
 import sys
 import textwrap
 
+from _hang import run
+
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-W", "error::DeprecationWarning:__main__", "-c", textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=120)
+    return run([sys.executable, "-W", "error::DeprecationWarning:__main__", "-c", textwrap.dedent(code)])
 
 
 def test_purify_stays_the_function_across_repeated_access_and_imports():
@@ -31,7 +32,7 @@ def test_purify_stays_the_function_across_repeated_access_and_imports():
 
 
 def test_old_module_path_forwards_with_a_deprecation_warning():
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    r = run([sys.executable, "-c", textwrap.dedent("""
         import warnings
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
@@ -40,7 +41,7 @@ def test_old_module_path_forwards_with_a_deprecation_warning():
         assert purify is fip_fast.purify and callable(register_method)
         assert any(issubclass(x.category, DeprecationWarning) and "fip_fast.pipeline" in str(x.message) for x in w)
         print("ok")
-    """)], capture_output=True, text=True, timeout=120)
+    """)])
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
@@ -53,7 +54,7 @@ def test_public_names_resolve():
 
 
 def test_moved_module_paths_resolve_to_the_new_modules_with_a_warning():
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    r = run([sys.executable, "-c", textwrap.dedent("""
         import importlib, warnings
         import fip_fast
         for old, new in fip_fast.MOVED_MODULES.items():
@@ -65,19 +66,19 @@ def test_moved_module_paths_resolve_to_the_new_modules_with_a_warning():
         from fip_fast.data import load_npz                    # the `from old import name` form
         from fip_fast.integrations import FIPCallback, drop_perturbation, find_fip    # now a package
         print("ok")
-    """)], capture_output=True, text=True, timeout=120)
+    """)])
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
 def test_core_import_is_light():
     """``import fip_fast`` and the optimizer pull in neither the evaluation harness nor the CLI, the pipeline or
     optional dependencies (matplotlib, mlxtend, transformers, triton)."""
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    r = run([sys.executable, "-c", textwrap.dedent("""
         import sys
         import fip_fast
         from fip_fast import FIP, estimate_fisher, spectral
         heavy = [m for m in ("matplotlib", "mlxtend", "transformers", "triton", "fip_fast.evaluation",
                              "fip_fast.cli", "fip_fast.pipeline", "fip_fast.baselines") if m in sys.modules]
         print(heavy)
-    """)], capture_output=True, text=True, timeout=120)
+    """)])
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
