@@ -24,7 +24,7 @@ def purify_in_a_loop(model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Ten
     """Purify ``model`` in place on the clean set ``(clean_x (N, …), clean_y (N,))`` and return it (eval mode).
 
     ``fisher0``: F0 per parameter, needed only by a recipe with ``eta_r > 0`` (PURIFY has none)."""
-    # --- snippet: FIP in a plain loop -------------------------------------------------------------------------
+    # --8<-- [start:snippet]
     opt = recipe.optimizer(model.parameters(), fisher0)   # FIP(lr=0.05, momentum=0.9, eta_F=5e-3, rho=0.5, ...)
     sched = recipe.scheduler(opt)                # one-cycle: 10 % warm-up from lr/25, then cosine to 0
     g = torch.Generator().manual_seed(seed)
@@ -44,7 +44,7 @@ def purify_in_a_loop(model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Ten
 
         opt.step(closure)
         sched.step()
-    # --- end of snippet -------------------------------------------------------------------------------------
+    # --8<-- [end:snippet]
     return model.eval()
 
 

@@ -288,9 +288,13 @@ def fip_step_(
 
     Args:
         params: parameters (fp32/fp16/bf16), each of any shape.
-        grads: g, same shapes.  grads_pert: g' (gradient at θ+e) or ``None``.
-        fisher0, anchor: F0 and θ0 per tensor, or ``None`` for tensors without a CDA anchor.
-        momentum_buf, fisher: fp32 state, same shapes.  pert: fp32 lagged-perturbation state, or ``None``.
+        grads: g, same shapes.
+        grads_pert: g' (gradient at θ+e) or ``None``.
+        fisher0: F0 per tensor, or ``None`` for tensors without a CDA anchor.
+        anchor: θ0 per tensor, or ``None`` where ``fisher0`` is ``None``.
+        momentum_buf: fp32 momentum state, same shapes.
+        fisher: fp32 squared-gradient EMA state, same shapes.
+        pert: fp32 lagged-perturbation state, or ``None``.
         step: the step count t ≥ 1 used for the bias correction (already counting this step): one number or
             0-dim tensor for every tensor, or a sequence with one per tensor (``state["step"]`` of each parameter).
     """

@@ -170,10 +170,14 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
         val_margin: selection tolerance on clean-val accuracy (default 0.03); ``patience``: evaluations below
             a0 − 2·val_margin before stopping early (default: the method's — 0, never, for fip and
             fast_fip, whose cosine runs dip in clean accuracy mid-run and recover; 3 otherwise).
-        batch_size, lr: override the method's defaults.  seed: batch sampling (and runner) seed.
+        batch_size: overrides the method's default.
+        lr: overrides the method's default.
+        seed: batch sampling (and runner) seed.
         device: where to purify (default: the model's device); data are moved per batch.
         loss_fn: ``loss_fn(output, y) -> scalar`` (default mean cross-entropy).  progress: tqdm bar.
-        checkpoint_dir / checkpoint_every / resume: periodic checkpoints and resuming (``kind="loop"`` methods).
+        checkpoint_dir: folder of the periodic checkpoints (``kind="loop"`` methods).
+        checkpoint_every: steps between checkpoints.
+        resume: continue from the latest checkpoint of ``checkpoint_dir`` (see "Checkpoint / resume" above).
         augment: augmentation of the training batches (:func:`fip_fast.augment.make_augment`): ``"none"``,
             ``"shift"``, ``"shift_flip"``, an :class:`fip_fast.augment.Augment` or a callable ``(x, generator) ->
             x``; None: the method's default (none for every built-in method).  Loop methods augment batch ``t``
