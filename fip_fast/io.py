@@ -32,6 +32,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "CheckpointError",
     "OverwriteInputError",
+    "OutputWriteError",
     "check_not_input",
     "StagedOutputs",
     "atomic_path",
@@ -66,6 +67,39 @@ class CheckpointError(ValueError):
 
 class OverwriteInputError(ValueError):
     """An output path is one of the inputs; writing it would destroy the data being processed."""
+
+
+class OutputWriteError(OSError):
+    """Writing an output file failed (a full disk, a vanished folder, a writer's own I/O error such as
+    safetensors' ``SafetensorError``); the message names the file.  The destination was left as it was."""
+
+    def __init__(self, dest: "PathLike", cause: BaseException):
+        errno_ = getattr(cause, "errno", None)
+        why = (getattr(cause, "strerror", None) or " ".join(str(cause).split()) or type(cause).__name__)
+        super().__init__(errno_, f"could not write {dest}: {why}" + (f" (errno {errno_})" if errno_ else ""))
+        self.dest, self.cause = Path(dest), cause
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _write_failure(e: BaseException) -> bool:
+    """Whether ``e`` is an I/O failure of a writer (an OSError, or safetensors' own error type)."""
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
+@contextlib.contextmanager
+def _naming(dest: Path) -> Iterator[None]:
+    """Turn a writer's I/O failure into an :class:`OutputWriteError` naming ``dest`` (an inner one that names a
+    temporary beside ``dest`` is renamed: the user knows ``dest``)."""
+    try:
+        yield
+    except OutputWriteError as e:
+        raise OutputWriteError(dest, e.cause) from e.cause
+    except BaseException as e:
+        if _write_failure(e):
+            raise OutputWriteError(dest, e) from e
+        raise
 
 
 # --------------------------------------------------------------------------------------------------- paths
@@ -132,12 +166,14 @@ def atomic_path(path: PathLike, *, protect: Optional[List[PathLike]] = None) -> 
     """
     dest = Path(path)
     check_not_input(dest, *(protect or []))
-    tmp = _temp_beside(dest)
+    with _naming(dest):
+        tmp = _temp_beside(dest)
     try:
-        yield tmp
-        _fsync(tmp)
-        _publish_mode(tmp)
-        os.replace(tmp, dest)
+        with _naming(dest):
+            yield tmp
+            _fsync(tmp)
+            _publish_mode(tmp)
+            os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -174,10 +210,12 @@ class StagedOutputs:
         check_not_input(dest, *self.protect)
         if any(d == dest for _, d in self._staged):
             raise ValueError(f"{dest} was staged twice")
-        tmp = _temp_beside(dest)
+        with _naming(dest):
+            tmp = _temp_beside(dest)
         try:
-            yield tmp
-            _fsync(tmp)
+            with _naming(dest):
+                yield tmp
+                _fsync(tmp)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -190,8 +228,9 @@ class StagedOutputs:
             check_not_input(dest, *self.protect)       # again: the tree may have changed while writing
         done = []
         for tmp, dest in self._staged:
-            _publish_mode(tmp)
-            os.replace(tmp, dest)
+            with _naming(dest):
+                _publish_mode(tmp)
+                os.replace(tmp, dest)
             done.append(dest)
         for d in {dest.parent for dest in done}:
             _fsync_dir(d)

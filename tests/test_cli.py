@@ -313,7 +313,8 @@ def test_failed_rerun_keeps_previous_outputs(work, capsys, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     rc, _, err = _run(_fast(work, out, "--overwrite", "--steps", "1"), capsys)
-    assert "No space left on device" in _one_line_error(rc, err, status=1)
+    line = _one_line_error(rc, err, status=checks.EXIT_NOT_SAVED)       # exit 3: no purified model written
+    assert "No space left on device" in line and str(out / "purified.safetensors") in line, line
     assert _snapshot(out) == before                                    # old weights AND old report intact
     assert sorted(p.name for p in out.iterdir()) == sorted(before)      # no temporaries left
     monkeypatch.undo()

@@ -214,3 +214,39 @@ def test_folder_lock_is_exclusive(tmp_path):
             FolderLock(tmp_path / "new").acquire()
         assert lock.path.is_file()
     assert not (tmp_path / "new").exists()          # created by the lock, empty again: removed
+
+
+# ---- 5: --save clashes are found before the work; write failures are one line naming the file, exit 3
+def test_save_into_a_report_file_is_refused_up_front(here, capsys, monkeypatch, tmp_path):
+    from fip_fast import pipeline
+
+    monkeypatch.setattr(pipeline, "purify", lambda *a, **k: pytest.fail("purify ran despite a --save clash"))
+    out = tmp_path / "o"
+    for name in ("report.md", "report.json", "asr_acc.png"):
+        rc, _, err = _run(_argv(out, "--save", str(out / name), method="fip"), capsys)
+        line = _one_line_error(rc, err)
+        assert "one of the report's own files" in line and name in line, line
+    assert not out.exists()
+
+
+def _disk_full(*a, **k):
+    raise OSError(28, "No space left on device")
+
+
+def _safetensors_disk_full(*a, **k):
+    import safetensors
+
+    raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                      "message: \"No space left on device\" })")
+
+
+@pytest.mark.parametrize("writer", [_disk_full, _safetensors_disk_full])
+def test_full_disk_is_one_line_naming_the_file(here, capsys, monkeypatch, tmp_path, writer):
+    import safetensors.torch
+
+    out = tmp_path / "full"
+    monkeypatch.setattr(safetensors.torch, "save_file", writer)
+    rc, _, err = _run(_argv(out, "--steps", "2", method="fip"), capsys)
+    line = _one_line_error(rc, err, status=checks.EXIT_NOT_SAVED)
+    assert f"could not write {out / 'purified.safetensors'}" in line and "No space left on device" in line, line
+    assert not out.exists()                         # nothing half-written, the new folder removed again

@@ -224,10 +224,15 @@ def lock_out(out: Path, flag: str = "--out"):
         raise CLIError(f"{flag}: {e}") from e
 
 
-def check_save(save: Path, overwrite: bool, inputs: Sequence[Optional[Path]]) -> None:
-    """``--save``: never an input (symlinks and hard links included), never a folder, and an existing file
-    only with ``--overwrite``."""
-    from fip_fast.io import OverwriteInputError, check_not_input
+#: ``--save`` suffixes and the format each writes: safetensors, or a weights-only torch state dict.
+SAVE_FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}
+
+
+def check_save(save: Path, overwrite: bool, inputs: Sequence[Optional[Path]], out: Optional[Path] = None) -> None:
+    """``--save``: a known suffix (:data:`SAVE_FORMATS`: the file holds the format its name says), never an
+    input (symlinks and hard links included), never one of the report's own files in ``out`` (found here, not
+    after the work), never a folder, and an existing file only with ``--overwrite``."""
+    from fip_fast.io import LOCK_NAME, OverwriteInputError, check_not_input
 
     try:
         check_not_input(save, *inputs)
@@ -235,6 +240,14 @@ def check_save(save: Path, overwrite: bool, inputs: Sequence[Optional[Path]]) ->
         raise CLIError(f"--save: {e}") from e
     if save.is_dir():
         raise CLIError(f"--save {save} is a folder; give a file name such as {save / 'purified.safetensors'}")
+    if out is not None:
+        report_files = [out / n for n in OUTPUT_NAMES if n != "purified.safetensors"] + [out / LOCK_NAME]
+        if any(os.path.abspath(save) == os.path.abspath(f) for f in report_files):
+            raise CLIError(f"--save {save} is one of the report's own files in --out {out}; choose another name "
+                           f"(the report writes {', '.join(n for n in OUTPUT_NAMES if n != 'purified.safetensors')})")
+    if save.suffix.lower() not in SAVE_FORMATS:
+        raise CLIError(f"--save {save}: unknown format {save.suffix or '(no suffix)'!r}; name the file "
+                       f"{'/'.join(SAVE_FORMATS)} (safetensors, or a weights-only torch state dict)")
     if save.exists() and not overwrite:
         raise CLIError(f"--save {save} exists; pass --overwrite to replace it, or choose another name")
     check_writable(save.parent, "--save")

@@ -145,7 +145,8 @@ def _add_purify_run(q: argparse.ArgumentParser) -> None:
     q.add_argument("--accept-accuracy-drop", action="store_true", help="save the purified model even when its clean "
                    "accuracy fell by more than 10 points (measured on the clean-validation part, or on the clean "
                    "data when there is none).  Without it such a result is reported but not saved (exit 3)")
-    q.add_argument("--save", default=None, help="purified weights, safetensors (default: OUT/purified.safetensors)")
+    q.add_argument("--save", default=None, help="purified weights: NAME.safetensors, or NAME.pt / NAME.pth for a "
+                   "weights-only torch state dict — the format the suffix says (default: OUT/purified.safetensors)")
     q.add_argument("--checkpoint-dir", default=None, help="save purification checkpoints here")
     q.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
     q.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --checkpoint-dir")

@@ -138,7 +138,7 @@ def _purify_outputs(args: argparse.Namespace, inputs: List[Path]) -> Tuple[Path,
     out = out_folder(args)
     save_path = Path(args.save) if args.save else out / "purified.safetensors"
     if args.save:
-        check_save(save_path, args.overwrite, inputs)
+        check_save(save_path, args.overwrite, inputs, out)
     check_out(out, args.overwrite, inputs)
     check_checkpoint_dir(args.checkpoint_dir)
     return out, save_path

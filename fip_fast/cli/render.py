@@ -175,6 +175,19 @@ def _stage_report(staged, out: Path, report: Report) -> None:
         tmp.write_text(json.dumps(_jsonable(report.payload), indent=2) + "\n", encoding="utf-8")
 
 
+def _save_weights(model_out: ModelOutput, tmp: Path) -> None:
+    """The purified weights in the format ``model_out.path``'s suffix names: safetensors, or (``.pt`` / ``.pth``)
+    a plain state dict that ``torch.load(weights_only=True)`` reads."""
+    import torch
+
+    from fip_fast.io import _plain_tensors, save_model
+
+    if model_out.path.suffix.lower() in (".pt", ".pth"):
+        torch.save(_plain_tensors(model_out.model.state_dict()), tmp)
+    else:
+        save_model(model_out.model, tmp, metadata=model_out.metadata)
+
+
 def write_outputs(out: Path, inputs: Sequence[Optional[Path]], report: Report,
                   model_out: Optional[ModelOutput] = None) -> None:
     """Write the report files (and the purified weights) so that no user file is lost: each output is staged
@@ -182,7 +195,7 @@ def write_outputs(out: Path, inputs: Sequence[Optional[Path]], report: Report,
     the previous results only once every one is complete — a run that fails while writing keeps the old ones.
     Nothing is ever deleted but the tool's own temporaries (and --out itself when this call created it and it
     is still empty)."""
-    from fip_fast.io import StagedOutputs, save_model
+    from fip_fast.io import StagedOutputs
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +205,7 @@ def write_outputs(out: Path, inputs: Sequence[Optional[Path]], report: Report,
             if model_out is not None:
                 model_out.path.parent.mkdir(parents=True, exist_ok=True)
                 with staged.path(model_out.path) as tmp:
-                    save_model(model_out.model, tmp, metadata=model_out.metadata)
+                    _save_weights(model_out, tmp)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
