@@ -197,6 +197,11 @@ HOLDING_ABLATIONS: Dict[str, Tuple[str, dict]] = {
     "fip + unit reset (5 %)": ("fip", dict(_FIP, reset_units=0.05)),
     "fip + universal + path aware": ("fip", dict(_FIP, universal_perturbation=0.2, path_aware=0.5)),
     "fip + all three": ("fip", dict(_FIP, universal_perturbation=0.2, path_aware=0.5, reset_units=0.05)),
+    # absolute ρ 0.5 cost the CNN ≈ 20 points (first runs): the point lies beyond θ0 while ‖θ0 − w‖ < ρ
+    "fip + path aware (relative 0.5)": ("fip", dict(_FIP, path_aware=dict(rho=0.5, relative=True))),
+    "fip + universal + path aware (relative 0.5)": ("fip", dict(_FIP, universal_perturbation=0.2,
+                                                                 path_aware=dict(rho=0.5, relative=True))),
+    "fip + universal + reset": ("fip", dict(_FIP, universal_perturbation=0.2, reset_units=0.05)),
 }
 
 DEV_CELLS = [Cell(a, atk, 100, 0.1, 0.1, target=5) for a, atk in product(ARCHS, SEEN_ATTACKS)]

@@ -105,14 +105,15 @@ def _plain_sgd(model, ctx, path_aware, **kw):
     return build_fip(model, ctx, path_aware=path_aware, **o)
 
 
-def test_path_aware_step_uses_the_gradient_at_the_shifted_point():
-    """With plain SGD (no momentum, decay or suppressor): the gradient is that of w + ρ·(θ0 − w)/‖θ0 − w‖ and the
-    new weights are w − lr·that gradient (not the gradient at w)."""
+@pytest.mark.parametrize("relative", [False, True])
+def test_path_aware_step_uses_the_gradient_at_the_shifted_point(relative):
+    """With plain SGD (no momentum, decay or suppressor): the gradient is that of w + ρ·(θ0 − w)/‖θ0 − w‖ (with
+    ``relative``: w + ρ·(θ0 − w)) and the new weights are w − lr·that gradient (not the gradient at w)."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(3, (32,), generator=g)
     model = _mlp()
     theta0 = [p.detach().clone() for p in model.parameters()]
-    pur = _plain_sgd(model, _ctx(x, y), 0.5)
+    pur = _plain_sgd(model, _ctx(x, y), dict(rho=0.5, relative=relative))
     pur.step(x, y)                  # at w = θ0 the direction is undefined: a plain step, w moves off θ0
     w = [p.detach().clone() for p in model.parameters()]
     diff = [a - b for a, b in zip(theta0, w)]
@@ -121,7 +122,7 @@ def test_path_aware_step_uses_the_gradient_at_the_shifted_point():
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for p, wi, d in zip(ref.parameters(), w, diff):
-            p.copy_(wi + 0.5 * d / norm)
+            p.copy_(wi + 0.5 * d / (1.0 if relative else norm))
     F.cross_entropy(ref(x), y).backward()
     g_shift = [p.grad for p in ref.parameters()]
     plain = copy.deepcopy(model)

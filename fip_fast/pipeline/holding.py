@@ -70,12 +70,18 @@ class UniversalPerturbation:
 
 @dataclass(frozen=True)
 class PathAware:
-    """rho: the distance (global L2, in parameter units) of the gradient point from w toward θ0 (PAM's 0.5)."""
+    """rho: the distance (global L2, in parameter units) of the gradient point from w toward θ0 (PAM's 0.5).
+    relative: ``True`` takes rho as a share of the way back instead (the point w + rho·(θ0 − w), 0 < rho ≤ 1) —
+    ours: an absolute rho larger than ‖θ0 − w‖, as early in a purification, puts the point beyond θ0."""
 
     rho: float = 0.5
+    relative: bool = False
 
     def __post_init__(self) -> None:
         _positive("path_aware.rho", self.rho)
+        if self.relative and self.rho > 1:
+            raise ValueError(f"path_aware.rho must be ≤ 1 with relative=True (a share of the way to θ0), got "
+                             f"{self.rho!r}")
 
 
 @dataclass(frozen=True)
@@ -224,7 +230,7 @@ class _Path:
     """θ0 (the trainable parameters at the start) and the per-step shift s = ρ·(θ0 − w)/‖θ0 − w‖."""
 
     def __init__(self, cfg: PathAware, params: Sequence[Tensor]):
-        self.rho = cfg.rho
+        self.rho, self.relative = cfg.rho, cfg.relative
         self.params = list(params)
         self.anchor = [p.detach().clone() for p in self.params]
 
@@ -236,7 +242,7 @@ class _Path:
         norm = math.sqrt(sum(float((d * d).sum()) for d in diff))
         if norm == 0.0 or not math.isfinite(norm):
             return None
-        return [d.mul_(self.rho / norm) for d in diff]
+        return [d.mul_(self.rho if self.relative else self.rho / norm) for d in diff]
 
     @contextlib.contextmanager
     def applied(self, s: List[Tensor]) -> Iterator[None]:
