@@ -13,14 +13,20 @@ relu(S) = S).  How it runs:
 * **The layer keeps its ordinary weight.**  It is frozen (``requires_grad=False``: autograd never computes dW);
   ``U`` (m×k), ``S`` (k), ``Vh`` (k×n) are buffers of the layer (``spectral_U`` / ``spectral_S`` /
   ``spectral_Vh``, saved in the ``state_dict``, moved by ``.to()``), δ is its parameter ``spectral_delta`` (fp32,
-  zeros), and W0 is kept as a non-persistent buffer in the weight dtype (the no-drift rule below).
+  zeros), and W0 is the buffer ``spectral_W0`` in the weight dtype (saved too, so that a resume starts from the
+  exact W0: the no-drift rule below holds across save/load, bf16 included).
 * **The weight is updated in place, lazily.**  A forward pre-hook (and a ``state_dict`` pre-hook) re-derives
-  W = W0 + U·diag(relu(s(δ)) − S)·Vh, once per change of δ (``δ._version``; the fused optimizer kernels bump it),
-  for every layer of the reparameterization in one call of :func:`fip_fast.ops.spectral_update_`.  Recomputing
-  from W0 costs one copy of the weights and means no drift: after any number of steps W equals
-  W0 + U·diag(relu(s(δ)) − S)·Vh up to one rounding of the weight dtype; at δ = 0 nothing is written at all, so
-  the model is θ0 bit for bit.  The optimizer's perturbations of δ (FIP's fd / lagged suppressor) reach the weights
-  the same way.
+  W = W0 + U·diag(relu(s(δ)) − S)·Vh, once per change of δ, for every stale layer of the reparameterization in
+  one call of :func:`fip_fast.ops.spectral_update_`.  A change is a change of *value*: the layer keeps a copy of
+  the δ its weight was derived from and compares (``torch.equal``, k numbers per call) — version counters miss
+  torch's fused optimizer kernels and writes through ``.data``.  Recomputing from W0 costs one copy of the
+  weights and means no drift: after any number of steps W equals W0 + U·diag(relu(s(δ)) − S)·Vh up to one
+  rounding of the weight dtype; at δ = 0 nothing is written at all, so the model is θ0 bit for bit.  The
+  optimizer's perturbations of δ (FIP's fd / lagged suppressor) reach the weights the same way.  A weight whose
+  matrix is not a view of its memory (a channels_last convolution) is computed aside and copied in.
+* **The state lives on the layers.**  The hooks are plain functions that find their state on the module they are
+  called with: a ``copy.deepcopy`` of the model (``torch.optim.swa_utils.AveragedModel`` too) trains, syncs and
+  merges on its own, and :func:`merge` / :func:`sync` find the layers anywhere below the model given.
 * **δ-gradient from activations.**  The layer's forward is untouched; a forward hook records the projected input
   ``a`` (Linear-like: x·Vhᵀ; Conv: the input convolved with the rows of Vh as k filters; Embedding: the rows
   U[idx]) and routes the output through an identity autograd function whose backward projects the output gradient
@@ -35,8 +41,13 @@ relu(S) = S).  How it runs:
   change of it before the backward raises) and computes dW in its backward; per-sample gradients always come from
   the projections.
 * :func:`merge` drops hooks, buffers and δ: the weights already hold W(δ), so the model is its original self.
+* **Supported and refused** (docs/fast-fip-in-place.md): unbatched convolution inputs and keyword calls
+  (``fc(input=x)``) are tapped like positional batched ones; ``load_state_dict`` of δ alone (``strict=False``)
+  keeps W0; ``nn.MultiheadAttention.out_proj`` is never selected (MHA reads its weight without calling it, so no
+  hook would run); double backward through a tap (``create_graph=True``, FIP's ``trace_estimator="batch"``) raises
+  — the taps compute ∂ℓ/∂δ outside autograd.
 
-Reference: :mod:`fip_fast.spectral` (module swap, W(δ) rebuilt by autograd) computes the same gradients; the
+Reference: :mod:`fip_fast.spectral_reference` (module swap, W(δ) rebuilt by autograd) computes the same gradients; the
 tests compare the two.
 """
 from __future__ import annotations

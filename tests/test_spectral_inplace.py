@@ -272,8 +272,9 @@ def test_deltas_sync_and_collect_from_a_submodule_or_a_containing_model():
 
 @pytest.mark.parametrize("impl", ["foreach", "triton"])
 def test_weights_follow_delta_written_by_any_optimizer_kernel(impl):
-    """Kernels that write δ through raw pointers (Triton, CUDA) advance its version (fip_fast.ops), so the lazy
-    in-place sync sees every step — on the fd suppressor's perturbed pass too."""
+    """Kernels that write δ through raw pointers (Triton, CUDA): the lazy in-place sync (by value) sees every
+    step — on the fd suppressor's perturbed pass too (fused torch kernels and .data writes:
+    tests/test_spectral_hardening.py)."""
     from fip_fast import FIP, ops
 
     if not ops.availability(impl, "cpu")[0]:
@@ -302,9 +303,11 @@ def test_weights_follow_delta_written_by_any_optimizer_kernel(impl):
     torch.testing.assert_close(layer.weight, want, rtol=1e-6, atol=1e-6)
 
 
-def test_state_dict_round_trip_into_a_fresh_reparameterized_model():
-    """A purification saved mid-way (weights = W(δ), U, S, Vh, δ) and loaded into a *fresh* reparameterized copy of
-    the architecture continues from the loaded point: W0 is not saved, it is re-derived from the loaded weights."""
+@pytest.mark.parametrize("with_w0", [True, False])
+def test_state_dict_round_trip_into_a_fresh_reparameterized_model(with_w0):
+    """A purification saved mid-way (weights = W(δ), U, S, Vh, δ, W0) and loaded into a *fresh* reparameterized copy
+    of the architecture continues from the loaded point; a state dict without W0 (saved before W0 was) still loads
+    with strict=True, W0 re-derived from the loaded weights."""
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))  # noqa: E731
     model = make()
@@ -316,6 +319,9 @@ def test_state_dict_round_trip_into_a_fresh_reparameterized_model():
         F.cross_entropy(model(x), y).backward()
         opt.step()
     sd = model.state_dict()
+    assert sum(k.endswith("spectral_W0") for k in sd) == 2
+    if not with_w0:
+        sd = {k: v for k, v in sd.items() if not k.endswith("spectral_W0")}
     torch.manual_seed(1)
     fresh = make()                                  # other random weights: its own W0 must not leak in
     SI.reparameterize(fresh, relative=True, rank=4)
