@@ -390,3 +390,23 @@ def test_one_adapter_registry_serves_both_forms():
         assert SR.spectral_layers(m)
     finally:
         SI._ADAPTERS.pop(MyLinear)
+
+
+def test_merge_of_part_of_one_reparameterization_is_refused():
+    a = _mlp()
+    SI.reparameterize(a)
+    with pytest.raises(ValueError, match="outside the model given"):
+        SI.merge(a[0])
+    assert len(SI.spectral_layers(a)) == 3                 # nothing half-merged
+
+
+def test_a_layer_called_without_its_input_is_refused():
+    class Odd(nn.Linear):
+        def forward(self, input=None, *, other=None):
+            return super().forward(other)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Odd(3, 2))
+    SI.reparameterize(m)
+    with pytest.raises(TypeError, match="without its input"):
+        m[0](other=torch.randn(1, 3))
