@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -22,15 +24,58 @@ class PurifyInputs:
     paths: List[Path]
 
 
+def _load_flat_npz(p: Path):
+    """``(x, y)`` of a ``.npz`` whose ``x`` is flat (N, D) feature vectors (a tabular model's input), or None
+    when ``x`` is image-shaped (the image loader's business).  Features are used as they are (no [0, 1] rule:
+    that rule is about images), but they must be finite numbers."""
+    import numpy as np
+    import torch
+
+    from fip_fast.evaluation.data import DatasetError, _check_xy, _labels_to_tensor
+
+    with np.load(p, allow_pickle=False) as z:
+        if "x" not in z.files or "y" not in z.files or z["x"].ndim != 2:
+            return None
+        xa, ya = z["x"], z["y"]
+    if not (np.issubdtype(xa.dtype, np.floating) or np.issubdtype(xa.dtype, np.integer)):
+        raise DatasetError(f"{p}: features must be numbers, got dtype {xa.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(xa, dtype=np.float32))
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise DatasetError(f"{p}: the features contain NaN or Inf")
+    y = _labels_to_tensor(ya, str(p))
+    _check_xy(x, y)
+    return x, y
+
+
+def _read_data(p: Path):
+    """Images (.npz or an image folder, :func:`fip_fast.evaluation.data.load_dataset`) or flat (N, D) .npz."""
+    import zipfile
+
+    from fip_fast.evaluation.data import load_dataset
+
+    if p.suffix.lower() == ".npz" and p.is_file():
+        if not zipfile.is_zipfile(p):     # np.load would try it as a pickle and say "contains pickled data"
+            raise CLIError(f"not a valid .npz file (a .npz is a zip archive of .npy arrays, as np.savez writes "
+                           f"it): {p}")
+        flat = _load_flat_npz(p)
+        if flat is not None:
+            return flat
+    return load_dataset(p)
+
+
 def load_data(path: str, what: str):
     """Load --clean / --test / --triggered data; every failure names the flag and the file."""
-    from fip_fast.evaluation.data import DatasetError, load_dataset
+    from fip_fast.evaluation.data import DatasetError
 
     p = Path(path)
     if not p.exists():
         raise CLIError(f"{what}: file or folder not found: {p}")
+    if not (p.is_dir() or p.is_file()):
+        raise CLIError(f"{what}: {p} is not a regular file (a FIFO, a device…); give a .npz file or a folder")
     try:
-        x, y = load_dataset(p)
+        x, y = _read_data(p)
+    except CLIError as e:
+        raise CLIError(f"{what}: {e}") from e
     except DatasetError as e:
         raise CLIError(f"{what}: {e}") from e
     except OSError as e:
@@ -46,8 +91,9 @@ def check_fits(model, x, y, what: str, num_classes: int, like: Optional[Tuple[st
     import torch
 
     if like is not None and tuple(x.shape[1:]) != tuple(like[1].shape[1:]):
-        raise CLIError(f"{what}: images of shape {tuple(x.shape[1:])} but the {like[0]} images are "
-                       f"{tuple(like[1].shape[1:])} (channels, height, width)")
+        word, kind = ("images", "(channels, height, width)") if like[1].dim() == 4 else ("inputs", "(features,)")
+        raise CLIError(f"{what}: {word} of shape {tuple(x.shape[1:])} but the {like[0]} {word} are "
+                       f"{tuple(like[1].shape[1:])} {kind}")
     try:
         with torch.no_grad():
             dev = next(model.parameters()).device
@@ -63,12 +109,22 @@ def check_fits(model, x, y, what: str, num_classes: int, like: Optional[Tuple[st
 
 
 def _build_arch(args: argparse.Namespace, in_channels: int):
+    """``--arch``: a registry name, or ``module:factory`` imported from the current folder too — a console
+    script's ``sys.path`` does not hold it (``--arch mymodels:make`` failed without ``PYTHONPATH=.``).  The
+    folder is on the path for this import only."""
     from fip_fast.evaluation.models import build_model
 
+    cwd, added = os.getcwd(), False
+    if ":" in str(args.arch) and cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+        added = True
     try:
         return build_model(args.arch, num_classes=args.num_classes, in_channels=in_channels)
     except (ValueError, TypeError, ImportError, AttributeError) as e:
         raise CLIError(f"--arch {args.arch}: {e}") from e
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def _one_line(e: BaseException, limit: int = 400) -> str:
@@ -106,7 +162,7 @@ def load_model(args: argparse.Namespace, ck: Path, x):
     except CheckpointError as e:
         raise CLIError(f"--checkpoint: {e}") from e
     except RuntimeError as e:
-        if not args.in_channels:
+        if not args.in_channels and x.dim() == 4:
             _blame_channels(args, sd, in_ch, x)
         raise CLIError(f"--checkpoint: the weights in {ck} do not fit --arch {args.arch}: {_one_line(e)}") from e
     return model

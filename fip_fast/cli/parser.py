@@ -125,10 +125,11 @@ def _add_purify_inputs(q: argparse.ArgumentParser) -> None:
                    "or 'package.module:factory'")
     q.add_argument("--checkpoint", required=True, help="weights: .safetensors or a weights-only torch .pt "
                    "(pickled modules are refused)")
-    q.add_argument("--clean", required=True, help="clean data: .npz with arrays x, y or an image folder "
-                   "root/<class>/<image>")
+    q.add_argument("--clean", required=True, help="clean data: .npz with arrays x (images, or flat (N, D) "
+                   "feature vectors) and y (labels), or an image folder root/<class>/<image>")
     q.add_argument("--num-classes", type=int, default=10, help="number of classes (default: 10)")
-    q.add_argument("--in-channels", type=int, default=0, help="input channels (default: from the clean data)")
+    q.add_argument("--in-channels", type=int, default=0, help="passed to the factory as in_channels (default: "
+                   "from the clean data: C of (N, C, H, W) images, D of flat (N, D) features)")
     q.add_argument("--method", default="fast_fip", help="fast_fip (default), fip, or any registered method")
     q.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's)")
     q.add_argument("--val-fraction", type=float, default=None, help="part of the clean data held out for "
@@ -162,6 +163,7 @@ PURIFY_EXAMPLES = (
     f"fip-fast purify --arch mymodels:make {_COMMON}",
     f"fip-fast purify --arch mymodels:make {_COMMON} --test test.npz --triggered triggered.npz --target 0 --out report",
     f"fip-fast purify --arch mymodels:make {_COMMON} --method fip --set trace_estimator=lagged",
+    "fip-fast purify --arch mymodels:make_mlp --checkpoint mlp.safetensors --clean clean_flat.npz --num-classes 4",
 )
 PURIFY_EPILOG = "examples (run from the folder of examples/own_model/ after `python make_data.py`):\n" + "".join(
     f"  {ex}\n" for ex in PURIFY_EXAMPLES) + """
@@ -170,6 +172,7 @@ your model: --arch module:factory imports module from the current folder (no PYT
   nn.Module that maps a batch to (N, num_classes) logits.
 your data: .npz with arrays x and y (integer labels 0..num_classes-1), or an image folder root/<class>/<image>.
   Images (N, H, W), (N, H, W, C) or (N, C, H, W): uint8 0..255 or float in [0, 1] (the model sees [0, 1]).
+  Flat (N, D) arrays are feature vectors for models that take them (used as they are; in_channels = D).
   At 334 clean samples or more, 20 % are held out for clean-validation selection; below, all of them train.
   Clean accuracy is measured before and after; a drop of more than 10 points is not saved without
   --accept-accuracy-drop.
