@@ -417,6 +417,9 @@ def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cp
     p = Path(path)
     if p.is_dir():
         raise CheckpointError(f"{p} is a folder, not a checkpoint file")
+    if p.exists() and not p.is_file():
+        raise CheckpointError(f"{p} is not a regular file (a FIFO, a device such as /dev/zero…); give a "
+                              ".safetensors or .pt file")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
     if p.stat().st_size == 0:
@@ -426,8 +429,9 @@ def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cp
     try:
         obj = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        said = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e)).strip().splitlines()
         raise UnsafeCheckpointError(f"{p} is not a weights-only checkpoint and was not loaded.\n{_UNSAFE_HINT}\n"
-                                    f"(torch said: {str(e).splitlines()[0]})") from e
+                                    f"(torch said: {said[0] if said else type(e).__name__})") from e
     except RuntimeError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
             raise UnsafeCheckpointError(f"{p} is not a weights-only checkpoint and was not loaded.\n"

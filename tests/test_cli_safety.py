@@ -250,3 +250,151 @@ def test_full_disk_is_one_line_naming_the_file(here, capsys, monkeypatch, tmp_pa
     line = _one_line_error(rc, err, status=checks.EXIT_NOT_SAVED)
     assert f"could not write {out / 'purified.safetensors'}" in line and "No space left on device" in line, line
     assert not out.exists()                         # nothing half-written, the new folder removed again
+
+
+# ---- 8: reports and messages
+def _fip(out, *extra):
+    return _argv(out, "--steps", "3", *extra, method="fip")
+
+
+def test_runner_method_has_a_history_curve(here, capsys, tmp_path):
+    """Super-FT, FT, … (runners) evaluate nothing on the way; their result is one history record, so that
+    asr_acc.png draws a curve (θ0 → result), not a legend alone."""
+    out = tmp_path / "ft"
+    rc, _, err = _run(_argv(out, "--steps", "3", "--test", "test.npz", method="ft"), capsys)
+    assert rc == 0, err
+    h = json.loads((out / "report.json").read_text())["results"][0]["history"]
+    assert len(h) == 1 and h[0]["step"] == 3 and h[0]["eval"]["acc"] is not None, h
+    assert (out / "asr_acc.png").is_file()
+
+
+def test_no_empty_accuracy_plot(here, capsys, tmp_path):
+    """No test data and no validation part (200 clean samples): nothing to plot over the steps — no empty 0–1
+    frame; report.md says so."""
+    out = tmp_path / "noplot"
+    rc, _, err = _run(_fip(out), capsys)
+    assert rc == 0, err
+    assert not (out / "asr_acc.png").exists()
+    assert "No accuracy plot" in (out / "report.md").read_text()
+
+
+def test_plots_mark_the_selected_step_and_label_lambda():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from fip_fast.cli import plots
+
+    row = {"method": "fip", "selected_step": 20, "initial_val_acc": 0.9, "lambda_max": 0.02,
+           "history": [{"step": s, "val_acc": 0.9, "eval": {"acc": 0.9, "asr": 1 - s / 30}} for s in (10, 20, 30)]}
+    before = {"acc": 0.9, "asr": 1.0, "lambda_max": 50.0}
+    fig = plots._asr_acc_figure(plt, [row], before)
+    labels = [ln.get_label() for ax in fig.axes for ln in ax.get_lines()]
+    assert any("selected step 20" in lb for lb in labels), labels
+    plt.close(fig)
+    fig = plots._lambda_figure(plt, [row], before)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"                               # 0.02 next to 50: a visible bar
+    assert {"50", "0.02"} <= {t.get_text() for t in ax.texts}
+    plt.close(fig)
+
+
+def test_warnings_are_printed_once(own, tmp_path):
+    import subprocess
+
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(EXAMPLE)}
+    r = subprocess.run([sys.executable, "-m", "fip_fast.cli", *_fip(tmp_path / "w")], cwd=own, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("too few for a validation part") == 1, r.stderr
+
+
+def test_pickle_refusal_is_one_line(here, capsys, tmp_path):
+    import mymodels
+    import torch
+
+    torch.save(mymodels.make(4, 1), tmp_path / "pickled.pt")             # a whole pickled module
+    argv = _fip(tmp_path / "o")
+    argv[argv.index("--checkpoint") + 1] = str(tmp_path / "pickled.pt")
+    rc, _, err = _run(argv, capsys)
+    line = _one_line_error(rc, err)
+    assert err.strip() == line and "weights-only" in line and "safetensors" in line, err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_checkpoint_that_is_not_a_regular_file(here, capsys, tmp_path, kind):
+    import os
+
+    p = tmp_path / "fifo.pt"
+    if kind == "fifo":
+        os.mkfifo(p)
+    else:
+        p = Path("/dev/zero")
+    argv = _fip(tmp_path / "o")
+    argv[argv.index("--checkpoint") + 1] = str(p)
+    rc, _, err = _run(argv, capsys)
+    line = _one_line_error(rc, err)
+    assert "not a regular file" in line and str(p) in line, line
+
+
+def test_corrupt_npz_says_so(here, capsys, tmp_path):
+    (tmp_path / "bad.npz").write_bytes(b"this is not a zip archive at all" * 10)
+    argv = _fip(tmp_path / "o")
+    argv[argv.index("--clean") + 1] = str(tmp_path / "bad.npz")
+    rc, _, err = _run(argv, capsys)
+    line = _one_line_error(rc, err)
+    assert "not a valid .npz" in line and "pickle" not in line, line
+
+
+def test_save_writes_the_format_its_suffix_names(here, capsys, tmp_path):
+    import safetensors.torch
+    import torch
+
+    rc, _, err = _run(_fip(tmp_path / "o", "--save", str(tmp_path / "x.pt")), capsys)
+    assert rc == 0, err
+    sd = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())
+    with pytest.raises(Exception):
+        safetensors.torch.load_file(str(tmp_path / "x.pt"))
+    rc, _, err = _run(_fip(tmp_path / "o2", "--save", str(tmp_path / "x.bin")), capsys)
+    assert "unknown format '.bin'" in _one_line_error(rc, err)
+
+
+def test_steps_0_is_refused(here, capsys, tmp_path):
+    rc, _, err = _run(_argv(tmp_path / "o", "--steps", "0", method="fip"), capsys)
+    assert "--steps must be ≥ 1" in _one_line_error(rc, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_needs_a_checkpoint_of_the_method(here, capsys, tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    rc, _, err = _run(_fip(tmp_path / "o1", "--checkpoint-dir", str(ck), "--resume"), capsys)
+    assert "holds no purification checkpoint" in _one_line_error(rc, err)
+    rc, _, err = _run(_fip(tmp_path / "o2", "--checkpoint-dir", str(ck), "--checkpoint-every", "1"), capsys)
+    assert rc == 0, err
+    rc, _, err = _run(_argv(tmp_path / "o3", "--steps", "3", "--checkpoint-dir", str(ck), "--resume"), capsys)
+    line = _one_line_error(rc, err)
+    assert "checkpoints of --method fip, not of --method fast_fip" in line, line
+    rc, _, err = _run(_fip(tmp_path / "o4", "--checkpoint-dir", str(ck), "--resume"), capsys)
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("case", ["one_sample", "single_class"])
+def test_degenerate_clean_sets_are_refused(here, capsys, tmp_path, case):
+    import numpy as np
+
+    z = np.load(here / "clean.npz")
+    x, y = z["x"], z["y"]
+    if case == "one_sample":
+        x, y = x[:1], y[:1]
+    else:
+        x, y = x[y == 2], y[y == 2]
+    np.savez(tmp_path / "c.npz", x=x, y=y)
+    argv = _fip(tmp_path / "o")
+    argv[argv.index("--clean") + 1] = str(tmp_path / "c.npz")
+    rc, _, err = _run(argv, capsys)
+    line = _one_line_error(rc, err)
+    assert ("holds 1 sample" if case == "one_sample" else "single class (2)") in line, line
+    assert not (tmp_path / "o").exists()

@@ -99,7 +99,8 @@ def demo_methods(args: argparse.Namespace) -> List[str]:
 def check_common_flags(args: argparse.Namespace) -> None:
     """Flags both commands share, judged before any file is read or any step is run (a bad value used to
     surface only after the whole run, or never: a negative --val-fraction silently disabled validation)."""
-    for flag, low in (("steps", 0), ("batch_size", 1), ("eval_every", 1), ("threads", 0), ("lambda_iters", 0),
+    # --steps 0 would write a copy of the input model as "purified"
+    for flag, low in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("threads", 0), ("lambda_iters", 0),
                       ("lambda_batch", 1)):
         v = getattr(args, flag)
         need(v is None or v >= low, f"--{flag.replace('_', '-')} must be ≥ {low}, got {v}")
@@ -123,11 +124,36 @@ def check_purify_flags(args: argparse.Namespace) -> None:
     need(args.in_channels >= 0, f"--in-channels must be ≥ 0 (0: from the clean data), got {args.in_channels}")
     need(args.checkpoint_every >= 1, f"--checkpoint-every must be ≥ 1, got {args.checkpoint_every}")
     need(not args.resume or bool(args.checkpoint_dir), "--resume needs --checkpoint-dir (where the checkpoints are)")
+    check_resume(args)
     need(not args.triggered or args.target is not None,
          "--triggered needs --target (the attack's target class) to compute ASR")
     need(args.target is None or 0 <= args.target < args.num_classes,
          f"--target must be a class index in 0..{args.num_classes - 1}, got {args.target}")
     check_method_options(args)
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """``--resume``: --checkpoint-dir must hold a checkpoint of --method (an empty folder, or one with another
+    method's checkpoints, used to start a new run from scratch without a word)."""
+    import re
+
+    if not args.resume:
+        return
+    cd = Path(args.checkpoint_dir)
+    found = {}
+    if cd.is_dir():
+        for p in cd.iterdir():
+            m = re.match(r"^purify-(.+)-(\d+)\.pt$", p.name)
+            if m:
+                found.setdefault(m.group(1), []).append(p.name)
+    method = args.method.lower()
+    if method in found:
+        return
+    if not found:
+        raise CLIError(f"--resume: --checkpoint-dir {cd} holds no purification checkpoint (purify-{method}-*.pt); "
+                       "drop --resume to start a new run")
+    raise CLIError(f"--resume: --checkpoint-dir {cd} holds checkpoints of --method {', '.join(sorted(found))}, not "
+                   f"of --method {method}; resume with that method, or drop --resume")
 
 
 def check_method_options(args: argparse.Namespace) -> None:

@@ -184,7 +184,7 @@ def _demo_method(name: str, model, task: DemoTask, args: argparse.Namespace, dev
     say(f"{name}: ACC {fmt_pct(res['acc'])} %, ASR {fmt_pct(res['asr'])} %, RA {fmt_pct(res['ra'])} %, "
         f"{row['wall_s']:.1f} s" + (f", {rep.skipped_steps} steps skipped" if rep.skipped_steps else ""))
     for w in rep.warnings:
-        warn(f"{name}: {w}")
+        warn(f"{name}: {w}", key=w)
     return row, rep
 
 

@@ -2,6 +2,7 @@
 usage error into one line and an exit status."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -36,6 +37,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    with _warnings_once():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _warnings_once():
+    """fip_fast's logged warnings shown once each, as ``fip-fast: warning: …`` (they were printed twice: logged
+    when found, and again beside the result)."""
+    from fip_fast.cli.render import WarnOnce, reset_warnings
+
+    reset_warnings()
+    log, handler = logging.getLogger("fip_fast"), WarnOnce(logging.WARNING)
+    propagate, level = log.propagate, log.level
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(min(level or logging.WARNING, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate, log.level = propagate, level
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except CLIError as e:

@@ -85,6 +85,20 @@ def load_data(path: str, what: str):
     return x, y
 
 
+def check_clean_set(y, path: str) -> None:
+    """Refuse a clean set that cannot purify: one sample, or a single class — clean accuracy then cannot tell a
+    collapsed model from a good one (such a run used to write a model after a warning)."""
+    import torch
+
+    if y.shape[0] < 2:
+        raise CLIError(f"--clean: {path} holds {y.shape[0]} sample; purification needs clean samples of at least "
+                       "two classes")
+    classes = torch.unique(y).tolist()
+    if len(classes) < 2:
+        raise CLIError(f"--clean: {path} holds a single class ({classes[0]}); purification needs clean samples of "
+                       "at least two classes (a model that always answers one class would pass every check)")
+
+
 def check_fits(model, x, y, what: str, num_classes: int, like: Optional[Tuple[str, Any]] = None) -> None:
     """The data must fit the model (and, for --test / --triggered, have the images' shape of ``like``, the
     --clean data): the message names the flag at fault and the shapes, instead of a deep error."""
@@ -138,6 +152,9 @@ def _read_checkpoint(ck: Path):
 
     if ck.is_dir():
         raise CLIError(f"--checkpoint {ck} is a folder, not a checkpoint file")
+    if ck.exists() and not ck.is_file():
+        raise CLIError(f"--checkpoint {ck} is not a regular file (a FIFO, a device such as /dev/zero…); give a "
+                       ".safetensors or .pt file")
     if not ck.is_file():
         raise CLIError(f"--checkpoint: file not found: {ck}")
     try:
@@ -186,6 +203,7 @@ def purify_inputs(args: argparse.Namespace, dev) -> PurifyInputs:
     """Load and check every input of ``fip-fast purify``."""
     ck = Path(args.checkpoint)
     x, y = load_data(args.clean, "--clean")
+    check_clean_set(y, args.clean)
     model = load_model(args, ck, x).to(dev)
     check_fits(model, x, y, "--clean", args.num_classes)
     test = trig = None

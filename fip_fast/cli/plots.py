@@ -35,8 +35,12 @@ def _draw_curves(axes, r: Dict[str, Any], before: Dict[str, Any], have_acc: bool
         color = ax_acc.plot(steps, _pct_list([r.get("initial_val_acc")] + [e.get("val_acc") for e in h]),
                             marker=".", label=r["method"])[0].get_color()
     if have_asr:
-        axes[0][1].plot(steps, _pct_list([before.get("asr")] + _evals(r, "asr")), marker=".", color=color,
-                        label=r["method"])
+        color = axes[0][1].plot(steps, _pct_list([before.get("asr")] + _evals(r, "asr")), marker=".", color=color,
+                                label=r["method"])[0].get_color()
+    sel = r.get("selected_step")
+    if h and sel is not None and sel in steps:     # the weights returned: one dotted line per method
+        for ax in axes[0][:2 if have_asr else 1]:
+            ax.axvline(sel, color=color, linestyle=":", linewidth=1.2, label=f"{r['method']}: selected step {sel}")
 
 
 def _label_axes(axes, have_acc: bool, have_asr: bool) -> None:
@@ -55,7 +59,17 @@ def _label_axes(axes, have_acc: bool, have_asr: bool) -> None:
         axes[0][1].grid(alpha=0.3)
 
 
+def has_curves(results: List[Dict[str, Any]]) -> bool:
+    """Whether asr_acc.png has anything to draw: test ACC / ASR (--test, --triggered) or clean-validation
+    accuracy in some method's history (without them the plot would be an empty 0–1 frame)."""
+    return any(v is not None for r in results for k in ("acc", "asr") for v in _evals(r, k)) or any(
+        e.get("val_acc") is not None for r in results for e in r.get("history") or [])
+
+
 def _asr_acc_figure(plt, results: List[Dict[str, Any]], before: Dict[str, Any]):
+    """ACC (and ASR) over the steps, per method, the selected step marked; None when there is nothing to draw."""
+    if not has_curves(results):
+        return None
     have_acc = any(v is not None for r in results for v in _evals(r, "acc"))
     have_asr = any(v is not None for r in results for v in _evals(r, "asr"))
     fig, axes = plt.subplots(1, 2 if have_asr else 1, figsize=(10 if have_asr else 5.5, 3.6), squeeze=False)
@@ -75,8 +89,12 @@ def _lambda_figure(plt, results: List[Dict[str, Any]], before: Dict[str, Any]):
     fig, ax = plt.subplots(figsize=(5, 3.2))
     names = ["before"] + [n for n, _ in lam]
     vals = [before["lambda_max"]] + [v for _, v in lam]
-    ax.bar(names, vals, color=["#888"] + ["C%d" % i for i in range(len(lam))])
-    ax.set_ylabel("λ_max (clean batch)")
+    bars = ax.bar(names, vals, color=["#888"] + ["C%d" % i for i in range(len(lam))])
+    ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=8)   # the values, small bars included
+    positive = [v for v in vals if v > 0]
+    if len(positive) == len(vals) and max(positive) / min(positive) > 20:
+        ax.set_yscale("log")                   # a 100× flatter result would otherwise be an invisible bar
+    ax.set_ylabel("λ_max (clean batch)" + (", log scale" if ax.get_yscale() == "log" else ""))
     ax.set_title("Top Hessian eigenvalue before / after")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

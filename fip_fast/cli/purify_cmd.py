@@ -252,8 +252,8 @@ def _finish(args: argparse.Namespace, me: Rank, inp: PurifyInputs, out: Path, sa
     """Rank 0: the warnings, the report folder and (unless refused: diverged, or clean accuracy fell more than
     the accepted drop) the purified weights; the exit status."""
     diverged, refused = row["diverged"], row["refused"]
-    for w in rep.warnings:            # logged when found, repeated here beside the result they qualify
-        warn(f"{args.method}: {w}")
+    for w in rep.warnings:            # each shown once: when found (logged), or here beside the result
+        warn(f"{args.method}: {w}", key=w)
     if rep.skipped_steps and not diverged:
         warn(f"{args.method}: {rep.skipped_steps} of {rep.steps_run} steps were skipped for non-finite gradients")
     report = _purify_report(args, me, inp, save_path, rep, before_row, row)

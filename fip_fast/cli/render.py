@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -37,9 +38,32 @@ class ModelOutput:
     metadata: Dict[str, str]
 
 
-def warn(message: str) -> None:
-    """``fip-fast: warning: …`` on stderr."""
+_WARNED: set = set()
+
+
+def warn(message: str, key: Optional[str] = None) -> None:
+    """``fip-fast: warning: …`` on stderr, once per ``key`` (default: the message) and command: the pipeline's
+    logged warnings (:class:`WarnOnce`) and their repetition beside the result share the key, so each is shown
+    once.  :func:`reset_warnings` starts a new command."""
+    k = key if key is not None else message
+    if k in _WARNED:
+        return
+    _WARNED.add(k)
     print(f"fip-fast: warning: {message}", file=sys.stderr, flush=True)
+
+
+def reset_warnings() -> None:
+    _WARNED.clear()
+
+
+class WarnOnce(logging.Handler):
+    """Shows the ``fip_fast`` loggers' warnings through :func:`warn` (once each, in fip-fast's format); the key
+    is the message without its ``fip_fast.pipeline: `` prefix — the text the report's warnings hold."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        key = msg.split(": ", 1)[1] if msg.startswith("fip_fast.") and ": " in msg else msg
+        warn(key, key=key)
 
 
 def fmt_pct(v: Optional[float]) -> str:
@@ -112,6 +136,8 @@ _LEGEND = ("ACC: clean test accuracy.  ASR: triggered non-target test inputs cla
            "only.")
 
 NO_PLOTS = "No plots: matplotlib is not installed (an optional dependency of fip_fast[demo]; {hint})."
+NO_CURVES = ("No accuracy plot: there is neither test data (--test / --triggered) nor a clean-validation part to "
+             "follow over the steps; give --test (and --triggered) to see clean accuracy and ASR over the run.")
 
 
 def _history_md(history: List[Dict[str, Any]]) -> List[str]:
@@ -152,6 +178,8 @@ def report_md(report: Report, plots: Optional[List[str]]) -> str:
     md += [_LEGEND, ""]
     if plots is None:
         md += [NO_PLOTS.format(hint=extra_hint()), ""]
+    elif "asr_acc.png" not in plots:
+        md += [NO_CURVES, ""]
     for p in plots or []:
         md += [f"![{p}]({p})", ""]
     for r in report.rows:

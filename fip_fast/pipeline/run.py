@@ -396,6 +396,11 @@ def _run_runner(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict
     report.skipped_steps = int(info.get("skipped_steps", 0) or 0)
     model.eval()
     report.final = evaluator(model)
+    # A runner evaluates nothing on the way: one record of the returned model at its last step, so that the
+    # history (and the report's curves, which start at θ0 = report.initial) shows the runner's result too.
+    losses = [v for v in (info.get("loss_history") or []) if isinstance(v, (int, float))]
+    report.history = [{"step": report.steps_run, "train_loss": float(losses[-1]) if losses else float("nan"),
+                       **report.final, "acceptable": True}]
     report.timings["eval"] = evaluator.seconds
     report.timings["total"] = time.perf_counter() - t_total
     return model, report
