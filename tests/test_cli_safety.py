@@ -398,3 +398,36 @@ def test_degenerate_clean_sets_are_refused(here, capsys, tmp_path, case):
     line = _one_line_error(rc, err)
     assert ("holds 1 sample" if case == "one_sample" else "single class (2)") in line, line
     assert not (tmp_path / "o").exists()
+
+
+# ---- 6: --threads defaults to one thread for a small model (torch's choice was several times slower)
+def test_threads_default_is_one_for_a_small_model(here, capsys, tmp_path):
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rc, _, err = _run(_fip(tmp_path / "o"), capsys)
+        assert rc == 0, err
+        assert torch.get_num_threads() == 1
+        assert json.loads((tmp_path / "o" / "report.json").read_text())["config"]["threads"] == 1
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_threads_default_keeps_torchs_choice_for_a_large_model():
+    import argparse
+
+    import torch
+
+    from fip_fast.cli.purify_cmd import SMALL_MODEL_PARAMS, set_threads
+
+    n = torch.get_num_threads()
+    big = torch.nn.Linear(SMALL_MODEL_PARAMS // 1000 + 1, 1000)
+    args = argparse.Namespace(threads=None)
+    set_threads(args, big)
+    assert args.threads == 0 and torch.get_num_threads() == n
+    args = argparse.Namespace(threads=3)                              # an explicit count is used as given
+    set_threads(args, big)
+    assert torch.get_num_threads() == 3
+    torch.set_num_threads(n)

@@ -56,8 +56,9 @@ def _add_output_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument("--lambda-iters", type=int, default=20, help="power iterations for λ_max "
                    "(0 skips it; default: 20)")
     q.add_argument("--lambda-batch", type=int, default=128, help="clean samples for λ_max (default: 128)")
-    q.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's choice "
-                   "(default: %(default)s)")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads; 0 = torch's choice (one per "
+                   "core).  Default: 1 for a model under 1M parameters (its ops are too small for intra-op threads "
+                   "to pay; torch's choice was several times slower, docs/own-model.md), torch's choice above")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
     q.add_argument("--quiet", action="store_true", help="print only the result table")
 

@@ -189,6 +189,23 @@ def _run_purify(args: argparse.Namespace, model, clean, dev, progress: bool, eva
         raise CLIError(f"purify: {e}") from e
 
 
+#: ``--threads`` default: one torch thread below this many model parameters, torch's choice above.
+SMALL_MODEL_PARAMS = 1_000_000
+
+
+def set_threads(args: argparse.Namespace, model) -> None:
+    """``--threads``: as given (0: torch's choice), or — by default — 1 for a model under
+    :data:`SMALL_MODEL_PARAMS` parameters and torch's choice above.  A small model's ops are too small for
+    intra-op threads to pay, and several threads per process oversubscribe a shared machine's cores (the example
+    CNN of docs/own-model.md: see its "Threads" section).  ``args.threads`` becomes the count used (report.json)."""
+    import torch
+
+    if args.threads is None:
+        args.threads = 1 if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS else 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
     """``fip-fast purify``; ``dist_device`` is this rank's device under ``--distributed`` (else None).
 
@@ -196,14 +213,11 @@ def _cmd_purify(args: argparse.Namespace, dist_device) -> int:
     before any collective), :func:`fip_fast.pipeline.purify` runs with ``distributed="ddp"``, and only rank 0
     measures the test metrics and λ_max, prints, writes the report folder and saves the weights.  A diverged
     result (:func:`fip_fast.cli.checks.divergence`) is reported but not saved, and the exit status is 3."""
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     me = _rank(args, dist_device)
     if me.main:
         warn_if_no_plots()
     inp = purify_inputs(args, me.device)
+    set_threads(args, inp.model)
     out, save_path = _purify_outputs(args, inp.paths)
     lock = lock_out(out) if me.main else None      # a second run into --out fails now, not after its work
     try:
