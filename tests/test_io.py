@@ -265,3 +265,33 @@ def test_load_weights_validates_tensors(tmp_path):
     torch.save(_net().state_dict(), tmp_path / "pickle.safetensors")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_weights(_fresh(), tmp_path / "pickle.safetensors")
+
+
+def test_write_failure_names_the_destination(tmp_path, monkeypatch):
+    """A writer's I/O failure (OSError, or safetensors' SafetensorError) in a staged or atomic output is an
+    OutputWriteError (an OSError) naming the destination — not the temporary beside it — and leaves nothing."""
+    import safetensors
+    import safetensors.torch
+
+    from fip_fast.io import OutputWriteError, StagedOutputs, save_model
+
+    def full(*a, **k):
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28 })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    dest = tmp_path / "m.safetensors"
+    with pytest.raises(OutputWriteError, match=f"could not write {dest}: Error while serializing") as e:
+        with StagedOutputs() as staged:
+            with staged.path(dest) as tmp:
+                save_model(nn.Linear(2, 2), tmp)
+    assert isinstance(e.value, OSError) and e.value.dest == dest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_that_is_not_a_regular_file(tmp_path):
+    from fip_fast.io import CheckpointError, load_state_dict
+
+    os.mkfifo(tmp_path / "fifo.pt")
+    for p in (tmp_path / "fifo.pt", "/dev/zero"):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            load_state_dict(p)

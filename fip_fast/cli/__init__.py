@@ -22,8 +22,12 @@ are checked before any work (usage errors: one line, exit status 2); an existing
 unless ``--overwrite``, which replaces only the tool's own output names
 (:data:`fip_fast.cli.checks.OUTPUT_NAMES`), never an input and never anything else; all outputs are staged
 beside their destinations and replace the previous ones only once every one is complete
-(:class:`fip_fast.io.StagedOutputs`); a diverged purification (non-finite values, or most steps skipped) writes
-its report but no model and exits with status 3 (:data:`fip_fast.cli.checks.EXIT_DIVERGED`).
+(:class:`fip_fast.io.StagedOutputs`) and the folder is locked for the run (:class:`fip_fast.io.FolderLock`: a
+second run into it fails at once); a diverged purification (non-finite values, or most steps skipped) or one whose
+clean accuracy fell by more than 10 points (:data:`fip_fast.pipeline.report.ACCURACY_DROP_LIMIT`, unless
+``--accept-accuracy-drop``) writes its report but no model and exits with status 3
+(:data:`fip_fast.cli.checks.EXIT_NOT_SAVED`), as does a failed write (one line naming the file).  Every error is
+one line.  docs/own-model.md walks through purifying your own model.
 
 The modules, one job each:
 
