@@ -44,6 +44,7 @@ from _hang import communicate  # noqa: E402
 import fip_fast.kernels as K  # noqa: E402
 from fip_fast import ops  # noqa: E402
 from fip_fast import reference as R  # noqa: E402
+from fip_fast.kernels import _aot  # noqa: E402
 
 _OK, _WHY = K.available("cpu")
 pytestmark = pytest.mark.skipif(not _OK, reason=f"Triton kernels unavailable on CPU: {_WHY}")
@@ -707,8 +708,9 @@ def _finish_aot(proc: subprocess.Popen):
 # The compile is CPU-bound and single-threaded, like the interpreter: start it when this module is collected so
 # that it runs beside the interpreter tests on a second core (the test below only collects its result).
 # atexit ends it if that test was deselected.
+_AOT_OK, _AOT_WHY = _aot.aot_supported() if _OK else (False, _WHY)
 _AOT_PROC = None
-if _OK and os.environ.get("FIP_FAST_AOT_EARLY", "1") == "1":
+if _AOT_OK and os.environ.get("FIP_FAST_AOT_EARLY", "1") == "1":
     import atexit
     _AOT_PROC = _start_aot(subset=True)
     atexit.register(lambda p=_AOT_PROC: p.poll() is None and p.kill())
@@ -727,6 +729,7 @@ def _check_aot(recs):
     assert not by["fip_step[fp32,lagged,aligned=False]"]["ptx_v4"]
 
 
+@pytest.mark.skipif(not _AOT_OK, reason=_AOT_WHY)
 def test_aot_compile_sm90_kernel_variants():
     """Every kernel, every parameter dtype (bf16 included), the richest switch setting of each: compiled to
     PTX and an sm_90 cubin."""
@@ -736,6 +739,7 @@ def test_aot_compile_sm90_kernel_variants():
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FIP_FAST_AOT_ALL") != "1",
                     reason="~35 s: set FIP_FAST_AOT_ALL=1 (or run python -m fip_fast.kernels._aot)")
+@pytest.mark.skipif(not _AOT_OK, reason=_AOT_WHY)
 def test_aot_compile_sm90_all_variants():
     _check_aot(_finish_aot(_start_aot(subset=False)))
 

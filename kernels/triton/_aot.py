@@ -114,6 +114,21 @@ def variants(subset: bool = False):
             yield kernel, label, full, const
 
 
+#: ``ASTSource(fn, signature, constexprs=...)`` is the API of triton 3.3 and newer (3.2 took ``constants=`` with
+#: another signature format); the kernels themselves run on triton 3.2 too, only this check needs 3.3.
+MIN_TRITON_AOT = (3, 3)
+
+
+def aot_supported() -> tuple[bool, str]:
+    """(ok, reason): can this triton compile the variants ahead of time?"""
+    import triton
+
+    have = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in triton.__version__.split(".")[:2])
+    if have < MIN_TRITON_AOT:
+        return False, f"the AOT check needs triton >= 3.3 (ASTSource's constexprs API); this is {triton.__version__}"
+    return True, ""
+
+
 def compile_all(arch: int = 90, warp_size: int = 32, verbose: bool = False, subset: bool = False) -> list[dict]:
     """Compile every variant for ``GPUTarget("cuda", arch, warp_size)``; returns one record per variant:
     ``label``, ``seconds``, ``ptx_v4`` (128-bit vector loads in the PTX), ``cubin_bytes``.  Raises on the
@@ -123,6 +138,9 @@ def compile_all(arch: int = 90, warp_size: int = 32, verbose: bool = False, subs
     from triton.compiler import ASTSource
     from triton.runtime.interpreter import InterpretedFunction
 
+    ok, why = aot_supported()
+    if not ok:
+        raise RuntimeError(why)
     target = GPUTarget("cuda", arch, warp_size)
     out = []
     labels = [v[1] for v in variants(subset)]

@@ -53,9 +53,16 @@ def apply() -> bool:
     if orig is None:
         return False
 
-    def _patch_lang_tensor(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+    def index(self):
+        return int(np.asarray(self.handle.data).reshape(-1)[0])
+
+    def _patch_lang_tensor(tensor, *scope):
+        # triton 3.2 patches the class in place (one argument); 3.4+ through a scope that restores it afterwards.
+        orig(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     _interp._patch_lang_tensor = _patch_lang_tensor
     _applied = True
