@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fip_fast.pipeline import holding
 from fip_fast.pipeline.purifier import MethodContext, Purifier
 from fip_fast.recipes import PURIFY
 
@@ -100,7 +101,6 @@ def build_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: float, im
     :func:`_reinit_head`.  ``universal_perturbation``, ``path_aware``, ``reset_units`` (off by default; ours,
     beyond the paper): :mod:`fip_fast.pipeline.holding`, docs/holding.md."""
     from fip_fast.optim import FIP
-    from fip_fast.pipeline import holding
 
     if head not in ("keep", "reinit"):
         raise ValueError(f"head must be 'keep' or 'reinit', got {head!r}")
@@ -174,10 +174,7 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
     if delta_optimizer != "fip" and o.get("trace_estimator", "fd") != "fd":
         raise ValueError(f"delta_optimizer={delta_optimizer!r} supports trace_estimator='fd' only, got "
                          f"{o.get('trace_estimator')!r}")
-    from fip_fast.pipeline import holding
-
-    # universal_perturbation / path_aware / reset_units: as for build_fip; the reset acts on W before its SVD, and
-    # the path's θ0 is δ = 0 (with the extras and mixing entries at their start).
+    # holding options as for build_fip; the reset acts on W before its SVD, the path's θ0 is δ = 0 (extras: start)
     hold, reset = holding.prepare(model, ctx, o, universal_perturbation, path_aware, reset_units)
     # The extras: parameters that were trainable before reparameterization (merge restores every flag).
     extras = [p for m in model.modules() for pname, p in m.named_parameters(recurse=False)
