@@ -31,7 +31,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     # a model the protocol never saw, 300 steps give 96.2 % / 0.8 % (ACC / ASR) and 100 steps 95.4 % / 8.1 %.
     # lr_schedule "onecycle" (10 % linear warm-up, then cosine): the development ablations and the re-run grid
     # (2026-12-02) gave the same clean accuracy as cosine at lower ASR (1.7 % vs 2.4 %) and re-tuned ASR; chosen there,
-    # not on the evaluation suite (where it gave 15.7 % ASR at −3.6 points, cosine 13.8 % at −3.9: README).
+    # not on the evaluation suite (where it gave 15.7 % ASR at −3.6 points, cosine 13.8 % at −3.9: CHANGELOG.md, 2026-12-02).
     # The values live in fip_fast.recipes.PURIFY (one source of truth with the optimizer's documented recipe);
     # only the loop option patience is the pipeline's own.
     "fip": dict(PURIFY.pipeline_options(), patience=0),
