@@ -5,18 +5,26 @@ A step needs, per parameter group and device, the parameters that have a gradien
 (momentum, Fisher, F0, θ0, lagged perturbation, step count) and, in the fused backends, a pointer table of all of
 them.  The plan of a group holds the first two; it stays valid until the optimizer's structure changes — a group
 added, a parameter swapped in a group, a state dict loaded, state created, the group's estimator or anchor
-switched (:attr:`FIP._epoch <fip_fast.optim.FIP>` counts those) — or the set of parameters with a gradient
-changes.  The gradients themselves may move (new tensors every step with ``zero_grad(set_to_none=True)``): a step
-reads every gradient's ``data_ptr()`` once and hands the backends a ``cache_key`` made of the plan's uid and those
-pointers, under which their pointer tables were built (``impl="cpu"``, ``"triton"``), so a step whose gradients
-sit where they sat before (on CUDA the caching allocator makes that the common case) skips every per-tensor check;
-one whose gradients moved builds the tables again (a few milliseconds for a few hundred tensors).
+switched (:attr:`FIP._epoch <fip_fast.optim.FIP>` counts those) —, the set of parameters with a gradient changes,
+or a parameter or state tensor of the plan *moves*: the same tensor object with its elements somewhere else
+(``p.data = p.data.clone()``, ``model.share_memory()``, ``model.half(); model.float()``, ``torch.utils.swap_tensors``,
+``set_``, a ``resize_`` that reallocates).  The gradients themselves may move (new tensors every step with
+``zero_grad(set_to_none=True)``): a step reads every gradient's ``data_ptr()`` once and hands the backends a
+``cache_key`` made of the plan's uid and those pointers, under which their pointer tables were built
+(``impl="cpu"``, ``"triton"``), so a step whose gradients sit where they sat before (on CUDA the caching allocator
+makes that the common case) skips every per-tensor check; one whose gradients moved builds the tables again (a few
+milliseconds for a few hundred tensors).
 
 Why the plan's uid and the gradients' pointers determine every tensor of a call: a plan holds references to its
-parameters and state tensors (so their memory cannot be reused while it lives; a uid is never reused), and
-autograd gives a gradient the dtype and shape of its parameter and, for a dense parameter, its strides (the
-gradient layout contract of ``AccumulateGrad``).  What a pointer cannot see — a gradient assigned by hand with
-another memory layout at the very address of the previous one, or state tensors replaced by hand instead of
+parameters and state tensors, and records where each one's elements start when it is made
+(:func:`fip_fast.backends.host.addresses`).  Holding a tensor object does *not* pin its memory — ``.data``
+reassignment and ``share_memory_()`` give the same object new memory and may free the old — so every step checks
+the recorded addresses first (:meth:`GroupPlan.unmoved`: one C++ pass, a few nanoseconds a tensor) and builds a new
+plan, with a new uid, when any tensor moved; a uid is never reused.  The gradients are covered by their pointers
+in the key, and autograd gives a gradient the dtype and shape of its parameter and, for a dense parameter, its
+strides (the gradient layout contract of ``AccumulateGrad``).  What neither check sees — a gradient assigned by
+hand with another memory layout at the very address of the previous one, a tensor reshaped in place at the same
+address, or a state entry replaced by another tensor object (``opt.state[p]["momentum_buffer"] = t``) instead of
 through ``load_state_dict`` — is outside the contract; call
 :meth:`FIP.invalidate_plans <fip_fast.optim.FIP.invalidate_plans>` after such surgery.
 
@@ -27,7 +35,7 @@ current counts into a new vector first; only the current plan of a group advance
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -71,6 +79,14 @@ class DevicePlan:
         """The entries of ``group_ptrs`` (one per parameter of the group) that belong to this plan."""
         return group_ptrs if self.index is None else tuple(group_ptrs[i] for i in self.index)
 
+    def dereferenced(self, anchor_on: bool) -> list:
+        """Every tensor of the plan whose address a backend's pointer table may hold: the parameters, momentum,
+        Fisher, the lagged perturbation, and F0/θ0 when the anchor is on (the kernels skip them otherwise)."""
+        lists = [self.ps, self.momentum, self.fisher] + ([self.pert] if self.pert is not None else [])
+        if anchor_on:
+            lists += [self.fisher0, self.anchor]
+        return [t for lst in lists for t in lst if t is not None]
+
 
 @dataclass
 class GroupPlan:
@@ -83,10 +99,24 @@ class GroupPlan:
     devices: list              # [DevicePlan]
     pert_complete: bool        # every parameter of the group with a stored lagged perturbation is planned
     grad_ptrs: Optional[tuple] = None   # the gradients' pointers at the last step (host.read_grads's ``prev``)
+    watched: list = field(init=False, repr=False)       # DevicePlan.dereferenced of every device, in order
+    addresses: bytes = field(init=False, repr=False)    # host.addresses(watched) when the plan was made
+
+    def __post_init__(self) -> None:
+        self.watched = [t for dp in self.devices for t in dp.dereferenced(self.structure[2])]
+        self.addresses = host.addresses(self.watched)
+
+    def unmoved(self) -> bool:
+        """Whether every parameter and state tensor of the plan still has its elements where it had them when the
+        plan was made (else the backends' tables under this plan's uid point at old, possibly freed, memory)."""
+        return host.same_addresses(self.watched, self.addresses)
 
     def matches(self, group: dict, structure: tuple, missing: Optional[tuple]) -> bool:
+        """Whether this plan serves a step of ``group`` (``structure``: :func:`structure_of`; ``missing``:
+        :func:`missing_of` of the gradients' pointers): same group, structure and missing gradients, no parameter
+        swapped in the group's list, no tensor of the plan moved."""
         return (self.group is group and self.structure == structure and self.missing == missing
-                and host.same_items(group["params"], self.params))   # no parameter swapped
+                and host.same_items(group["params"], self.params) and self.unmoved())
 
 
 def missing_of(grad_ptrs: tuple) -> Optional[tuple]:

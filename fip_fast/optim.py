@@ -538,7 +538,8 @@ class FIP(Optimizer):
         """θ ← θ + sign·e for every lagged group (skipped on the device where the stored e is not scheduled)."""
         for group in self.param_groups:
             plan = self._plans.get(id(group))
-            if plan is not None and plan.pert_complete and plan.structure == _plan.structure_of(self._epoch, group):
+            if (plan is not None and plan.pert_complete and plan.structure == _plan.structure_of(self._epoch, group)
+                    and plan.unmoved()):     # its tables hold the parameters' addresses: none may have moved
                 parts = [(dp.device, dp.ps, dp.pert, ((dp.uid, "ps,pert"), ())) for dp in plan.devices]
             else:
                 by_dev = defaultdict(list)

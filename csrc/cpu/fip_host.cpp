@@ -1,5 +1,6 @@
 // fip_host: the per-tensor host work of one FIP.step() in C++ — read every gradient, compare its address with the
-// last step's, bump the parameters' version counters — so that a steady-state step costs the same few
+// last step's, check that no parameter or state tensor moved since the step plan was made, bump the parameters'
+// version counters — so that a steady-state step costs the same few
 // microseconds for 300 tensors as for 3.  A CPython extension module (no pybind11) built on first use against the
 // installed torch's headers by fip_fast/backends/host.py, which also holds the pure-Python versions of these
 // functions (same results; used until this module is built, or when it cannot be).
@@ -8,6 +9,8 @@
 // other object in a list makes a function return NotImplemented, and the caller takes the Python version.
 #include <Python.h>
 
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -18,7 +21,7 @@ namespace {
 PyObject* g_tensor_type = nullptr;     // torch.Tensor
 PyObject* g_parameter_type = nullptr;  // torch.nn.Parameter
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 inline bool plain(PyObject* obj) {
     PyObject* t = reinterpret_cast<PyObject*>(Py_TYPE(obj));
@@ -101,6 +104,53 @@ PyObject* read_grads(PyObject*, PyObject* args) {
     return Py_BuildValue("(NNO)", grads, ptrs, has_none ? Py_True : Py_False);
 }
 
+// The word addresses() records per tensor: its data_ptr() — what Tensor.data_ptr() returns, 0 for an empty tensor
+// or one without storage (as host.py's _py_addresses records) — read from the TensorImpl's fields: a third of the
+// time of at::Tensor::data_ptr() with its checks (has_storage() alone doubles it), and this is the per-tensor cost
+// of every planned step.  unsafe_storage() is what storage() returns without the throwing check for tensors
+// without storage (sparse), whose Storage is null.
+inline uint64_t address_word(PyObject* obj) {
+    const c10::TensorImpl* impl = THPVariable_Unpack(obj).unsafeGetTensorImpl();
+    const c10::Storage& st = impl->unsafe_storage();
+    if (!st || impl->numel() == 0) return 0;
+    const char* base = static_cast<const char*>(st.data());
+    return base ? reinterpret_cast<uintptr_t>(base + impl->storage_offset() * impl->itemsize()) : 0;
+}
+
+// addresses(tensors: list) -> bytes | NotImplemented: the address word of every tensor (8 bytes each, native
+// order), what a step plan records when it is made and same_addresses() compares against.
+PyObject* addresses(PyObject*, PyObject* arg) {
+    if (!PyList_Check(arg)) return not_implemented();
+    const Py_ssize_t n = PyList_GET_SIZE(arg);
+    for (Py_ssize_t i = 0; i < n; ++i)
+        if (!plain(PyList_GET_ITEM(arg, i))) return not_implemented();
+    PyObject* out = PyBytes_FromStringAndSize(nullptr, n * 8);
+    if (!out) return nullptr;
+    char* dst = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        const uint64_t w = address_word(PyList_GET_ITEM(arg, i));
+        std::memcpy(dst + 8 * i, &w, 8);
+    }
+    return out;
+}
+
+// same_addresses(tensors: list, recorded: bytes) -> bool | NotImplemented: addresses(tensors) == recorded, without
+// building the bytes (the check every planned step makes; it stops at the first tensor that moved).
+PyObject* same_addresses(PyObject*, PyObject* args) {
+    PyObject *tensors, *recorded;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &tensors, &PyBytes_Type, &recorded)) return nullptr;
+    const Py_ssize_t n = PyList_GET_SIZE(tensors);
+    if (PyBytes_GET_SIZE(recorded) != n * 8) Py_RETURN_FALSE;
+    const char* rec = PyBytes_AS_STRING(recorded);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject* obj = PyList_GET_ITEM(tensors, i);
+        if (!plain(obj)) return not_implemented();
+        const uint64_t w = address_word(obj);
+        if (std::memcmp(rec + 8 * i, &w, 8) != 0) Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 // same_items(a: list, b: list) -> bool: equal length and a[i] is b[i] for every i
 PyObject* same_items(PyObject*, PyObject* args) {
     PyObject *a, *b;
@@ -133,6 +183,8 @@ PyObject* bump_versions(PyObject*, PyObject* arg) {
 PyMethodDef kMethods[] = {
     {"init", init, METH_VARARGS, "init(torch.Tensor, torch.nn.Parameter) -> ABI version"},
     {"read_grads", read_grads, METH_VARARGS, "(grads, ptrs, missing) of a list of parameters"},
+    {"addresses", addresses, METH_O, "the address and layout words of every tensor of a list (bytes)"},
+    {"same_addresses", same_addresses, METH_VARARGS, "addresses(tensors) == recorded"},
     {"same_items", same_items, METH_VARARGS, "a[i] is b[i] for all i (and equal lengths)"},
     {"bump_versions", bump_versions, METH_O, "advance the version counter of every tensor of a list"},
     {nullptr, nullptr, 0, nullptr}};

@@ -170,8 +170,10 @@ def _skip(found_inf) -> bool:
 class _Table:
     """The ctypes arguments of one multi-tensor call: a slot-major pointer table (tensor i of slot s at
     ``s·n + i``; null where a slot or an entry is absent) and the element counts.  It holds no reference to the
-    tensors (a cached table must not keep gradients alive): a caller's ``cache_key`` is used only while its
-    tensors live (FIP's plans: see fip_fast._plan)."""
+    tensors (a cached table must not keep gradients alive), only their addresses: a caller may reuse a
+    ``cache_key`` only while every tensor of its stable part still has its elements where they were when the
+    table was built — FIP's plans check that before every step and take a new uid when one moved (``p.data = …``,
+    ``share_memory_()``), see fip_fast._plan."""
 
     __slots__ = ("ptrs", "sizes", "n", "moving", "contiguous")
 
@@ -202,7 +204,8 @@ def _table(op: str, cache_key, slots, moving_slots: tuple[int, ...], reason) -> 
     function returning them (built only when needed); ``reason()``: None when the kernels can take them.
 
     ``cache_key`` (None: check and build every time): ``(stable, moving)`` — ``stable`` a hashable the caller
-    guarantees determines every tensor of the call except those of ``moving_slots`` (FIP: its plan's uid), and
+    guarantees determines every tensor of the call and its address, except those of ``moving_slots`` (FIP: its
+    plan's uid, replaced when a parameter or state tensor moves), and
     ``moving`` one tuple of ``data_ptr`` per slot of ``moving_slots`` (the gradients, which may be new tensors every
     step).  A cached table whose moving pointers differ is patched after a cheap check of the new tensors only."""
     if cache_key is None:

@@ -1,8 +1,8 @@
-"""The per-tensor host work of a step — read every gradient and its address, compare parameter lists, bump
-version counters — in C++, so that a steady-state :meth:`FIP.step <fip_fast.FIP.step>` costs a few microseconds of
-Python for 300 tensors instead of a few tens.
+"""The per-tensor host work of a step — read every gradient and its address, compare parameter lists, check that no
+parameter or state tensor moved, bump version counters — in C++, so that a steady-state
+:meth:`FIP.step <fip_fast.FIP.step>` costs a few microseconds of Python for 300 tensors instead of a few tens.
 
-The three functions below have a pure-Python version (the definition) and a C++ one, ``csrc/cpu/fip_host.cpp``:
+The functions below have a pure-Python version (the definition) and a C++ one, ``csrc/cpu/fip_host.cpp``:
 a CPython extension module compiled against the installed torch's headers (about 10 s, once per machine and
 torch version; cached like the CPU kernels, see :mod:`fip_fast.backends._cxx`).  Both return the same values;
 which one runs changes no result, only the host time.  The C++ module handles plain tensors only
@@ -28,6 +28,7 @@ import os
 import sys
 import sysconfig
 import threading
+from array import array
 from operator import attrgetter, is_
 from pathlib import Path
 from typing import Optional
@@ -40,7 +41,7 @@ from fip_fast.backends import _cxx
 logger = logging.getLogger("fip_fast")
 
 SOURCE_NAME = "fip_host.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _mod = None
 _error: Optional[str] = None
@@ -81,6 +82,41 @@ def same_items(a: list, b: list) -> bool:
     if _mod is not None and type(a) is list and type(b) is list:
         return _mod.same_items(a, b)
     return len(a) == len(b) and all(map(is_, a, b))
+
+
+def _py_addresses(tensors: list) -> bytes:
+    try:
+        return array("Q", map(_data_ptr, tensors)).tobytes()
+    except RuntimeError:           # a tensor without storage: it records 0, as in the C++ version
+        return array("Q", [_address_or_0(t) for t in tensors]).tobytes()
+
+
+def _address_or_0(t: Tensor) -> int:
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return 0
+
+
+def addresses(tensors: list) -> bytes:
+    """Where every tensor's elements start: ``data_ptr()`` of each as a native uint64 (8 bytes a tensor).  A step
+    plan records them when it is made; :func:`same_addresses` tells whether any tensor has moved since — a new
+    storage under the same tensor object (``p.data = …``, ``share_memory_()``, ``model.half(); model.float()``)."""
+    if _mod is not None and type(tensors) is list:
+        out = _mod.addresses(tensors)
+        if out is not NotImplemented:
+            return out
+    return _py_addresses(tensors)
+
+
+def same_addresses(tensors: list, recorded: bytes) -> bool:
+    """``addresses(tensors) == recorded``; the C++ version builds nothing and stops at the first tensor that moved
+    (a few nanoseconds a tensor: the check every planned step makes)."""
+    if _mod is not None and type(tensors) is list:
+        out = _mod.same_addresses(tensors, recorded)
+        if out is not NotImplemented:
+            return out
+    return _py_addresses(tensors) == recorded
 
 
 def bump_versions(tensors: list) -> None:
