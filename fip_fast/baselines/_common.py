@@ -1,4 +1,7 @@
-"""Plumbing shared by the baselines: batches sampled from the clean set, freezing, counting, timing.
+"""Plumbing shared by the baselines: batches sampled from the clean set, freezing, counting, timing, the lr
+schedule, the ``info`` dict.  The one import surface of the baseline modules: what they share from elsewhere in
+``fip_fast`` (:func:`~fip_fast._utils.model_device`, :func:`~fip_fast._utils.split_batch`,
+:func:`~fip_fast.optim.frozen_running_stats`) is re-exported here.
 
 The common calling convention of every baseline::
 
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fip_fast._utils import model_device, split_batch  # noqa: F401  (re-exported to the baselines)
+from fip_fast.optim import frozen_running_stats  # noqa: F401  (re-exported to the baselines)
 
 logger = logging.getLogger("fip_fast")
 
@@ -218,11 +222,93 @@ def set_lr(opt: torch.optim.Optimizer, base_lrs: Sequence[float], factor: float)
         g["lr"] = lr * factor
 
 
-def check_common(steps: int, lr: float) -> None:
+def check_common(steps: int, lr: float, lr_schedule: Optional[str] = None) -> None:
+    """Validate the arguments every runner takes: ``steps`` an int ≥ 0, ``lr`` finite ≥ 0 and, where given,
+    ``lr_schedule`` one of :data:`SCHEDULES`."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"steps must be an int ≥ 0, got {steps!r}")
     if not (lr >= 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number ≥ 0, got {lr!r}")
+    if lr_schedule is not None:
+        check_schedule(lr_schedule)
+
+
+def check_sgd(momentum: float, weight_decay: float) -> None:
+    """Validate SGD's ``momentum`` ∈ [0, 1) and ``weight_decay`` finite ≥ 0."""
+    if not (0.0 <= momentum < 1.0):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ValueError(f"weight_decay must be a finite number ≥ 0, got {weight_decay!r}")
+
+def setup_run(model: nn.Module, device: Optional[torch.device], loss_fn: Optional[LossFn]
+              ) -> tuple[torch.device, LossFn]:
+    """``(device, loss_fn)`` of a run: ``device`` (default the model's), to which the model is moved, and
+    ``loss_fn`` (default cross-entropy)."""
+    dev = torch.device(device) if device is not None else model_device(model)
+    model.to(dev)
+    return dev, default_loss(loss_fn)
+
+
+class LrSchedule:
+    """Sets each param group's lr of ``opt`` to its value at construction times a factor.
+
+    :meth:`at` uses :func:`lr_factor` (``lr_schedule`` over ``steps``); :meth:`scale` takes any factor (Super-FT's
+    own schedules).
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, lr_schedule: str = "cosine", steps: int = 1):
+        self.opt, self.lr_schedule, self.steps = opt, lr_schedule, steps
+        self.base_lrs = [g["lr"] for g in opt.param_groups]
+
+    def at(self, t: int) -> None:
+        """The lr of step ``t`` (0-based)."""
+        self.scale(lr_factor(self.lr_schedule, t, self.steps))
+
+    def scale(self, factor: float) -> None:
+        set_lr(self.opt, self.base_lrs, factor)
+
+
+class RunLog:
+    """A run's progress bar and its ``loss_history``: ``(step, loss)`` at about ``points`` evenly spaced steps
+    (:func:`history_every`) and at the last one."""
+
+    def __init__(self, steps: int, desc: str, progress: bool, points: int = 20):
+        self.steps, self.every = steps, history_every(steps, points)
+        self.loss_history: list[tuple[int, float]] = []
+        self.bar = progress_bar(steps, desc, progress)
+
+    def due(self, t: int) -> bool:
+        """Whether step ``t`` (0-based) is one whose values are recorded."""
+        return t % self.every == 0 or t == self.steps - 1
+
+    def record(self, t: int, loss: Tensor) -> None:
+        """Step ``t`` done: keep its loss if :meth:`due`, advance the bar."""
+        if self.due(t):
+            self.loss_history.append((t, float(loss.detach())))
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+@contextlib.contextmanager
+def training(model: nn.Module, params: Sequence[Tensor], train: bool):
+    """Inside the block exactly ``params`` have ``requires_grad`` and the model is in train (``train=True``) or
+    eval mode; flags and modes are restored on exit (:func:`only_trainable` inside :func:`module_modes`)."""
+    with only_trainable(model, params), module_modes(model, train):
+        yield
+
+
+def run_info(method: str, steps: int, timer: Timer, params: Iterable[Tensor], log: RunLog, skipped_steps: int,
+             **extra: Any) -> dict:
+    """The ``info`` dict of a run: the common keys (module docstring), then ``extra`` in its order."""
+    return {"method": method, "steps": steps, "wall_time_s": timer.seconds,
+            "trainable_params": count_trainable(params), "loss_history": log.loss_history,
+            "skipped_steps": skipped_steps, **extra}
+
+
+def upcast(t: Tensor) -> Tensor:
+    """At least fp32 arithmetic: ``t`` in fp32, an fp64 ``t`` as it is (for the fp64 reference checks)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 PathOrModule = Union[str, nn.Module]

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fip_fast.baselines._common import upcast
+
 __all__ = ["KFAC", "kfac_factors_explicit"]
 
 
@@ -25,18 +27,13 @@ def _conv_args(m: nn.Conv2d) -> dict:
     return dict(kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
 
 
-def _acc(t: Tensor) -> Tensor:
-    """fp32 arithmetic whatever the dtype (fp64 stays fp64, for reference checks)."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
 def _activations(m: nn.Module, x: Tensor) -> Tensor:
     """Rows ā (with the bias column when the layer has a bias), shape (B·L, D), fp32; L = locations per sample."""
     if isinstance(m, nn.Conv2d):
-        cols = F.unfold(_acc(x), **_conv_args(m))                 # (B, C·kh·kw, L)
+        cols = F.unfold(upcast(x), **_conv_args(m))                 # (B, C·kh·kw, L)
         a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     else:
-        a = _acc(x).reshape(-1, x.shape[-1])
+        a = upcast(x).reshape(-1, x.shape[-1])
     if m.bias is not None:
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
     return a
@@ -45,14 +42,14 @@ def _activations(m: nn.Module, x: Tensor) -> Tensor:
 def _out_grads(m: nn.Module, go: Tensor) -> Tensor:
     """Rows of output gradients, shape (B·L, out), fp32."""
     if isinstance(m, nn.Conv2d):
-        return _acc(go).permute(0, 2, 3, 1).reshape(-1, go.shape[1])
-    return _acc(go).reshape(-1, go.shape[-1])
+        return upcast(go).permute(0, 2, 3, 1).reshape(-1, go.shape[1])
+    return upcast(go).reshape(-1, go.shape[-1])
 
 
 def _grad_matrix(m: nn.Module) -> Tensor:
-    gw = _acc(m.weight.grad).reshape(m.weight.shape[0], -1)
+    gw = upcast(m.weight.grad).reshape(m.weight.shape[0], -1)
     if m.bias is not None:
-        gw = torch.cat([gw, _acc(m.bias.grad).unsqueeze(1)], dim=1)
+        gw = torch.cat([gw, upcast(m.bias.grad).unsqueeze(1)], dim=1)
     return gw
 
 

@@ -55,22 +55,18 @@ from torch import Tensor, nn
 
 from fip_fast.baselines._common import (
     LossFn,
+    LrSchedule,
     PathOrModule,
+    RunLog,
     Timer,
     batch_stream,
     check_common,
-    check_schedule,
-    count_trainable,
-    default_loss,
+    check_sgd,
     find_layer,
     grads_finite,
-    history_every,
-    lr_factor,
-    model_device,
-    module_modes,
-    only_trainable,
-    progress_bar,
-    set_lr,
+    run_info,
+    setup_run,
+    training,
 )
 
 __all__ = ["run_fst", "reinit_head_", "alignment_penalty", "project_norm_"]
@@ -107,14 +103,10 @@ def _cos(a: Tensor, b: Tensor) -> float:
 
 
 def _check_fst(steps: int, lr: float, alpha: float, momentum: float, weight_decay: float, lr_schedule: str) -> None:
-    check_common(steps, lr)
-    check_schedule(lr_schedule)
+    check_common(steps, lr, lr_schedule)
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number ≥ 0, got {alpha!r}")
-    if not (0.0 <= momentum < 1.0):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
-        raise ValueError(f"weight_decay must be a finite number ≥ 0, got {weight_decay!r}")
+    check_sgd(momentum, weight_decay)
 
 
 def _find_head(model: nn.Module, head: Optional[PathOrModule]) -> tuple[str, nn.Module]:
@@ -151,9 +143,7 @@ def run_fst(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
         right after the re-initialization and at the end), ``penalty_history`` (a few ``(step, α⟨W, W₀⟩)``).
     """
     _check_fst(steps, lr, alpha, momentum, weight_decay, lr_schedule)
-    dev = torch.device(device) if device is not None else model_device(model)
-    model.to(dev)
-    loss_fn = default_loss(loss_fn)
+    dev, loss_fn = setup_run(model, device, loss_fn)
     name, lin = _find_head(model, head)
     w = lin.weight
     w_ori = w.detach().clone()
@@ -163,30 +153,26 @@ def run_fst(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    hist, pen_hist, skipped, every = [], [], 0, history_every(steps)
-    bar = progress_bar(steps, "FST", progress)
-    with only_trainable(model, params), module_modes(model, bn_train), Timer(dev) as timer:
+    lrs = LrSchedule(opt, lr_schedule, steps)
+    pen_hist, skipped, log = [], 0, RunLog(steps, "FST", progress)
+    with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
-            set_lr(opt, base_lrs, lr_factor(lr_schedule, t, steps))
+            lrs.at(t)
             opt.zero_grad(set_to_none=True)
             pen = alignment_penalty(w, w_ori, alpha)
             loss = loss_fn(model(x), y) + pen
             loss.backward()
             if not grads_finite(params):
                 skipped += 1
-                bar.update(1)
+                log.bar.update(1)
                 continue
             opt.step()
             project_norm_(w, norm_ori)      # back onto the sphere ‖W‖ = ‖W₀‖ after every step
-            if t % every == 0 or t == steps - 1:
-                hist.append((t, float(loss.detach())))
+            if log.due(t):
                 pen_hist.append((t, float(pen.detach())))
-            bar.update(1)
-    bar.close()
+            log.record(t, loss)
+    log.close()
     model.eval()
-    return model, {"method": "fst", "steps": steps, "wall_time_s": timer.seconds,
-                   "trainable_params": count_trainable(params), "loss_history": hist, "skipped_steps": skipped,
-                   "head": name, "alpha": alpha, "head_norm": norm_ori, "cos_after_reinit": cos0,
-                   "cos_to_original": _cos(w.detach(), w_ori), "penalty_history": pen_hist}
+    return model, run_info("fst", steps, timer, params, log, skipped, head=name, alpha=alpha, head_norm=norm_ori,
+                           cos_after_reinit=cos0, cos_to_original=_cos(w.detach(), w_ori), penalty_history=pen_hist)

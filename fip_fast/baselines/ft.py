@@ -25,20 +25,15 @@ from torch import nn
 
 from fip_fast.baselines._common import (
     LossFn,
+    LrSchedule,
+    RunLog,
     Timer,
     batch_stream,
     check_common,
-    check_schedule,
-    count_trainable,
-    default_loss,
     grads_finite,
-    history_every,
-    lr_factor,
-    model_device,
-    module_modes,
-    only_trainable,
-    progress_bar,
-    set_lr,
+    run_info,
+    setup_run,
+    training,
 )
 
 __all__ = ["run_ft"]
@@ -63,21 +58,17 @@ def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.
     Returns:
         ``(model, info)`` — see :mod:`fip_fast.baselines._common` for the keys of ``info``.
     """
-    check_common(steps, lr)
-    check_schedule(lr_schedule)
-    dev = torch.device(device) if device is not None else model_device(model)
-    model.to(dev)
-    loss_fn = default_loss(loss_fn)
+    check_common(steps, lr, lr_schedule)
+    dev, loss_fn = setup_run(model, device, loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    hist, skipped, every = [], 0, history_every(steps)
-    bar = progress_bar(steps, "FT", progress)
-    with only_trainable(model, params), module_modes(model, bn_train), Timer(dev) as timer:
+    lrs = LrSchedule(opt, lr_schedule, steps)
+    skipped, log = 0, RunLog(steps, "FT", progress)
+    with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
-            set_lr(opt, base_lrs, lr_factor(lr_schedule, t, steps))
+            lrs.at(t)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -85,10 +76,7 @@ def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.
                 skipped += 1
                 continue
             opt.step()
-            if t % every == 0 or t == steps - 1:
-                hist.append((t, float(loss.detach())))
-            bar.update(1)
-    bar.close()
+            log.record(t, loss)
+    log.close()
     model.eval()
-    return model, {"method": "ft", "steps": steps, "wall_time_s": timer.seconds,
-                   "trainable_params": count_trainable(params), "loss_history": hist, "skipped_steps": skipped}
+    return model, run_info("ft", steps, timer, params, log, skipped)

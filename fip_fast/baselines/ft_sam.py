@@ -34,28 +34,19 @@ from torch import Tensor, nn
 
 from fip_fast.baselines._common import (
     LossFn,
+    LrSchedule,
+    RunLog,
     Timer,
     batch_stream,
     check_common,
-    check_schedule,
-    count_trainable,
-    default_loss,
-    history_every,
-    lr_factor,
-    model_device,
-    module_modes,
-    only_trainable,
-    progress_bar,
-    set_lr,
+    frozen_running_stats,
+    run_info,
+    setup_run,
+    training,
+    upcast,
 )
-from fip_fast.optim import frozen_running_stats
 
 __all__ = ["SAM", "run_ft_sam"]
-
-
-def _acc(t: Tensor) -> Tensor:
-    """At least fp32 arithmetic (fp64 stays fp64)."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 class SAM(torch.optim.Optimizer):
@@ -102,9 +93,9 @@ class SAM(torch.optim.Optimizer):
         if not ps:
             return torch.zeros(())
         if group["adaptive"]:
-            terms = [_acc((p.abs() + group["eta"]) * p.grad).norm() for p in ps]
+            terms = [upcast((p.abs() + group["eta"]) * p.grad).norm() for p in ps]
         else:
-            terms = [_acc(p.grad).norm() for p in ps]
+            terms = [upcast(p.grad).norm() for p in ps]
         return torch.stack(terms).norm()
 
     @torch.no_grad()
@@ -118,9 +109,9 @@ class SAM(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                e = _acc(p.grad) * scale.to(_acc(p.grad).dtype)
+                e = upcast(p.grad) * scale.to(upcast(p.grad).dtype)
                 if group["adaptive"]:
-                    e = e * (_acc(p.abs()) + group["eta"]).pow(2)
+                    e = e * (upcast(p.abs()) + group["eta"]).pow(2)
                 e = e.to(p.dtype)
                 self.state[p]["old_p"] = p.detach().clone()
                 p.add_(e)
@@ -185,22 +176,18 @@ def run_ft_sam(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float 
     ``eta`` of :class:`SAM`.
     Each step costs two forward/backward passes.
     """
-    check_common(steps, lr)
-    check_schedule(lr_schedule)
-    dev = torch.device(device) if device is not None else model_device(model)
-    model.to(dev)
-    loss_fn = default_loss(loss_fn)
+    check_common(steps, lr, lr_schedule)
+    dev, loss_fn = setup_run(model, device, loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = SAM(params, torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, lr=lr, momentum=momentum,
               weight_decay=weight_decay)
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    hist, every = [], history_every(steps)
-    bar = progress_bar(steps, "FT-SAM", progress)
-    with only_trainable(model, params), module_modes(model, bn_train), Timer(dev) as timer:
+    lrs = LrSchedule(opt, lr_schedule, steps)
+    log = RunLog(steps, "FT-SAM", progress)
+    with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
-            set_lr(opt, base_lrs, lr_factor(lr_schedule, t, steps))
+            lrs.at(t)
 
             def closure():
                 opt.zero_grad(set_to_none=True)
@@ -211,11 +198,7 @@ def run_ft_sam(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float 
                 return loss
 
             loss = opt.step(closure)
-            if t % every == 0 or t == steps - 1:
-                hist.append((t, float(loss.detach())))
-            bar.update(1)
-    bar.close()
+            log.record(t, loss)
+    log.close()
     model.eval()
-    return model, {"method": "ft_sam", "steps": steps, "wall_time_s": timer.seconds,
-                   "trainable_params": count_trainable(params), "loss_history": hist,
-                   "skipped_steps": opt.skipped_steps, "rho": rho, "adaptive": adaptive}
+    return model, run_info("ft_sam", steps, timer, params, log, opt.skipped_steps, rho=rho, adaptive=adaptive)

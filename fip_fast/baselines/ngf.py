@@ -76,21 +76,17 @@ from torch import Tensor, nn
 from fip_fast import ops
 from fip_fast.baselines._common import (
     LossFn,
+    LrSchedule,
+    RunLog,
     Timer,
     batch_stream,
     check_common,
-    check_schedule,
-    count_trainable,
-    default_loss,
     find_layer,
     fixed_batches,
-    history_every,
-    lr_factor,
-    model_device,
-    module_modes,
     only_trainable,
-    progress_bar,
-    set_lr,
+    run_info,
+    setup_run,
+    training,
 )
 from fip_fast.baselines._kfac import KFAC, kfac_factors_explicit
 
@@ -244,11 +240,8 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
     """
     from fip_fast.fisher import estimate_fisher
 
-    check_common(steps, lr)
-    check_schedule(lr_schedule)
-    dev = torch.device(device) if device is not None else model_device(model)
-    model.to(dev)
-    loss_fn = default_loss(loss_fn)
+    check_common(steps, lr, lr_schedule)
+    dev, loss_fn = setup_run(model, device, loss_fn)
     name, mod = find_layer(model, layer)
     if not isinstance(mod, (nn.Linear, nn.Conv2d)) and curvature == "kfac":
         raise NotImplementedError(f"K-FAC needs a Linear or Conv2d layer, {name!r} is {type(mod).__name__}")
@@ -269,28 +262,24 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
                               kfac=kfac, beta=beta, damping=damping, kl_clip=kl_clip, eta_r=eta_r,
                               fisher0=fisher0 if eta_r > 0 else None, impl=impl)
         stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
-        base_lrs = [g["lr"] for g in opt.param_groups]
-        hist, every, nus = [], history_every(steps), []
-        bar = progress_bar(steps, f"NGF-{curvature}", progress)
+        lrs = LrSchedule(opt, lr_schedule, steps)
+        nus, log = [], RunLog(steps, f"NGF-{curvature}", progress)
         try:
-            with only_trainable(model, params), module_modes(model, False):
+            with training(model, params, False):
                 for t in range(steps):
                     x, y = next(stream)
-                    set_lr(opt, base_lrs, lr_factor(lr_schedule, t, steps))
+                    lrs.at(t)
                     opt.zero_grad(set_to_none=True)
                     loss = loss_fn(model(x), y)
                     loss.backward()
                     opt.step()
                     nus.append(getattr(opt, "last_nu", 1.0))
-                    if t % every == 0 or t == steps - 1:
-                        hist.append((t, float(loss.detach())))
-                    bar.update(1)
+                    log.record(t, loss)
         finally:
-            bar.close()
+            log.close()
             if kfac is not None:
                 kfac.remove()
     model.eval()
-    info.update({"steps": steps, "wall_time_s": timer.seconds, "trainable_params": count_trainable(params),
-                 "loss_history": hist, "skipped_steps": opt.skipped_steps,
-                 "mean_kl_scale": float(sum(nus) / len(nus)) if nus else 1.0})
+    info.update(run_info("ngf", steps, timer, params, log, opt.skipped_steps,
+                         mean_kl_scale=float(sum(nus) / len(nus)) if nus else 1.0))
     return model, info

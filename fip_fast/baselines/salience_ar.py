@@ -96,21 +96,19 @@ from torch import Tensor, nn
 
 from fip_fast.baselines._common import (
     LossFn,
+    LrSchedule,
+    RunLog,
     Timer,
     batch_stream,
     check_common,
-    check_schedule,
     count_trainable,
     default_loss,
     find_layer,
     fixed_batches,
-    history_every,
-    lr_factor,
+    grads_finite,
     model_device,
-    module_modes,
-    only_trainable,
-    progress_bar,
-    set_lr,
+    setup_run,
+    training,
 )
 
 __all__ = ["neuron_layers", "benign_salience", "neuron_magnitude", "suspicion_scores", "select_infected",
@@ -141,7 +139,7 @@ def benign_salience(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
     acc = {n: torch.zeros(m.weight.shape[0], dtype=torch.float32, device=dev) for n, m in layers}
     plist = [p for _, m in layers for p in _neuron_params(m)]
     N = 0
-    with only_trainable(model, plist), module_modes(model, False), torch.enable_grad():
+    with training(model, plist, False), torch.enable_grad():
         for x, y in batches:
             x, y = x.to(dev), y.to(dev)
             B = x.shape[0]
@@ -252,13 +250,10 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
     Returns:
         ``(model, info)``; ``info["infected"]`` = ``{layer: [neuron indices]}``.
     """
-    check_common(steps, lr)
-    check_schedule(lr_schedule)
+    check_common(steps, lr, lr_schedule)
     if others_lr_scale < 0:
         raise ValueError(f"others_lr_scale must be ≥ 0, got {others_lr_scale}")
-    dev = torch.device(device) if device is not None else model_device(model)
-    model.to(dev)
-    loss_fn = default_loss(loss_fn)
+    dev, loss_fn = setup_run(model, device, loss_fn)
     ranked = neuron_layers(model, layers)
     if not ranked:
         raise ValueError("no layers to rank (the model needs a Linear/Conv2d besides its output layer)")
@@ -283,18 +278,17 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
             reg.append((m.weight, rm, float(m.weight.detach().abs().mean().clamp_min(1e-12))))
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
         stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
-        base_lrs = [g["lr"] for g in opt.param_groups]
-        hist, skipped, every = [], 0, history_every(steps)
-        bar = progress_bar(steps, "Salience-AR", progress)
-        with only_trainable(model, params), module_modes(model, bn_train):
+        lrs = LrSchedule(opt, lr_schedule, steps)
+        skipped, log = 0, RunLog(steps, "Salience-AR", progress)
+        with training(model, params, bn_train):
             for t in range(steps):
                 x, y = next(stream)
-                set_lr(opt, base_lrs, lr_factor(lr_schedule, t, steps))
+                lrs.at(t)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x), y)
                 loss.backward()
                 with torch.no_grad():
-                    if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+                    if not grads_finite(params):
                         skipped += 1
                         continue
                     for p in params:
@@ -310,10 +304,8 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
                         lr_eff = opt.param_groups[0]["lr"] / (1 - momentum)
                         for w, rm, a in reg:
                             adaptive_reg_step_(w, rm, a, lam, lr_eff)
-                if t % every == 0 or t == steps - 1:
-                    hist.append((t, float(loss.detach())))
-                bar.update(1)
-        bar.close()
+                log.record(t, loss)
+        log.close()
     model.eval()
     n_infected_params = sum(int(_row_mask(masks[n], p).expand_as(p).sum()) for n, m in ranked
                             for p in _neuron_params(m))
@@ -321,5 +313,5 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
     return model, {"method": "salience_ar", "steps": steps, "wall_time_s": timer.seconds,
                    "trainable_params": trainable, "infected_params": n_infected_params,
                    "infected": {n: torch.nonzero(mk).flatten().tolist() for n, mk in masks.items()},
-                   "loss_history": hist, "skipped_steps": skipped, "fraction": fraction, "lam": lam,
+                   "loss_history": log.loss_history, "skipped_steps": skipped, "fraction": fraction, "lam": lam,
                    "others_lr_scale": others_lr_scale}

@@ -81,22 +81,18 @@ from torch import Tensor, nn
 
 from fip_fast.baselines._common import (
     LossFn,
+    LrSchedule,
+    RunLog,
     Timer,
     batch_stream,
     check_common,
-    check_schedule,
-    count_trainable,
-    default_loss,
+    frozen_running_stats,
     grads_finite,
-    history_every,
-    lr_factor,
-    model_device,
     module_modes,
-    only_trainable,
-    progress_bar,
-    set_lr,
+    run_info,
+    setup_run,
+    training,
 )
-from fip_fast.optim import frozen_running_stats
 
 __all__ = ["run_sau", "shared_pgd", "shared_objective", "adversarial_masks", "shared_unlearning_loss",
            "PGD_INITS", "UNLEARN_ON"]
@@ -305,29 +301,26 @@ def run_sau(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 3
         (mean over steps of the fraction of each batch that is shared adversarial / fools θ0 at the outer step)
         and ``pgd_iterations`` (mean PGD iterations run per step).
     """
-    check_common(steps, lr)
-    check_schedule(lr_schedule)
+    check_common(steps, lr, lr_schedule)
     lam = (lam_clean, lam_at, lam_shared)
     _check_sau(dict(eps=eps, alpha=alpha, beta_adv=beta_adv, beta_shared=beta_shared, lam_clean=lam_clean,
                     lam_at=lam_at, lam_shared=lam_shared, weight_decay=weight_decay, momentum=momentum),
                pgd_steps, init, clamp, unlearn_on, optimizer)
-    dev = torch.device(device) if device is not None else model_device(model)
-    model.to(dev)
-    loss_fn = default_loss(loss_fn)
+    dev, loss_fn = setup_run(model, device, loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     model_ref = copy.deepcopy(model).eval().requires_grad_(False)      # θ0, frozen for the whole run
     opt = (torch.optim.Adam(params, lr=lr, weight_decay=weight_decay) if optimizer == "adam" else
            torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     gen = torch.Generator().manual_seed(int(seed) + 7919)              # the "random" PGD start only
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    hist, skipped, every = [], 0, history_every(steps)
+    lrs = LrSchedule(opt, lr_schedule, steps)
+    skipped = 0
     rates, iters = [], []
-    bar = progress_bar(steps, "SAU", progress)
-    with only_trainable(model, params), module_modes(model, bn_train), Timer(dev) as timer:
+    log = RunLog(steps, "SAU", progress)
+    with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
-            set_lr(opt, base_lrs, lr_factor(lr_schedule, t, steps))
+            lrs.at(t)
             clean_pred_ref = _predict(model_ref, x)
             with module_modes(model, False):      # adversarial examples of the model in eval mode (authors)
                 delta, it = shared_pgd(model, model_ref, x, y, eps=eps, alpha=alpha, steps=pgd_steps, init=init,
@@ -343,12 +336,9 @@ def run_sau(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 3
                 skipped += 1
                 continue
             opt.step()
-            if t % every == 0 or t == steps - 1:
-                hist.append((t, float(loss.detach())))
-            bar.update(1)
-    bar.close()
+            log.record(t, loss)
+    log.close()
     model.eval()
-    return model, {"method": "sau", "steps": steps, "wall_time_s": timer.seconds,
-                   "trainable_params": count_trainable(params), "loss_history": hist, "skipped_steps": skipped,
-                   "shared_rate": _mean([r[0] for r in rates]), "ref_fooled_rate": _mean([r[1] for r in rates]),
-                   "pgd_iterations": _mean(iters), "eps": eps, "pgd_steps": pgd_steps}
+    return model, run_info("sau", steps, timer, params, log, skipped, shared_rate=_mean([r[0] for r in rates]),
+                           ref_fooled_rate=_mean([r[1] for r in rates]), pgd_iterations=_mean(iters), eps=eps,
+                           pgd_steps=pgd_steps)

@@ -56,18 +56,16 @@ from torch import nn
 
 from fip_fast.baselines._common import (
     LossFn,
+    LrSchedule,
+    RunLog,
     Timer,
     batch_stream,
     check_common,
-    count_trainable,
-    default_loss,
+    check_sgd,
     grads_finite,
-    history_every,
-    model_device,
-    module_modes,
-    only_trainable,
-    progress_bar,
-    set_lr,
+    run_info,
+    setup_run,
+    training,
 )
 
 __all__ = ["run_superft", "superft_lr_factor", "SUPERFT_SCHEDULES"]
@@ -105,10 +103,7 @@ def _check_superft(steps: int, lr: float, momentum: float, weight_decay: float, 
     check_common(steps, lr)
     if lr_schedule not in SUPERFT_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {SUPERFT_SCHEDULES}, got {lr_schedule!r}")
-    if not (0.0 <= momentum < 1.0):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
-        raise ValueError(f"weight_decay must be a finite number ≥ 0, got {weight_decay!r}")
+    check_sgd(momentum, weight_decay)
     if clip_grad is not None and not (clip_grad > 0 and math.isfinite(clip_grad)):
         raise ValueError(f"clip_grad must be None or a finite number > 0, got {clip_grad!r}")
     if not isinstance(cycles, int) or isinstance(cycles, bool) or cycles < 1:
@@ -154,23 +149,18 @@ def run_superft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float
         (the largest pre-clip global gradient norm seen).
     """
     warm = _check_superft(steps, lr, momentum, weight_decay, lr_schedule, warmup, cycles, cycle_floor, clip_grad)
-    dev = torch.device(device) if device is not None else model_device(model)
-    model.to(dev)
-    loss_fn = default_loss(loss_fn)
+    dev, loss_fn = setup_run(model, device, loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    hist, lr_hist, skipped, clipped, max_norm = [], [], 0, 0, 0.0
-    every = history_every(steps, points=40)
-    bar = progress_bar(steps, "Super-FT", progress)
-    with only_trainable(model, params), module_modes(model, bn_train), Timer(dev) as timer:
+    lrs = LrSchedule(opt)
+    lr_hist, skipped, clipped, max_norm = [], 0, 0, 0.0
+    log = RunLog(steps, "Super-FT", progress, points=40)
+    with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
-            set_lr(opt, base_lrs, superft_lr_factor(lr_schedule, t, steps, warmup=warm, cycles=cycles,
-                                                    cycle_floor=cycle_floor))
-            record = t % every == 0 or t == steps - 1
-            if record:      # the lr the optimizer holds now is the one this step uses
+            lrs.scale(superft_lr_factor(lr_schedule, t, steps, warmup=warm, cycles=cycles, cycle_floor=cycle_floor))
+            if log.due(t):      # the lr the optimizer holds now is the one this step uses
                 lr_hist.append((t, float(opt.param_groups[0]["lr"])))
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
@@ -183,19 +173,15 @@ def run_superft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float
                 norm, finite = float("nan"), grads_finite(params)
             if not finite:
                 skipped += 1
-                bar.update(1)
+                log.bar.update(1)
                 continue
             if clip_grad is not None:
                 clipped += int(norm > clip_grad)
                 max_norm = max(max_norm, norm)
             opt.step()
-            if record:
-                hist.append((t, float(loss.detach())))
-            bar.update(1)
-    bar.close()
+            log.record(t, loss)
+    log.close()
     model.eval()
-    return model, {"method": "superft", "steps": steps, "wall_time_s": timer.seconds,
-                   "trainable_params": count_trainable(params), "loss_history": hist, "skipped_steps": skipped,
-                   "lr_history": lr_hist, "peak_lr": lr, "lr_schedule": lr_schedule, "warmup": warm,
-                   "clip_grad": clip_grad, "clipped_steps": clipped,
-                   "max_grad_norm": max_norm if clip_grad is not None else None}
+    return model, run_info("superft", steps, timer, params, log, skipped, lr_history=lr_hist, peak_lr=lr,
+                           lr_schedule=lr_schedule, warmup=warm, clip_grad=clip_grad, clipped_steps=clipped,
+                           max_grad_norm=max_norm if clip_grad is not None else None)
