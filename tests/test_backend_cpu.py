@@ -249,7 +249,7 @@ def test_ops_registry_and_version_bump():
 def test_auto_picks_cpu_on_cpu_tensors():
     assert ops.resolve("auto", "cpu") == "cpu"
     assert ops.get("fip_step_", "auto", "cpu") is cpu.fip_step_
-    assert ops.get("spectral_update_", "auto", "cpu") is foreach.spectral_update_   # an op cpu lacks: the next
+    assert ops.get("spectral_update_", "auto", "cpu") is cpu.spectral_update_
 
 
 def test_auto_falls_back_to_foreach_when_unavailable(monkeypatch):
@@ -363,3 +363,93 @@ def test_fip_end_to_end_matches_reference(kw):
         runs.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ spectral_update_
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_spectral_update_matches_reference(dtype, tol, with_base):
+    """W ← B + U·diag(s_new − s_old)·Vh: contiguous weights through addmm, a transposed (non-contiguous) weight
+    view through the reference's form."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5, 3), (16, 24, 16), (1, 9, 1), (12, 6, 4)]
+    W = [torch.randn(m, n, generator=g, dtype=dtype) for m, n, _ in shapes]
+    W[-1] = torch.randn(6, 12, generator=g, dtype=dtype).t()                    # a (12, 6) view, not contiguous
+    U = [torch.randn(m, k, generator=g, dtype=dtype) for m, _, k in shapes]
+    Vh = [torch.randn(k, n, generator=g, dtype=dtype) for _, n, k in shapes]
+    so = [torch.rand(k, generator=g, dtype=dtype) for *_, k in shapes]
+    sn = [torch.rand(k, generator=g, dtype=dtype) for *_, k in shapes]
+    base = [torch.randn(m, n, generator=g, dtype=dtype) for m, n, _ in shapes] if with_base else None
+    a, b = [w.clone() for w in W], [w.clone() for w in W]
+    b[-1] = W[-1].clone().t().contiguous().t()                                   # keep the transposed layout
+    reference.spectral_update_(a, U, Vh, so, sn, base)
+    ops.spectral_update_(b, U, Vh, so, sn, base, impl="cpu")
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=tol, atol=tol)
+    assert ops.get("spectral_update_", "cpu", "cpu") is cpu.spectral_update_
+
+
+def _spectral_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 4 * 4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def test_reparameterize_with_impl_cpu_matches_reference():
+    """Fast FIP in place with impl="cpu" (the name FIP and purify take) trains like impl="reference"."""
+    from fip_fast import spectral
+
+    x = torch.randn(10, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+    outs, merged = [], []
+    for impl in ("reference", "cpu"):
+        m = _spectral_model()
+        opt = torch.optim.SGD(spectral.reparameterize(m, impl=impl), lr=0.05)
+        seen = []
+        for _ in range(4):
+            opt.zero_grad()
+            y = m(x)
+            seen.append(y.detach())
+            y.pow(2).mean().backward()
+            opt.step()
+        seen.append(m(x).detach())
+        spectral.merge(m)
+        outs.append(seen)
+        merged.append([p.detach().clone() for p in m.parameters()])
+    assert not torch.equal(outs[0][0], outs[0][-1])                               # δ did train
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    for a, b in zip(*merged):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_purify_fast_fip_with_impl_cpu_matches_reference():
+    from fip_fast.pipeline.run import purify
+
+    g = torch.Generator().manual_seed(2)
+    data = (torch.randn(48, 2, 6, 6, generator=g), torch.randint(0, 3, (48,), generator=g))
+    got = []
+    for impl in ("reference", "cpu"):
+        m, _ = purify(_spectral_model(), data, method="fast_fip", steps=4, batch_size=16, impl=impl, mix_band=0,
+                      val_fraction=0, progress=False)
+        got.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_every_impl_name_implements_spectral_update_():
+    """reparameterize(impl=...) takes the impl names FIP and purify take: every backend has the in-place update,
+    and those that run here (triton under TRITON_INTERPRET=1) compute the reference's."""
+    import importlib
+
+    g = torch.Generator().manual_seed(3)
+    U, Vh = torch.randn(5, 2, generator=g), torch.randn(2, 4, generator=g)
+    so, sn, W0 = torch.rand(2, generator=g), torch.rand(2, generator=g), torch.randn(5, 4, generator=g)
+    want = W0.clone()
+    reference.spectral_update_([want], [U], [Vh], [so], [sn])
+    for name in ops.IMPLS:
+        mod = importlib.import_module(ops._MODULES[name])
+        assert callable(getattr(mod, "spectral_update_", None)), f"impl={name!r} lacks spectral_update_"
+        if ops.availability(name, "cpu")[0]:
+            W = W0.clone()
+            ops.spectral_update_([W], [U], [Vh], [so], [sn], impl=name)
+            torch.testing.assert_close(W, want, rtol=1e-6, atol=1e-6)

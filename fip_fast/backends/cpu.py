@@ -371,3 +371,13 @@ def spectral_weight(U, S, delta, Vh, residual=None, relative=False):
 
 def spectral_linear_grad(x, grad_out, U, S, delta, Vh, relative=False):
     return _fe.spectral_linear_grad(x, grad_out, U, S, delta, Vh, relative)
+
+
+def spectral_update_(weights, U, Vh, s_old, s_new, base=None) -> None:
+    """W ← B + U·diag(s_new − s_old)·Vh per layer, in place (:func:`fip_fast.reference.spectral_update_`; Fast FIP
+    in place, :func:`fip_fast.spectral.reparameterize`): one torch ``addmm`` per layer writing W with the base as
+    its C operand (the foreach backend's form; the reference's where W is not contiguous or dtypes differ).  The
+    update is a GEMM, which the BLAS behind torch runs at its peak; the fused kernels of this module are for
+    elementwise list ops, so this op has no C++ kernel of its own.  Shapes: ``weights[i]``, ``base[i]`` (m, n),
+    ``U[i]`` (m, k), ``Vh[i]`` (k, n), ``s_old[i]``, ``s_new[i]`` (k,)."""
+    _fe.spectral_update_(weights, U, Vh, s_old, s_new, base)

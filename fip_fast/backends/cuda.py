@@ -44,7 +44,7 @@ from torch import Tensor
 logger = logging.getLogger("fip_fast")
 
 __all__ = ["available", "fisher_accumulate_", "global_norm", "perturb_", "fip_step_", "spectral_weight",
-           "spectral_linear_grad", "find_cuda_home", "CSRC_SOURCES"]
+           "spectral_linear_grad", "spectral_update_", "find_cuda_home", "CSRC_SOURCES"]
 
 #: The sources of the extension, relative to ``csrc/`` (setup.py and the JIT build use the same list).
 CSRC_SOURCES = ("bindings.cpp", "multi_tensor.cu", "l2norm.cu")
@@ -444,3 +444,15 @@ def spectral_linear_grad(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, delt
         jac = jac * _acc(S)
     per_sample = ds * jac                                 # out of place: these may be differentiated through
     return per_sample.sum(0), per_sample.pow(2)
+
+
+def spectral_update_(weights: Sequence[Tensor], U: Sequence[Tensor], Vh: Sequence[Tensor], s_old: Sequence[Tensor],
+                     s_new: Sequence[Tensor], base: Optional[Sequence[Tensor]] = None) -> None:
+    """W ← B + U·diag(s_new − s_old)·Vh per layer, in place (:func:`fip_fast.reference.spectral_update_`): one cuBLAS
+    GEMM per layer through torch (``addmm`` with the base as its C operand, W written once), the foreach backend's
+    form — for the reason :func:`spectral_weight` gives, no custom kernel.  Shapes: ``weights[i]``, ``base[i]``
+    (m, n), ``U[i]`` (m, k), ``Vh[i]`` (k, n), ``s_old[i]``, ``s_new[i]`` (k,)."""
+    # imported here, not at the top: csrc/setup_ext.py loads this file by path, outside the package
+    from fip_fast.backends import foreach
+
+    foreach.spectral_update_(weights, U, Vh, s_old, s_new, base)

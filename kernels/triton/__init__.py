@@ -4,7 +4,7 @@ The sources live in ``kernels/triton/`` at the repository root, beside ``csrc/``
 ``__init__.py``.  A ``kernels`` package at the root would be importable as the top-level module ``kernels`` from
 there and shadow Hugging Face's ``kernels`` package, which transformers 5 imports.
 
-Reached through :mod:`fip_fast.ops` (``ops.get(op, impl="triton", device)``), or directly.  The six ops
+Reached through :mod:`fip_fast.ops` (``ops.get(op, impl="triton", device)``), or directly.  The seven ops
 have exactly the signatures of the kernel-level ops of :mod:`fip_fast.reference`:
 
 * :func:`fisher_accumulate_` F ← β·F + α·g²                                    (:mod:`.fisher`)
@@ -13,6 +13,7 @@ have exactly the signatures of the kernel-level ops of :mod:`fip_fast.reference`
 * :func:`fip_step_`          the whole FIP optimizer step, restore included      (:mod:`.fip_step`)
 * :func:`spectral_weight`    W(δ) = U·diag(relu(s))·Vh (+ residual)              (:mod:`.spectral`)
 * :func:`spectral_linear_grad` δ-gradient and per-sample squared δ-gradients   (:mod:`.spectral`)
+* :func:`spectral_update_`   W ← B + U·diag(s_new − s_old)·Vh in place           (torch's GEMM, no Triton kernel)
 
 The list ops make one Triton launch per call over every tensor of their lists, whatever the mix of fp32 /
 fp16 / bf16 (:mod:`.multi_tensor`); :mod:`._launch_count` counts launches.  Under ``torch.compile`` the calls
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "fisher_accumulate_", "global_norm", "perturb_", "fip_step_", "spectral_weight",
-           "spectral_linear_grad"]
+           "spectral_linear_grad", "spectral_update_"]
 
 _MIN_TRITON = (3, 2)
 
@@ -170,3 +171,14 @@ def spectral_linear_grad(x: Tensor, grad_out: Tensor, U: Tensor, S: Tensor, delt
     if _compiling():
         return _lib.spectral_linear_grad_op(x, grad_out, U, S, delta, Vh, bool(relative))
     return _sp.spectral_linear_grad(x, grad_out, U, S, delta, Vh, relative)
+
+
+def spectral_update_(weights: Sequence[Tensor], U: Sequence[Tensor], Vh: Sequence[Tensor], s_old: Sequence[Tensor],
+                     s_new: Sequence[Tensor], base: Optional[Sequence[Tensor]] = None) -> None:
+    """W ← B + U·diag(s_new − s_old)·Vh per layer, in place (:func:`fip_fast.reference.spectral_update_`; Fast FIP in
+    place): one torch ``addmm`` per layer (cuBLAS on a GPU), the foreach backend's form — the update is a GEMM, so
+    no Triton kernel.  Shapes: ``weights[i]``, ``base[i]`` (m, n), ``U[i]`` (m, k), ``Vh[i]`` (k, n), ``s_old[i]``,
+    ``s_new[i]`` (k,)."""
+    from fip_fast.backends import foreach
+
+    foreach.spectral_update_(weights, U, Vh, s_old, s_new, base)
