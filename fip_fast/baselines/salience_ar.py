@@ -228,6 +228,20 @@ def adaptive_reg_step_(w: Tensor, mask: Tensor, scale: float, lam: float, lr: fl
     return w.div_(c)
 
 
+def _multipliers_and_reg(ranked: list[tuple[str, nn.Module]], masks: dict[str, Tensor], others_lr_scale: float
+                         ) -> tuple[dict[Tensor, Tensor], list[tuple[Tensor, Tensor, float]]]:
+    """The gradient multipliers of the ranked layers' parameters (1 on infected rows, ``others_lr_scale``
+    elsewhere) and, per ranked layer, the regularizer's ``(weight, infected-row mask, mean |weight|)``."""
+    mult: dict[Tensor, Tensor] = {}
+    reg: list[tuple[Tensor, Tensor, float]] = []
+    for n, m in ranked:
+        rm = masks[n]
+        for p in _neuron_params(m):
+            r = _row_mask(rm, p).to(p.dtype)
+            mult[p] = r + (1 - r) * others_lr_scale
+        reg.append((m.weight, rm, float(m.weight.detach().abs().mean().clamp_min(1e-12))))
+    return mult, reg
+
 def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.05, *,
                     fraction: float = 0.3, lam: float = 1.0, others_lr_scale: float = 0.1, momentum: float = 0.9,
                     layers: Optional[Sequence[Union[str, nn.Module]]] = None, eps: float = EPS,
@@ -267,15 +281,7 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
             params = [p for p in model.parameters() if p.requires_grad]
         else:
             params = [p for _, m in ranked for p in _neuron_params(m) if p.requires_grad]
-        # Gradient multipliers: 1 on infected rows, others_lr_scale elsewhere.
-        mult: dict[Tensor, Tensor] = {}
-        reg: list[tuple[Tensor, Tensor, float]] = []
-        for n, m in ranked:
-            rm = masks[n]
-            for p in _neuron_params(m):
-                r = _row_mask(rm, p).to(p.dtype)
-                mult[p] = r + (1 - r) * others_lr_scale
-            reg.append((m.weight, rm, float(m.weight.detach().abs().mean().clamp_min(1e-12))))
+        mult, reg = _multipliers_and_reg(ranked, masks, others_lr_scale)
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
         stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
         lrs = LrSchedule(opt, lr_schedule, steps)
