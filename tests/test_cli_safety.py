@@ -154,6 +154,17 @@ def test_set_examples_in_help_are_valid():
         check_options("fast_fip", **parse_set(pairs))
 
 
+def test_purify_keywords_through_set_are_not_method_options(here, capsys, tmp_path):
+    """--set passes purify()'s own keyword arguments too (val_margin, patience, …): the up-front check routes
+    them as purify does, it does not refuse them as unknown method options."""
+    from fip_fast.pipeline.run import check_options
+
+    check_options("fast_fip", val_margin=0.05, patience=2, eval_every=3, batch_size=16, lr=0.01)
+    rc, _, err = _run(_argv(tmp_path / "o", "--steps", "2", "--set", "val_margin=0.05", "--set", "patience=2",
+                            method="fip"), capsys)
+    assert rc == 0, err
+
+
 @pytest.mark.parametrize("extra, pattern", [
     (["--set", "trace_estimator=lagged"], r"--method fast_fip with --set: .*trace_estimator='fd' only"),
     (["--set", "no_such_option=1"], r"--method fast_fip with --set: .*no_such_option"),

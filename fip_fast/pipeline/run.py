@@ -315,6 +315,10 @@ def _probe_model() -> nn.Module:
                          nn.Flatten(), nn.Linear(8 * 16, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
+#: purify()'s keyword-only arguments (not method options).
+_PURIFY_KEYWORDS = frozenset(k for k, p in inspect.signature(purify).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
 def check_options(method: str = "fast_fip", *, steps: Optional[int] = None, batch_size: Optional[int] = None,
                   lr: Optional[float] = None, augment: Any = None, val_fraction: Any = None,
                   **options: Any) -> None:
@@ -327,9 +331,13 @@ def check_options(method: str = "fast_fip", *, steps: Optional[int] = None, batc
     Options that depend on the user's model (``layer_types``, ``rank`` beyond the probe's layers) are not
     judged here."""
     spec = get_method(method)
-    opts, loop_opts = resolve_options(spec, steps=steps, batch_size=batch_size, lr=lr, options=dict(options),
-                                      val_fraction=val_fraction, val_margin=None, patience=None, eval_every=None,
-                                      augment=augment)
+    options = dict(options)
+    # purify()'s own keyword arguments (val_margin, patience, …) may come in ``options`` too (the CLI's --set).
+    own = {k: options.pop(k) for k in list(options) if k in _PURIFY_KEYWORDS}
+    given = {"batch_size": batch_size, "lr": lr, "val_fraction": val_fraction, "augment": augment}
+    kw = {k: own.get(k) if v is None else v for k, v in given.items()}
+    opts, loop_opts = resolve_options(spec, steps=steps, options=options, val_margin=own.get("val_margin"),
+                                      patience=own.get("patience"), eval_every=own.get("eval_every"), **kw)
     make_augment(loop_opts.augment, torch.zeros(1, 1, 8, 8))
     if spec.kind == "runner":
         params = inspect.signature(spec.fn).parameters
