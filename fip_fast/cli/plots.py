@@ -22,24 +22,36 @@ def _stage_fig(staged, fig, path: Path) -> str:
     return path.name
 
 
-def _draw_curves(axes, r: Dict[str, Any], before: Dict[str, Any], have_acc: bool, have_asr: bool) -> None:
-    """One method's curves: test ACC (or clean-val ACC when no evaluation has it) and, when known, ASR."""
+def _test_series(r: Dict[str, Any], before: Dict[str, Any], key: str):
+    """(steps, %) of the test metric ``key`` ("acc" / "asr"): θ0 at step 0, then every evaluation; when no
+    evaluation measured it (the demo's --no-history) θ0 and the result at its selected step; None without it."""
     h = r.get("history") or []
-    steps = [0] + [e["step"] for e in h]
-    ax_acc = axes[0][0]
-    color = None
-    if have_acc:
-        color = ax_acc.plot(steps, _pct_list([before.get("acc")] + _evals(r, "acc")), marker=".",
-                            label=r["method"])[0].get_color()
-    elif h and "val_acc" in h[0]:
-        color = ax_acc.plot(steps, _pct_list([r.get("initial_val_acc")] + [e.get("val_acc") for e in h]),
-                            marker=".", label=r["method"])[0].get_color()
-    if have_asr:
-        color = axes[0][1].plot(steps, _pct_list([before.get("asr")] + _evals(r, "asr")), marker=".", color=color,
-                                label=r["method"])[0].get_color()
+    vals = _evals(r, key)
+    if any(v is not None for v in vals):
+        return [0] + [e["step"] for e in h], _pct_list([before.get(key)] + vals)
+    if r.get(key) is not None and before.get(key) is not None:
+        return [0, r.get("selected_step") or r.get("steps_run") or 0], _pct_list([before[key], r[key]])
+    return None
+
+
+def _draw_curves(axes, r: Dict[str, Any], before: Dict[str, Any], have_acc: bool, have_asr: bool) -> None:
+    """One method's curves: test ACC (or clean-val ACC when no evaluation has it) and, when known, ASR; the
+    selected step (the weights returned) as a dotted line."""
+    h = r.get("history") or []
+    ax_acc, color, drawn = axes[0][0], None, []
+    acc = _test_series(r, before, "acc") if have_acc else None
+    if acc is None and not have_acc and h and "val_acc" in h[0]:
+        acc = [0] + [e["step"] for e in h], _pct_list([r.get("initial_val_acc")] + [e.get("val_acc") for e in h])
+    if acc is not None:
+        color = ax_acc.plot(*acc, marker=".", label=r["method"])[0].get_color()
+        drawn.append((ax_acc, acc[0]))
+    asr = _test_series(r, before, "asr") if have_asr else None
+    if asr is not None:
+        color = axes[0][1].plot(*asr, marker=".", color=color, label=r["method"])[0].get_color()
+        drawn.append((axes[0][1], asr[0]))
     sel = r.get("selected_step")
-    if h and sel is not None and sel in steps:     # the weights returned: one dotted line per method
-        for ax in axes[0][:2 if have_asr else 1]:
+    for ax, steps in drawn:
+        if sel is not None and sel in steps[1:]:
             ax.axvline(sel, color=color, linestyle=":", linewidth=1.2, label=f"{r['method']}: selected step {sel}")
 
 
@@ -59,19 +71,23 @@ def _label_axes(axes, have_acc: bool, have_asr: bool) -> None:
         axes[0][1].grid(alpha=0.3)
 
 
-def has_curves(results: List[Dict[str, Any]]) -> bool:
-    """Whether asr_acc.png has anything to draw: test ACC / ASR (--test, --triggered) or clean-validation
-    accuracy in some method's history (without them the plot would be an empty 0–1 frame)."""
-    return any(v is not None for r in results for k in ("acc", "asr") for v in _evals(r, k)) or any(
+def _has_test(results: List[Dict[str, Any]], before: Dict[str, Any], key: str) -> bool:
+    return any(_test_series(r, before, key) is not None for r in results)
+
+
+def has_curves(results: List[Dict[str, Any]], before: Dict[str, Any]) -> bool:
+    """Whether asr_acc.png has anything to draw: test ACC / ASR (--test, --triggered; over the evaluations, or
+    θ0 → result) or clean-validation accuracy in some method's history (without them the plot would be an
+    empty 0–1 frame)."""
+    return _has_test(results, before, "acc") or _has_test(results, before, "asr") or any(
         e.get("val_acc") is not None for r in results for e in r.get("history") or [])
 
 
 def _asr_acc_figure(plt, results: List[Dict[str, Any]], before: Dict[str, Any]):
     """ACC (and ASR) over the steps, per method, the selected step marked; None when there is nothing to draw."""
-    if not has_curves(results):
+    if not has_curves(results, before):
         return None
-    have_acc = any(v is not None for r in results for v in _evals(r, "acc"))
-    have_asr = any(v is not None for r in results for v in _evals(r, "asr"))
+    have_acc, have_asr = _has_test(results, before, "acc"), _has_test(results, before, "asr")
     fig, axes = plt.subplots(1, 2 if have_asr else 1, figsize=(10 if have_asr else 5.5, 3.6), squeeze=False)
     for r in results:
         _draw_curves(axes, r, before, have_acc, have_asr)
