@@ -144,6 +144,66 @@ def test_sharpness_dict_restores_mode():
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers())), "BN statistics untouched"
 
 
+
+def _tiny_fp64(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    return model, torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 3, (16,))
+
+
+def test_hutchinson_probes_do_not_depend_on_batch_size():
+    """The probes depend on seed and samples only: one at a time, in blocks of 7 (with a short last block) or all
+    at once give the same estimate up to rounding."""
+    model, x, y = _tiny_fp64()
+    one = hessian_trace(model, x, y, samples=20, seed=3, batch_size=1)
+    assert hessian_trace(model, x, y, samples=20, seed=3) == one                       # the default is one
+    for b in (7, 20, 64):
+        assert hessian_trace(model, x, y, samples=20, seed=3, batch_size=b) == pytest.approx(one, rel=1e-12)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            hessian_trace(model, x, y, samples=2, batch_size=bad)
+
+
+def test_hutchinson_default_is_one_plain_double_backward_per_probe(monkeypatch):
+    """The default path is PyHessian's (one plain double backward per probe, no vmap): the vmapped product was
+    ~2× slower per probe on a conv net on the CPU (docs/peers.md)."""
+    model, x, y = _tiny_fp64()
+    calls = []
+    real = torch.autograd.grad
+
+    def spy(*a, **kw):
+        calls.append(kw.get("is_grads_batched", False))
+        return real(*a, **kw)
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    hessian_trace(model, x, y, samples=5)
+    assert calls == [False] * 6                 # the gradient with its graph, then one product per probe
+
+
+def test_hutchinson_matches_pyhessian_probe_for_probe():
+    """Parity with PyHessian: on the same Rademacher probes its per-probe vᵀHv (pyhessian.utils) and ours agree to
+    fp64 rounding, and its trace estimate is as close to the exact trace as ours."""
+    pytest.importorskip("pyhessian")
+    from pyhessian import hessian as PyHessian
+    from pyhessian.utils import group_product
+    from pyhessian.utils import hessian_vector_product as pyh_hvp
+
+    from fip_fast.evaluation.smoothness import _gradients_with_graph, _probe
+
+    model, x, y = _tiny_fp64()
+    ps = list(model.parameters())
+    grads = _gradients_with_graph(model.eval(), x, y, None, ps)
+    g = torch.Generator().manual_seed(11)
+    probes = [_probe(ps, g) for _ in range(40)]
+    theirs = [float(group_product(pyh_hvp(grads, ps, v), v)) for v in probes]
+    assert hessian_trace(model, x, y, samples=40, seed=11) == pytest.approx(sum(theirs) / 40, rel=1e-12)
+    exact = _exact_hessian_trace(model, x, y)
+    torch.manual_seed(0)
+    vhv = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace(maxIter=3000, tol=float("-inf"))
+    model.zero_grad(set_to_none=True)
+    assert len(vhv) == 3000 and sum(vhv) / 3000 == pytest.approx(exact, rel=0.05)
+    assert hessian_trace(model, x, y, samples=3000, seed=1) == pytest.approx(exact, rel=0.05)
+
+
 # --------------------------------------------------------------------------------------------- models evaluated here
 @pytest.mark.parametrize("name, shape", [("cnn", (1, 28, 28)), ("cnn", (3, 32, 32)),
                                          ("preact_resnet18", (3, 32, 32)), ("resnet18", (1, 32, 32))])

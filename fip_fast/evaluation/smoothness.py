@@ -110,6 +110,21 @@ def hessian_max_eigenvalue(
     return float(lam)
 
 
+def _probe(params: Sequence[Tensor], g: torch.Generator) -> List[Tensor]:
+    """One Rademacher probe: a ±1 tensor of each parameter's shape, drawn parameter after parameter from ``g``."""
+    return [_rademacher(tuple(p.shape), p.dtype, p.device, g) for p in params]
+
+
+def _quadratic_form(grads: Sequence[Tensor], params: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
+    """``vᵀ·H·v`` (a 0-d tensor on the parameters' device) by one plain double backward — PyHessian's product."""
+    hv = torch.autograd.grad(grads, params, grad_outputs=list(v), retain_graph=True, allow_unused=True)
+    q = torch.zeros((), dtype=v[0].dtype, device=v[0].device)
+    for vi, h in zip(v, hv):
+        if h is not None:              # a parameter the gradient does not depend on: a zero row of H
+            q = q + (vi * h).sum()
+    return q.detach()
+
+
 def _batched_quadratic_forms(grads: Sequence[Tensor], params: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
     """``v_kᵀ·H·v_k`` for a block of probes ``v[i]`` of shape ``(b, *params[i].shape)`` → ``(b,)``.
 
@@ -123,8 +138,7 @@ def _batched_quadratic_forms(grads: Sequence[Tensor], params: Sequence[Tensor], 
         hv = [torch.zeros_like(vi) if h is None else h for h, vi in zip(hv, v)]
         return sum((vi * h).flatten(1).sum(1) for vi, h in zip(v, hv)).detach()
     except RuntimeError:
-        return torch.stack([_dot([vi[k] for vi in v], hessian_vector_product(grads, params, [vi[k] for vi in v]))
-                            for k in range(b)])
+        return torch.stack([_quadratic_form(grads, params, [vi[k] for vi in v]) for k in range(b)])
 
 
 def hessian_trace(
@@ -136,25 +150,38 @@ def hessian_trace(
     params: Optional[Sequence[Tensor]] = None,
     samples: int = 100,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int = 1,
 ) -> float:
     """Tr(H) of the mean loss on ``(x, y)`` by Hutchinson's estimator, ``mean_k v_kᵀ·H·v_k``, Rademacher ``v_k``.
 
     Unbiased; its standard error falls as 1/√samples (for a diagonal H the estimate is exact with any number of
-    samples, since v_i² = 1).  ``samples`` is the number of Hessian-vector products; they are computed
-    ``batch_size`` at a time with one batched double backward (memory: ``batch_size`` copies of the
-    parameters).  The probes depend only on ``seed``, ``samples`` and ``batch_size``.
+    samples, since v_i² = 1).  ``samples`` is the number of Hessian-vector products, each a double backward through
+    one gradient graph built once (PyHessian's algorithm; the same cost per probe).  The probes depend only on
+    ``seed`` and ``samples``: ``batch_size`` changes the result by rounding only.
+
+    ``batch_size > 1`` computes that many products at a time with one vmapped double backward (memory:
+    ``batch_size`` copies of the parameters and of the activations' tangents).  That pays where a product is a
+    few small ops (a tiny MLP: ~5× faster per probe on one CPU thread) but not where it is compute-bound: on a
+    conv net on the CPU the vmapped convolution double backward runs one convolution per probe anyway, plus a
+    concatenation, and the batched elementwise ops leave the cache — 1.5× *slower* per probe at 16 (see
+    ``docs/peers.md``).  Hence the default of 1.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     ps = _trainable(model, params)
     g = torch.Generator().manual_seed(seed)
-    samples, total = max(1, samples), 0.0
+    samples = max(1, samples)
+    total = torch.zeros((), dtype=torch.float64, device=ps[0].device)   # summed on the device: no sync per probe
     with eval_mode(model), torch.enable_grad():
         grads = _gradients_with_graph(model, x, y, loss_fn, ps)
-        for start in range(0, samples, max(1, batch_size)):
-            b = min(batch_size, samples - start)
-            v = [_rademacher((b,) + tuple(p.shape), p.dtype, p.device, g) for p in ps]
-            total += float(_batched_quadratic_forms(grads, ps, v).sum())
-    return total / samples
+        for start in range(0, samples, batch_size):
+            probes = [_probe(ps, g) for _ in range(min(batch_size, samples - start))]
+            if len(probes) == 1:
+                total += _quadratic_form(grads, ps, probes[0]).double()
+            else:
+                v = [torch.stack(vs) for vs in zip(*probes)]
+                total += _batched_quadratic_forms(grads, ps, v).double().sum()
+    return float(total) / samples
 
 
 def _per_sample_sq_norms_func(model, x, y, loss_fn, ps, chunk_size) -> Tensor:
