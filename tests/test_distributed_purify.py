@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from _hang import run
 from torch import nn
 
 from fip_fast import cli
@@ -77,6 +76,8 @@ def ddp_run(files):
     """``torchrun --standalone --nproc_per_node=2 -m fip_fast.cli purify --distributed ddp …``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "fip_fast.cli", *_args(files, "ddp", "--distributed", "ddp")]
+    from _hang import run  # here, not at the top: torchrun's workers import this file as tests.<name>
+
     r = run(cmd, cwd=ROOT, env=_env())
     assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r
