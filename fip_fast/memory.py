@@ -44,8 +44,8 @@ S)·Vh once per change of δ (the ``reference`` / ``foreach`` implementation of
 Activations: the tap keeps the projected input a (k values per position, N·P·k) instead of the layer input
 (n per position) that a dense dW would need — the layer input is still saved where the input gradient needs it
 (e.g. by the preceding nonlinearity), as in the frozen model.  A call whose δ-gradient is cheaper from the weight
-gradient (:func:`fip_fast.spectral._weight_side`: full-rank convolutions) keeps the layer input instead, as full
-FIP's autograd does (counted once when another op saves the same tensor).
+gradient (:func:`fip_fast.spectral._taps._weight_side`: full-rank convolutions) keeps the layer input instead, as
+full FIP's autograd does (counted once when another op saves the same tensor).
 
 The ``foreach`` implementation (the CPU default) also makes fp32 working copies of θ, g (and g') for each
 group during the fused step — a transient of about 12–16 bytes per trainable parameter that the Triton/CUDA
@@ -269,13 +269,14 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[
 
 @contextlib.contextmanager
 def _tapped_inputs(count: Callable[[Tensor], int], current: dict):
-    """While inside, every tap of an in-place Fast FIP layer (:class:`fip_fast.spectral._Call`) has what it keeps
-    counted — its projected input ``a``, or the layer input on the weight side (``count(…)``, added to
+    """While inside, every tap of an in-place Fast FIP layer (:class:`fip_fast.spectral._taps._Call`) has what it
+    keeps counted — its projected input ``a``, or the layer input on the weight side (``count(…)``, added to
     ``current["tap"]``): the tap holds it for the δ-gradient outside autograd's saved tensors, so
     ``saved_tensors_hooks`` does not see it."""
-    from fip_fast import spectral
+    # patched where the tap hook looks it up (the package's fip_fast.spectral._Call is a re-export)
+    from fip_fast.spectral import _taps
 
-    base = spectral._Call
+    base = _taps._Call
 
     class _Counted(base):                                   # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs):
@@ -285,11 +286,11 @@ def _tapped_inputs(count: Callable[[Tensor], int], current: dict):
             except Exception:
                 pass
 
-    spectral._Call = _Counted
+    _taps._Call = _Counted
     try:
         yield
     finally:
-        spectral._Call = base
+        _taps._Call = base
 
 
 # ------------------------------------------------------------------------------------------- analytical

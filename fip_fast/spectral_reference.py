@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from fip_fast import ops
-from fip_fast import spectral as _inplace
+from fip_fast.spectral import _adapters
 
 __all__ = ["SpectralLayer", "reparameterize", "merge", "spectral_layers", "register_adapter", "Adapter"]
 
@@ -44,13 +44,13 @@ __all__ = ["SpectralLayer", "reparameterize", "merge", "spectral_layers", "regis
 # ------------------------------------------------------------------------------------------- layer adapters
 # One registry for both forms: an adapter registered with fip_fast.spectral.register_adapter serves here too (the
 # module swap needs its ``forward``).
-Adapter = _inplace.Adapter
-register_adapter = _inplace.register_adapter
-DEFAULT_TYPES = _inplace.DEFAULT_TYPES
+Adapter = _adapters.Adapter
+register_adapter = _adapters.register_adapter
+DEFAULT_TYPES = _adapters.DEFAULT_TYPES
 
 
 def _adapter_for(layer: nn.Module) -> Adapter:
-    adapter = _inplace._adapter_for(layer)
+    adapter = _adapters._adapter_for(layer)
     if adapter.forward is None:
         raise TypeError(f"the spectral adapter of {type(layer).__name__} has no forward (the module swap runs the "
                         "layer with W(δ)); register one with Adapter(..., forward=...) via "
@@ -198,7 +198,7 @@ def reparameterize(model: nn.Module, layer_types: Sequence[type] = DEFAULT_TYPES
         The δ parameters, in module order.
     """
     types = tuple(layer_types)
-    skip = _inplace._weights_read_directly(model)          # nn.MultiheadAttention.out_proj, as in place
+    skip = _adapters._weights_read_directly(model)         # nn.MultiheadAttention.out_proj, as in place
     targets = [(n, m) for n, m in model.named_modules()
                if n and isinstance(m, types) and not isinstance(m, SpectralLayer) and id(m) not in skip
                and not any(n.startswith(s + ".") for s, _ in spectral_layers(model))

@@ -230,6 +230,60 @@ def test_an_ema_copy_follows_its_own_averaged_delta():
         _close(ema(x), b(x))
 
 
+def test_a_pickled_model_loads_trains_like_the_original_and_merges():
+    """torch.save of the whole reparameterized model (hooks, their state on the layers, the adapters): the loaded
+    copy computes what the original computes, takes the same δ-gradients, trains and merges on its own."""
+    import io
+    a = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    SI.reparameterize(a, rank=4)
+    SI.add_mixing(a, 1)
+    x, y = torch.randint(0, 10, (16,)), torch.randint(0, 3, (16,))
+    with torch.no_grad():
+        for d in SI.deltas(a):
+            d.add_(0.05)
+    buf = io.BytesIO()
+    torch.save(a, buf)
+    b = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert torch.equal(b(x), a(x))
+    for m in (a, b):
+        F.cross_entropy(m(x), y).backward()
+    for p, q in zip(SI.deltas(a), SI.deltas(b)):
+        assert torch.equal(p.grad, q.grad)
+    _train(b, SI.deltas(b), x, y, torch.optim.SGD(SI.deltas(b), lr=0.5))
+    want = b(x).detach()
+    SI.merge(b)
+    assert not SI.spectral_layers(b) and SI.spectral_layers(a)
+    _close(b(x), want)
+
+
+#: what a pickle of a reparameterized model names in ``fip_fast.spectral`` (the single-module form of it)
+_PICKLED_NAMES = ("Adapter", "_Group", "_Spectral", "_pre_hook", "_tap_hook", "_load_pre_hook", "_load_hook",
+                  "_state_dict_hook", "_flat", "_unflat", "_linear_project", "_linear_project_grad",
+                  "_linear_weight_grad", "_linear_forward", "_conv_project", "_conv_project_grad", "_conv_weight_grad",
+                  "_conv_forward", "_embedding_project", "_embedding_project_grad", "_embedding_forward")
+
+
+def test_pickles_naming_the_single_module_still_resolve():
+    """A model pickled when fip_fast.spectral was one module names its hooks, state classes and adapter functions
+    as ``fip_fast.spectral.<name>``: each resolves, to the very object a pickle of such a model names now."""
+    import io
+    import pickle
+    m = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 4), nn.Unflatten(1, (4, 1)), nn.Conv1d(4, 4, 1))
+    SI.reparameterize(m)
+    now = set()
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module, name):
+            obj = super().find_class(module, name)
+            now.add(id(obj))
+            return obj
+
+    Recording(io.BytesIO(pickle.dumps(m))).load()
+    for name in _PICKLED_NAMES:
+        got = pickle.loads(b"cfip_fast.spectral\n" + name.encode() + b"\n.")    # protocol 0 GLOBAL opcode
+        assert id(got) in now, name
+
+
 # ------------------------------------------------------------------------------ 6. double backward
 def test_double_backward_through_the_taps_is_refused():
     a = _mlp()

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fip_fast import spectral as SI
+from fip_fast.spectral import _taps  # where the tap hook looks _weight_side up (the patch target)
 
 
 class LinearNet(nn.Module):
@@ -366,17 +367,20 @@ def test_spectral_update_backends_match_the_reference(dtype, with_base):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("kind,rank,relative", CASES)
 def test_both_gradient_sides_match_the_spec(kind, rank, relative, dtype, tol, side, monkeypatch):
-    """Without per-sample collection each call takes the cheaper side (SI._weight_side); forced either way, the
+    """Without per-sample collection each call takes the cheaper side (_taps._weight_side); forced either way, the
     δ-gradient (diag(Uᵀ·dW·Vhᵀ) from the dense weight gradient, or Σ a ⊙ c from the projections) is the spec's."""
+    forced = []
     if side == "activations":
-        monkeypatch.setattr(SI, "_weight_side", lambda *a: False)
+        monkeypatch.setattr(_taps, "_weight_side", lambda *a: forced.append(1) or False)
     else:
-        orig = SI._weight_side
-        monkeypatch.setattr(SI, "_weight_side", lambda sp, m, x, out: SI._adapter_for(m).weight_grad is not None
-                            and not isinstance(getattr(m, "padding", 0), str) or orig(sp, m, x, out))
+        orig = _taps._weight_side
+        monkeypatch.setattr(_taps, "_weight_side", lambda sp, m, x, out: forced.append(1) is None and (
+            SI._adapter_for(m).weight_grad is not None and not isinstance(getattr(m, "padding", 0), str)
+            or orig(sp, m, x, out)))
     model0, model, deltas, layers = _setup(kind, dtype, rank, relative)
     x, y = _data(DATA_OF[kind], dtype)
     _loss(model(x), y).backward()
+    assert forced                                            # the patch reached the taps: the side was forced
     ref_d = [d.detach().clone().requires_grad_(True) for d in deltas]
     want = torch.autograd.grad(_loss(functional_call(model0, _reference_weights(model0, layers, ref_d, relative),
                                                      (x,)), y), ref_d)
@@ -388,7 +392,7 @@ def test_both_gradient_sides_match_the_spec(kind, rank, relative, dtype, tol, si
 
 def test_the_cost_model_picks_the_weight_side_for_a_full_rank_conv_and_activations_for_low_rank():
     picked = []
-    orig = SI._weight_side
+    orig = _taps._weight_side
 
     def spy(sp, m, x, out):
         r = orig(sp, m, x, out)
@@ -399,7 +403,7 @@ def test_the_cost_model_picks_the_weight_side_for_a_full_rank_conv_and_activatio
     SI.reparameterize(conv)
     SI.reparameterize(stack, rank=8)
     import unittest.mock as mock
-    with mock.patch.object(SI, "_weight_side", spy):
+    with mock.patch.object(_taps, "_weight_side", spy):
         conv(torch.randn(4, 16, 16, 16)).sum().backward()
         stack(torch.randn(64, 256)).sum().backward()
     assert picked == [("Conv2d", True), ("Linear", False)]
