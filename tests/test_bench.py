@@ -155,3 +155,25 @@ def test_trigger_probe_statistics():
     h = head_features(model, x, batch=3)
     assert h.shape == (7, 5) and torch.allclose(h, model[1](model[0](x)).detach())
     assert not model[2]._forward_hooks                            # the hook is removed
+
+
+def test_peers_quick_schema(tmp_path):
+    """``python -m bench peers --quick``: every row of issue 30's table, both sides timed (or the peer skipped with
+    the reason), paired ratios with their spread, the peer's version, the load before and after."""
+    out = tmp_path / "peers.json"
+    _wait(_run(["peers", "--quick", "--out", str(out)], tmp_path))
+    d = json.loads(out.read_text())
+    assert d["schema"] == "fip_fast.bench.peers/1" and d["quick"] is True
+    assert d["env"]["load_before"] is not None and d["env"]["load_after"] is not None
+    assert {r["group"] for r in d["rows"]} == {"optimizer", "fisher_cnn", "fisher_tokens", "hutchinson", "fast_fip"}
+    for r in d["rows"]:
+        assert r["status"] in ("ok", "skipped") and r["goal"] and r["unit"].startswith("per "), r
+        if r["status"] == "skipped":
+            assert r["reason"], r                                     # every skip says why
+            continue
+        for key in ("ours_cpu_s", "peer_cpu_s", "ours_wall_s", "peer_wall_s", "ratio_cpu", "ratio_wall"):
+            s = r[key]
+            assert 0 < s["min"] <= s["p25"] <= s["median"] <= s["p75"] <= s["max"], (key, r)
+    ok = {(r["group"], r["peer"].split("(")[0]) for r in d["rows"] if r["status"] == "ok"}
+    assert {("optimizer", "torch.optim.AdamW"), ("optimizer", "torch.optim.SGD"), ("fast_fip", "full FIP ")} <= ok
+    assert "| work | ours | peer (version) |" in out.with_suffix(".md").read_text()
