@@ -263,8 +263,9 @@ def test_auto_falls_back_to_foreach_when_unavailable(monkeypatch):
 def test_auto_falls_back_to_foreach_when_the_build_fails(tmp_path, env):
     """A fresh process where the kernels can't be had: auto steps with foreach, an explicit impl="cpu" raises."""
     import os
-    import subprocess
     import sys
+
+    from _hang import run
 
     e = dict(os.environ, FIP_FAST_CPU_CACHE=str(tmp_path / "cache"))
     if env.get("broken_source"):
@@ -287,7 +288,7 @@ def test_auto_falls_back_to_foreach_when_the_build_fails(tmp_path, env):
         "else:\n"
         "    raise SystemExit('impl=cpu resolved')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
+    r = run([sys.executable, "-c", code], env=e)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "unavailable:" in r.stdout and ("FIP_FAST_CPU=0" in r.stdout or "failed" in r.stdout), r.stdout
 
@@ -319,13 +320,15 @@ def test_concurrent_first_builds_do_not_clash(tmp_path):
     import subprocess
     import sys
 
+    from _hang import communicate
+
     e = dict(os.environ, FIP_FAST_CPU_CACHE=str(tmp_path))
     code = "import torch; from fip_fast.backends import cpu; ok, why = cpu.available(torch.device('cpu')); " \
            "assert ok, why; p = torch.zeros(3); cpu.perturb_([p], [torch.ones(3)], 2.0); assert p.sum() == 6"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=e, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     for pr in procs:
-        _, err = pr.communicate(timeout=300)
+        _, err = communicate(pr, "a concurrent build")
         assert pr.returncode == 0, err
     assert len(list(tmp_path.glob("fip_cpu_*.so"))) == 1 and not list(tmp_path.glob(".fip_cpu_*"))
 

@@ -5,13 +5,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _hang import run
 
 from fip_fast import cli
 from fip_fast.cli import checks
@@ -39,8 +39,7 @@ def test_help_lists_every_flag():
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "fip_fast.cli", "demo", "--help"], capture_output=True, text=True,
-                         timeout=60)
+    out = run([sys.executable, "-m", "fip_fast.cli", "demo", "--help"])
     assert out.returncode == 0
     for flag in ("--attack", "--device", "--steps", "--out", "--cache-dir", "--methods"):
         assert flag in out.stdout

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _hang import run
 
 from fip_fast import cli
 
@@ -28,7 +28,8 @@ def folder(tmp_path_factory):
         shutil.copy(EXAMPLE / f, d / f)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
-    subprocess.run([sys.executable, "make_data.py"], cwd=d, env=env, check=True, timeout=120)
+    r = run([sys.executable, "make_data.py"], cwd=d, env=env)
+    assert r.returncode == 0, r.stderr
     return d
 
 
@@ -45,10 +46,10 @@ def test_console_script_imports_the_factory_from_the_current_folder(folder, tmp_
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
     out = tmp_path / "report"
-    r = subprocess.run([_console_script(), "purify", "--arch", "mymodels:make", "--checkpoint", "model.safetensors",
+    r = run([_console_script(), "purify", "--arch", "mymodels:make", "--checkpoint", "model.safetensors",
                         "--clean", "clean.npz", "--num-classes", "4", "--test", "test.npz", "--triggered",
                         "triggered.npz", "--target", "0", "--out", str(out), "--no-progress", "--lambda-iters",
-                        "0", "--steps", "40"], cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+                        "0", "--steps", "40"], cwd=folder, env=env)
     assert r.returncode == 0, r.stderr
     row = json.loads((out / "report.json").read_text())["results"][0]
     assert row["acc"] >= 0.95 and row["asr"] is not None, row

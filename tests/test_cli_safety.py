@@ -312,11 +312,10 @@ def test_plots_mark_the_selected_step_and_label_lambda():
 
 
 def test_warnings_are_printed_once(own, tmp_path):
-    import subprocess
+    from _hang import run
 
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(EXAMPLE)}
-    r = subprocess.run([sys.executable, "-m", "fip_fast.cli", *_fip(tmp_path / "w")], cwd=own, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = run([sys.executable, "-m", "fip_fast.cli", *_fip(tmp_path / "w")], cwd=own, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("too few for a validation part") == 1, r.stderr
 

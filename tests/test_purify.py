@@ -355,13 +355,13 @@ def test_auto_val_fraction_resolves_the_margin():
 def test_no_import_cycle():
     """The pipeline does not import the baselines at import time, the baselines never import the pipeline, and
     the lazy registry still finds a baseline by name."""
-    import subprocess
     import sys
     import textwrap
 
+    from _hang import run
+
     def fresh(code: str) -> None:
-        r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                           timeout=120)
+        r = run([sys.executable, "-c", textwrap.dedent(code)])
         assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
     fresh("""
