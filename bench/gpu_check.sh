@@ -13,6 +13,8 @@
 #   e2e      the end-to-end per-step benchmark (python -m bench end_to_end), JSON + markdown
 #   lm       Fast FIP in place on a 1.1 B LLaMA-shaped causal LM in bf16 vs plain fwd+bwd tokens/s
 #            (python -m bench lm_throughput), JSON + markdown
+#   peers    fip_fast vs torch's fused AdamW/SGD, torch.func vmap, BackPACK, PyHessian, the authors' Fast FIP
+#            (python -m bench peers; a peer that is not installed is skipped, saying why), JSON + markdown
 #   summary  OUT/summary.md: one table of the steps and the headline numbers
 # Everything goes under $OUT: commit it (bench/results/gpu/…) after the run.
 set -u
@@ -24,10 +26,10 @@ mkdir -p "$OUT"
 : > "$OUT/steps.tsv"
 
 if [ "$DRY" = 1 ]; then
-  DEV=cpu; QUICK=--quick; LIM_INSTALL=60; LIM_TESTS=120; LIM_OPS=240; LIM_E2E=240; LIM_LM=120
+  DEV=cpu; QUICK=--quick; LIM_INSTALL=60; LIM_TESTS=120; LIM_OPS=240; LIM_E2E=240; LIM_LM=120; LIM_PEERS=120
   export TRITON_INTERPRET=1
 else
-  DEV=cuda; QUICK=; LIM_INSTALL=300; LIM_TESTS=150; LIM_OPS=150; LIM_E2E=90; LIM_LM=120
+  DEV=cuda; QUICK=; LIM_INSTALL=300; LIM_TESTS=150; LIM_OPS=150; LIM_E2E=90; LIM_LM=120; LIM_PEERS=90
   export TRITON_INTERPRET=0 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 fi
 
@@ -52,5 +54,6 @@ step tests "$LIM_TESTS" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
 step ops "$LIM_OPS" "$PY" -m bench ops --device "$DEV" $QUICK --markdown --out "$OUT/ops_$DEV.json"
 step e2e "$LIM_E2E" "$PY" -m bench end_to_end --device "$DEV" $QUICK --no-asr --out "$OUT/end_to_end_$DEV.json"
 step lm "$LIM_LM" "$PY" -m bench lm_throughput --device "$DEV" $QUICK --out "$OUT/lm_throughput_$DEV.json"
+step peers "$LIM_PEERS" "$PY" -m bench peers --device "$DEV" $QUICK --out "$OUT/peers_$DEV.json"
 "$PY" -m bench.gpu_env --summary "$OUT" > "$OUT/summary.md"
 cat "$OUT/summary.md"
