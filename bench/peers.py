@@ -361,7 +361,7 @@ def group_hutchinson(cfg: "Config") -> list[Row]:
     rows = [Row("hutchinson", work, label + " (default)", "PyHessian hessian.trace", _version("pyhessian"),
                 "per probe", "<= 1.0x"),
             Row("hutchinson", work, label + "(batch_size=16)", "PyHessian hessian.trace", _version("pyhessian"),
-                "per probe", "(the former default, for the record)")]
+                "per probe", "none: vmapped blocks, the path of the former default (32), for the record")]
     why = _missing("pyhessian", "pyhessian")
     if why:
         print(f"[peers] hutchinson: PyHessian skipped: {why}")
@@ -384,11 +384,16 @@ def group_hutchinson(cfg: "Config") -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------------------ Fast FIP
+#: the authors' code this layer is rewritten from (repository, commit, file)
+AUTHORS = "nazmul-karim170/FIP@b787f04 src/networks/svd_layers.py, rewritten"
+
+
 class AuthorsSVDConv2d(nn.Conv2d):
-    """The authors' Fast FIP convolution, rewritten from nazmul-karim170/FIP, ``src/networks/svd_layers.py``
-    (class ``SVDConv2d``): W = U·diag(relu(S + scale·δ))·Vh rebuilt from the thin SVD of the weight reshaped to
-    ``co × (cin·h·w)`` on *every* forward, then ``F.conv2d``.  Their ``einops.rearrange`` is the plain reshape
-    here; the SVD is taken on the first forward after the weights are loaded, as theirs (``done_svd``)."""
+    """The authors' Fast FIP convolution, rewritten from nazmul-karim170/FIP (commit b787f04),
+    ``src/networks/svd_layers.py`` (class ``SVDConv2d``): W = U·diag(relu(S + scale·δ))·Vh, from the thin SVD of
+    the weight reshaped to ``co × (cin·h·w)``, rebuilt on *every* forward, then ``F.conv2d``.  Their
+    ``einops.rearrange`` is the plain reshape here; the SVD is taken on the first forward after the weights are
+    loaded, as theirs (``done_svd``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, scale: float = 1.0, **kwargs):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
@@ -516,10 +521,10 @@ def group_fast_fip(cfg: "Config") -> list[Row]:
     t = measure(sides, cfg, cfg.steps, cfg.warmup)
     work = f"purification step (fd suppressor every step), SmallPreActResNet(width={w}), full rank, batch {b}"
     return [fill(Row("fast_fip", work, "Fast FIP in place, delta only (FIP on δ, no mixing band)",
-                     "the authors' Fast FIP (module swap, W rebuilt every forward; FIP on δ)", None, "per step",
+                     "the authors' Fast FIP (module swap, W rebuilt every forward; FIP on δ)", AUTHORS, "per step",
                      "<= 0.8x"), t, "inplace_delta_only", "authors"),
             fill(Row("fast_fip", work, "Fast FIP in place (shipped defaults)",
-                     "the authors' Fast FIP (module swap, W rebuilt every forward; FIP on δ)", None, "per step",
+                     "the authors' Fast FIP (module swap, W rebuilt every forward; FIP on δ)", AUTHORS, "per step",
                      "<= 0.8x"), t, "inplace", "authors"),
             fill(Row("fast_fip", work, "Fast FIP in place (shipped defaults)", "full FIP (fip_fast, fd suppressor)",
                      None, "per step", "<= 1.0x"), t, "inplace", "fip")]
