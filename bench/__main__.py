@@ -4,7 +4,8 @@ Commands: ``ops`` (kernel microbenchmarks), ``end_to_end`` (per-step time and ti
 (JSON → markdown), ``all`` (ops + end_to_end + report into one folder), and ``baselines`` / ``lagged_vs_fd`` when
 those modules are present in ``bench/`` (and ``fast_fip``: in place vs full FIP vs reference; ``protocol``: the fair
 comparison of every defense, ``docs/protocol.md``; ``trigger_probe``: where each trigger lives and how much of it a
-defense removes).
+defense removes; ``peers``: fip_fast next to torch's fused optimizers, BackPACK, PyHessian and the authors'
+Fast FIP, ``docs/peers.md``).
 
 ``python -m bench all --out-dir DIR [--device cuda] [--quick]`` writes ``DIR/ops_<device>.json``,
 ``DIR/end_to_end_<device>.json`` and their ``.md`` tables (the GPU recipe: ``--out-dir $OUT``).
