@@ -11,6 +11,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from fip_fast import _fisher_rules as rules
 from fip_fast import ops
 
 logger = logging.getLogger("fip_fast")
@@ -36,7 +37,7 @@ def _as_tokens(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.dim() == 2 else t
 
 
-class _LinearCapture:
+class _HookCapture:
     """Hooks on Linear-like layers that compute per-sample squared gradients during an ordinary backward.
 
     A forward hook stores the layer input and hangs a tensor hook on the output to receive ∂ℓ/∂y.  (Module
@@ -73,10 +74,10 @@ class _LinearCapture:
         return any(k not in self.failed for k in self.roles)
 
     def _slots(self, module: nn.Module) -> list[Tensor]:
-        if self.kind[module] == "linear":
-            cand = (module.weight, module.bias)
-        else:
+        if self.kind[module] == "spectral":
             cand = (module.delta, getattr(module.base, "bias", None))
+        else:
+            cand = (module.weight, getattr(module, "bias", None))
         return [p for p in cand if p is not None and id(p) in self.roles and id(p) not in self.failed]
 
     def fail(self, k: int, reason: str) -> None:
@@ -96,20 +97,28 @@ class _LinearCapture:
         slots = self._slots(module)
         if not slots:
             return
-        x = inp[0].detach()
-        if x.dim() < 2 or x.shape[0] != self.batch_size or out.shape[0] != self.batch_size:
+        x, kind = inp[0].detach(), self.kind[module]
+        linear = kind in ("linear", "spectral")
+        if linear:
+            why = "" if x.dim() >= 2 and x.shape[0] == self.batch_size else (
+                f"its layer ran on an input of shape {tuple(x.shape)} whose first dimension is not the batch "
+                f"({self.batch_size} samples)")
+        else:
+            why = rules.input_ok(kind, module, x, self.batch_size)
+        if not why and out.shape[0] != self.batch_size:
+            why = f"its layer's output of shape {tuple(out.shape)} is not batch-first ({self.batch_size} samples)"
+        if why:
             for p in slots:
-                self.fail(id(p), f"its layer ran on an input of shape {tuple(x.shape)} whose first dimension is not "
-                             f"the batch ({self.batch_size} samples)")
+                self.fail(id(p), why)
             return
-        x = x.flatten(1, -2) if x.dim() > 3 else x
+        x = x.flatten(1, -2) if linear and x.dim() > 3 else x
         for p in slots:
             self.expected[id(p)] = self.expected.get(id(p), 0) + 1
-        out.register_hook(lambda g, m=module, x=x, slots=slots: self._bwd(m, x, g, slots))
+        out.register_hook(lambda g, m=module, x=x, slots=slots, lin=linear: self._bwd(m, x, g, slots, lin))
 
-    def _bwd(self, module: nn.Module, x: Tensor, g: Tensor, slots: list[Tensor]) -> None:
+    def _bwd(self, module: nn.Module, x: Tensor, g: Tensor, slots: list[Tensor], linear: bool) -> None:
         g = g.detach()
-        g = g.flatten(1, -2) if g.dim() > 3 else g
+        g = g.flatten(1, -2) if linear and g.dim() > 3 else g
         for p in slots:
             k = id(p)
             if k in self.failed:
@@ -125,12 +134,14 @@ class _LinearCapture:
             return
         role = self.roles[k]
         with torch.no_grad():
-            if role == "weight":
+            if "." in role:                   # conv / embedding / norm rules (fip_fast._fisher_rules)
+                sq, check = self._rule(role, recs)
+            elif role == "weight":
                 sq, check = self._weight(recs)
             else:
                 sq, s = self._bias(recs) if role == "bias" else self._delta(recs)
                 check = (s, sq.sum(), None)
-        dtypes = {self.params[k].dtype} | {t.dtype for _, x, g in recs for t in (x, g)}
+        dtypes = {self.params[k].dtype} | {t.dtype for _, x, g in recs for t in (x, g) if t.is_floating_point()}
         if role == "delta":                   # autograd's δ-gradient goes through dW in the weight dtype
             dtypes |= {mod.U.dtype for mod, _, _ in recs}
         check = (*check, _guard_rtol(dtypes))
@@ -175,6 +186,29 @@ class _LinearCapture:
             s += Gr.sum(0)
             scale2 += Gr.pow(2).sum()
         return sq, (s, scale2, r)
+
+    def _rule(self, role: str, recs) -> tuple[Tensor, tuple[Tensor, Tensor, None]]:
+        """Σ_n (∂ℓ_n/∂θ)² and, for the guard, (Σ_n ∂ℓ_n/∂θ, Σ_n ‖∂ℓ_n/∂θ‖², no probe) of a parameter covered by a
+        rule of :mod:`fip_fast._fisher_rules`: per sample the sum of its calls' gradients, squared after; in
+        chunks of samples so that at most ~``_CHUNK_ELEMS`` elements are formed at once."""
+        kind, part = role.split(".")
+        p = self.params[id(getattr(recs[0][0], part))]
+        dt = _acc_dtype(p)
+        n = recs[0][2].shape[0]
+        if kind == "embedding":
+            sq, s, scale2 = rules.embedding_sq(recs, n, p, dt)
+            return sq, (s, scale2, None)
+        per_elems = p.numel() + sum(rules.cols_per_sample(kind, m, x) for m, x, _ in recs)
+        step = max(1, _CHUNK_ELEMS // max(1, per_elems))
+        sq = torch.zeros(p.shape, dtype=dt, device=p.device)
+        s = torch.zeros(p.shape, dtype=dt, device=p.device)
+        scale2 = torch.zeros((), dtype=dt, device=p.device)
+        for a in range(0, n, step):
+            per = sum(rules.per_sample(kind, part, m, x[a:a + step], g[a:a + step], dt) for m, x, g in recs)
+            sq += per.pow(2).sum(0)
+            s += per.sum(0)
+            scale2 += per.pow(2).sum()
+        return sq, (s, scale2, None)
 
     @staticmethod
     def _bias(recs) -> tuple[Tensor, Tensor]:
@@ -241,7 +275,7 @@ class _LinearCapture:
             h.remove()
 
 
-def _linear_layers(model: nn.Module, wanted: set[int]
+def _hooked_layers(model: nn.Module, wanted: set[int]
                    ) -> tuple[list[tuple[nn.Module, str]], dict[int, tuple[Tensor, str]]]:
     """Layers whose per-sample squared gradients the hooks compute, and the parameters they cover.
 
@@ -255,15 +289,19 @@ def _linear_layers(model: nn.Module, wanted: set[int]
     for m in model.modules():
         if type(m) is nn.Linear and isinstance(getattr(m, "weight", None), Tensor):   # a spectral base has none
             slots = [(m.weight, "weight"), (m.bias, "bias")]
+            kind = "linear"
         elif isinstance(m, SpectralLayer) and m.adapter.linear_like:
             slots = [(m.delta, "delta"), (getattr(m.base, "bias", None), "bias")]
             hooked.add(id(m.base))
+            kind = "spectral"
+        elif (kind := rules.layer_kind(m)) is not None:
+            slots = [(getattr(m, "weight", None), f"{kind}.weight"), (getattr(m, "bias", None), f"{kind}.bias")]
         else:
             continue
-        slots = [(p, r) for p, r in slots if p is not None and id(p) in wanted]
+        slots = [(p, r) for p, r in slots if isinstance(p, Tensor) and id(p) in wanted]
         if not slots:
             continue
-        layers.append((m, "linear" if type(m) is nn.Linear else "spectral"))
+        layers.append((m, kind))
         hooked.add(id(m))
         for p, r in slots:
             roles.setdefault(id(p), (p, set()))[1].add(r)

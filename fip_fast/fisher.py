@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fip_fast._fisher_capture import _acc_dtype, _guard_rtol, _linear_layers, _LinearCapture
+from fip_fast._fisher_capture import _acc_dtype, _guard_rtol, _HookCapture, _hooked_layers
 from fip_fast._utils import split_batch
 
 __all__ = ["estimate_fisher", "nll_per_sample", "normalize_fisher"]
@@ -182,7 +182,7 @@ def _add_batch_estimate(model: nn.Module, plist: list[Tensor], loss_fn: Callable
 class _ExactEstimator:
     """The ``"per_sample"`` estimator: each parameter goes to one path that forms its per-sample squares.
 
-    * the Linear / spectral-δ hooks (:class:`_LinearCapture`) for the parameters :func:`_linear_layers` covers;
+    * the Linear / spectral-δ hooks (:class:`_HookCapture`) for the parameters :func:`_hooked_layers` covers;
     * the output taps of Fast FIP's in-place spectral layers for their δ, or one backward per sample for a δ
       that failed the taps' guard (:attr:`dfailed`);
     * ``torch.func`` for everything else, and for what failed the hooks' guard (``capture.failed``).
@@ -204,8 +204,8 @@ class _ExactEstimator:
             self.spectral = spectral
         self.dlist = [p for p in self.plist if id(p) in self.inplace]
         self.dfailed: set[int] = set()       # in-place δ's handed to the one-backward-per-sample loop for good
-        layers, self.covered = _linear_layers(model, self.wanted - self.inplace)
-        self.capture = _LinearCapture(layers, self.covered, self.names)
+        layers, self.covered = _hooked_layers(model, self.wanted - self.inplace)
+        self.capture = _HookCapture(layers, self.covered, self.names)
 
     def needs_grad(self, p: Tensor) -> bool:
         """Whether ``p`` must require grad: gradients are needed only where the hooks, the taps or autograd.grad

@@ -496,3 +496,157 @@ def test_inplace_delta_fisher_matches_autograd_through_w_delta(relative):
     for d, w in zip(deltas, want):
         assert w.abs().max() > 0
         torch.testing.assert_close(got[d].double(), w, rtol=1e-6, atol=1e-12)
+
+
+# ---- per-sample rules of the hook pass beyond nn.Linear (conv, embedding, norm layers), fp64 vs torch.func ----
+
+def _func_sq(model, x, y, loss_fn):
+    """Σ_n (∂ℓ_n/∂θ)² of every parameter by torch.func at the model's dtype (the reference of the rules)."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def one(d, xi, yi):
+        return loss_fn(functional_call(model, (d, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
+
+    gs = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    return {n: g.pow(2).sum(0) for n, g in gs.items()}
+
+
+def _hook_sq(model, x, y, loss_fn):
+    """The hook pass alone (no torch.func), squares kept at fp64; asserts every parameter is covered and passes
+    the guard."""
+    from fip_fast._fisher_capture import _HookCapture, _hooked_layers
+
+    named = list(model.named_parameters())
+    layers, covered = _hooked_layers(model, {id(p) for _, p in named})
+    assert set(covered) == {id(p) for _, p in named}, "a parameter is not covered by a hook rule"
+    cap = _HookCapture(layers, covered, {id(p): n for n, p in named})
+    cap.active, cap.batch_size = True, x.shape[0]
+    try:
+        loss = loss_fn(model(x), y).sum()
+        gs = torch.autograd.grad(loss, [p for _, p in named])
+    finally:
+        cap.active = False
+    out = {p: torch.zeros_like(p) for _, p in named}
+    cap.flush({id(p): g for (_, p), g in zip(named, gs)}, out)
+    cap.remove()
+    assert not cap.failed
+    return {n: out[p] for n, p in named}
+
+
+def _check_rules(model, x, y, loss_fn=None):
+    loss_fn = loss_fn or (lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    model = model.double().eval()
+    x = x.double() if x.is_floating_point() else x
+    want, got = _func_sq(model, x, y, loss_fn), _hook_sq(model, x, y, loss_fn)
+    for n, w in want.items():
+        assert w.abs().max() > 0, n
+        rel = ((got[n] - w).abs().max() / w.abs().max()).item()
+        assert rel <= 1e-10, f"{n}: relative error {rel:.3g}"
+
+
+class _ConvNet(nn.Module):
+    def __init__(self, conv, n_out, twice=False):
+        super().__init__()
+        self.conv, self.twice = conv, twice
+        self.head = nn.LazyLinear(3)
+        self.n_out = n_out
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        if self.twice:                       # the same layer applied again (needs C_in == C_out)
+            h = torch.tanh(self.conv(h))
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 9, 8)),
+    (lambda: nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1)), (4, 7, 9)),
+    (lambda: nn.Conv2d(4, 4, 3, padding="same", dilation=2, groups=4, bias=False), (4, 8, 7)),
+    (lambda: nn.Conv2d(4, 6, 4, padding="same"), (4, 7, 6)),           # even kernel: asymmetric padding
+    (lambda: nn.Conv2d(4, 6, 3, padding="valid", stride=3), (4, 10, 10)),
+    (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), (4, 11)),
+    (lambda: nn.Conv1d(4, 6, 4, padding="same"), (4, 9)),
+])
+def test_rule_conv(make, shape):
+    torch.manual_seed(0)
+    m = _ConvNet(make(), None)
+    x = torch.randn(6, *shape)
+    m(x)   # materialize the lazy head
+    _check_rules(m, x, torch.randint(0, 3, (6,)))
+
+
+class _TokenModel(nn.Module):
+    def __init__(self, padding_idx=None, twice=False):
+        super().__init__()
+        self.emb = nn.Embedding(9, 5, padding_idx=padding_idx)
+        self.norm = nn.LayerNorm(5)
+        self.proj = nn.Linear(5, 9)
+        self.twice = twice
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.twice:                       # embedding and LayerNorm each applied twice
+            h = self.norm(h + self.emb(ids.flip(1)))
+        return self.proj(torch.tanh(self.norm(h)))      # (N, T, V)
+
+
+def _seq_loss(out, y):
+    return F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(1)
+
+
+@pytest.mark.parametrize("padding_idx, twice", [(None, False), (0, False), (2, True)])
+def test_rule_embedding_repeated_indices_padding_and_layernorm(padding_idx, twice):
+    torch.manual_seed(0)
+    m = _TokenModel(padding_idx, twice)
+    with torch.no_grad():
+        m.norm.weight.normal_()
+        m.norm.bias.normal_()
+    ids = torch.randint(0, 9, (5, 7))
+    ids[:, 1] = ids[:, 3] = ids[:, 4]        # repeated indices within each sample
+    ids[0, :2] = 0
+    ids[1, 5:] = 2                           # padding tokens (for padding_idx 0 / 2)
+    _check_rules(m, ids, torch.randint(0, 9, (5, 7)), _seq_loss)
+
+
+def test_rule_batchnorm_eval_groupnorm_and_conv_applied_twice():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.GroupNorm(2, 4),
+                      nn.Flatten(), nn.Linear(4 * 5 * 5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    for bn in (m[1], m[6]):                  # running statistics and affine parameters far from a fresh module
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        with torch.no_grad():
+            bn.weight.normal_()
+            bn.bias.normal_()
+    with torch.no_grad():
+        m[3].weight.normal_()
+    x = torch.randn(7, 3, 5, 5)
+    _check_rules(m, x, torch.randint(0, 3, (7,)))
+    twice = _ConvNet(nn.Conv2d(3, 3, 3, padding=1, groups=3), None, twice=True)
+    twice(x)
+    _check_rules(twice, x, torch.randint(0, 3, (7,)))
+
+
+def test_cnn_and_token_model_need_no_torch_func_pass(monkeypatch):
+    """Conv + BatchNorm(eval) + Linear and Embedding + LayerNorm + Linear: one hook pass covers every parameter
+    (torch.func is not called) and estimate_fisher equals the explicit per-sample loop."""
+    import fip_fast.fisher as fisher_mod
+
+    def no_func(*a, **k):
+        raise AssertionError("torch.func pass called")
+
+    monkeypatch.setattr(fisher_mod, "_per_sample_funcs", no_func)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(3 * 3 * 3, 4)).double()
+    m[1].running_var.fill_(1.7)
+    _check(m, torch.randn(9, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (9,)), bs=4)
+    lm = _TokenModel(padding_idx=1).double()
+    ids, tgt = torch.randint(0, 9, (6, 5)), torch.randint(0, 9, (6, 5))
+    got = estimate_fisher(lm, _loader(ids, tgt, 4), loss_fn=_seq_loss)
+    want = _func_sq(lm.eval(), ids, tgt, _seq_loss)
+    for n, p in lm.named_parameters():
+        torch.testing.assert_close(got[p].double(), want[n] / 6, rtol=1e-6, atol=1e-12)
