@@ -1,6 +1,7 @@
-"""Hooks of :func:`fip_fast.fisher.estimate_fisher`'s exact estimator on ``nn.Linear`` and spectral-δ layers.
+"""Hooks of :func:`fip_fast.fisher.estimate_fisher`'s exact estimator on ``nn.Linear``, spectral-δ, conv,
+embedding and norm layers (the rules of the last three: :mod:`fip_fast._fisher_rules`).
 
-:class:`_LinearCapture` computes Σ_n (∂ℓ_n/∂θ)² for the parameters :func:`_linear_layers` covers from the layer
+:class:`_HookCapture` computes Σ_n (∂ℓ_n/∂θ)² for the parameters :func:`_hooked_layers` covers from the layer
 inputs and output gradients of one ordinary backward, and guards the result against autograd's batch gradient
 (see the docstring of :mod:`fip_fast.fisher`, "Shared and tied layers").
 """
@@ -38,7 +39,8 @@ def _as_tokens(t: Tensor) -> Tensor:
 
 
 class _HookCapture:
-    """Hooks on Linear-like layers that compute per-sample squared gradients during an ordinary backward.
+    """Hooks on Linear-like, conv, embedding and norm layers that compute per-sample squared gradients during an
+    ordinary backward.
 
     A forward hook stores the layer input and hangs a tensor hook on the output to receive ∂ℓ/∂y.  (Module
     *backward* hooks would wrap the inputs in an autograd.Function that ``torch.func`` can't transform; these
@@ -80,16 +82,19 @@ class _HookCapture:
             cand = (module.weight, getattr(module, "bias", None))
         return [p for p in cand if p is not None and id(p) in self.roles and id(p) not in self.failed]
 
-    def fail(self, k: int, reason: str) -> None:
-        """Hand parameter ``id`` k to the exact torch.func path, from this batch on (warns once)."""
+    def fail(self, k: int, reason: str, quiet: bool = False) -> None:
+        """Hand parameter ``id`` k to the exact torch.func path, from this batch on (warns once; ``quiet``: logs
+        at INFO level, for layers that torch.func covered before the hooks did, e.g. a position embedding fed
+        one (1, T) row of ids for the whole batch)."""
         if k in self.failed:
             return
         self.failed.add(k)
         self.records.pop(k, None)
         self.sq.pop(k, None)
         self.check.pop(k, None)
-        logger.warning("fip_fast.estimate_fisher: %s: %s; its Fisher is computed with the exact torch.func "
-                       "per-sample path instead (this batch included)", self.names.get(k, "a parameter"), reason)
+        (logger.info if quiet else logger.warning)(
+            "fip_fast.estimate_fisher: %s: %s; its Fisher is computed with the exact torch.func per-sample path "
+            "instead (this batch included)", self.names.get(k, "a parameter"), reason)
 
     def _fwd(self, module, inp, out):
         if not self.active or not isinstance(out, Tensor) or not out.requires_grad:
@@ -109,7 +114,7 @@ class _HookCapture:
             why = f"its layer's output of shape {tuple(out.shape)} is not batch-first ({self.batch_size} samples)"
         if why:
             for p in slots:
-                self.fail(id(p), why)
+                self.fail(id(p), why, quiet=not linear)
             return
         x = x.flatten(1, -2) if linear and x.dim() > 3 else x
         for p in slots:

@@ -10,6 +10,14 @@ Estimators:
       (g_out²)ᵀ·(x²) as BackPACK does, no per-sample gradient formed; otherwise the per-sample gradient
       Σ_t g_t·x_tᵀ is formed (in chunks of samples); for spectral δ the δ-gradients come from
       (x·Vhᵀ) ⊙ (g_out·U) (:func:`fip_fast.ops.spectral_linear_grad`); a bias gets Σ_t g_t.
+    * in the same hooked backward (:mod:`fip_fast._fisher_rules`), with per-sample gradients formed in chunks
+      of samples: ``nn.Conv1d`` / ``nn.Conv2d`` with zero padding (any stride, dilation, groups, ``"same"``):
+      g_out (N, C_out, L) times the im2col columns unfold(x) (N, C_in·K, L) per sample and group, as BackPACK
+      and Opacus do, bias Σ_L g_out; ``nn.Embedding`` (no ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``):
+      the rows of g_out index-added per (sample, token id) over the pairs present, never (N, V, D), tokens at
+      ``padding_idx`` left out; ``nn.BatchNorm*`` with running statistics (the model is in eval mode),
+      ``nn.LayerNorm``, ``nn.GroupNorm``: weight Σ_positions g_out ⊙ x̂, bias Σ_positions g_out (x̂ the
+      normalized input).  Exact module types only (a subclass may change ``forward``).
     * the δ of Fast FIP's in-place spectral layers (:mod:`fip_fast.spectral`: the modules with a
       ``spectral_delta``): the layers' output taps hand out the per-sample δ-gradients of every call during the
       ordinary backward (:func:`fip_fast.spectral.collect_per_sample`); a δ's calls are summed per sample (a
@@ -17,7 +25,7 @@ Estimators:
       checks that every call ran on batch-first rows and that the per-sample gradients sum to autograd's batch
       gradient; where not, it warns once and that δ is estimated with one backward per sample from then on
       (``torch.func`` cannot see these δ: the taps act on the module's own parameter).
-    * every other parameter: per-sample gradients with ``torch.func`` (vmap over the batch), in chunks of
+    * every parameter no rule covers: per-sample gradients with ``torch.func`` (vmap over the batch), in chunks of
       ``chunk_size`` samples to bound memory.  The in-place spectral layers run there as ordinary layers with
       their current weights (their δ does not require grad inside the functional call, so no tap acts).
 
@@ -182,7 +190,8 @@ def _add_batch_estimate(model: nn.Module, plist: list[Tensor], loss_fn: Callable
 class _ExactEstimator:
     """The ``"per_sample"`` estimator: each parameter goes to one path that forms its per-sample squares.
 
-    * the Linear / spectral-δ hooks (:class:`_HookCapture`) for the parameters :func:`_hooked_layers` covers;
+    * the hooks of Linear / spectral-δ / conv / embedding / norm layers (:class:`_HookCapture`) for the
+      parameters :func:`_hooked_layers` covers;
     * the output taps of Fast FIP's in-place spectral layers for their δ, or one backward per sample for a δ
       that failed the taps' guard (:attr:`dfailed`);
     * ``torch.func`` for everything else, and for what failed the hooks' guard (``capture.failed``).

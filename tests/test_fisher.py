@@ -650,3 +650,27 @@ def test_cnn_and_token_model_need_no_torch_func_pass(monkeypatch):
     want = _func_sq(lm.eval(), ids, tgt, _seq_loss)
     for n, p in lm.named_parameters():
         torch.testing.assert_close(got[p].double(), want[n] / 6, rtol=1e-6, atol=1e-12)
+
+
+def test_position_embedding_on_one_row_of_ids_goes_to_torch_func_quietly(caplog):
+    """A position embedding fed one (1, T) row of ids for the whole batch is not batch-first: it is handed to
+    torch.func without a warning (it was never the hooks' to cover), and the Fisher stays exact."""
+    torch.manual_seed(0)
+
+    class Pos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.proj = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 9)
+
+        def forward(self, ids):
+            pos = torch.arange(ids.shape[1]).unsqueeze(0)           # (1, T), broadcast over the batch
+            return self.proj(torch.tanh(self.tok(ids) + self.pos(pos)))
+
+    m = Pos().double()
+    ids, tgt = torch.randint(0, 9, (5, 6)), torch.randint(0, 9, (5, 6))
+    with caplog.at_level("WARNING", logger="fip_fast"):
+        got = estimate_fisher(m, _loader(ids, tgt, 5), loss_fn=_seq_loss)
+    assert not caplog.records
+    want = _func_sq(m.eval(), ids, tgt, _seq_loss)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(got[p].double(), want[n] / 5, rtol=1e-6, atol=1e-12)
