@@ -228,30 +228,12 @@ def mix_coefficient(eta_F: float, gnorm: Tensor, rho: float, max_mix: float) -> 
 
 
 @torch.no_grad()
-def fip_step_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    grads_pert: Optional[Sequence[Tensor]],
-    fisher0: Sequence[Optional[Tensor]],
-    anchor: Sequence[Optional[Tensor]],
-    momentum_buf: Sequence[Tensor],
-    fisher: Sequence[Tensor],
-    pert: Optional[Sequence[Tensor]],
-    *,
-    lr: Scalar,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-    eta_r: float,
-    beta: float,
-    mix: Optional[Scalar],
-    restore_scale: Optional[Scalar],
-    precondition: bool,
-    damping: float,
-    step: Scalar,
-    next_pert_scale: Optional[Scalar],
-    found_inf: Optional[Scalar],
-) -> None:
+def fip_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_pert: Optional[Sequence[Tensor]],
+              fisher0: Sequence[Optional[Tensor]], anchor: Sequence[Optional[Tensor]], momentum_buf: Sequence[Tensor],
+              fisher: Sequence[Tensor], pert: Optional[Sequence[Tensor]], *, lr: Scalar, momentum: float,
+              nesterov: bool, weight_decay: float, eta_r: float, beta: float, mix: Optional[Scalar],
+              restore_scale: Optional[Scalar], precondition: bool, damping: float, step: Scalar,
+              next_pert_scale: Optional[Scalar], found_inf: Optional[Scalar]) -> None:
     """One FIP optimizer step (docs/method.md "One optimizer step", "Closure-free suppressor"), in place.
 
     Per tensor i and element, in fp32 (``θ`` is read from and written to ``params[i]`` in its own dtype):
@@ -307,33 +289,57 @@ def fip_step_(
     nps = 0.0 if next_pert_scale is None else _f(next_pert_scale)
     for i, p in enumerate(params):
         g = _acc(grads[i])
-        theta = _acc(p)
-        # 1. restore
-        if pert is not None:
-            theta = theta - pert[i]
-        elif rs is not None:
-            theta = theta - rs * g
-        # 2. direction
-        d = g if grads_pert is None else g + mix_ * (_acc(grads_pert[i]) - g)
-        if fisher0[i] is not None and eta_r != 0.0:
-            d = d + eta_r * _acc(fisher0[i]) * (theta - _acc(anchor[i]))
-        if weight_decay != 0.0:
-            d = d + weight_decay * theta
-        # 3. Fisher EMA
-        fisher[i].copy_(beta * fisher[i] + (1.0 - beta) * g * g)
-        # 4. preconditioning
-        if precondition:   # the bias correction is an fp32 number, as every fast path computes it
-            bc = 1.0 - torch.tensor(beta, dtype=torch.float32) ** torch.tensor(steps[i], dtype=torch.float32)
-            d = d / (fisher[i] / bc + damping)
-        # 5. momentum and update
-        buf = momentum_buf[i]
-        buf.copy_(momentum * buf + d)
-        u = d + momentum * buf if nesterov else buf
-        theta = theta - lr_ * u
-        # 6. next lagged perturbation: stored, applied later by the optimizer
-        if pert is not None:
-            pert[i].copy_(nps * g)
+        theta = _restore(_acc(p), g, None if pert is None else pert[i], rs)                               # 1.
+        g_pert = None if grads_pert is None else _acc(grads_pert[i])
+        d = _direction(g, g_pert, mix_, theta, fisher0[i], anchor[i], eta_r, weight_decay)              # 2.
+        _fisher_ema_(fisher[i], g, beta)                                                                  # 3.
+        if precondition:                                                                                  # 4.
+            d = _precondition(d, fisher[i], beta, steps[i], damping)
+        theta = theta - lr_ * _momentum_(momentum_buf[i], d, momentum, nesterov)                          # 5.
+        if pert is not None:                                                                              # 6.
+            pert[i].copy_(nps * g)      # stored, applied later by the optimizer
         p.copy_(theta)
+
+
+# The steps of :func:`fip_step_` for one tensor, element-wise, in fp32 (``g``, ``theta`` already ``_acc``-ed).
+
+def _restore(theta: Tensor, g: Tensor, pert: Optional[Tensor], restore_scale: Optional[float]) -> Tensor:
+    """Step 1: the unperturbed θ — θ − pert (lagged estimator), else θ − restore_scale·g (fd suppressor step),
+    else θ (no perturbation was applied)."""
+    if pert is not None:
+        return theta - pert
+    if restore_scale is not None:
+        return theta - restore_scale * g
+    return theta
+
+
+def _direction(g: Tensor, g_pert: Optional[Tensor], mix: float, theta: Tensor, fisher0: Optional[Tensor],
+               anchor: Optional[Tensor], eta_r: float, weight_decay: float) -> Tensor:
+    """Step 2: d = g + mix·(g' − g) (or g without g'), + η_r·F0·(θ − θ0) where F0 is given, + wd·θ."""
+    d = g if g_pert is None else g + mix * (g_pert - g)
+    if fisher0 is not None and eta_r != 0.0:
+        d = d + eta_r * _acc(fisher0) * (theta - _acc(anchor))
+    if weight_decay != 0.0:
+        d = d + weight_decay * theta
+    return d
+
+
+def _fisher_ema_(fisher: Tensor, g: Tensor, beta: float) -> None:
+    """Step 3, in place: fisher = β·fisher + (1 − β)·g²."""
+    fisher.copy_(beta * fisher + (1.0 - beta) * g * g)
+
+
+def _precondition(d: Tensor, fisher: Tensor, beta: float, step: float, damping: float) -> Tensor:
+    """Step 4: d / (fisher / (1 − β^t) + damping); the bias correction 1 − β^t is an fp32 number, as every fast
+    path computes it."""
+    bc = 1.0 - torch.tensor(beta, dtype=torch.float32) ** torch.tensor(step, dtype=torch.float32)
+    return d / (fisher / bc + damping)
+
+
+def _momentum_(buf: Tensor, d: Tensor, momentum: float, nesterov: bool) -> Tensor:
+    """Step 5, ``buf`` in place: buf = μ·buf + d; returns the update u = d + μ·buf (Nesterov) or buf."""
+    buf.copy_(momentum * buf + d)
+    return d + momentum * buf if nesterov else buf
 
 
 # ----------------------------------------------------------------------------------------------------------
