@@ -3,7 +3,7 @@
 imported on the first lookup of ``"fip"`` or ``"fast_fip"``)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,9 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     # (without it: 22 %).  The step count is a budget, not a tuned knob: 300 (as before) — on the demo's wider CNN,
     # a model the protocol never saw, 300 steps give 96.2 % / 0.8 % (ACC / ASR) and 100 steps 95.4 % / 8.1 %.
     # lr_schedule "onecycle" (10 % linear warm-up, then cosine): the development ablations and the re-run grid
-    # (2026-12-02) gave the same clean accuracy as cosine at lower ASR (1.7 % vs 2.4 %) and re-tuned ASR; chosen there,
-    # not on the evaluation suite (where it gave 15.7 % ASR at −3.6 points, cosine 13.8 % at −3.9: CHANGELOG.md, 2026-12-02).
+    # (2026-12-02) gave the same clean accuracy as cosine at lower ASR (1.7 % vs 2.4 %) and re-tuned ASR; chosen
+    # there, not on the evaluation suite (where it gave 15.7 % ASR at −3.6 points, cosine 13.8 % at −3.9:
+    # CHANGELOG.md, 2026-12-02).
     # The values live in fip_fast.recipes.PURIFY (one source of truth with the optimizer's documented recipe);
     # only the loop option patience is the pipeline's own.
     "fip": dict(PURIFY.pipeline_options(), patience=0),
@@ -151,8 +152,43 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
     (no per-sample gradients of O, so no Fisher anchor over them).
     docs/fast_fip_variants.md: what each variant does on the development task of the fair protocol."""
     from fip_fast import spectral
-    from fip_fast.optim import FIP
 
+    _check_fast_fip_options(fast_fip_extra, delta_optimizer, clip_norm, mix_band, lr_mix, o)
+    # holding options as for build_fip; the reset acts on W before its SVD, the path's θ0 is δ = 0 (extras: start)
+    hold, reset = holding.prepare(model, ctx, o, universal_perturbation, path_aware, reset_units)
+    # The extras: parameters that were trainable before reparameterization (merge restores every flag).
+    extras = [p for m in model.modules() for pname, p in m.named_parameters(recurse=False)
+              if p.requires_grad and _is_extra(m, pname, fast_fip_extra)]
+    kw = dict(relative=relative, rank=rank, impl=impl)
+    if layer_types is not None:
+        kw["layer_types"] = tuple(layer_types)
+    deltas = spectral.reparameterize(model, **kw)
+    mixes = spectral.add_mixing(model, mix_band) if mix_band > 0 else []
+    extra_ids = {id(p) for p in extras}
+    delta_ids = {id(p) for p in deltas}
+    extras = [p for p in model.parameters() if id(p) in extra_ids and id(p) not in delta_ids]
+    for p in extras:
+        p.requires_grad_(True)
+    f0 = _normalized_fisher(model, ctx, [deltas, extras]) if o["eta_r"] > 0 else None
+    kw = _fip_kwargs(o)
+    wd = kw.pop("weight_decay")
+    # Weight decay on δ itself would pull δ back to 0 (toward θ0).  The spectral analogue of weight decay on W is
+    # the penalty (wd/2)·‖W(δ)‖_F² = (wd/2)·Σ relu(s)²: it shrinks the singular values that clean data do not
+    # support — added to the loss, so its gradient flows through δ like any other.
+    pg = [dict(params=deltas, lr=lr_delta, rho=rho_delta, weight_decay=0.0)]
+    if extras:
+        pg.append(dict(params=extras, lr=lr, rho=rho, weight_decay=wd))
+    if mixes:
+        pg.append(dict(params=mixes, lr=lr_delta if lr_mix is None else lr_mix, rho=rho_delta, weight_decay=0.0))
+    opt = _fast_fip_optimizer(pg, delta_optimizer, clip_norm, bool(extras), bool(mixes), f0, lr=lr, rho=rho,
+                              impl=impl, fip_kw=kw)
+    penalty = _spectral_penalty(model, wd, bool(mixes)) if wd > 0 else None
+    return holding.make_purifier(model, opt, ctx, hold, reset, finalize=spectral.merge, penalty=penalty)
+
+
+def _check_fast_fip_options(fast_fip_extra: str, delta_optimizer: str, clip_norm: Optional[float], mix_band: int,
+                            lr_mix: Optional[float], o: Dict[str, Any]) -> None:
+    """The ValueErrors of :func:`build_fast_fip`'s option values and combinations (``o``: the FIP options)."""
     if fast_fip_extra not in ("bias_bn", "none"):
         raise ValueError(f"fast_fip_extra must be 'bias_bn' or 'none', got {fast_fip_extra!r}")
     if delta_optimizer not in ("fip", "adamw", "sgd"):
@@ -174,53 +210,42 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
     if delta_optimizer != "fip" and o.get("trace_estimator", "fd") != "fd":
         raise ValueError(f"delta_optimizer={delta_optimizer!r} supports trace_estimator='fd' only, got "
                          f"{o.get('trace_estimator')!r}")
-    # holding options as for build_fip; the reset acts on W before its SVD, the path's θ0 is δ = 0 (extras: start)
-    hold, reset = holding.prepare(model, ctx, o, universal_perturbation, path_aware, reset_units)
-    # The extras: parameters that were trainable before reparameterization (merge restores every flag).
-    extras = [p for m in model.modules() for pname, p in m.named_parameters(recurse=False)
-              if p.requires_grad and _is_extra(m, pname, fast_fip_extra)]
-    kw = dict(relative=relative, rank=rank, impl=impl)
-    if layer_types is not None:
-        kw["layer_types"] = tuple(layer_types)
-    deltas = spectral.reparameterize(model, **kw)
-    mixes = spectral.add_mixing(model, mix_band) if mix_band > 0 else []
-    extra_ids = {id(p) for p in extras}
-    delta_ids = {id(p) for p in deltas}
-    extras = [p for p in model.parameters() if id(p) in extra_ids and id(p) not in delta_ids]
-    for p in extras:
-        p.requires_grad_(True)
-    groups = [deltas, extras]
-    f0 = _normalized_fisher(model, ctx, groups) if o["eta_r"] > 0 else None
-    kw = _fip_kwargs(o)
-    wd = kw.pop("weight_decay")
-    # Weight decay on δ itself would pull δ back to 0 (toward θ0).  The spectral analogue of weight decay on W is
-    # the penalty (wd/2)·‖W(δ)‖_F² = (wd/2)·Σ relu(s)²: it shrinks the singular values that clean data do not
-    # support — added to the loss, so its gradient flows through δ like any other.
-    pg = [dict(params=deltas, lr=lr_delta, rho=rho_delta, weight_decay=0.0)]
-    if extras:
-        pg.append(dict(params=extras, lr=lr, rho=rho, weight_decay=wd))
-    if mixes:
-        pg.append(dict(params=mixes, lr=lr_delta if lr_mix is None else lr_mix, rho=rho_delta, weight_decay=0.0))
-    if delta_optimizer != "fip":
-        from fip_fast.pipeline.purifier import SpectralAdamW
 
-        clip = 1.0 if clip_norm is None else float(clip_norm)
-        pg[0].update(kind=delta_optimizer, clip_norm=clip)
-        if extras:
-            pg[1].update(kind="sgd", clip_norm=0.0)
-        if mixes:
-            pg[-1].update(kind=delta_optimizer, clip_norm=clip)
-        opt = SpectralAdamW(pg, lr=lr, rho=rho, momentum=kw["momentum"], eta_F=kw["eta_F"], eta_r=kw["eta_r"],
-                            max_mix=kw["max_mix"], trace_every=kw["trace_every"], fisher0=f0)
-    else:
-        opt = FIP(pg, lr=lr, rho=rho, fisher0=f0, impl=impl, weight_decay=0.0, **kw)
+
+def _fast_fip_optimizer(pg: List[Dict[str, Any]], delta_optimizer: str, clip_norm: Optional[float], has_extras: bool,
+                        has_mixes: bool, f0: Optional[Dict[Tensor, Tensor]], *, lr: float, rho: float, impl: str,
+                        fip_kw: Dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer of Fast FIP's groups ``pg`` = [δ, extras (if any), mixing entries (if any)]: :class:`FIP`
+    (``delta_optimizer="fip"``), else :class:`~fip_fast.pipeline.purifier.SpectralAdamW` stepping δ and the mixing
+    entries with ``delta_optimizer`` after clipping (``clip_norm``, default 1.0) and the extras with unclipped SGD.
+    ``fip_kw``: :func:`_fip_kwargs` without ``weight_decay`` (each group carries its own)."""
+    if delta_optimizer == "fip":
+        from fip_fast.optim import FIP
+
+        return FIP(pg, lr=lr, rho=rho, fisher0=f0, impl=impl, weight_decay=0.0, **fip_kw)
+    from fip_fast.pipeline.purifier import SpectralAdamW
+
+    clip = 1.0 if clip_norm is None else float(clip_norm)
+    pg[0].update(kind=delta_optimizer, clip_norm=clip)
+    if has_extras:
+        pg[1].update(kind="sgd", clip_norm=0.0)
+    if has_mixes:
+        pg[-1].update(kind=delta_optimizer, clip_norm=clip)
+    return SpectralAdamW(pg, lr=lr, rho=rho, momentum=fip_kw["momentum"], eta_F=fip_kw["eta_F"],
+                         eta_r=fip_kw["eta_r"], max_mix=fip_kw["max_mix"], trace_every=fip_kw["trace_every"],
+                         fisher0=f0)
+
+
+def _spectral_penalty(model: nn.Module, wd: float, has_mixes: bool) -> Callable[[], Tensor]:
+    """(wd/2)·(Σ relu(s)² + ‖O‖²) over the spectral layers of ``model`` (O: the mixing entries, when trained) —
+    the spectral analogue of weight decay on W, ‖W(δ)‖_F² = Σ relu(s)²."""
+    from fip_fast import spectral
+
     layers = [m for _, m in spectral.spectral_layers(model)]
-    penalty = None
-    if wd > 0:
-        def penalty() -> Tensor:
-            pen = sum(F.relu(spectral.spectrum(m)).pow(2).sum() for m in layers)
-            if mixes:
-                pen = pen + sum((m.spectral_mix * m.spectral_mix_mask).pow(2).sum() for m in layers)
-            return 0.5 * wd * pen
-    return holding.make_purifier(model, opt, ctx, hold, reset, finalize=spectral.merge, penalty=penalty)
 
+    def penalty() -> Tensor:
+        pen = sum(F.relu(spectral.spectrum(m)).pow(2).sum() for m in layers)
+        if has_mixes:
+            pen = pen + sum((m.spectral_mix * m.spectral_mix_mask).pow(2).sum() for m in layers)
+        return 0.5 * wd * pen
+    return penalty
