@@ -214,25 +214,30 @@ def reparameterize_transformer(model: nn.Module, embeddings: bool = False, lm_he
 
     deltas = spectral.reparameterize(model, types, rank=rank, freeze_others=freeze_others, relative=relative,
                                      svd=svd, include=select, impl=impl)
+    return list(deltas) + (_train_biases_and_norms(model, selected) if train_biases else [])
+
+
+def _train_biases_and_norms(model: nn.Module, selected: list[nn.Module]) -> list[nn.Parameter]:
+    """``train_biases=True`` of :func:`reparameterize_transformer`: the biases of the ``selected`` layers, then the
+    affine parameters of every LayerNorm / GroupNorm / ``*RMSNorm``, each once, made trainable."""
     extra: list[nn.Parameter] = []
-    if train_biases:
-        seen: set[int] = set()
+    seen: set[int] = set()
 
-        def add(p: nn.Parameter) -> None:
-            if id(p) not in seen:
-                seen.add(id(p))
-                p.requires_grad_(True)
-                extra.append(p)
+    def add(p: nn.Parameter) -> None:
+        if id(p) not in seen:
+            seen.add(id(p))
+            p.requires_grad_(True)
+            extra.append(p)
 
-        for m in selected:
-            b = getattr(m, "bias", None)
-            if isinstance(b, nn.Parameter):
-                add(b)
-        for m in model.modules():
-            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or type(m).__name__.endswith("RMSNorm"):
-                for p in m.parameters(recurse=False):
-                    add(p)
-    return list(deltas) + extra
+    for m in selected:
+        b = getattr(m, "bias", None)
+        if isinstance(b, nn.Parameter):
+            add(b)
+    for m in model.modules():
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or type(m).__name__.endswith("RMSNorm"):
+            for p in m.parameters(recurse=False):
+                add(p)
+    return extra
 
 
 @torch.no_grad()
