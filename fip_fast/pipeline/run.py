@@ -130,7 +130,7 @@ from fip_fast.pipeline.checkpoint import ResumeMismatchError, open_checkpoint, t
 from fip_fast.pipeline.data import CleanSplit, LossFn, data_warnings, split_clean, val_metrics
 from fip_fast.pipeline.evaluator import EvalFn, Evaluator
 from fip_fast.pipeline.loop import PurifyLoop, loop_plan
-from fip_fast.pipeline.options import loop_config, resolve_options
+from fip_fast.pipeline.options import LoopOptions, loop_config, resolve_options
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier, Purifier
 from fip_fast.pipeline.registry import MethodSpec, available_methods, get_method, register_method
 from fip_fast.pipeline.report import ACCURACY_DROP_LIMIT, AccuracyCheck, PurifyReport, _jsonable
@@ -238,28 +238,51 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
                                       eval_every=eval_every, augment=augment)
     data = split_clean(clean_loader, val_data, loop_opts.val_fraction, seed, loop_opts.val_margin)
     augment_fn = make_augment(loop_opts.augment, data.x_train[0])      # checked before any work
-    config = {"method": spec.name, "kind": spec.kind, **opts, **loop_config(loop_opts, augment_fn), "seed": seed,
-              "device": str(dev), "n_clean_train": int(data.x_train.shape[0]), "n_clean_val": int(data.x_val.shape[0])}
-    strategy.configure(model, opts.get("batch_size"), config)
-    report = PurifyReport(method=spec.name, config=config, total_params=sum(p.numel() for p in model.parameters()))
-    val_requested = val_data is not None or bool(loop_opts.val_fraction)
-    report.warnings = data_warnings(data, opts.get("batch_size"), val_requested, loop_opts.val_fraction)
-    for w in report.warnings if strategy.is_main else ():
-        logger.warning("fip_fast.pipeline: %s", w)
+    report = _start_report(spec, model, data, opts, loop_opts, augment_fn, seed=seed, device=dev, strategy=strategy,
+                           val_requested=val_data is not None or bool(loop_opts.val_fraction))
     evaluator = Evaluator(data, loss_fn, dev, eval_fn, strategy)
     report.initial = evaluator(model)
     guard = _AccuracyGuard(model, data, loss_fn, dev, strategy, float(max_accuracy_drop), report.initial)
     if spec.kind == "runner":
         return guard.check(*_run_runner(spec, model, data, opts, report, evaluator, seed=seed, progress=progress,
                                         t_total=t_total, augment=(loop_opts.augment, augment_fn)))
+    model = _run_loop(spec, model, data, opts, loop_opts, augment_fn, report, evaluator, seed=seed, progress=progress,
+                      t_total=t_total, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                      resume=resume, theta0=theta0)
+    return guard.check(model, report)
 
+
+def _start_report(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict[str, Any], loop_opts: LoopOptions,
+                  augment_fn: Any, *, seed: int, device: torch.device, strategy: SingleProcess,
+                  val_requested: bool) -> PurifyReport:
+    """The report of a run: its configuration (recorded after ``strategy.configure`` has adapted the model, e.g.
+    SyncBatchNorm, and noted its choices in it), the parameter count and the clean data's warnings (logged on the
+    main rank)."""
+    config = {"method": spec.name, "kind": spec.kind, **opts, **loop_config(loop_opts, augment_fn), "seed": seed,
+              "device": str(device), "n_clean_train": int(data.x_train.shape[0]),
+              "n_clean_val": int(data.x_val.shape[0])}
+    strategy.configure(model, opts.get("batch_size"), config)
+    report = PurifyReport(method=spec.name, config=config, total_params=sum(p.numel() for p in model.parameters()))
+    report.warnings = data_warnings(data, opts.get("batch_size"), val_requested, loop_opts.val_fraction)
+    for w in report.warnings if strategy.is_main else ():
+        logger.warning("fip_fast.pipeline: %s", w)
+    return report
+
+
+def _run_loop(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict[str, Any], loop_opts: LoopOptions,
+              augment_fn: Any, report: PurifyReport, evaluator: Evaluator, *, seed: int, progress: bool,
+              t_total: float, checkpoint_dir: Optional[str], checkpoint_every: int, resume: bool,
+              theta0: str) -> nn.Module:
+    """Run a ``kind="loop"`` method: open (or resume from) the checkpoints, build its :class:`Purifier`, run the
+    :class:`PurifyLoop` with the clean-val :class:`Selection`; returns the finished model (``report`` filled in)."""
+    strategy, dev = evaluator.strategy, evaluator.device
     plan = loop_plan(opts, loop_opts, seed, augment_fn)      # takes steps and batch_size out of the method options
-    config["eval_every"] = plan.eval_every
-    ckpt, resuming = open_checkpoint(checkpoint_dir, checkpoint_every, resume, spec.name, theta0, config,
+    report.config["eval_every"] = plan.eval_every
+    ckpt, resuming = open_checkpoint(checkpoint_dir, checkpoint_every, resume, spec.name, theta0, report.config,
                                      data.tensors())
     if ckpt is not None:
         resuming = bool(strategy.broadcast(resuming))
-    ctx = MethodContext(data.x_train, data.y_train, dev, loss_fn, seed, progress, resuming=resuming,
+    ctx = MethodContext(data.x_train, data.y_train, dev, evaluator.loss_fn, seed, progress, resuming=resuming,
                         rank=strategy.rank, world_size=strategy.world)
     purifier = _build_purifier(spec, model, ctx, opts, strategy, report)
     selection = Selection(report.initial.get("val_acc", float("nan")), float(loop_opts.val_margin),
@@ -269,7 +292,7 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     if resuming:
         loop.resume()
     loop.run()
-    return guard.check(loop.finish(), report)
+    return loop.finish()
 
 
 class _AccuracyGuard:
