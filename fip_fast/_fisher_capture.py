@@ -207,13 +207,12 @@ class _HookCapture:
         step = max(1, _CHUNK_ELEMS // max(1, per_elems))
         sq = torch.zeros(p.shape, dtype=dt, device=p.device)
         s = torch.zeros(p.shape, dtype=dt, device=p.device)
-        scale2 = torch.zeros((), dtype=dt, device=p.device)
         for a in range(0, n, step):
-            per = sum(rules.per_sample(kind, part, m, x[a:a + step], g[a:a + step], dt) for m, x, g in recs)
+            calls = [rules.per_sample(kind, part, m, x[a:a + step], g[a:a + step], dt) for m, x, g in recs]
+            per = calls[0] if len(calls) == 1 else torch.stack(calls).sum(0)
             sq += per.pow(2).sum(0)
             s += per.sum(0)
-            scale2 += per.pow(2).sum()
-        return sq, (s, scale2, None)
+        return sq, (s, sq.sum(), None)      # Σ_n ‖∂ℓ_n/∂θ‖² is the sum of the squares
 
     @staticmethod
     def _bias(recs) -> tuple[Tensor, Tensor]:
