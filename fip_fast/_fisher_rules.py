@@ -5,7 +5,8 @@ per-sample gradients of one parameter, shape (N, *parameter.shape) — the layer
 per sample instead of summed over the batch:
 
 * convolution (``nn.Conv1d`` / ``nn.Conv2d``, zero padding): G_n = g_nᵀ·unfold(x_n) per group — g (N, C_out, L)
-  against the im2col columns (N, C_in/groups·K, L), as BackPACK and Opacus do; bias Σ_L g;
+  against the im2col columns (N, C_in/groups·K, L), as BackPACK and Opacus do, computed by one weight-gradient
+  convolution with the samples as groups; bias Σ_L g;
 * normalization with per-sample statistics or fixed running ones (``nn.BatchNorm*`` in eval, ``nn.LayerNorm``,
   ``nn.GroupNorm``): weight Σ_positions g ⊙ x̂, bias Σ_positions g, x̂ the normalized input;
 * ``nn.Embedding``: row v of sample n gets Σ_{t: idx_nt = v} g_nt — done sparsely by
@@ -67,37 +68,32 @@ def _positions(t: Tensor, keep: int) -> Tensor:
     return t.flatten(keep).sum(keep) if t.dim() > keep else t
 
 
-def _conv_cols(m: nn.Module, x: Tensor) -> Tensor:
-    """im2col of x as the convolution sees it: (N, C_in·K, L), zero padding applied (also ``"same"``)."""
-    if type(m) is nn.Conv1d:   # as a 2-d convolution of height 1
-        x = x.unsqueeze(2)
-        k, s, d = (1, *m.kernel_size), (1, *m.stride), (1, *m.dilation)
-        pad = m.padding if isinstance(m.padding, str) else (0, *m.padding)
-    else:
-        k, s, d, pad = m.kernel_size, m.stride, m.dilation, m.padding
+def _conv_weight(m: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """Per-sample weight gradients (N, *weight.shape) of a convolution: one weight-gradient convolution with the
+    samples as groups (x as (1, N·C_in, ...), g as (1, N·C_out, ...), N·groups groups) — the im2col-and-GEMM
+    per sample of BackPACK / Opacus, done by torch's own kernel.  Zero padding as the layer's (also "same")."""
+    nd, n = x.dim() - 2, x.shape[0]
+    pad = m.padding
     if isinstance(pad, str):
-        if pad == "valid":
-            pad = (0, 0)
-        else:   # "same": total d·(k−1), the odd extra on the right/bottom (as torch's own forward)
-            tot = [di * (ki - 1) for di, ki in zip(d, k)]
-            x = F.pad(x, [tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2])
-            pad = (0, 0)
-    return F.unfold(x, k, dilation=d, padding=pad, stride=s)
+        if pad == "same":   # total d·(k−1) per dim, the odd extra on the right (as torch's own forward)
+            tot = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+            x = F.pad(x, [q for t in reversed(tot) for q in (t // 2, t - t // 2)])
+        pad = (0,) * nd
+    shape = (n * m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]), x.new_empty(shape), None,
+        list(m.stride), list(pad), list(m.dilation), False, [0] * nd, n * m.groups, [False, True, False])
+    return gw.reshape(n, *m.weight.shape)
 
 
 def per_sample(kind: str, role: str, m: nn.Module, x: Tensor, g: Tensor, dt: torch.dtype) -> Tensor:
     """Per-sample gradients (N, *p.shape) of ``m``'s parameter ``role`` ("weight" | "bias") for one call, in
     dtype ``dt``, from its input x and output gradient g (both batch-first, N samples)."""
     g = g.to(dt)
-    n = g.shape[0]
     if kind == "conv":
         if role == "bias":
             return _positions(g, 2)
-        cols = _conv_cols(m, x.to(dt))                                     # (N, C_in·K, L)
-        gr = m.groups
-        gg = g.reshape(n, gr, g.shape[1] // gr, -1)                        # (N, G, C_out/G, L)
-        cc = cols.reshape(n, gr, cols.shape[1] // gr, cols.shape[-1])      # (N, G, C_in/G·K, L)
-        return torch.matmul(gg, cc.transpose(-1, -2)).reshape(n, *m.weight.shape)
+        return _conv_weight(m, x.to(dt), g)
     if kind == "layernorm":
         nd = len(m.normalized_shape)
         keep = list(range(1, g.dim() - nd))                                # token dims between N and the shape
