@@ -458,33 +458,11 @@ def test_every_impl_name_implements_spectral_update_():
             torch.testing.assert_close(W, want, rtol=1e-6, atol=1e-6)
 
 
-def test_sumsq_keeps_its_lanes_in_registers():
-    """The global norm's fp32 lanes are accumulated in registers, not in a stack array (where every add waits on
-    a store-to-load forward): on a tensor that fits in the L2 cache the kernel then runs at least at the speed of
-    the BLAS dot product ``torch.dot(x, x)`` (measured 0.84×; with the stack array 1.72×).  Interleaved rounds,
-    median ratio, so a loaded machine slows both sides alike."""
-    import statistics
-    import time
-
+def test_sumsq_of_a_tensor_larger_than_a_block_matches_fp64():
+    """The global norm's register-held fp32 lanes (16 per block, prefetched 1 KiB ahead) sum a 1 MiB tensor to the
+    fp64 sum.  Its speed against ``torch.dot`` is a benchmark's business (docs/peers.md), not a test's."""
     lib = cpu._load()
     x = _rand((1 << 18,), 0)                      # 1 MiB
     tab = cpu._Table([[x]])
     ref = float((x.double() ** 2).sum())
     assert lib.sumsq_multi_f32(tab.ptrs, tab.sizes, tab.n, 1) == pytest.approx(ref, rel=1e-6)
-    fns = [lambda: lib.sumsq_multi_f32(tab.ptrs, tab.sizes, tab.n, 1), lambda: torch.dot(x, x)]
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ratios = []
-        for _ in range(15):
-            t = []
-            for f in fns:
-                f()
-                t0 = time.perf_counter()
-                for _ in range(40):
-                    f()
-                t.append(time.perf_counter() - t0)
-            ratios.append(t[0] / t[1])
-    finally:
-        torch.set_num_threads(old)
-    assert statistics.median(ratios) <= 1.3, sorted(ratios)
