@@ -147,6 +147,8 @@ class FIP(Optimizer):
 
     State per parameter: ``step`` (0-dim fp32 tensor), ``momentum_buffer`` and ``fisher`` (fp32), and where F0
     was given ``anchor`` (θ0, parameter dtype) and ``fisher0`` (fp32); ``pert`` (fp32) with ``"lagged"``.
+    ``copy.deepcopy((model, opt))`` or pickling both together gives a pair that steps as the original would;
+    ``torch.save(model)`` works after lagged steps (the copy's forward hook belongs to no optimizer).
 
     Example::
 
@@ -169,6 +171,14 @@ class FIP(Optimizer):
                         precondition=precondition, damping=damping, max_mix=max_mix, calls=0)
         validate_hyperparameters(defaults)
         _hyper.check_impl(impl)
+        self._init_runtime(impl)
+        super().__init__(params, defaults)
+        host.prepare()                   # the C++ host helper of step(): loaded if built, else built in background
+        _hyper.check_impl(impl, [p for g in self.param_groups for p in g["params"]])
+        _state.init_anchor(self, fisher0 or {})
+
+    def _init_runtime(self, impl: str) -> None:
+        """What FIP keeps besides torch's ``defaults`` / ``state`` / ``param_groups``."""
         self.impl = impl
         self.create_graph = False
         #: True while :meth:`step` runs the closure at the perturbed θ + e (``"fd"`` suppressor calls).
@@ -180,10 +190,27 @@ class FIP(Optimizer):
         self._epoch = 0
         self._plans: dict[int, _plan.GroupPlan] = {}
         self._resolved: dict[torch.device, str] = {}
-        super().__init__(params, defaults)
-        host.prepare()                   # the C++ host helper of step(): loaded if built, else built in background
-        _hyper.check_impl(impl, [p for g in self.param_groups for p in g["params"]])
-        _state.init_anchor(self, fisher0 or {})
+
+    def __getstate__(self) -> dict:
+        """torch's (``defaults``, ``state``, ``param_groups``) plus ``impl``, the skip count and whether e is
+        applied: a ``copy.deepcopy`` or an unpickled FIP rebuilds the rest and steps like the original."""
+        return {**super().__getstate__(), "_fip_impl": self.impl, "_fip_skips": self._skips.count,
+                "_fip_applied": self._lazy.applied}
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        impl, skips, applied = (state.pop(k, d) for k, d in (("_fip_impl", "auto"), ("_fip_skips", None),
+                                                              ("_fip_applied", False)))
+        super().__setstate__(state)
+        if "_lazy" in self.__dict__:     # torch's load_state_dict hands the loaded state and groups in here
+            return
+        self._init_runtime(impl)         # a copy or an unpickled optimizer: rebuild what FIP keeps
+        host.prepare()
+        self._skips.count = skips
+        self._lazy.reset(any("lagged_calls" in g and g["params"] for g in self.param_groups))
+        if applied:              # the copied parameters hold θ + e: the next step takes e off
+            self._lazy.disarm()
+            self._lazy.applied = True
 
     # ------------------------------------------------------------------ groups, state, plans
     def add_param_group(self, param_group: dict) -> None:

@@ -59,6 +59,10 @@ def advance(h: dict, device: torch.device, found_inf: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the perturbation
+def _no_optimizer() -> None:
+    return None
+
+
 class _LazyPerturbation:
     """Applies the stored lagged perturbation e at the first training forward after a step (docs/method.md
     "Closure-free suppressor", made lazy so that between steps the parameters hold θ).
@@ -72,14 +76,20 @@ class _LazyPerturbation:
     ``nn.Module.__call__``), the step uses its plain gradient, a warning is logged once, and discovery runs
     again."""
 
-    def __init__(self, opt: "FIP") -> None:
-        self._opt = weakref.ref(opt)   # weak: the process-wide hook must not keep the optimizer alive
+    def __init__(self, opt: Optional["FIP"]) -> None:
+        # weak: the process-wide hook must not keep the optimizer alive; None: a hook that belongs to no optimizer
+        self._opt = weakref.ref(opt) if opt is not None else _no_optimizer
         self.pending = False           # a stored e waits to be applied
         self.applied = False           # the parameters hold θ + e
         self.suspended = False         # inside unperturbed(), the applied e is taken off
         self._global = None
         self._roots: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
         self._warned = False
+
+    def __reduce__(self) -> tuple:
+        # A module pickled or deep-copied with this hook on it (torch.save(model) after lagged steps): the copy
+        # belongs to no optimizer, so its hook is a detached one that never applies anything.
+        return (_LazyPerturbation, (None,))
 
     def arm(self) -> None:
         self.pending, self.applied = True, False
