@@ -58,7 +58,7 @@ class Config:
     train_batch: int = 32
     train_lr: float = 3e-3
     # Purification.  FIP: all parameters; the suppressor at the max_mix cap (η_F large enough that
-    # c = min(2·η_F·‖g‖/ρ, 1) = 1: every step is a SAM step of radius ρ, METHOD.md "Stability"), applied on
+    # c = min(2·η_F·‖g‖/ρ, 1) = 1: every step is a SAM step of radius ρ, docs/method.md "Stability"), applied on
     # every step (trace_every=1), normalized-F0 anchor η_r = 1.
     fip_steps: int = 100
     fip_batch: int = 32

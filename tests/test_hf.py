@@ -1,7 +1,7 @@
 """GPT-2 Conv1D / transformer helpers of fip_fast.integrations.hf on the in-place reparameterization of
 fip_fast.spectral (skipped without transformers).
 
-The reference for the δ-gradients is METHOD.md's W(δ) = W0 + U·diag(relu(s(δ)) − S)·Vh built by hand and run
+The reference for the δ-gradients is docs/method.md's W(δ) = W0 + U·diag(relu(s(δ)) − S)·Vh built by hand and run
 through ``torch.func.functional_call`` on an untouched copy of the model (fp64)."""
 import copy
 import logging

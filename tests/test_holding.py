@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _synthetic import TinyCNN, small_cnn  # tests/ is on sys.path
-from test_purify import TARGET, _images, _trigger
+from _synthetic import small_cnn  # tests/ is on sys.path
+from test_purify import TARGET, _images, backdoored_tiny_cnn
 from torch import nn
 
 from fip_fast import pipeline as P
@@ -20,26 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def backdoored(one_thread):
-    """A TinyCNN with a 2×2 corner patch backdoor (target 0) on [0, 1] images, its clean set and test set."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    x, y = _images(600, g)
-    xc, yc = _images(160, g)
-    xt, yt = _images(300, g)
-    xp, yp = x.clone(), y.clone()
-    idx = torch.nonzero(y != TARGET).flatten()[:60]
-    xp[idx], yp[idx] = _trigger(x[idx]), TARGET
-    model = TinyCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(10):
-        perm = torch.randperm(xp.shape[0], generator=g)
-        for i in range(0, xp.shape[0], 50):
-            b = perm[i:i + 50]
-            opt.zero_grad()
-            F.cross_entropy(model(xp[b]), yp[b]).backward()
-            opt.step()
-    return model.eval(), (xc, yc), (xt, yt)
+    """The backdoored TinyCNN of tests/test_purify.py, its clean set and test set."""
+    return backdoored_tiny_cnn()
 
 
 def _ctx(x, y, seed: int = 0) -> MethodContext:
@@ -131,7 +113,7 @@ def test_path_aware_step_uses_the_gradient_at_the_shifted_point(relative):
     pur.step(x, y)
     for p, wi, gs in zip(model.parameters(), w, g_shift):
         torch.testing.assert_close(p.grad, gs, rtol=1e-10, atol=1e-12)
-        # the FIP step's arithmetic is fp32 (METHOD.md): 1e-7 here, against a 1e-4 gap to w − lr·∇ℓ(w)
+        # the FIP step's arithmetic is fp32 (docs/method.md): 1e-7 here, against a 1e-4 gap to w − lr·∇ℓ(w)
         torch.testing.assert_close(p.detach(), wi - 0.1 * gs, rtol=0, atol=1e-7)
 
 

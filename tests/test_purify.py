@@ -36,8 +36,9 @@ def _trigger(x: torch.Tensor) -> torch.Tensor:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def task(one_thread):
+def backdoored_tiny_cnn():
+    """A TinyCNN with a 2×2 corner-patch backdoor (target 0) on [0, 1] images, the defender's clean set and a test
+    set (seed 0; tests/test_holding.py purifies the same model)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x, y = _images(600, g)
@@ -56,7 +57,12 @@ def task(one_thread):
             opt.zero_grad()
             F.cross_entropy(model(xp[b]), yp[b]).backward()
             opt.step()
-    model.eval()
+    return model.eval(), (xc, yc), (xt, yt)
+
+
+@pytest.fixture(scope="module")
+def task(one_thread):
+    model, (xc, yc), (xt, yt) = backdoored_tiny_cnn()
     keep = yt != TARGET
     trig = (_trigger(xt[keep]), yt[keep])
     return model, (xc, yc), (xt, yt), trig

@@ -128,7 +128,7 @@ def test_fisher_loop_matches_definition_and_restores_mode():
 
 # --------------------------------------------------------------------------- kernel-level reference ops
 def test_fip_step_reference_one_tensor_by_hand():
-    """The reference step on one element, against the formula of METHOD.md written out by hand."""
+    """The reference step on one element, against the formula of docs/method.md written out by hand."""
     p = torch.tensor([1.0])
     g = torch.tensor([0.5])
     gp = torch.tensor([0.7])

@@ -1,4 +1,4 @@
-"""Fast FIP in place (fip_fast.spectral_inplace) against the math of METHOD.md written out with autograd.
+"""Fast FIP in place (fip_fast.spectral_inplace) against the math of docs/method.md written out with autograd.
 
 The reference here is W(δ) = W0 + U·diag(relu(s(δ)) − S)·Vh built differentiably and run through
 ``torch.func.functional_call`` on an untouched copy of the model: the δ-gradients (batch and per sample), the

@@ -1,4 +1,4 @@
-"""Fast FIP in place (METHOD.md "Fast FIP", "In place"): train only a shift δ of each layer's singular values,
+"""Fast FIP in place (docs/method.md "Fast FIP", "In place"): train only a shift δ of each layer's singular values,
 without swapping modules, without rebuilding W(δ) in the forward and without the dense weight gradient.
 
 For a selected layer with weight matrix W0 (Linear: out×in; Conv: out×(in/groups·k…); Embedding: num×dim; other
@@ -7,7 +7,7 @@ types through :func:`register_adapter`), the (top-k or full) SVD W0 = U·diag(S)
     s(δ) = S + δ            (or S·(1 + δ) with ``relative=True``, or S·exp(δ) with ``relative="exp"``)
     W(δ) = W0 + U_k·diag(relu(s(δ)) − S_k)·Vh_k
 
-which is METHOD.md's W − U_k·diag(S_k)·Vh_k + U_k·diag(relu(S_k + δ))·Vh_k written around W0 (S ≥ 0, so
+which is docs/method.md's W − U_k·diag(S_k)·Vh_k + U_k·diag(relu(S_k + δ))·Vh_k written around W0 (S ≥ 0, so
 relu(S) = S).  How it runs:
 
 * **The layer keeps its ordinary weight.**  It is frozen (``requires_grad=False``: autograd never computes dW);

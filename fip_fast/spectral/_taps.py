@@ -227,7 +227,7 @@ def _tap_hook(module, args, kwargs, out):
 def collect_per_sample(model: nn.Module) -> Iterator[dict]:
     """Inside the block, every backward through the reparameterized layers of ``model`` also records the
     per-sample δ-gradients: the yielded dict maps each δ to the list of (N, k) fp32 tensors of its calls (sum them
-    per sample, then square: the δ-Fisher of METHOD.md).  ``model`` may be the reparameterized model, a model
+    per sample, then square: the δ-Fisher of docs/method.md).  ``model`` may be the reparameterized model, a model
     containing it or a submodule of it: every δ owned by a layer of ``model`` is collected."""
     mods = {id(m) for m in model.modules()}
     items = [sp for group in _groups(model) for sp in group.items if id(sp.owner) in mods]
