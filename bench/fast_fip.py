@@ -73,18 +73,20 @@ def linear_stack(d: int, depth: int) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ purifiers
-def _reference_purifier(model: nn.Module, ctx, *, lr, rho, lr_delta, rho_delta, relative=True, rank=None,
-                        fast_fip_extra="bias_bn", **o):
-    """:func:`fip_fast.pipeline.methods.build_fast_fip` on the module-swapping reference: same groups (δ; biases
-    and norm affine), same F0 normalization, same options, same spectral penalty."""
-    from fip_fast import spectral_reference
+def delta_fip_purifier(model: nn.Module, ctx, reparameterize: Callable, *, lr, rho, lr_delta, rho_delta,
+                       fast_fip_extra="bias_bn", **o):
+    """:func:`fip_fast.pipeline.methods.build_fast_fip`'s δ-only groups for another form of the layer:
+    ``reparameterize(model) -> (deltas, spectra)`` makes the layers and returns their δ and a callable yielding
+    each layer's s(δ); the FIP optimizer steps δ (``lr_delta``, ``rho_delta``) and the biases and norm affine
+    parameters (``lr``, ``rho``, weight decay), with the same F0 normalization, options and spectral penalty
+    (wd/2)·Σ relu(s)²."""
     from fip_fast.optim import FIP
     from fip_fast.pipeline.methods import _fip_kwargs, _is_extra, _normalized_fisher
     from fip_fast.pipeline.purifier import OptimizerPurifier
 
     extra_ids = {id(p) for m in model.modules() for n, p in m.named_parameters(recurse=False)
                  if p.requires_grad and _is_extra(m, n, fast_fip_extra)}
-    deltas = spectral_reference.reparameterize(model, relative=relative, rank=rank)
+    deltas, spectra = reparameterize(model)
     extras = [p for p in model.parameters() if id(p) in extra_ids]
     for p in extras:
         p.requires_grad_(True)
@@ -95,11 +97,21 @@ def _reference_purifier(model: nn.Module, ctx, *, lr, rho, lr_delta, rho_delta, 
     if extras:
         pg.append(dict(params=extras, lr=lr, rho=rho, weight_decay=wd))
     opt = FIP(pg, lr=lr, rho=rho, fisher0=f0, weight_decay=0.0, **kw)
-    layers = [m for m in model.modules() if isinstance(m, spectral_reference.SpectralLayer)]
 
     def penalty():
-        return 0.5 * wd * sum(F.relu(m.spectrum()).pow(2).sum() for m in layers)
+        return 0.5 * wd * sum(F.relu(s).pow(2).sum() for s in spectra())
     return OptimizerPurifier(model, opt, ctx.loss_fn, penalty=penalty if wd > 0 else None)
+
+
+def _reference_purifier(model: nn.Module, ctx, *, relative=True, rank=None, **opts):
+    """:func:`delta_fip_purifier` on the module-swapping reference (``fip_fast.spectral_reference``)."""
+    from fip_fast import spectral_reference
+
+    def reparameterize(m: nn.Module):
+        deltas = spectral_reference.reparameterize(m, relative=relative, rank=rank)
+        layers = [x for x in m.modules() if isinstance(x, spectral_reference.SpectralLayer)]
+        return deltas, lambda: (x.spectrum() for x in layers)
+    return delta_fip_purifier(model, ctx, reparameterize, **opts)
 
 
 #: the δ-only Fast FIP (the FIP optimizer on δ, no mixing band): the machinery of the in-place design alone

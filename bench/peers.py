@@ -461,36 +461,21 @@ def authors_swap(model: nn.Module) -> list[nn.Parameter]:
     return [m.delta for m in model.modules() if isinstance(m, (AuthorsSVDConv2d, AuthorsSVDLinear))]
 
 
-def _authors_purifier(model: nn.Module, ctx, *, lr, rho, lr_delta, rho_delta, relative=True, rank=None,
-                      fast_fip_extra="bias_bn", **o):
+def _authors_purifier(model: nn.Module, ctx, *, relative=True, rank=None, **opts):
     """The δ-only Fast FIP of ``bench.fast_fip`` (FIP on δ; biases and norm affine as extras; the same F0, options
-    and spectral penalty) on the authors' layers instead of fip_fast's."""
-    from fip_fast.optim import FIP
-    from fip_fast.pipeline.methods import _fip_kwargs, _is_extra, _normalized_fisher
-    from fip_fast.pipeline.purifier import OptimizerPurifier
+    and spectral penalty: :func:`bench.fast_fip.delta_fip_purifier`) on the authors' layers instead of fip_fast's."""
+    from .fast_fip import delta_fip_purifier
 
     if rank is not None:
         raise ValueError("the authors' layer is full rank only")
-    extra_ids = {id(p) for m in model.modules() for n, p in m.named_parameters(recurse=False)
-                 if p.requires_grad and _is_extra(m, n, fast_fip_extra)}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    deltas = authors_swap(model)
-    extras = [p for p in model.parameters() if id(p) in extra_ids]
-    for p in extras:
-        p.requires_grad_(True)
-    f0 = _normalized_fisher(model, ctx, [deltas, extras]) if o["eta_r"] > 0 else None
-    kw = _fip_kwargs(o)
-    wd = kw.pop("weight_decay")
-    pg = [dict(params=deltas, lr=lr_delta, rho=rho_delta, weight_decay=0.0)]
-    if extras:
-        pg.append(dict(params=extras, lr=lr, rho=rho, weight_decay=wd))
-    opt = FIP(pg, lr=lr, rho=rho, fisher0=f0, weight_decay=0.0, **kw)
-    layers = [m for m in model.modules() if isinstance(m, (AuthorsSVDConv2d, AuthorsSVDLinear))]
 
-    def penalty():
-        return 0.5 * wd * sum(F.relu(m.S + m.scale * m.delta).pow(2).sum() for m in layers)
-    return OptimizerPurifier(model, opt, ctx.loss_fn, penalty=penalty if wd > 0 else None)
+    def reparameterize(m: nn.Module):
+        for p in m.parameters():
+            p.requires_grad_(False)
+        deltas = authors_swap(m)
+        layers = [x for x in m.modules() if isinstance(x, (AuthorsSVDConv2d, AuthorsSVDLinear))]
+        return deltas, lambda: (x.S + x.scale * x.delta for x in layers)
+    return delta_fip_purifier(model, ctx, reparameterize, **opts)
 
 
 def group_fast_fip(cfg: "Config") -> list[Row]:
