@@ -60,7 +60,8 @@ def test_universal_perturbation_mixes_a_fraction_with_true_labels(backdoored):
     m = copy.deepcopy(model)
     seen = []
     m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()) if mod.training else None)
-    opts = dict(DEFAULTS["fip"], universal_perturbation=dict(eps=0.2, fraction=0.25))
+    # separate: δ moves before the step, so the first training forward already sees it
+    opts = dict(DEFAULTS["fip"], universal_perturbation=dict(eps=0.2, fraction=0.25, gradient="separate"))
     for k in ("steps", "batch_size", "patience", "lr_schedule"):
         opts.pop(k)
     pur = build_fip(m, _ctx(xc, yc), **opts)
@@ -72,6 +73,61 @@ def test_universal_perturbation_mixes_a_fraction_with_true_labels(backdoored):
     lo, hi = float(xc.min()), float(xc.max())      # clamp: the clean set's range
     assert torch.equal(seen[0][:16], (x[:16] + d).clamp(lo, hi)) and torch.equal(seen[0][16:], x[16:])
     assert not torch.equal(seen[0][:16], x[:16])
+
+
+def _fip_opts(**kw) -> dict:
+    o = {k: v for k, v in DEFAULTS["fip"].items() if k not in ("steps", "batch_size", "patience", "lr_schedule")}
+    o.update(kw)
+    return o
+
+
+def test_universal_shared_gradient_is_the_training_loss(backdoored):
+    """gradient="shared" (the default with objective "loss"): after one step without the suppressor, δ is
+    step·sign(∂ℓ/∂δ), ℓ the training loss of the mixed batch at the pre-step weights, in train mode — computed
+    here independently through clamp(x + δ)."""
+    model, (xc, yc), _ = backdoored
+    x, y = xc[:64], yc[:64]
+    lo, hi = float(xc.min()), float(xc.max())
+    ref = copy.deepcopy(model).train()
+    d0 = torch.full(xc.shape[1:], 0.15)
+    d = d0.clone().requires_grad_(True)
+    xm = torch.cat([(x[:32] + d).clamp(lo, hi), x[32:]])
+    (g,) = torch.autograd.grad(F.cross_entropy(ref(xm), y), d)
+    assert int((g != 0).sum()) > 10
+    pur = build_fip(copy.deepcopy(model), _ctx(xc, yc), **_fip_opts(eta_F=0.0), universal_perturbation=0.2)
+    assert pur.universal.cfg.shared
+    pur.universal.delta.copy_(d0)
+    pur.step(x, y)
+    torch.testing.assert_close(pur.universal.delta, (d0 + 0.02 * g.sign()).clamp(-0.2, 0.2), rtol=0, atol=1e-7)
+
+
+def test_universal_shared_finds_the_backdoor(backdoored):
+    """The shared update alone (the training backward's input gradient, train mode, the model not stepped) sends
+    most clean non-target test images of the backdoored model to the target class within 20 batches."""
+    model, (xc, yc), (xt, yt) = backdoored
+    u = H._Universal(H.UniversalPerturbation(eps=0.2), xc, torch.device("cpu"))
+    work = copy.deepcopy(model).train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        i = torch.randint(xc.shape[0], (64,), generator=g)
+        xm = u.mix(xc[i])
+        F.cross_entropy(work(xm), yc[i]).backward()
+        u.update_shared(xm)
+    keep = yt != TARGET
+    with torch.no_grad():
+        assert float((model(u.perturb(xt[keep])).argmax(1) == TARGET).float().mean()) > 0.8
+
+
+@pytest.mark.parametrize("gradient, forwards", [("shared", 6), ("separate", 9)])
+def test_universal_shared_costs_no_extra_forward(backdoored, gradient, forwards):
+    """With the fd suppressor (two forwards per step), the shared gradient adds no forward; separate adds one."""
+    model, (xc, yc), _ = backdoored
+    m, n = copy.deepcopy(model), [0]
+    m.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+    pur = build_fip(m, _ctx(xc, yc), **_fip_opts(trace_every=1), universal_perturbation=dict(gradient=gradient))
+    for _ in range(3):
+        pur.step(xc[:64], yc[:64])
+    assert n[0] == forwards
 
 
 # ------------------------------------------------------------------------------------------------- path aware
@@ -222,3 +278,6 @@ def test_options_parse_and_reject():
         H.resolve_holding(None, None, dict(bogus=1))
     with pytest.raises(TypeError, match="path_aware must be"):
         H.resolve_holding(None, "yes")
+    with pytest.raises(ValueError, match="gradient='shared' needs objective='loss'"):
+        H.resolve_holding(dict(objective="attract", gradient="shared"))
+    assert not H.UniversalPerturbation(objective="attract").shared and H.UniversalPerturbation().shared

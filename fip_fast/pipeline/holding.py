@@ -6,7 +6,9 @@
   moved by one signed-gradient step per batch (:meth:`_Universal.update`) toward what the model gets most wrong;
   a ``fraction`` of every training batch is replaced by x + δ *with its true label*.  Clean data never carry the
   trigger with a wrong label, so clean cross-entropy alone gives no gradient against a trigger-like direction; δ
-  supplies one.  Cost: one extra forward and one input-only backward per step.
+  supplies one.  Cost: none beyond the input gradient — δ's gradient comes from the training step's own backward
+  (``gradient="shared"``, the default with ``objective="loss"``); ``"separate"`` pays one extra forward and one
+  input-only backward per step.
 * ``path_aware`` (:class:`PathAware`; PAM, Min et al., NeurIPS 2024, ``fine_tune/BTIDBF/sam.py`` of
   AISafety-HKUST/stable_backdoor_purification): every gradient of the step is taken at w + ρ·(θ0 − w)/‖θ0 − w‖
   (θ0: the trainable parameters where purification started; global L2 norm) and applied at w.  A purified model
@@ -48,13 +50,18 @@ class UniversalPerturbation:
     labels; the first ⌊fraction·B⌉ samples of the already random batch).  objective: ``"loss"`` — ascend the
     cross-entropy of the true labels (untargeted); ``"attract"`` — descend the cross-entropy toward the class
     that attracts the most probability mass of the wrong classes on x + δ (for a backdoored model, the target).
-    clamp: (lo, hi) range of x + δ; None: the clean set's min and max."""
+    clamp: (lo, hi) range of x + δ; None: the clean set's min and max.  gradient: where δ's gradient comes from —
+    ``"shared"``: the training step's own backward (the perturbed samples are a leaf of the batch; no extra pass,
+    δ moves after the step, train mode), ``"separate"``: one extra forward and input-only backward before the step
+    in eval mode (AWM's way); None: ``"shared"`` for ``objective="loss"`` (the training loss *is* that objective),
+    ``"separate"`` for ``"attract"`` (a different objective needs its own pass)."""
 
     eps: float = 0.2
     step: Optional[float] = None
     fraction: float = 0.5
     objective: str = "loss"
     clamp: Optional[Tuple[float, float]] = None
+    gradient: Optional[str] = None
 
     def __post_init__(self) -> None:
         _positive("universal_perturbation.eps", self.eps)
@@ -66,6 +73,17 @@ class UniversalPerturbation:
             raise ValueError(f"universal_perturbation.objective must be 'loss' or 'attract', got {self.objective!r}")
         if self.clamp is not None and (len(self.clamp) != 2 or not self.clamp[0] < self.clamp[1]):
             raise ValueError(f"universal_perturbation.clamp must be (lo, hi) with lo < hi, got {self.clamp!r}")
+        if self.gradient not in (None, "shared", "separate"):
+            raise ValueError(f"universal_perturbation.gradient must be None, 'shared' or 'separate', got "
+                             f"{self.gradient!r}")
+        if self.gradient == "shared" and self.objective != "loss":
+            raise ValueError("universal_perturbation.gradient='shared' needs objective='loss' (the training "
+                             f"backward only gives the true labels' loss gradient), got objective={self.objective!r}")
+
+    @property
+    def shared(self) -> bool:
+        """Whether δ's gradient comes from the training step's own backward (see ``gradient``)."""
+        return self.gradient == "shared" or (self.gradient is None and self.objective == "loss")
 
 
 @dataclass(frozen=True)
@@ -218,11 +236,38 @@ class _Universal:
         return -F.cross_entropy(out[keep], torch.full_like(y[keep], c))
 
     def mix(self, x: Tensor) -> Tensor:
-        """The batch with its first ⌊fraction·B⌉ samples (at least one) replaced by x + δ."""
-        k = max(1, int(round(self.cfg.fraction * x.shape[0])))
-        x = x.clone()
-        x[:k] = self.perturb(x[:k])
-        return x
+        """The batch with its first ⌊fraction·B⌉ samples (at least one) replaced by x + δ.  With a shared gradient
+        the result is a leaf that requires grad: the step's backward leaves ∂loss/∂(x + δ) in its ``.grad`` for
+        :meth:`update_shared`."""
+        k = self._k(x)
+        out = x.clone()
+        out[:k] = self.perturb(x[:k])
+        if self.cfg.shared:
+            self._clean = x[:k]
+            out.requires_grad_(True)
+        return out
+
+    def _k(self, x: Tensor) -> int:
+        return max(1, int(round(self.cfg.fraction * x.shape[0])))
+
+    def update_shared(self, mixed: Tensor) -> None:
+        """The signed step of δ from the gradient the training step left on ``mixed`` (the output of :meth:`mix`):
+        ∂loss/∂δ = Σ over the perturbed samples of ∂loss/∂(x + δ), where the clamp passes it.  Every closure call of
+        the step adds to it (FIP's fd suppressor: at w and at w + e).  No gradient (a step the optimizer skipped
+        before any backward) or a non-finite one leaves δ as it was."""
+        g_in, clean = mixed.grad, self._clean
+        self._clean = None
+        if g_in is None or clean is None:
+            self.skipped += 1
+            return
+        k = clean.shape[0]
+        with torch.no_grad():
+            z = clean.float() + self.delta
+            g = (g_in[:k].float() * ((z >= self.lo) & (z <= self.hi))).sum(0)
+            if not bool(torch.isfinite(g).all()):
+                self.skipped += 1
+                return
+            self.delta.add_(g.sign(), alpha=self.step_size).clamp_(-self.cfg.eps, self.cfg.eps)
 
 
 # -------------------------------------------------------------------------------------------- path aware
@@ -357,14 +402,19 @@ class HoldingPurifier(OptimizerPurifier):
         self._shift: Optional[List[Tensor]] = None
 
     def step(self, x: Tensor, y: Tensor) -> float:
-        if self.universal is not None:
-            self.universal.update(self.model, x, y)
-            x = self.universal.mix(x)
+        u = self.universal
+        if u is not None:
+            if not u.cfg.shared:
+                u.update(self.model, x, y)
+            x = u.mix(x)
         self._shift = self.path.shift() if self.path is not None else None
         try:
-            return super().step(x, y)
+            loss = super().step(x, y)
         finally:
             self._shift = None
+        if u is not None and u.cfg.shared:
+            u.update_shared(x)
+        return loss
 
     def _closure(self, x: Tensor, y: Tensor):
         inner = super()._closure(x, y)
