@@ -28,6 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The re-tuning attack lives in the package (``fip-fast demo`` reports it too); re-exported here for bench.protocol.
+from fip_fast.evaluation.retune import Retune
+from fip_fast.evaluation.retune import retune_asr as _retune_asr
+
 ARCHS = ("cnn", "resnet")
 ATTACKS = ("badnets", "blend", "sig", "trojan", "wanet")
 #: Epochs of the attacker's training (Adam, lr 2e-3, cosine, batch 64) per architecture.
@@ -160,40 +164,10 @@ def model_digest(model: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------------------------- measurements
-@dataclass(frozen=True)
-class Retune:
-    """The re-tuning attack ("superficial safety", Min et al., NeurIPS 2024): fine-tune the purified model for
-    ``steps`` SGD steps (lr, momentum 0.9, batch ``batch``) on the defender's clean set, every batch carrying
-    ``per_batch`` triggered samples drawn from a pool of ``n_trigger`` clean images with the trigger applied and
-    the target label.  Calibrated so a benign model stays low (reported beside every cell)."""
-
-    steps: int = 10
-    lr: float = 0.01
-    batch: int = 32
-    n_trigger: int = 5
-    per_batch: int = 1
-
-
 def retune_asr(model: nn.Module, task: Task, rt: Retune = Retune()) -> float:
-    """ASR of a copy of ``model`` after the re-tuning attack ``rt`` (``model`` itself is not modified)."""
-    from fip_fast.evaluation.metrics import attack_success_rate
-
-    m = copy.deepcopy(model).train()
-    xc, yc = task.clean
-    g = torch.Generator().manual_seed(task.cell.seed + 977)
-    pick = torch.randperm(xc.shape[0], generator=g)[:rt.n_trigger]
-    xt = task.attack.apply(xc[pick])
-    yt = torch.full((xt.shape[0],), task.cell.target, dtype=torch.long)
-    opt = torch.optim.SGD(m.parameters(), lr=rt.lr, momentum=0.9)
-    for _ in range(rt.steps):
-        i = torch.randint(xc.shape[0], (rt.batch - rt.per_batch,), generator=g)
-        j = torch.randint(xt.shape[0], (rt.per_batch,), generator=g)
-        loss = F.cross_entropy(m(torch.cat([xc[i], xt[j]])), torch.cat([yc[i], yt[j]]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    m.eval()
-    return float(attack_success_rate(m, task.triggered[0], task.triggered[1], task.cell.target))
+    """ASR of a copy of ``model`` after the re-tuning attack ``rt`` on the cell's clean set (``model`` itself is
+    not modified): :func:`fip_fast.evaluation.retune.retune_asr`, seeded with the cell's seed."""
+    return _retune_asr(model, task.clean, task.triggered, task.attack, task.cell.target, rt, seed=task.cell.seed)
 
 
 @dataclass(frozen=True)
