@@ -195,6 +195,77 @@ def test_demo_reduced_mode(tmp_path, capsys):
                      f"ACC {ff['acc']:.3f} vs before {before['asr']:.2f} / {before['acc']:.3f}")
 
 
+# ---- the demo's re-tuning column and every method's curve (tiny data: plumbing, not purification quality)
+_DEMO_METHODS = ("fast_fip", "fip", "ft", "superft")
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory, one_thread):
+    """One small demo run with test evaluations on the way (no --no-history): (stdout, report.json, out folder)."""
+    import contextlib
+    import io
+
+    d = tmp_path_factory.mktemp("tiny_demo")
+    out = d / "report"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["demo", "--subsample", "300", "--epochs", "1", "--width", "4", "--hidden", "16",
+                       "--methods", ",".join(_DEMO_METHODS), "--steps", "4", "--lambda-iters", "0", "--no-progress",
+                       "--out", str(out), "--cache-dir", str(d / "cache"), "--json"])
+    assert rc == 0
+    return buf.getvalue(), json.loads((out / "report.json").read_text()), out
+
+
+def test_demo_reports_the_retuned_asr_of_every_model(tiny_demo):
+    stdout, rep, out = tiny_demo
+    rows = [rep["before"]] + rep["results"]
+    assert [r["method"] for r in rows] == ["backdoored", *_DEMO_METHODS]
+    for r in rows:
+        assert 0.0 <= r["retune_asr"] <= 1.0, r["method"]
+    assert rep["retune"] == {"steps": 10, "lr": 0.01, "batch": 32, "n_trigger": 5, "per_batch": 1}
+    line = json.loads(stdout.strip().splitlines()[-1])                          # --json
+    assert all("retune_asr" in r for r in [line["before"]] + line["results"])
+    for text in (stdout, (out / "report.md").read_text()):                     # the table, printed and in report.md
+        head = next(ln for ln in text.splitlines() if ln.startswith("| method |"))
+        assert "| ASR % | re-tuned ASR % |" in head
+        for r in rows:
+            cells = next(ln for ln in text.splitlines() if ln.startswith(f"| {r['method']} |")).split(" | ")
+            assert cells[3] == f"{100 * r['retune_asr']:.1f}", (r["method"], cells)
+    assert "re-tuned ASR: the ASR of a copy of the model after the re-tuning attack" in (out / "report.md").read_text()
+
+
+def test_demo_draws_a_curve_for_every_method(tiny_demo):
+    """Every method's report carries evaluations on the way (Super-FT, a runner, used to carry only its result:
+    a single straight segment from θ0 in asr_acc.png)."""
+    from fip_fast.cli.plots import _test_series
+
+    _, rep, out = tiny_demo
+    for r in rep["results"]:
+        steps = [h["step"] for h in r["history"] if "eval" in h]
+        assert steps == [1, 2, 3, 4], (r["method"], steps)                      # --steps 4: eval_every 1
+        for key in ("acc", "asr"):
+            xs, ys = _test_series(r, rep["before"], key)
+            assert len(xs) == 5 and len(ys) == 5, (r["method"], key, xs)
+    assert (out / "asr_acc.png").is_file()
+
+
+def test_a_runners_evaluations_on_the_way_change_nothing_in_its_run():
+    """Super-FT purified with and without test evaluations on the way (eval_fn): the same weights."""
+    import copy
+
+    from _synthetic import make_task
+
+    from fip_fast.pipeline import purify
+
+    task = make_task(0, n=400, epochs=2)
+    ev = lambda m: {"acc": task.acc(m), "asr": task.asr(m)}                     # noqa: E731
+    runs = [purify(copy.deepcopy(task.model), (task.clean_x, task.clean_y), method="superft", steps=12,
+                   batch_size=16, progress=False, val_fraction=0, eval_every=4, **kw) for kw in ({}, dict(eval_fn=ev))]
+    (m0, r0), (m1, r1) = runs
+    assert all(torch.equal(v, m1.state_dict()[k]) for k, v in m0.state_dict().items())
+    assert [h["step"] for h in r1.history] == [4, 8, 12] and all("eval" in h for h in r1.history)
+    assert [h["step"] for h in r0.history] == [4, 8, 12] and not any("eval" in h for h in r0.history)
+
 # =============================================================================================== hardening
 # Each test below covers one item of the CLI / file-safety hardening issue (numbers as in the issue).
 

@@ -268,24 +268,44 @@ class LrSchedule:
         set_lr(self.opt, self.base_lrs, factor)
 
 
-class RunLog:
-    """A run's progress bar and its ``loss_history``: ``(step, loss)`` at about ``points`` evenly spaced steps
-    (:func:`history_every`) and at the last one."""
+#: ``on_step(done, loss)``: called by a runner after each step — ``done`` steps taken, ``loss`` that step's training
+#: loss as a float (NaN for a skipped step).  :func:`fip_fast.pipeline.purify` passes one that evaluates the model
+#: every ``eval_every`` steps (:class:`fip_fast.pipeline.evaluator.RunnerEvals`), so a runner's report has a curve.
+StepHook = Callable[[int, float], None]
 
-    def __init__(self, steps: int, desc: str, progress: bool, points: int = 20):
+
+class RunLog:
+    """A run's progress bar, its ``loss_history`` — ``(step, loss)`` at about ``points`` evenly spaced steps
+    (:func:`history_every`) and at the last one — and the caller's ``on_step`` hook (:data:`StepHook`), whose time
+    (``hook_seconds``) :func:`run_info` keeps out of ``wall_time_s``."""
+
+    def __init__(self, steps: int, desc: str, progress: bool, points: int = 20, on_step: Optional[StepHook] = None):
         self.steps, self.every = steps, history_every(steps, points)
         self.loss_history: list[tuple[int, float]] = []
         self.bar = progress_bar(steps, desc, progress)
+        self.on_step, self.hook_seconds = on_step, 0.0
 
     def due(self, t: int) -> bool:
         """Whether step ``t`` (0-based) is one whose values are recorded."""
         return t % self.every == 0 or t == self.steps - 1
 
     def record(self, t: int, loss: Tensor) -> None:
-        """Step ``t`` done: keep its loss if :meth:`due`, advance the bar."""
+        """Step ``t`` done: keep its loss if :meth:`due`, advance the bar, call the hook."""
         if self.due(t):
             self.loss_history.append((t, float(loss.detach())))
         self.bar.update(1)
+        self._hook(t, loss)
+
+    def skip(self, t: int) -> None:
+        """Step ``t`` skipped (a non-finite gradient): advance the bar, call the hook with a NaN loss."""
+        self.bar.update(1)
+        self._hook(t, None)
+
+    def _hook(self, t: int, loss: Optional[Tensor]) -> None:
+        if self.on_step is not None:
+            t0 = time.perf_counter()
+            self.on_step(t + 1, float(loss.detach()) if loss is not None else float("nan"))
+            self.hook_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         self.bar.close()
@@ -301,7 +321,7 @@ def training(model: nn.Module, params: Sequence[Tensor], train: bool):
 def run_info(method: str, steps: int, timer: Timer, params: Iterable[Tensor], log: RunLog, skipped_steps: int,
              **extra: Any) -> dict:
     """The ``info`` dict of a run: the common keys (module docstring), then ``extra`` in its order."""
-    return {"method": method, "steps": steps, "wall_time_s": timer.seconds,
+    return {"method": method, "steps": steps, "wall_time_s": timer.seconds - log.hook_seconds,
             "trainable_params": count_trainable(params), "loss_history": log.loss_history,
             "skipped_steps": skipped_steps, **extra}
 

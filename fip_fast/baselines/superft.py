@@ -58,6 +58,7 @@ from fip_fast.baselines._common import (
     LossFn,
     LrSchedule,
     RunLog,
+    StepHook,
     Timer,
     batch_stream,
     check_common,
@@ -125,8 +126,8 @@ def run_superft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float
                 weight_decay: float = 5e-4, lr_schedule: str = "cyclic", warmup: Optional[int] = None,
                 cycles: int = 2, cycle_floor: float = 0.01, clip_grad: Optional[float] = 5.0, batch_size: int = 128,
                 seed: int = 0, bn_train: bool = True, device: Optional[torch.device] = None,
-                loss_fn: Optional[LossFn] = None, progress: bool = True, augment: Any = None
-                ) -> tuple[nn.Module, dict]:
+                loss_fn: Optional[LossFn] = None, progress: bool = True, augment: Any = None,
+                on_step: Optional[StepHook] = None) -> tuple[nn.Module, dict]:
     """Super-fine-tune every trainable parameter of ``model`` on clean data with a large scheduled learning rate.
 
     Args:
@@ -142,6 +143,8 @@ def run_superft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float
         bn_train: BatchNorm in train mode (re-estimate its statistics) or eval mode.
         loss_fn: ``loss_fn(logits, y)`` → scalar, default cross-entropy.
         augment: ``None`` or a spelling of :func:`fip_fast.augment.make_augment` (e.g. ``"shift"``).
+        on_step: ``on_step(done, loss)`` after every step (:data:`fip_fast.baselines._common.StepHook`);
+            :func:`fip_fast.pipeline.purify` evaluates the model there every ``eval_every`` steps.
     Returns:
         ``(model, info)``: the common keys (:mod:`fip_fast.baselines._common`) plus ``lr_history`` (a few
         ``(step, lr)`` pairs: the lr the optimizer used at that step), ``peak_lr``, ``lr_schedule``, ``warmup``,
@@ -155,7 +158,7 @@ def run_superft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     lrs = LrSchedule(opt)
     lr_hist, skipped, clipped, max_norm = [], 0, 0, 0.0
-    log = RunLog(steps, "Super-FT", progress, points=40)
+    log = RunLog(steps, "Super-FT", progress, points=40, on_step=on_step)
     with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
@@ -173,7 +176,7 @@ def run_superft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float
                 norm, finite = float("nan"), grads_finite(params)
             if not finite:
                 skipped += 1
-                log.bar.update(1)
+                log.skip(t)
                 continue
             if clip_grad is not None:
                 clipped += int(norm > clip_grad)

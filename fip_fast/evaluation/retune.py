@@ -7,8 +7,8 @@ a copy of the model is fine-tuned for ``Retune.steps`` SGD steps (lr ``Retune.lr
 ``Retune.batch``) on the defender's clean set, every batch carrying ``Retune.per_batch`` triggered samples drawn
 from a pool of ``Retune.n_trigger`` clean images with the trigger applied and the target label; the result is the
 copy's ASR on the triggered test set.  A benign model (trained without poison) stays low under the same attack
-(2.6 % on the fair protocol's cells, bench/results/protocol_eval.md), so a high re-tuned ASR means the backdoor was
-hidden, not removed.
+(2.2 % on average over the fair protocol's 120 evaluation cells, bench/results/protocol_eval.md), so a high
+re-tuned ASR means the backdoor was hidden, not removed.
 
 The fair protocol (``bench/protocol_tasks.py``) and ``fip-fast demo`` both use this implementation.
 """

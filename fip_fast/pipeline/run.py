@@ -128,7 +128,7 @@ from fip_fast._utils import model_device
 from fip_fast.augment import make_augment
 from fip_fast.pipeline.checkpoint import ResumeMismatchError, open_checkpoint, theta0_fingerprint
 from fip_fast.pipeline.data import CleanSplit, LossFn, data_warnings, split_clean, val_metrics
-from fip_fast.pipeline.evaluator import EvalFn, Evaluator
+from fip_fast.pipeline.evaluator import EvalFn, Evaluator, RunnerEvals
 from fip_fast.pipeline.loop import PurifyLoop, loop_plan
 from fip_fast.pipeline.options import LoopOptions, loop_config, resolve_options
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier, Purifier
@@ -245,7 +245,8 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     guard = _AccuracyGuard(model, data, loss_fn, dev, strategy, float(max_accuracy_drop), report.initial)
     if spec.kind == "runner":
         return guard.check(*_run_runner(spec, model, data, opts, report, evaluator, seed=seed, progress=progress,
-                                        t_total=t_total, augment=(loop_opts.augment, augment_fn)))
+                                        t_total=t_total, augment=(loop_opts.augment, augment_fn),
+                                        eval_every=loop_opts.eval_every))
     model = _run_loop(spec, model, data, opts, loop_opts, augment_fn, report, evaluator, seed=seed, progress=progress,
                       t_total=t_total, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                       resume=resume, theta0=theta0)
@@ -395,11 +396,25 @@ def _build_purifier(spec: MethodSpec, model: nn.Module, ctx: MethodContext, opts
     return purifier
 
 
+def _runner_evals(params: Any, kw: Dict[str, Any], model: nn.Module, evaluator: Evaluator,
+                  eval_every: Optional[int], t_total: float) -> Optional[RunnerEvals]:
+    """The runner's :class:`RunnerEvals` when its signature names ``on_step`` (not merely ``**kwargs``, which
+    may pass it on to something that refuses it) and its step count is known; else None."""
+    if "on_step" not in params or kw.get("on_step") is not None:      # the caller's own hook wins
+        return None
+    steps = kw.get("steps", params["steps"].default if "steps" in params else None)
+    if not isinstance(steps, int) or steps < 1:
+        return None
+    return RunnerEvals(model, evaluator, int(eval_every or max(1, steps // 10)), steps, t_total)
+
+
 def _run_runner(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict[str, Any], report: PurifyReport,
                 evaluator: Evaluator, *, seed: int, progress: bool, t_total: float,
-                augment: Tuple[Any, Any] = (None, None)) -> Tuple[nn.Module, PurifyReport]:
+                augment: Tuple[Any, Any] = (None, None), eval_every: Optional[int] = None
+                ) -> Tuple[nn.Module, PurifyReport]:
     """Run a ``kind="runner"`` method (the :mod:`fip_fast.baselines` convention) and wrap its info.
-    ``augment``: (the requested spelling, its resolved augmentation)."""
+    ``augment``: (the requested spelling, its resolved augmentation).  A runner with an ``on_step`` argument is
+    evaluated every ``eval_every`` steps on the way (:class:`RunnerEvals`), like a loop method."""
     params = inspect.signature(spec.fn).parameters
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kw = dict(opts)
@@ -413,11 +428,15 @@ def _run_runner(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict
         elif augment[1] is not None:
             raise TypeError(f"method {spec.name!r} does not accept augment= (its runner {spec.fn.__qualname__} has "
                             "no 'augment' argument): pass augment='none' or add augment to the runner")
+    evals = _runner_evals(params, kw, model, evaluator, eval_every, t_total)
+    if evals is not None:
+        kw["on_step"] = evals
+        report.config["eval_every"] = evals.every
     sync(evaluator.device)
     t0 = time.perf_counter()
     out = spec.fn(model, (data.x_train, data.y_train), **kw)
     sync(evaluator.device)
-    report.timings["loop"] = time.perf_counter() - t0
+    report.timings["loop"] = time.perf_counter() - t0 - (evals.seconds if evals is not None else 0.0)
     model, info = out if isinstance(out, tuple) else (out, {})
     info = dict(info or {})
     report.extra.update(info)
@@ -427,11 +446,12 @@ def _run_runner(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict
     report.skipped_steps = int(info.get("skipped_steps", 0) or 0)
     model.eval()
     report.final = evaluator(model)
-    # A runner evaluates nothing on the way: one record of the returned model at its last step, so that the
-    # history (and the report's curves, which start at θ0 = report.initial) shows the runner's result too.
+    # The evaluations on the way (a runner with on_step), then one record of the returned model at its last step,
+    # so that the history (and the report's curves, which start at θ0 = report.initial) shows the result too.
     losses = [v for v in (info.get("loss_history") or []) if isinstance(v, (int, float))]
-    report.history = [{"step": report.steps_run, "train_loss": float(losses[-1]) if losses else float("nan"),
-                       **report.final, "acceptable": True}]
+    last_loss = evals.pop_loss() if evals is not None else float(losses[-1]) if losses else float("nan")
+    report.history = (evals.records if evals is not None else []) + [
+        {"step": report.steps_run, "train_loss": last_loss, **report.final, "acceptable": True}]
     report.timings["eval"] = evaluator.seconds
     report.timings["total"] = time.perf_counter() - t_total
     return model, report
