@@ -18,7 +18,8 @@ import importlib.util
 import sys
 
 CORE = ("ops", "end_to_end", "report", "all")
-OPTIONAL = ("baselines", "lagged_vs_fd", "fast_fip", "protocol", "lm_throughput", "trigger_probe", "peers")
+OPTIONAL = ("baselines", "lagged_vs_fd", "fast_fip", "protocol", "lm_throughput", "trigger_probe", "peers",
+            "holding_cost")
 ALIASES = {"end-to-end": "end_to_end", "e2e": "end_to_end", "lagged-vs-fd": "lagged_vs_fd", "fast-fip": "fast_fip",
            "trigger-probe": "trigger_probe"}
 

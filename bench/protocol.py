@@ -174,6 +174,9 @@ ABLATIONS: Dict[str, Tuple[str, dict]] = {     # at FIP's lr 0.05 unless given; 
 #: development task had no cell of that size.  Same seed, models and attacks as the development cells; the rule
 #: never reads them.  val_fraction 0 is what "auto" resolves to at that size (80 clean samples).
 _FIP = dict(eta_r=0.0, lr=0.05, lr_schedule="onecycle")      # the frozen choice
+_FAST = dict(clip_norm=0.3, delta_optimizer="sgd", eta_r=0.0, lr_delta=0.5, mix_band=8)   # Fast FIP's
+_SEP = dict(eps=0.2, gradient="separate")
+_SHARED = dict(eps=0.2, gradient="shared")
 TINY_ABLATIONS: Dict[str, Tuple[str, dict]] = {
     "fip, 20 % hold-out (the default until 2026-12-02)": ("fip", dict(_FIP, val_fraction=0.2)),
     "fip, no hold-out (val_fraction 0 = auto here)": ("fip", dict(_FIP, val_fraction=0)),
@@ -192,16 +195,24 @@ TINY_ABLATIONS: Dict[str, Tuple[str, dict]] = {
 #: sets; ``protocol_holding.json``).  Read like the other ablations: to design the method, never on the suite.
 HOLDING_ABLATIONS: Dict[str, Tuple[str, dict]] = {
     "fip (frozen choice)": ("fip", dict(_FIP)),
-    "fip + universal perturbation (eps 0.2)": ("fip", dict(_FIP, universal_perturbation=0.2)),
+    # "separate": δ's own eval-mode pass before every step (the only way until 2026-12-07; these runs were made so)
+    "fip + universal perturbation (eps 0.2)": ("fip", dict(_FIP, universal_perturbation=_SEP)),
     "fip + path aware (rho 0.5)": ("fip", dict(_FIP, path_aware=0.5)),
     "fip + unit reset (5 %)": ("fip", dict(_FIP, reset_units=0.05)),
-    "fip + universal + path aware": ("fip", dict(_FIP, universal_perturbation=0.2, path_aware=0.5)),
-    "fip + all three": ("fip", dict(_FIP, universal_perturbation=0.2, path_aware=0.5, reset_units=0.05)),
+    "fip + universal + path aware": ("fip", dict(_FIP, universal_perturbation=_SEP, path_aware=0.5)),
+    "fip + all three": ("fip", dict(_FIP, universal_perturbation=_SEP, path_aware=0.5, reset_units=0.05)),
     # absolute ρ 0.5 cost the CNN ≈ 20 points (first runs): the point lies beyond θ0 while ‖θ0 − w‖ < ρ
     "fip + path aware (relative 0.5)": ("fip", dict(_FIP, path_aware=dict(rho=0.5, relative=True))),
-    "fip + universal + path aware (relative 0.5)": ("fip", dict(_FIP, universal_perturbation=0.2,
+    "fip + universal + path aware (relative 0.5)": ("fip", dict(_FIP, universal_perturbation=_SEP,
                                                                  path_aware=dict(rho=0.5, relative=True))),
-    "fip + universal + reset": ("fip", dict(_FIP, universal_perturbation=0.2, reset_units=0.05)),
+    "fip + universal + reset": ("fip", dict(_FIP, universal_perturbation=_SEP, reset_units=0.05)),
+    # δ's gradient from the training step's own backward (no extra pass; the default of the option since then)
+    "fip + universal, shared gradient": ("fip", dict(_FIP, universal_perturbation=_SHARED)),
+    "fip + universal, separate, fraction 0.25": ("fip", dict(_FIP, universal_perturbation=dict(_SEP, fraction=0.25))),
+    "fip + universal, separate, eps 0.1": ("fip", dict(_FIP, universal_perturbation=dict(_SEP, eps=0.1))),
+    "fast_fip (frozen choice)": ("fast_fip", dict(_FAST)),
+    "fast_fip + universal, separate gradient": ("fast_fip", dict(_FAST, universal_perturbation=_SEP)),
+    "fast_fip + universal, shared gradient": ("fast_fip", dict(_FAST, universal_perturbation=_SHARED)),
 }
 
 DEV_CELLS = [Cell(a, atk, 100, 0.1, 0.1, target=5) for a, atk in product(ARCHS, SEEN_ATTACKS)]

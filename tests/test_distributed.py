@@ -192,6 +192,8 @@ def _worker(rank: int, world: int, port: int, outdir: str):
             fd.barrier()
         results["gather_many"] = _gather_many_check(world)
         fd.barrier()
+        results["universal"] = _universal_check(rank, world)
+        fd.barrier()
         # the wrapper accepts 'lagged' on DTensor parameters (the core foreach step shards-propagates it)
         m = _model()
         fd.shard_fsdp(m)
@@ -228,6 +230,25 @@ def _gather_many_check(world: int) -> dict:
     finally:
         dist.all_gather = real
     return {"equal": all(torch.equal(g, f) for g, f in zip(got, fulls + [torch.ones(2)])), "calls": len(calls)}
+
+
+def _universal_grads(world: int):
+    """Per-rank input gradients of a 4-sample batch (2 perturbed) whose signs disagree across the ranks."""
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(4, 2, 3, generator=g) * (r + 1) for r in range(world)]
+
+
+def _universal_check(rank: int, world: int) -> torch.Tensor:
+    """The universal perturbation's shared update under DDP: each rank feeds its own input gradient; δ after the
+    update (the same on every rank if the gradient is summed over the ranks)."""
+    from fip_fast.pipeline.holding import UniversalPerturbation, _Universal
+
+    x = torch.full((8, 2, 3), 0.5)
+    u = _Universal(UniversalPerturbation(eps=0.2, fraction=0.5), x, torch.device("cpu"), world_size=world)
+    mixed = u.mix(x[:4])
+    mixed.grad = _universal_grads(world)[rank]
+    u.update_shared(mixed)
+    return u.delta.clone()
 
 
 def _free_port() -> int:
@@ -284,6 +305,16 @@ def test_matches_single_process(name, dist_results, single_results):
             assert n == pytest.approx(n_ref, rel=1e-4)
     # every rank ends with the same model
     _close(dist_results[0][name]["params"], dist_results[1][name]["params"], atol=0)
+
+
+def test_universal_perturbation_is_one_delta_across_ranks(dist_results):
+    """purify(distributed="ddp", universal_perturbation=…): δ's gradient is summed over the ranks, so every rank
+    takes the same signed step, that of the global batch's gradient."""
+    grads = _universal_grads(WORLD)
+    want = 0.02 * sum(g[:2].sum(0) for g in grads).sign()
+    assert int((torch.stack([g[:2].sum(0).sign() for g in grads]).diff(dim=0) != 0).sum()) > 0   # ranks disagree
+    for res in dist_results:
+        torch.testing.assert_close(res["universal"], want, rtol=0, atol=0)
 
 
 def test_fsdp_sync_gathers_every_delta_in_one_collective(dist_results):

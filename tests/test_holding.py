@@ -281,3 +281,33 @@ def test_options_parse_and_reject():
     with pytest.raises(ValueError, match="gradient='shared' needs objective='loss'"):
         H.resolve_holding(dict(objective="attract", gradient="shared"))
     assert not H.UniversalPerturbation(objective="attract").shared and H.UniversalPerturbation().shared
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["fip", "fast_fip"])
+def test_universal_perturbation_resumes_with_its_delta(backdoored, tmp_path, method):
+    """δ travels in the checkpoint: a run interrupted after step 8 and resumed ends where the uninterrupted one
+    does (weights and δ); without δ restored the resumed run would restart δ from 0 and end elsewhere."""
+    model, (xc, yc), _ = backdoored
+    clean = (xc[:192], yc[:192])
+    kw = dict(method=method, steps=16, batch_size=32, eval_every=4, progress=False, checkpoint_every=8,
+              val_fraction=0, universal_perturbation=dict(eps=0.2, step=0.05))
+    m_full, rep_full = P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "full"), **kw)
+    seen = []
+
+    def crash(m):
+        seen.append(1)
+        if len(seen) > 3:           # θ0 + steps 4, 8 → crash at the evaluation of step 12
+            raise _Stop
+        return {}
+
+    with pytest.raises(_Stop):
+        P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "cut"), eval_fn=crash, **kw)
+    m_res, rep_res = P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "cut"), resume=True, **kw)
+    assert rep_res.resumed_from == 8 and rep_res.steps_run == 16
+    assert rep_res.extra["universal_perturbation"] == rep_full.extra["universal_perturbation"]
+    for (k, a), b in zip(m_full.state_dict().items(), m_res.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)

@@ -188,8 +188,9 @@ def resolve_holding(universal_perturbation: Any = None, path_aware: Any = None, 
 class _Universal:
     """The persistent perturbation δ (shape of one input, fp32) and its per-batch update."""
 
-    def __init__(self, cfg: UniversalPerturbation, x_train: Tensor, device: torch.device):
+    def __init__(self, cfg: UniversalPerturbation, x_train: Tensor, device: torch.device, world_size: int = 1):
         self.cfg = cfg
+        self.world_size = world_size     # > 1: δ's gradient is summed over the ranks, so every rank keeps one δ
         lo, hi = cfg.clamp if cfg.clamp is not None else (float(x_train.min()), float(x_train.max()))
         self.lo, self.hi = lo, hi
         self.step_size = cfg.step if cfg.step is not None else cfg.eps / 10
@@ -214,11 +215,21 @@ class _Universal:
                 (g,) = torch.autograd.grad(obj, d)
         finally:
             model.train(was)
+        g = self._reduce(g)
         if not bool(torch.isfinite(g).all()):
             self.skipped += 1
             return
         with torch.no_grad():
             self.delta.add_(g.sign(), alpha=self.step_size).clamp_(-self.cfg.eps, self.cfg.eps)
+
+    def _reduce(self, g: Tensor) -> Tensor:
+        """Under data-parallel purification, the sum of every rank's gradient (the same signed step everywhere)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            g = g.contiguous()
+            dist.all_reduce(g)
+        return g
 
     def _objective(self, out: Tensor, y: Tensor) -> Tensor:
         """What δ ascends: the true labels' cross-entropy, or minus the cross-entropy toward the class with the
@@ -257,14 +268,15 @@ class _Universal:
         before any backward) or a non-finite one leaves δ as it was."""
         g_in, clean = mixed.grad, self._clean
         self._clean = None
-        if g_in is None or clean is None:
-            self.skipped += 1
-            return
         k = clean.shape[0]
         with torch.no_grad():
-            z = clean.float() + self.delta
-            g = (g_in[:k].float() * ((z >= self.lo) & (z <= self.hi))).sum(0)
-            if not bool(torch.isfinite(g).all()):
+            if g_in is None:            # a zero gradient still joins the ranks' sum (no rank may skip the collective)
+                g = torch.zeros_like(self.delta)
+            else:
+                z = clean.float() + self.delta
+                g = (g_in[:k].float() * ((z >= self.lo) & (z <= self.hi))).sum(0)
+            g = self._reduce(g)
+            if g_in is None or not bool(torch.isfinite(g).all()):
                 self.skipped += 1
                 return
             self.delta.add_(g.sign(), alpha=self.step_size).clamp_(-self.cfg.eps, self.cfg.eps)
@@ -393,10 +405,8 @@ class HoldingPurifier(OptimizerPurifier):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any, *, hold: HoldingOptions,
                  ctx: MethodContext, reset: Optional[ResetResult] = None, **kw: Any):
         super().__init__(model, optimizer, loss_fn, **kw)
-        if hold.universal is not None and ctx.resuming:
-            raise NotImplementedError("universal_perturbation cannot resume from a checkpoint yet (δ is not saved "
-                                      "with it): run without checkpoint resume, or without the option")
-        self.universal = _Universal(hold.universal, ctx.x_train, ctx.device) if hold.universal is not None else None
+        self.universal = (_Universal(hold.universal, ctx.x_train, ctx.device, ctx.world_size)
+                          if hold.universal is not None else None)
         self.path = _Path(hold.path, self.params) if hold.path is not None else None
         self.reset = reset
         self._shift: Optional[List[Tensor]] = None
@@ -427,11 +437,26 @@ class HoldingPurifier(OptimizerPurifier):
                 return inner()
         return closure
 
-    def distribute(self, wrap: Any) -> None:
-        if wrap is not None and self.universal is not None:
-            raise NotImplementedError("universal_perturbation does not support purify(distributed=…) yet (every "
-                                      "rank would update its own δ)")
-        super().distribute(wrap)
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        u = self.universal
+        if u is not None:
+            sd["universal_perturbation"] = {"delta": u.delta.detach().cpu().clone(), "skipped": u.skipped,
+                                            "attracted": u.attracted}
+        return sd
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        u = self.universal
+        if u is None:
+            return
+        saved = state.get("universal_perturbation")
+        if saved is None or tuple(saved["delta"].shape) != tuple(u.delta.shape):
+            raise ValueError("the checkpoint holds no universal perturbation δ of shape "
+                             f"{tuple(u.delta.shape)} (it was written without the option, or by an older fip_fast): "
+                             "resume=False starts afresh")
+        u.delta.copy_(saved["delta"])
+        u.skipped, u.attracted = int(saved["skipped"]), saved["attracted"]
 
     def info(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}

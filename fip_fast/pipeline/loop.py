@@ -123,6 +123,9 @@ class PurifyLoop:
                                f"every rank must see the same checkpoint directory {self.ckpt.directory}")
         self.report.history = list(ex.get("history", []))
         self.selection.load_state_dict(ex, self.device)
+        load = getattr(self.purifier, "load_state_dict", None)     # a duck-typed purifier may hold nothing
+        if load is not None:
+            load(ex.get("purifier", {}))
         self.report.selected_step = self.selection.step
         if "initial" in ex:
             self.report.initial = ex["initial"]
@@ -193,7 +196,8 @@ class PurifyLoop:
             with self.purifier.unperturbed():
                 self.ckpt.save(self.state.done, self.model, self.purifier.optimizer,
                                {"history": self.report.history, **self.selection.state_dict(),
-                                "initial": self.report.initial})
+                                "initial": self.report.initial,
+                                "purifier": getattr(self.purifier, "state_dict", dict)()})
 
         self.strategy.write_checkpoint(write)
 

@@ -76,6 +76,14 @@ class Purifier:
     def info(self) -> Dict[str, Any]:
         return {}
 
+    def state_dict(self) -> Dict[str, Any]:
+        """What the purifier holds beyond the model's and the optimizer's state (written into checkpoints; tensors
+        and plain values only, for ``torch.load(weights_only=True)``)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` when the loop resumes (``state`` is ``{}`` for a checkpoint that holds none)."""
+
 
 def _bn_stats_snapshot(model: nn.Module) -> List[Tuple[Tensor, Tensor]]:
     """Copies of every BatchNorm running statistic (``running_mean``, ``running_var``, ``num_batches_tracked``)."""
