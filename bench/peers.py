@@ -14,9 +14,12 @@ needed) and of wall time, plus the peer's version and the load average before an
 
 Groups (the rows of issue 30's table):
 
-* ``optimizer``: ``FIP.step()`` (impl ``auto``, no suppressor, F0 anchor on) vs ``torch.optim.AdamW(fused=True)``
-  and vs ``torch.optim.SGD(momentum=0.9, fused=True)``, on the ResNet-18 (CIFAR) parameter list that
-  ``python -m bench ops`` uses (``bench.ops.cases.model_shapes``), random gradients.
+* ``optimizer``: ``FIP.step()`` (impl ``auto``, no suppressor), the F0 anchor on (9 arrays per element) and off (7,
+  as AdamW), vs ``torch.optim.AdamW(fused=True)``, vs ``torch.optim.SGD(momentum=0.9, fused=True)`` and vs an AdamW
+  guarded against non-finite gradients as FIP is (one read of the gradients before the step, ``found_inf``), plus
+  FIP's two passes timed alone (the fused kernel; the finiteness pass), on the ResNet-18 (CIFAR) parameter list
+  that ``python -m bench ops`` uses (``bench.ops.cases.model_shapes``), random gradients.  Each row's ``check``
+  says which arrays each side reads and writes per element.
 * ``fisher_cnn`` / ``fisher_tokens``: the per-sample diagonal Fisher Σ_n g_n² (``fip_fast.estimate_fisher``,
   estimator ``per_sample``) on a conv-BatchNorm(eval)-ReLU CNN with a Linear head, and on an Embedding + Linear
   token model (token losses summed per sequence), vs one ``torch.func`` ``vmap(grad)`` over all parameters and vs
@@ -38,6 +41,7 @@ imports only in its examples)::
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -148,35 +152,128 @@ def _max_rel(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
-def group_optimizer(cfg: "Config") -> list[Row]:
-    from bench.ops.cases import model_shapes
+#: per element, arrays read / written by each side of the optimizer group (fp32, 4 bytes each); "+ g" is the
+#: separate read of the gradients that decides, before anything is written, whether the step is skipped
+OPT_TRAFFIC = dict(fip="reads p g F0 θ0 buf fisher + g, writes p buf fisher",
+                   fip_noanchor="reads p g buf fisher + g, writes p buf fisher",
+                   adamw="reads p g m v, writes p m v", adamw_guard="reads p g m v + g, writes p m v",
+                   sgd="reads p g buf, writes p buf", kernel="reads p g F0 θ0 buf fisher, writes p buf fisher",
+                   check="reads g")
+
+
+def _opt_params(shapes: list, seed: int, device: str) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    ps = [nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(device)
+    return ps
+
+
+def _fip(ps: list[nn.Parameter], anchor: bool):
+    """The FIP of the optimizer rows: SGD-momentum 0.9, no suppressor (η_F = 0: every call is a plain step), the
+    F0 anchor on (η_r = 1, random F0) or off (η_r = 0, no F0: no θ0 copy either)."""
     from fip_fast import FIP
+    f0 = {p: torch.rand_like(p) for p in ps} if anchor else None
+    return FIP(ps, lr=0.01, momentum=0.9, eta_F=0.0, eta_r=1.0 if anchor else 0.0, fisher0=f0, impl="auto")
+
+
+def _guarded_adamw(ps: list[nn.Parameter]) -> Callable[[], Any]:
+    """``AdamW(fused=True).step()`` with the guarantee FIP gives: a step whose gradients hold a NaN/Inf writes
+    nothing.  One read of the gradients (``torch._foreach_norm``) decides ``found_inf``, which the fused kernel
+    takes as ``torch.amp.GradScaler`` hands it over (the optimizer's ``found_inf`` attribute) and then skips."""
+    opt = torch.optim.AdamW(ps, lr=1e-3, fused=True)
+
+    def step():
+        grads = [p.grad for p in ps]
+        total = torch.stack(torch._foreach_norm(grads)).sum()
+        opt.found_inf = (~torch.isfinite(total)).float()
+        opt.step()
+    return step
+
+
+def _guard_check(shapes: list, device: str) -> dict:
+    """Both guarded sides skip a step whose last gradient's last element is NaN (params bit-identical)."""
+    out = {}
+    log = logging.getLogger("fip_fast")
+    for name, make in (("fip", lambda ps: _fip(ps, True).step), ("adamw_guard", _guarded_adamw)):
+        ps = _opt_params(shapes, 7, device)
+        step = make(ps)
+        step()                                        # state exists
+        ps[-1].grad.view(-1)[-1] = float("nan")
+        before = [p.detach().clone() for p in ps]
+        level, log.level = log.level, logging.ERROR       # FIP's one-time skip warning: expected here
+        try:
+            step()
+        finally:
+            log.level = level
+        out[f"{name}_skips_nan_in_last_element"] = all(torch.equal(a, p) for a, p in zip(before, ps))
+    return out
+
+
+def _breakdown_sides(shapes: list, device: str) -> list[Side]:
+    """The anchor-on FIP step in its two passes, each alone: the fused step kernel (``fip_fast.ops.fip_step_``
+    on the state FIP made, no finiteness pass) and the finiteness pass (``fip_fast.ops.global_norm`` of the
+    gradients), with the cache keys FIP's step plans give them (no per-tensor host work)."""
+    from fip_fast import ops
+    ps = _opt_params(shapes, 5, device)
+    opt = _fip(ps, True)
+    opt.step()
+    impl = opt._impl_of(ps[0].device)
+    st = [opt.state[p] for p in ps]
+    grads = [p.grad for p in ps]
+    lists = [[s[k] for s in st] for k in ("fisher0", "anchor", "momentum_buffer", "fisher", "step")]
+    gptrs = tuple(g.data_ptr() for g in grads)
+    h = opt.param_groups[0]
+    hyper = dict(lr=h["lr"], momentum=h["momentum"], nesterov=h["nesterov"], weight_decay=h["weight_decay"],
+                 eta_r=h["eta_r"], beta=h["beta"], mix=None, restore_scale=None, precondition=False,
+                 damping=h["damping"], step=lists[4], next_pert_scale=None, found_inf=None)
+
+    def kernel():
+        ops.fip_step_(ps, grads, None, *lists[:4], None, impl=impl,
+                      cache_key=(("bench.peers", "kernel"), (gptrs, None)), **hyper)
+
+    def check():
+        ops.global_norm(grads, impl=impl, cache_key=(("bench.peers", "check"), (gptrs,)))
+    return [Side("kernel", kernel), Side("check", check)]
+
+
+def group_optimizer(cfg: "Config") -> list[Row]:
+    """FIP.step against torch's fused AdamW and SGD per plain step, the anchor on (the default use) and off (the
+    same arrays as AdamW), against an AdamW that guards against non-finite gradients as FIP does, and FIP's two
+    passes timed alone (where the time goes)."""
+    from bench.ops.cases import model_shapes
 
     shapes = model_shapes("demo_cnn" if cfg.quick else "resnet18")
     numel = sum(torch.Size(s).numel() for s in shapes)
-
-    def params(seed: int) -> list[nn.Parameter]:
-        g = torch.Generator().manual_seed(seed)
-        ps = [nn.Parameter(torch.randn(s, generator=g).to(cfg.device)) for s in shapes]
-        for p in ps:
-            p.grad = torch.randn(p.shape, generator=g).to(cfg.device)
-        return ps
-
-    ps = params(0)
-    fip = FIP(ps, lr=0.01, momentum=0.9, eta_F=0.0, eta_r=1.0, fisher0={p: torch.rand_like(p) for p in ps},
-              impl="auto")
-    adamw = torch.optim.AdamW(params(1), lr=1e-3, fused=True)
-    sgd = torch.optim.SGD(params(2), lr=0.01, momentum=0.9, fused=True)
-    sides = [Side("fip", fip.step), Side("adamw", adamw.step), Side("sgd", sgd.step)]
+    dev = cfg.device
+    sides = [Side("fip", _fip(_opt_params(shapes, 0, dev), True).step),
+             Side("fip_noanchor", _fip(_opt_params(shapes, 4, dev), False).step),
+             Side("adamw", torch.optim.AdamW(_opt_params(shapes, 1, dev), lr=1e-3, fused=True).step),
+             Side("adamw_guard", _guarded_adamw(_opt_params(shapes, 3, dev))),
+             Side("sgd", torch.optim.SGD(_opt_params(shapes, 2, dev), lr=0.01, momentum=0.9, fused=True).step),
+             *_breakdown_sides(shapes, dev)]
     t = measure(sides, cfg, cfg.steps * 4, cfg.warmup)
     work = (f"optimizer step, {'DemoCNN' if cfg.quick else 'ResNet-18 (CIFAR)'} parameter list: {len(shapes)} "
             f"tensors, {numel / 1e6:.2f} M elements")
     tv = torch.__version__
-    return [fill(Row("optimizer", work, "FIP.step (impl auto, eta_F=0, eta_r=1)", "torch.optim.AdamW(fused=True)",
-                     tv, "per step", "<= 1.0x"), t, "fip", "adamw"),
-            fill(Row("optimizer", work, "FIP.step (impl auto, eta_F=0, eta_r=1)",
-                     "torch.optim.SGD(momentum=0.9, fused=True)", tv, "per step", "<= 1.4x (7 vs 5 arrays)"),
-                 t, "fip", "sgd")]
+    on, off = "FIP.step, anchor on (impl auto, eta_F=0, eta_r=1)", "FIP.step, anchor off (impl auto, eta_F=0, eta_r=0)"
+    adamw, sgd = "torch.optim.AdamW(fused=True)", "torch.optim.SGD(momentum=0.9, fused=True)"
+    guard = "torch.optim.AdamW(fused=True) + non-finite check (torch._foreach_norm → found_inf)"
+    kernel = "fip_fast.ops.fip_step_ alone (anchor on; no finiteness pass)"
+    check = "fip_fast.ops.global_norm(grads) alone (the finiteness pass)"
+    spec = [(on, "fip", adamw, "adamw", "<= 1.0x"), (on, "fip", sgd, "sgd", "<= 1.4x"),
+            (off, "fip_noanchor", adamw, "adamw", "<= 1.0x"), (off, "fip_noanchor", sgd, "sgd", "<= 1.4x"),
+            (on, "fip", guard, "adamw_guard", "none: the same skip guarantee on both sides"),
+            (off, "fip_noanchor", guard, "adamw_guard", "none: the same skip guarantee on both sides"),
+            (kernel, "kernel", adamw, "adamw", "none: where the time goes"),
+            (check, "check", adamw, "adamw", "none: where the time goes")]
+    rows = []
+    for ours, o, peer, q, goal in spec:
+        row = fill(Row("optimizer", work, ours, peer, tv, "per step", goal), t, o, q)
+        row.check = {"traffic": f"ours {OPT_TRAFFIC[o]}; peer {OPT_TRAFFIC[q]}"}
+        rows.append(row)
+    rows[4].check.update(_guard_check(model_shapes("demo_cnn"), dev))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ Fisher

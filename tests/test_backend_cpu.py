@@ -466,3 +466,44 @@ def test_sumsq_of_a_tensor_larger_than_a_block_matches_fp64():
     tab = cpu._Table([[x]])
     ref = float((x.double() ** 2).sum())
     assert lib.sumsq_multi_f32(tab.ptrs, tab.sizes, tab.n, 1) == pytest.approx(ref, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ skipped steps
+#: the last tensor: four quarters of 2 blocks of 4096 elements (read side by side by the finiteness pass) and a
+#: 37-element tail summed on its own; the middle one above the kernels' OpenMP threshold
+_SKIP_SHAPES = [(3, 5), (70_001,), (4 * 2 * 4096 + 37,)]
+_SKIP_AT = {"last element of the last tensor": (2, -1), "end of the last tensor's quarters": (2, 4 * 2 * 4096 - 1),
+            "first element of the last tensor": (2, 0), "last element of the middle tensor": (1, -1),
+            "first tensor": (0, 7)}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 3e19])
+@pytest.mark.parametrize("where", list(_SKIP_AT))
+def test_fip_step_cpu_skips_a_non_finite_gradient_anywhere(where, value):
+    """``FIP.step`` with ``impl="cpu"`` (the finiteness pass over every gradient, then the fused kernel, through
+    the step plan's cached pointer tables) skips a step whose gradients hold a NaN or ±Inf at any position — the
+    tail of the last tensor included — or a finite value whose square overflows fp32 (3e19² > 3.4e38: the
+    reference's fp32 sum of squares is inf there): parameters and every state tensor keep their bits, the skip is
+    counted, and the next finite step moves every parameter."""
+    from fip_fast.optim import FIP
+
+    ps = [torch.nn.Parameter(_rand(s, 10 + i)) for i, s in enumerate(_SKIP_SHAPES)]
+    opt = FIP(ps, lr=0.01, momentum=0.9, eta_F=0.0, eta_r=1.0, weight_decay=1e-4, impl="cpu",
+              fisher0={p: _rand(p.shape, 20 + i).abs() for i, p in enumerate(ps)})
+    for k in range(2):                          # state, a step plan and its cached tables exist
+        for i, p in enumerate(ps):
+            p.grad = _rand(p.shape, 30 + 10 * k + i)
+        opt.step()
+    t, pos = _SKIP_AT[where]
+    ps[t].grad.view(-1)[pos] = value
+    before = [p.detach().clone() for p in ps]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, ps))
+    for s, p in zip(state, ps):
+        assert s.keys() == opt.state[p].keys()
+        assert all(torch.equal(v, opt.state[p][k]) for k, v in s.items()), where
+    ps[t].grad.view(-1)[pos] = 0.5
+    opt.step()
+    assert opt.skipped_steps == 1 and not any(torch.equal(a, p) for a, p in zip(before, ps))
