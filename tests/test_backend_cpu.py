@@ -469,10 +469,10 @@ def test_sumsq_of_a_tensor_larger_than_a_block_matches_fp64():
 
 
 # ------------------------------------------------------------------------------------------------ skipped steps
-#: the last tensor: four quarters of 2 blocks of 4096 elements (read side by side by the finiteness pass) and a
+#: the last tensor: eight blocks of 4096 elements (the parts the finiteness pass reads side by side) and a
 #: 37-element tail summed on its own; the middle one above the kernels' OpenMP threshold
-_SKIP_SHAPES = [(3, 5), (70_001,), (4 * 2 * 4096 + 37,)]
-_SKIP_AT = {"last element of the last tensor": (2, -1), "end of the last tensor's quarters": (2, 4 * 2 * 4096 - 1),
+_SKIP_SHAPES = [(3, 5), (70_001,), (8 * 4096 + 37,)]
+_SKIP_AT = {"last element of the last tensor": (2, -1), "end of the last tensor's parts": (2, 8 * 4096 - 1),
             "first element of the last tensor": (2, 0), "last element of the middle tensor": (1, -1),
             "first tensor": (0, 7)}
 

@@ -21,7 +21,7 @@ non-overlapping layout of its parameter.  Anything else (fp16/bf16/fp64, mixed l
 foreach backend for that call, logged once at INFO level.  Scalars may be Python numbers or 0-dim tensors (read
 with ``.item()``: free on the CPU).  Results equal :mod:`fip_fast.reference` bit for bit on fp32 (same fp32
 operations in the same order, no FMA contraction), except :func:`global_norm`, which sums 4096-element blocks in
-fp32 lanes and the blocks in fp64 (four quarters of a tensor read side by side, for memory-level parallelism).
+fp32 lanes and the blocks in fp64 (eight parts of a tensor read side by side, for memory-level parallelism).
 Threads: ``torch.get_num_threads()`` (OpenMP inside each tensor of ≥ 64 Ki elements).
 
 Importing this module never fails; :func:`available` says why the kernels can't be used.
