@@ -34,7 +34,7 @@ def test_universal_perturbation_finds_the_backdoor(backdoored, objective):
     """20 per-batch updates of δ (eps 0.2) on clean batches send most clean non-target test images of the backdoored
     model to the target class; no perturbation and a random sign pattern of the same L∞ norm send none."""
     model, (xc, yc), (xt, yt) = backdoored
-    u = H._Universal(H.UniversalPerturbation(eps=0.2, objective=objective), xc, torch.device("cpu"))
+    u = H._Universal(H.UniversalPerturbation(eps=0.2, objective=objective, scale="absolute"), xc, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         i = torch.randint(xc.shape[0], (64,), generator=g)
@@ -94,7 +94,8 @@ def test_universal_shared_gradient_is_the_training_loss(backdoored):
     xm = torch.cat([(x[:32] + d).clamp(lo, hi), x[32:]])
     (g,) = torch.autograd.grad(F.cross_entropy(ref(xm), y), d)
     assert int((g != 0).sum()) > 10
-    pur = build_fip(copy.deepcopy(model), _ctx(xc, yc), **_fip_opts(eta_F=0.0), universal_perturbation=0.2)
+    pur = build_fip(copy.deepcopy(model), _ctx(xc, yc), **_fip_opts(eta_F=0.0),
+                    universal_perturbation=dict(eps=0.2, gradient="shared", scale="absolute"))
     assert pur.universal.cfg.shared
     pur.universal.delta.copy_(d0)
     pur.step(x, y)
@@ -105,7 +106,7 @@ def test_universal_shared_finds_the_backdoor(backdoored):
     """The shared update alone (the training backward's input gradient, train mode, the model not stepped) sends
     most clean non-target test images of the backdoored model to the target class within 20 batches."""
     model, (xc, yc), (xt, yt) = backdoored
-    u = H._Universal(H.UniversalPerturbation(eps=0.2), xc, torch.device("cpu"))
+    u = H._Universal(H.UniversalPerturbation(eps=0.2, gradient="shared", scale="absolute"), xc, torch.device("cpu"))
     work = copy.deepcopy(model).train()
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -280,7 +281,35 @@ def test_options_parse_and_reject():
         H.resolve_holding(None, "yes")
     with pytest.raises(ValueError, match="gradient='shared' needs objective='loss'"):
         H.resolve_holding(dict(objective="attract", gradient="shared"))
-    assert not H.UniversalPerturbation(objective="attract").shared and H.UniversalPerturbation().shared
+    assert H.UniversalPerturbation(gradient="shared").shared and not H.UniversalPerturbation().shared
+    with pytest.raises(ValueError, match="universal_perturbation.scale"):
+        H.resolve_holding(dict(scale="pixels"))
+    with pytest.raises(TypeError, match="or 'auto'"):
+        H.resolve_holding("yes")
+
+
+def test_universal_eps_is_a_share_of_the_input_range():
+    """scale="range" (the default): eps and step are shares of the clean inputs' max − min, so standardized images
+    get the same relative perturbation as [0, 1] ones; "absolute" keeps input units."""
+    x = torch.rand(16, 1, 4, 4) * 5.0 - 2.0            # range ≈ 5
+    width = float(x.max() - x.min())
+    u = H._Universal(H.UniversalPerturbation(eps=0.2), x, torch.device("cpu"))
+    assert u.eps == pytest.approx(0.2 * width) and u.step_size == pytest.approx(0.02 * width)
+    a = H._Universal(H.UniversalPerturbation(eps=0.2, scale="absolute"), x, torch.device("cpu"))
+    assert a.eps == 0.2 and a.step_size == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="constant"):
+        H._Universal(H.UniversalPerturbation(), torch.ones(4, 3), torch.device("cpu"))
+
+
+def test_universal_auto_is_on_for_float_inputs_only():
+    """"auto" (FIP's and Fast FIP's default) perturbs floating-point inputs and leaves integer ones (token ids)."""
+    emb = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(8 * 5, 3))
+    ids, y = torch.randint(20, (32, 5)), torch.randint(3, (32,))
+    pur = build_fip(emb, _ctx(ids, y), **_fip_opts(), universal_perturbation="auto")
+    assert type(pur) is OptimizerPurifier
+    xf = torch.rand(32, 6)
+    pur = build_fip(nn.Linear(6, 3), _ctx(xf, y), **_fip_opts(), universal_perturbation="auto")
+    assert isinstance(pur, H.HoldingPurifier) and pur.universal.cfg == H.UniversalPerturbation()
 
 
 class _Stop(Exception):
