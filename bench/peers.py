@@ -17,7 +17,8 @@ Groups (the rows of issue 30's table):
 * ``optimizer``: ``FIP.step()`` (impl ``auto``, no suppressor), the F0 anchor on (9 arrays per element) and off (7,
   as AdamW), vs ``torch.optim.AdamW(fused=True)``, vs ``torch.optim.SGD(momentum=0.9, fused=True)`` and vs an AdamW
   guarded against non-finite gradients as FIP is (one read of the gradients before the step, ``found_inf``), plus
-  FIP's two passes timed alone (the fused kernel; the finiteness pass), on the ResNet-18 (CIFAR) parameter list
+  where FIP's time goes (the fused kernel alone; the finiteness pass and the kernel without the step's other host
+  work), on the ResNet-18 (CIFAR) parameter list
   that ``python -m bench ops`` uses (``bench.ops.cases.model_shapes``), random gradients.  Each row's ``check``
   says which arrays each side reads and writes per element.
 * ``fisher_cnn`` / ``fisher_tokens``: the per-sample diagonal Fisher Σ_n g_n² (``fip_fast.estimate_fisher``,
@@ -158,7 +159,7 @@ OPT_TRAFFIC = dict(fip="reads p g F0 θ0 buf fisher + g, writes p buf fisher",
                    fip_noanchor="reads p g buf fisher + g, writes p buf fisher",
                    adamw="reads p g m v, writes p m v", adamw_guard="reads p g m v + g, writes p m v",
                    sgd="reads p g buf, writes p buf", kernel="reads p g F0 θ0 buf fisher, writes p buf fisher",
-                   check="reads g")
+                   passes="reads g, then p g F0 θ0 buf fisher, writes p buf fisher")
 
 
 def _opt_params(shapes: list, seed: int, device: str) -> list[nn.Parameter]:
@@ -211,9 +212,11 @@ def _guard_check(shapes: list, device: str) -> dict:
 
 
 def _breakdown_sides(shapes: list, device: str) -> list[Side]:
-    """The anchor-on FIP step in its two passes, each alone: the fused step kernel (``fip_fast.ops.fip_step_``
-    on the state FIP made, no finiteness pass) and the finiteness pass (``fip_fast.ops.global_norm`` of the
-    gradients), with the cache keys FIP's step plans give them (no per-tensor host work)."""
+    """Where the anchor-on FIP step's time goes: its fused step kernel alone (``fip_fast.ops.fip_step_`` on the
+    state FIP made, no finiteness pass), and its two passes as ``FIP.step`` makes them (``fip_fast.ops.global_norm``
+    of the gradients, then the kernel with that flag) without the rest of the step's host work; both with the cache
+    keys FIP's step plans give them (no per-tensor host work).  FIP.step − passes = host work; passes − kernel =
+    the finiteness pass in place (the gradients cold)."""
     from fip_fast import ops
     ps = _opt_params(shapes, 5, device)
     opt = _fip(ps, True)
@@ -232,27 +235,35 @@ def _breakdown_sides(shapes: list, device: str) -> list[Side]:
         ops.fip_step_(ps, grads, None, *lists[:4], None, impl=impl,
                       cache_key=(("bench.peers", "kernel"), (gptrs, None)), **hyper)
 
-    def check():
-        ops.global_norm(grads, impl=impl, cache_key=(("bench.peers", "check"), (gptrs,)))
-    return [Side("kernel", kernel), Side("check", check)]
+    def passes():
+        # the finiteness pass reads g cold, as in FIP.step (timed alone, 4 calls in a row, g would stay in cache)
+        _, found_inf = ops.global_norm(grads, impl=impl, cache_key=(("bench.peers", "check"), (gptrs,)))
+        ops.fip_step_(ps, grads, None, *lists[:4], None, impl=impl,
+                      cache_key=(("bench.peers", "kernel"), (gptrs, None)), **{**hyper, "found_inf": found_inf})
+    return [Side("kernel", kernel), Side("passes", passes)]
 
 
 def group_optimizer(cfg: "Config") -> list[Row]:
     """FIP.step against torch's fused AdamW and SGD per plain step, the anchor on (the default use) and off (the
-    same arrays as AdamW), against an AdamW that guards against non-finite gradients as FIP does, and FIP's two
-    passes timed alone (where the time goes)."""
+    same arrays as AdamW), against an AdamW that guards against non-finite gradients as FIP does, and FIP's
+    kernel alone and its two passes without the step's other host work (where the time goes).
+
+    Each set of rows is timed in its own interleaved rounds, over only the sides it compares: how much memory the
+    other sides of a round stream through the caches changes what every side pays (on the 2-core VM the first
+    two rows read about 0.1× apart timed with three sides or with seven), so the first two rows keep the three sides
+    (FIP, AdamW, SGD) they have always had."""
     from bench.ops.cases import model_shapes
 
     shapes = model_shapes("demo_cnn" if cfg.quick else "resnet18")
     numel = sum(torch.Size(s).numel() for s in shapes)
     dev = cfg.device
-    sides = [Side("fip", _fip(_opt_params(shapes, 0, dev), True).step),
-             Side("fip_noanchor", _fip(_opt_params(shapes, 4, dev), False).step),
-             Side("adamw", torch.optim.AdamW(_opt_params(shapes, 1, dev), lr=1e-3, fused=True).step),
-             Side("adamw_guard", _guarded_adamw(_opt_params(shapes, 3, dev))),
-             Side("sgd", torch.optim.SGD(_opt_params(shapes, 2, dev), lr=0.01, momentum=0.9, fused=True).step),
-             *_breakdown_sides(shapes, dev)]
-    t = measure(sides, cfg, cfg.steps * 4, cfg.warmup)
+    sides = {s.name: s for s in (
+        Side("fip", _fip(_opt_params(shapes, 0, dev), True).step),
+        Side("fip_noanchor", _fip(_opt_params(shapes, 4, dev), False).step),
+        Side("adamw", torch.optim.AdamW(_opt_params(shapes, 1, dev), lr=1e-3, fused=True).step),
+        Side("adamw_guard", _guarded_adamw(_opt_params(shapes, 3, dev))),
+        Side("sgd", torch.optim.SGD(_opt_params(shapes, 2, dev), lr=0.01, momentum=0.9, fused=True).step),
+        *_breakdown_sides(shapes, dev))}
     work = (f"optimizer step, {'DemoCNN' if cfg.quick else 'ResNet-18 (CIFAR)'} parameter list: {len(shapes)} "
             f"tensors, {numel / 1e6:.2f} M elements")
     tv = torch.__version__
@@ -260,18 +271,24 @@ def group_optimizer(cfg: "Config") -> list[Row]:
     adamw, sgd = "torch.optim.AdamW(fused=True)", "torch.optim.SGD(momentum=0.9, fused=True)"
     guard = "torch.optim.AdamW(fused=True) + non-finite check (torch._foreach_norm → found_inf)"
     kernel = "fip_fast.ops.fip_step_ alone (anchor on; no finiteness pass)"
-    check = "fip_fast.ops.global_norm(grads) alone (the finiteness pass)"
-    spec = [(on, "fip", adamw, "adamw", "<= 1.0x"), (on, "fip", sgd, "sgd", "<= 1.4x"),
-            (off, "fip_noanchor", adamw, "adamw", "<= 1.0x"), (off, "fip_noanchor", sgd, "sgd", "<= 1.4x"),
-            (on, "fip", guard, "adamw_guard", "none: the same skip guarantee on both sides"),
-            (off, "fip_noanchor", guard, "adamw_guard", "none: the same skip guarantee on both sides"),
-            (kernel, "kernel", adamw, "adamw", "none: where the time goes"),
-            (check, "check", adamw, "adamw", "none: where the time goes")]
+    passes = "fip_fast.ops.global_norm(grads) + fip_step_ (the two passes of FIP.step, anchor on, no other host work)"
+    same = "none: the same skip guarantee on both sides"
+    # (the sides of one interleaved measurement, [(ours, side, peer, side, goal) of its rows])
+    sets = [(("fip", "adamw", "sgd"), [(on, "fip", adamw, "adamw", "<= 1.0x"), (on, "fip", sgd, "sgd", "<= 1.4x")]),
+            (("fip_noanchor", "adamw", "sgd"), [(off, "fip_noanchor", adamw, "adamw", "<= 1.0x"),
+                                                (off, "fip_noanchor", sgd, "sgd", "<= 1.4x")]),
+            (("fip", "fip_noanchor", "adamw_guard"), [(on, "fip", guard, "adamw_guard", same),
+                                                       (off, "fip_noanchor", guard, "adamw_guard", same)]),
+            (("fip", "passes", "kernel", "adamw"), [(kernel, "kernel", adamw, "adamw", "none: where the time goes"),
+                                                    (passes, "passes", adamw, "adamw", "none: where the time goes"),
+                                                    (on, "fip", passes, "passes", "none: the step's other host work")])]
     rows = []
-    for ours, o, peer, q, goal in spec:
-        row = fill(Row("optimizer", work, ours, peer, tv, "per step", goal), t, o, q)
-        row.check = {"traffic": f"ours {OPT_TRAFFIC[o]}; peer {OPT_TRAFFIC[q]}"}
-        rows.append(row)
+    for names, spec in sets:
+        t = measure([sides[n] for n in names], cfg, cfg.steps * 4, cfg.warmup)
+        for ours, o, peer, q, goal in spec:
+            row = fill(Row("optimizer", work, ours, peer, tv, "per step", goal), t, o, q)
+            row.check = {"traffic": f"ours {OPT_TRAFFIC[o]}; peer {OPT_TRAFFIC[q]}", "timed_with": list(names)}
+            rows.append(row)
     rows[4].check.update(_guard_check(model_shapes("demo_cnn"), dev))
     return rows
 
