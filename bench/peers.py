@@ -693,7 +693,8 @@ def markdown(d: dict) -> str:
                   f"{r['goal']} |")
     checks = [(r["group"], r["peer"], r["check"]) for r in d["rows"] if r.get("check")]
     if checks:
-        md += ["", "## Agreement on these inputs", ""]
+        md += ["", "## Checks on these inputs (agreement; for the optimizer rows, the traffic and the sides timed "
+               "together)", ""]
         md += [f"* {g} vs {p}: {c}" for g, p, c in checks]
     return "\n".join(md) + "\n"
 
