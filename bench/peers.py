@@ -612,7 +612,8 @@ def group_fast_fip(cfg: "Config") -> list[Row]:
         model = SmallPreActResNet(w).to(cfg.device)
         if v == "authors":
             loop = {f.name for f in fields(LoopOptions)} | {"steps", "batch_size"}   # the loop's, as bench.fast_fip
-            opts = {k: val for k, val in DEFAULTS["fast_fip"].items() if k not in loop and k not in DELTA_ONLY}
+            opts = {k: val for k, val in DEFAULTS["fast_fip"].items()
+                    if k not in loop and k not in DELTA_ONLY and k != "universal_perturbation"}
             pur = _authors_purifier(model, ctx, **opts)
         else:
             pur = _purifier(v, model, ctx, None)

@@ -67,19 +67,27 @@ ACC_MARGIN = 0.02
 METHODS = ("fip", "fast_fip", "ft", "superft", "fst", "sau", "ft_sam")
 SEEN_ATTACKS = ("badnets", "blend")
 
+#: The universal perturbation of FIP's and Fast FIP's grids (the option's defaults, named in full so the run keys
+#: say what ran).
+_UP = dict(eps=0.2, fraction=0.5, gradient="separate")
+
 #: Each method's grid: a path along its purification pressure, weakest first (same size for every method).
 GRIDS: Dict[str, List[dict]] = {
     # FIP and Fast FIP without the anchor (eta_r 0): the development ablations (protocol_ablate.md) found that
     # the anchor protects the trigger (development ASR 10 % with it, 4 % without, at equal ACC).
     # FIP with a one-cycle schedule (warm-up, then cosine; 2026-12-02): on the development ablations it kept the
     # accuracy of the cosine schedule at lower ASR and re-tuned ASR (protocol_ablate.md, "fip, no anchor, onecycle").
-    "fip": [dict(lr=v, eta_r=0.0, lr_schedule="onecycle") for v in (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)],
+    # With the universal perturbation (docs/holding.md; 2026-12-07): the holding ablations on the development cells
+    # (protocol_holding.md) found it the one mechanism that lowers ASR and both re-tuned ASRs at about the same
+    # clean accuracy, for 1.3–1.5× the loop time; its eval-mode "separate" gradient lost less accuracy than "shared".
+    "fip": [dict(lr=v, eta_r=0.0, lr_schedule="onecycle", universal_perturbation=_UP)
+            for v in (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)],
     # Fast FIP as SVFT-style spectral fine-tuning (ours): clipped SGD on δ plus a band of 8 trainable
     # off-diagonal core entries per layer (U, V mix inside the top-k subspace).  The development ablations
     # (protocol_ablate.md, docs/fast_fip_variants.md) found that δ alone purifies only by collapsing singular
     # values (lr_delta ≥ 1: ACC 57 ± 44 %); the path here is that variant's lr_delta.
-    "fast_fip": [dict(lr_delta=v, delta_optimizer="sgd", clip_norm=0.3, mix_band=8, eta_r=0.0)
-                 for v in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)],
+    "fast_fip": [dict(lr_delta=v, delta_optimizer="sgd", clip_norm=0.3, mix_band=8, eta_r=0.0,
+                      universal_perturbation=_UP) for v in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)],
     "ft": [dict(lr=v) for v in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)],
     "superft": [dict(lr=v) for v in (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)],
     "fst": [dict(lr=lr, alpha=a) for lr, a in ((0.01, 0.05), (0.01, 0.1), (0.01, 0.2), (0.02, 0.2), (0.05, 0.2),
@@ -214,6 +222,19 @@ HOLDING_ABLATIONS: Dict[str, Tuple[str, dict]] = {
     "fast_fip + universal, separate gradient": ("fast_fip", dict(_FAST, universal_perturbation=_SEP)),
     "fast_fip + universal, shared gradient": ("fast_fip", dict(_FAST, universal_perturbation=_SHARED)),
 }
+
+
+
+def _up_named(table: Dict[str, Tuple[str, dict]]) -> None:
+    """FIP's and Fast FIP's ablations ran without the universal perturbation, which became their default on
+    2026-12-07: name it off (``None``) where an entry does not name it, so a rerun does what the recorded run did."""
+    for method, cfg in table.values():
+        if method in ("fip", "fast_fip"):
+            cfg.setdefault("universal_perturbation", None)
+
+
+for _table in (ABLATIONS, TINY_ABLATIONS, HOLDING_ABLATIONS):
+    _up_named(_table)
 
 DEV_CELLS = [Cell(a, atk, 100, 0.1, 0.1, target=5) for a, atk in product(ARCHS, SEEN_ATTACKS)]
 DEV_TINY_CELLS = [Cell(a, atk, 100, 0.02, 0.1, target=5) for a, atk in product(ARCHS, SEEN_ATTACKS)]
