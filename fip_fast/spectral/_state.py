@@ -40,6 +40,10 @@ class _Spectral:
     shard: Optional[tuple] = None                             # under FSDP2 (:func:`shard`): (matrix axis, start, end)
     loaded: frozenset = frozenset()                           # this layer's entries in the state dict being loaded
     load_prefix: str = ""
+    #: ∂relu(s)/∂δ (k) at the δ the weight holds, set with ``seen`` by :func:`_snapshot`: a tap's backward uses the
+    #: value of its forward (as autograd through W(δ) would), computed once per change of δ for the whole group
+    #: instead of four small ops per tapped call.  A class-level default: pickles made before it still load.
+    jac: Optional[Tensor] = None
 
     def local_factors(self) -> tuple[Tensor, Tensor]:
         """(U, Vh) restricted to this rank's part of the weight matrix (whole without FSDP2)."""
@@ -63,6 +67,10 @@ class _Spectral:
         seen = self.seen
         if seen is None:
             return True
+        p = self.owner._parameters
+        if len(seen) == 1 and "spectral_mix" not in p:        # the common case, without building tuples: one
+            d, s = p["spectral_delta"], seen[0]                 # torch.equal of k numbers and three layout reads
+            return (d.shape != s.shape or d.dtype != s.dtype or d.device != s.device) or not torch.equal(d, s)
         cur = self.state()
         return not _same_layout(cur, seen) or any(not torch.equal(a, b) for a, b in zip(cur, seen))
 
@@ -95,7 +103,8 @@ def _changed(cur: list, seen: list) -> list:
 
 @torch.no_grad()
 def _snapshot(items: list) -> None:
-    """Record the δ (and O) values the weights of ``items`` now hold (one multi-tensor copy where layouts match)."""
+    """Record the δ (and O) values the weights of ``items`` now hold (one multi-tensor copy where layouts match),
+    and ∂relu(s)/∂δ at them (:func:`_jacobians`)."""
     dst, src = [], []
     for sp in items:
         cur = sp.state()
@@ -106,6 +115,21 @@ def _snapshot(items: list) -> None:
             sp.seen = tuple(t.detach().clone() for t in cur)
     if dst:
         torch._foreach_copy_(dst, src)
+    _jacobians(items)
+
+
+def _jacobians(items: list) -> None:
+    """``sp.jac`` = ∂relu(s(δ))/∂δ (k) of every item, from its recorded δ (``seen[0]``): 1[s > 0], × S when
+    relative, = s for ``"exp"`` — the values :meth:`_Spectral.jacobian` gives (relu(s) > 0 exactly where s > 0),
+    with the spectra of all items in a few multi-tensor ops (:func:`_relu_spectra`)."""
+    S = [sp.owner.spectral_S for sp in items]
+    rs = _relu_spectra(S, [sp.seen[0] for sp in items], [sp.relative for sp in items])
+    for sp, s, r in zip(items, S, rs):
+        if _is_exp(sp.relative):
+            sp.jac = r                                          # d(S·e^δ)/dδ = s (≥ 0, relu(s) = s)
+        else:
+            mask = (r > 0).to(s.dtype)
+            sp.jac = mask * s if sp.relative else mask
 
 
 def _aliases(M: Tensor, w: Tensor) -> bool:
@@ -153,7 +177,8 @@ def _relu_spectra(S: list, deltas: list, relative: list) -> list:
 
 
 def _has_mix(layer: nn.Module) -> bool:
-    return hasattr(layer, "spectral_mix")
+    # a dict lookup: ``hasattr`` on a module goes through ``Module.__getattr__`` and an AttributeError when absent
+    return "spectral_mix" in layer.__dict__.get("_parameters", ())
 
 
 def _core(o: nn.Module, acc: torch.dtype, delta: Optional[Tensor] = None, mix: Optional[Tensor] = None) -> Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -23,24 +22,29 @@ _NO_DOUBLE_BACKWARD = (
     "module-swapping fip_fast.spectral_reference")
 
 
-@dataclass(eq=False)
 class _Call:
     """One forward call of a module using a reparameterized weight: the projected input ``a`` (N, P, k) — or, on
-    the weight side (:func:`_weight_side`), the input ``x`` itself and its version — and, once the backward
-    reaches the call's output, the output gradient."""
+    the weight side (:func:`_weight_side`), the input ``x`` itself and its version — ∂relu(s)/∂δ at the δ of the
+    forward (``jac``; None under FSDP2, computed in the backward), and, once the backward reaches the call's
+    output, the output gradient.  A slotted class: one is made per tapped call."""
 
-    sp: _Spectral
-    module: nn.Module
-    a: Optional[Tensor]
-    x: Optional[Tensor] = None
-    x_version: int = 0
-    unbatched: bool = False                   # a convolution called on one sample: g gets a batch of one too
-    g: Optional[Tensor] = None
+    __slots__ = ("sp", "module", "a", "x", "x_version", "unbatched", "g", "jac")
+
+    def __init__(self, sp: _Spectral, module: nn.Module, a: Optional[Tensor], x: Optional[Tensor] = None,
+                 x_version: int = 0, unbatched: bool = False, jac: Optional[Tensor] = None):
+        self.sp, self.module, self.a, self.x, self.x_version = sp, module, a, x, x_version
+        self.unbatched = unbatched                # a convolution called on one sample: g gets a batch of one too
+        self.g: Optional[Tensor] = None
+        self.jac = jac
 
     def capture(self, g: Tensor) -> None:
         if torch.is_grad_enabled():
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         self.g = g.unsqueeze(0) if self.unbatched else g
+
+    def jacobian(self) -> Tensor:
+        """∂relu(s)/∂δ at the δ this call's weight was derived from (:func:`._state._jacobians`)."""
+        return self.sp.jacobian() if self.jac is None else self.jac
 
     def c(self, g: Tensor) -> Tensor:
         """The projected output gradient (N, P, k)."""
@@ -64,7 +68,8 @@ class _Call:
         if self.a is None:
             o = self.sp.owner
             with torch.no_grad():
-                self.a = _adapter_for(self.module).project(self.module, self._input(), o.spectral_U, o.spectral_Vh)
+                self.a = _adapter_for(self.module).project(self.module, self._input(), o.spectral_U,
+                                                                 o.spectral_Vh)
         return self.a
 
     def dw_v(self, g: Tensor, acc: torch.dtype) -> Tensor:
@@ -79,19 +84,22 @@ class _Call:
         sp = self.sp
         if self.g is None:                      # the output took no part in the loss
             return torch.zeros_like(sp.delta)
-        acc = torch.promote_types(sp.owner.spectral_U.dtype, torch.float32)        # fp32 math; fp64 stays fp64
+        U = sp.owner.spectral_U
+        acc = torch.promote_types(U.dtype, torch.float32)                          # fp32 math; fp64 stays fp64
         if cross is not None and sp.sink is None:
             self.g = None
-            return torch.diagonal(cross) * sp.jacobian()
+            return torch.diagonal(cross) * self.jacobian()
         if self.weight_side:                    # diag(Uᵀ·dW·Vhᵀ)
             dwv = self.dw_v(self.g, acc)
             self.g = None
-            return (dwv * sp.owner.spectral_U.to(acc)).sum(0) * sp.jacobian()
+            return (dwv * U.to(acc)).sum(0) * self.jacobian()
         c = self.c(self.g) if c is None else c
-        per_sample = (self.projected().to(acc) * c.to(acc)).sum(1) * sp.jacobian()    # (N, k)
+        a = self.projected()
         self.g = None
-        if sp.sink is not None:
-            sp.sink.append(per_sample.detach())
+        if sp.sink is None:                     # no per-sample values wanted: one reduction over samples and positions
+            return (a.to(acc) * c.to(acc)).sum((0, 1)) * self.jacobian()
+        per_sample = (a.to(acc) * c.to(acc)).sum(1) * self.jacobian()                 # (N, k)
+        sp.sink.append(per_sample.detach())
         return per_sample.sum(0)
 
 
@@ -171,11 +179,11 @@ def _weight_side(sp: _Spectral, module: nn.Module, x: Tensor, out: Tensor) -> bo
         return False
     if isinstance(getattr(module, "padding", 0), str) or not (x.is_floating_point() and x.dtype == out.dtype):
         return False
-    o = sp.owner
-    m, k = o.spectral_U.shape
-    n = o.spectral_Vh.shape[1]
+    b = sp.owner._buffers
+    m, k = b["spectral_U"].shape
+    n = b["spectral_Vh"].shape[1]
     npos = out.numel() // m
-    mix = _has_mix(o)
+    mix = _has_mix(sp.owner)
     act = npos * k * (n + m) + (npos * k * k if mix else 0)
     weight = npos * m * n + m * n * k + (n * k * k if mix else 0)
     return weight < act
@@ -203,7 +211,9 @@ def _tap_hook(module, args, kwargs, out):
     if sp is None or not isinstance(out, Tensor) or not torch.is_grad_enabled():
         return None
     o = sp.owner
-    if not o.spectral_delta.requires_grad:
+    p = o._parameters
+    delta = p["spectral_delta"]
+    if not delta.requires_grad:
         return None
     x = args[0] if args else kwargs.get(_input_name(type(module)))
     if x is None:
@@ -212,15 +222,18 @@ def _tap_hook(module, args, kwargs, out):
     unbatched = _unbatched(module, x)
     if unbatched:
         x = x.unsqueeze(0)
+    jac = None if sp.group.sharded else sp.jac            # the δ of this forward (set by the pre-hook's sync)
     if _weight_side(sp, module, x, out):
-        call = _Call(sp, module, None, x.detach(), x._version, unbatched=unbatched)
+        call = _Call(sp, module, None, x.detach(), x._version, unbatched, jac)
     else:
+        b = o._buffers
         with torch.no_grad():
-            a = _adapter_for(module).project(module, x, o.spectral_U, o.spectral_Vh)
-        call = _Call(sp, module, a, unbatched=unbatched)
-    if _has_mix(o):
-        return _TapMix.apply(out, o.spectral_delta, o.spectral_mix, call)
-    return _Tap.apply(out, o.spectral_delta, call)
+            a = _adapter_for(module).project(module, x, b["spectral_U"], b["spectral_Vh"])
+        call = _Call(sp, module, a, None, 0, unbatched, jac)
+    mix = p.get("spectral_mix")
+    if mix is not None:
+        return _TapMix.apply(out, delta, mix, call)
+    return _Tap.apply(out, delta, call)
 
 
 @contextlib.contextmanager
