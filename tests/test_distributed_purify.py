@@ -61,6 +61,10 @@ def _args(d: Path, out: str, *extra: str) -> list:
             # the δ-only optimizer (before the mixing default), whose clean-val accuracy dips at the end of this tiny
             # run: the scenario needs the dip (the default's accuracy only climbs here)
             "--set", "delta_optimizer=fip", "--set", "mix_band=0", "--set", "clip_norm=null", "--set", "lr_delta=0.3",
+            # no universal perturbation: under DDP each rank perturbs the head of its own slice, not the head of the
+            # global batch, so the run is not the single-process one (its one-δ-everywhere rule is tested in
+            # tests/test_distributed.py)
+            "--set", "universal_perturbation=null",
             "--lambda-iters", "0", "--no-progress", "--threads", "1", "--out", str(d / out), *extra]
 
 

@@ -76,7 +76,9 @@ def test_universal_perturbation_mixes_a_fraction_with_true_labels(backdoored):
 
 
 def _fip_opts(**kw) -> dict:
-    o = {k: v for k, v in DEFAULTS["fip"].items() if k not in ("steps", "batch_size", "patience", "lr_schedule")}
+    """FIP's default builder options, without the loop's and without the holding option the tests set."""
+    o = {k: v for k, v in DEFAULTS["fip"].items()
+         if k not in ("steps", "batch_size", "patience", "lr_schedule", "universal_perturbation")}
     o.update(kw)
     return o
 
@@ -266,8 +268,8 @@ def test_purify_with_every_mechanism(backdoored, method):
     assert rep.steps_run == 6 and rep.extra["reset_units"]["units_reset"] == 2
     assert 0 < rep.extra["universal_perturbation"]["linf"] <= 0.2 + 1e-7
     assert set(m.state_dict()) == set(model.state_dict())
-    opts = {k: v for k, v in DEFAULTS["fip"].items() if k not in ("steps", "batch_size", "patience", "lr_schedule")}
-    assert type(build_fip(copy.deepcopy(model), _ctx(xc, yc), **opts)) is OptimizerPurifier
+    assert type(build_fip(copy.deepcopy(model), _ctx(xc, yc), **_fip_opts(), universal_perturbation=None)) \
+        is OptimizerPurifier
 
 
 def test_options_parse_and_reject():
@@ -302,41 +304,14 @@ def test_universal_eps_is_a_share_of_the_input_range():
 
 
 def test_universal_auto_is_on_for_float_inputs_only():
-    """"auto" (FIP's and Fast FIP's default) perturbs floating-point inputs and leaves integer ones (token ids)."""
+    """"auto" (FIP's and Fast FIP's default) perturbs floating-point inputs with ≥ 2 dimensions per sample (images,
+    signals) and leaves integer ones (token ids) and flat feature vectors alone."""
+    y = torch.randint(3, (32,))
     emb = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(8 * 5, 3))
-    ids, y = torch.randint(20, (32, 5)), torch.randint(3, (32,))
-    pur = build_fip(emb, _ctx(ids, y), **_fip_opts(), universal_perturbation="auto")
-    assert type(pur) is OptimizerPurifier
-    xf = torch.rand(32, 6)
-    pur = build_fip(nn.Linear(6, 3), _ctx(xf, y), **_fip_opts(), universal_perturbation="auto")
+    assert type(build_fip(emb, _ctx(torch.randint(20, (32, 5)), y), **_fip_opts(),
+                          universal_perturbation="auto")) is OptimizerPurifier
+    assert type(build_fip(nn.Linear(6, 3), _ctx(torch.rand(32, 6), y), **_fip_opts(),
+                          universal_perturbation="auto")) is OptimizerPurifier
+    conv = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 6, 3))
+    pur = build_fip(conv, _ctx(torch.rand(32, 2, 8), y), **_fip_opts(), universal_perturbation="auto")
     assert isinstance(pur, H.HoldingPurifier) and pur.universal.cfg == H.UniversalPerturbation()
-
-
-class _Stop(Exception):
-    pass
-
-
-@pytest.mark.parametrize("method", ["fip", "fast_fip"])
-def test_universal_perturbation_resumes_with_its_delta(backdoored, tmp_path, method):
-    """δ travels in the checkpoint: a run interrupted after step 8 and resumed ends where the uninterrupted one
-    does (weights and δ); without δ restored the resumed run would restart δ from 0 and end elsewhere."""
-    model, (xc, yc), _ = backdoored
-    clean = (xc[:192], yc[:192])
-    kw = dict(method=method, steps=16, batch_size=32, eval_every=4, progress=False, checkpoint_every=8,
-              val_fraction=0, universal_perturbation=dict(eps=0.2, step=0.05))
-    m_full, rep_full = P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "full"), **kw)
-    seen = []
-
-    def crash(m):
-        seen.append(1)
-        if len(seen) > 3:           # θ0 + steps 4, 8 → crash at the evaluation of step 12
-            raise _Stop
-        return {}
-
-    with pytest.raises(_Stop):
-        P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "cut"), eval_fn=crash, **kw)
-    m_res, rep_res = P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "cut"), resume=True, **kw)
-    assert rep_res.resumed_from == 8 and rep_res.steps_run == 16
-    assert rep_res.extra["universal_perturbation"] == rep_full.extra["universal_perturbation"]
-    for (k, a), b in zip(m_full.state_dict().items(), m_res.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)

@@ -55,8 +55,9 @@ def test_pipeline_defaults_are_the_recipe():
     Fast FIP shares PURIFY's suppressor, momentum and batch size."""
     from fip_fast.pipeline.methods import DEFAULTS
 
-    assert DEFAULTS["fip"] == FIP_DEFAULTS_BEFORE
-    assert DEFAULTS["fast_fip"] == FAST_FIP_DEFAULTS_BEFORE
+    # the universal perturbation (a holding option of the pipeline, not of the optimizer) joined both on 2026-12-07
+    assert DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, universal_perturbation="auto")
+    assert DEFAULTS["fast_fip"] == dict(FAST_FIP_DEFAULTS_BEFORE, universal_perturbation="auto")
     assert {k: DEFAULTS["fip"][k] for k in PURIFY.pipeline_options()} == PURIFY.pipeline_options()
     for k in ("momentum", "eta_F", "eta_r", "rho", "max_mix", "trace_every", "trace_estimator", "batch_size"):
         assert DEFAULTS["fast_fip"][k] == getattr(PURIFY, k), k
@@ -78,7 +79,7 @@ def test_pipeline_follows_a_changed_recipe(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(methods)
-    assert methods.DEFAULTS["fip"] == FIP_DEFAULTS_BEFORE
+    assert methods.DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, universal_perturbation="auto")
 
 
 def test_recipe_optimizer_equals_the_pipelines():

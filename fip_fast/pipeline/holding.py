@@ -206,6 +206,7 @@ class _Universal:
         self.delta = torch.zeros(x_train.shape[1:], dtype=torch.float32, device=device)
         self.skipped = 0
         self.attracted: Optional[int] = None    # the last "attract" class
+        self._clean: Optional[Tensor] = None    # "shared": the clean rows of the last mixed batch
 
     def perturb(self, x: Tensor, delta: Optional[Tensor] = None) -> Tensor:
         d = self.delta if delta is None else delta
@@ -491,12 +492,16 @@ def make_purifier(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Metho
 
 
 def auto_universal(x_train: Tensor) -> bool:
-    """``universal_perturbation="auto"`` (FIP's and Fast FIP's default): on for floating-point inputs (images,
-    features: x + δ is an input), off for integer ones (token ids, where adding δ means nothing)."""
-    on = bool(x_train.is_floating_point())
+    """``universal_perturbation="auto"`` (FIP's and Fast FIP's default): on for floating-point inputs with at least
+    two dimensions per sample — images (C, H, W), signals (C, T) — and off for flat feature vectors (N, D) and for
+    integer inputs (token ids, where adding δ means nothing).  Flat features are off because one L∞ budget over
+    heterogeneous features has no common unit: on the tabular MLP of examples/own_model the default budget cost
+    10 points of clean accuracy (100 → 90 %) on a model FIP alone purifies at no cost."""
+    on = bool(x_train.is_floating_point()) and x_train.dim() >= 3
     if not on:
-        logger.info("fip_fast.pipeline: universal_perturbation='auto' is off: the inputs are %s, not floating point",
-                    x_train.dtype)
+        logger.info("fip_fast.pipeline: universal_perturbation='auto' is off for inputs of dtype %s and shape %s "
+                    "(it perturbs floating-point inputs with ≥ 2 dimensions per sample)", x_train.dtype,
+                    tuple(x_train.shape))
     return on
 
 
