@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parent / "results"
 
 #: (label, method, options) — the plain method first: the ratios are to it.
 VARIANTS: Dict[str, List[Tuple[str, dict]]] = {
-    "fip": [("fip", {}),
+    "fip": [("fip", dict(universal_perturbation=None)),          # the method without the (default) perturbation
             ("fip + universal, separate gradient", dict(universal_perturbation=dict(gradient="separate"))),
             ("fip + universal, shared gradient", dict(universal_perturbation=dict(gradient="shared"))),
-            ("fip + path aware", dict(path_aware=0.5))],
-    "fast_fip": [("fast_fip", {}),
+            ("fip + path aware", dict(universal_perturbation=None, path_aware=0.5))],
+    "fast_fip": [("fast_fip", dict(universal_perturbation=None)),
                  ("fast_fip + universal, separate gradient", dict(universal_perturbation=dict(gradient="separate"))),
                  ("fast_fip + universal, shared gradient", dict(universal_perturbation=dict(gradient="shared")))],
 }

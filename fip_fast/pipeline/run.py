@@ -111,7 +111,9 @@ setting whose mean clean accuracy stays within 2 points of the backdoored model'
 (other seeds, targets and attacks) then measures it without further tuning
 (``bench/results/protocol_eval.md``).  The protocol compares every method at 100 steps; the shipped step counts
 (fip 300, fast_fip 150), the suppressor radius and the weight decay are the earlier clean-data choices of
-``docs/demo.md``.  Test ASR was never used to choose anything.
+``docs/demo.md``.  The universal perturbation (``universal_perturbation="auto"``, both methods; ours, beyond the
+paper: :mod:`fip_fast.pipeline.holding`, docs/holding.md) was chosen on the development cells' ablations, where it
+lowered ASR and the re-tuned ASR for about a point of clean accuracy.  Test ASR was never used to choose anything.
 """
 from __future__ import annotations
 
