@@ -246,7 +246,7 @@ def _universal_check(rank: int, world: int) -> torch.Tensor:
     x = torch.full((8, 2, 3), 0.5)
     u = _Universal(UniversalPerturbation(eps=0.2, fraction=0.5, clamp=(0.0, 1.0), gradient="shared"), x,
                    torch.device("cpu"), world_size=world)
-    mixed = u.mix(x[:4])
+    mixed, _ = u.mix(x[:4], torch.zeros(4, dtype=torch.long))
     mixed.grad = _universal_grads(world)[rank]
     u.update_shared(mixed)
     return u.delta.clone()

@@ -75,6 +75,30 @@ def test_universal_perturbation_mixes_a_fraction_with_true_labels(backdoored):
     assert not torch.equal(seen[0][:16], x[:16])
 
 
+def test_universal_append_and_lr_schedule(backdoored):
+    """placement="append": perturbed copies of the first ⌊fraction·B⌉ samples join the batch (labels copied, the
+    clean samples all kept); schedule="lr": that share follows lr / the largest lr so far, down to none."""
+    model, (xc, yc), _ = backdoored
+    m, seen = copy.deepcopy(model), []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()) if mod.training else None)
+    pur = build_fip(m, _ctx(xc, yc), **_fip_opts(eta_F=0.0),
+                    universal_perturbation=dict(placement="append", schedule="lr", gradient="separate"))
+    x, y = xc[:64], yc[:64]
+    lr0 = pur.optimizer.param_groups[0]["lr"]
+    sizes, deltas = [], []
+    for scale in (1.0, 0.25, 0.0):
+        for g in pur.optimizer.param_groups:
+            g["lr"] = lr0 * scale
+        pur.step(x, y)
+        sizes.append(seen[-1].shape[0])
+        deltas.append(pur.universal.delta.clone())      # "separate": δ moved before the step that used it
+    assert sizes == [96, 72, 64]
+    d = deltas[1]
+    lo, hi = float(xc.min()), float(xc.max())
+    assert float(d.abs().max()) > 0 and torch.equal(seen[1][:64], x)
+    torch.testing.assert_close(seen[1][64:], (x[:8] + d).clamp(lo, hi), rtol=0, atol=0)
+
+
 def _fip_opts(**kw) -> dict:
     """FIP's default builder options, without the loop's and without the holding option the tests set."""
     o = {k: v for k, v in DEFAULTS["fip"].items()
@@ -113,7 +137,7 @@ def test_universal_shared_finds_the_backdoor(backdoored):
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         i = torch.randint(xc.shape[0], (64,), generator=g)
-        xm = u.mix(xc[i])
+        xm, _ = u.mix(xc[i], yc[i])
         F.cross_entropy(work(xm), yc[i]).backward()
         u.update_shared(xm)
     keep = yt != TARGET
@@ -284,6 +308,10 @@ def test_options_parse_and_reject():
     with pytest.raises(ValueError, match="gradient='shared' needs objective='loss'"):
         H.resolve_holding(dict(objective="attract", gradient="shared"))
     assert H.UniversalPerturbation(gradient="shared").shared and not H.UniversalPerturbation().shared
+    with pytest.raises(ValueError, match="universal_perturbation.placement"):
+        H.resolve_holding(dict(placement="prepend"))
+    with pytest.raises(ValueError, match="universal_perturbation.schedule"):
+        H.resolve_holding(dict(schedule="cosine"))
     with pytest.raises(ValueError, match="universal_perturbation.scale"):
         H.resolve_holding(dict(scale="pixels"))
     with pytest.raises(TypeError, match="or 'auto'"):
@@ -315,3 +343,33 @@ def test_universal_auto_is_on_for_float_inputs_only():
     conv = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 6, 3))
     pur = build_fip(conv, _ctx(torch.rand(32, 2, 8), y), **_fip_opts(), universal_perturbation="auto")
     assert isinstance(pur, H.HoldingPurifier) and pur.universal.cfg == H.UniversalPerturbation()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["fip", "fast_fip"])
+def test_universal_perturbation_resumes_with_its_delta(backdoored, tmp_path, method):
+    """δ travels in the checkpoint: a run interrupted after step 8 and resumed ends where the uninterrupted one
+    does (weights and δ); without δ restored the resumed run would restart δ from 0 and end elsewhere."""
+    model, (xc, yc), _ = backdoored
+    clean = (xc[:192], yc[:192])
+    kw = dict(method=method, steps=16, batch_size=32, eval_every=4, progress=False, checkpoint_every=8,
+              val_fraction=0, universal_perturbation=dict(eps=0.2, step=0.05))
+    m_full, rep_full = P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "full"), **kw)
+    seen = []
+
+    def crash(m):
+        seen.append(1)
+        if len(seen) > 3:           # θ0 + steps 4, 8 → crash at the evaluation of step 12
+            raise _Stop
+        return {}
+
+    with pytest.raises(_Stop):
+        P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "cut"), eval_fn=crash, **kw)
+    m_res, rep_res = P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "cut"), resume=True, **kw)
+    assert rep_res.resumed_from == 8 and rep_res.steps_run == 16
+    assert rep_res.extra["universal_perturbation"] == rep_full.extra["universal_perturbation"]
+    for (k, a), b in zip(m_full.state_dict().items(), m_res.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
