@@ -1,14 +1,13 @@
 """Mechanisms that make a purification *hold* (ours, beyond the FIP paper; docs/holding.md): options of the
-``fip`` and ``fast_fip`` methods, each off by default.
+``fip`` and ``fast_fip`` methods.  The universal perturbation is on by default (``"auto"``); the other two are off.
 
-* ``universal_perturbation`` (:class:`UniversalPerturbation`; after I-BAU's and AWM's universal perturbation and
-  SAU's shared adversarial examples): one input-shaped perturbation δ, L∞-bounded by ``eps``, kept across steps and
-  moved by one signed-gradient step per batch (:meth:`_Universal.update`) toward what the model gets most wrong;
-  a ``fraction`` of every training batch is replaced by x + δ *with its true label*.  Clean data never carry the
-  trigger with a wrong label, so clean cross-entropy alone gives no gradient against a trigger-like direction; δ
-  supplies one.  Cost: none beyond the input gradient — δ's gradient comes from the training step's own backward
-  (``gradient="shared"``, the default with ``objective="loss"``); ``"separate"`` pays one extra forward and one
-  input-only backward per step.
+* ``universal_perturbation`` (:class:`UniversalPerturbation`, :mod:`fip_fast.pipeline._universal`; after I-BAU's
+  and AWM's universal perturbation and SAU's shared adversarial examples): one input-shaped perturbation δ,
+  L∞-bounded by ``eps``, kept across steps and moved by one signed-gradient step per batch toward what the model
+  gets most wrong; a share of every training batch is replaced by x + δ *with its true label*.  Clean data never
+  carry the trigger with a wrong label, so clean cross-entropy alone gives no gradient against a trigger-like
+  direction; δ supplies one.  Cost: one extra forward and one input-only backward per step (``gradient="separate"``,
+  the default), or only the input gradient (``"shared"``: δ's gradient from the training step's own backward).
 * ``path_aware`` (:class:`PathAware`; PAM, Min et al., NeurIPS 2024, ``fine_tune/BTIDBF/sam.py`` of
   AISafety-HKUST/stable_backdoor_purification): every gradient of the step is taken at w + ρ·(θ0 − w)/‖θ0 − w‖
   (θ0: the trainable parameters where purification started; global L2 norm) and applied at w.  A purified model
@@ -19,7 +18,8 @@
   top ``fraction`` of units in the model (:func:`reset_units_`).  Cost: ``steps`` forward/backward passes, once.
 
 Each option accepts ``None``/``False`` (off), ``True`` (the defaults), a number (the first field: ``eps``,
-``rho``, ``fraction``), a dict of fields, or the dataclass.
+``rho``, ``fraction``), a dict of fields, or the dataclass; ``universal_perturbation`` also ``"auto"``
+(:func:`auto_universal`).
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fip_fast.pipeline._universal import UniversalPerturbation, _positive, _Universal, auto_universal
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier
 
 logger = logging.getLogger("fip_fast")
@@ -43,63 +43,6 @@ __all__ = ["UniversalPerturbation", "PathAware", "UnitReset", "HoldingOptions", 
 
 
 # ------------------------------------------------------------------------------------------------ options
-@dataclass(frozen=True)
-class UniversalPerturbation:
-    """eps: L∞ bound of δ, as a share of the input range (``scale="range"``: 0.2 of max − min, i.e. 0.2 for [0, 1]
-    images and 0.2·(max − min) for standardized ones) or in input units (``scale="absolute"``).  step: the signed
-    step per batch, in the same unit (None: eps / 10, so the bound is reached in ≈ 10 batches).  fraction: share of
-    every batch replaced by x + δ (true labels; the first ⌊fraction·B⌉ samples of the already random batch).
-    objective: ``"loss"`` — ascend the cross-entropy of the true labels (untargeted); ``"attract"`` — descend the
-    cross-entropy toward the class that attracts the most probability mass of the wrong classes on x + δ (for a
-    backdoored model, the target).  clamp: (lo, hi) range of x + δ; None: the clean set's min and max (the range
-    of ``scale="range"`` is hi − lo).  gradient: where δ's gradient comes from — ``"separate"``: one extra forward
-    and input-only backward before the step, in eval mode (AWM's way); ``"shared"`` (``objective="loss"`` only):
-    the training step's own backward (the perturbed samples are a leaf of the batch; no extra pass, δ moves after
-    the step, train mode) — cheaper, and on the development cells 0.5–0.8 point less accurate.  placement:
-    ``"replace"`` — the perturbed samples take the place of the batch's first ones; ``"append"`` — perturbed copies
-    of the first ⌊fraction·B⌉ samples are added to the batch (the clean samples all stay; the batch grows).
-    schedule: ``"lr"`` — the share follows the learning rate (fraction × lr / the largest lr so far, rounded, so the
-    last steps of a decaying schedule train on clean samples only; on the development cells this kept one point
-    more clean accuracy with the 2 % clean set at the same ASR); ``"constant"`` — the same share every step."""
-
-    eps: float = 0.2
-    step: Optional[float] = None
-    fraction: float = 0.5
-    objective: str = "loss"
-    clamp: Optional[Tuple[float, float]] = None
-    gradient: str = "separate"
-    scale: str = "range"
-    placement: str = "replace"
-    schedule: str = "lr"
-
-    def __post_init__(self) -> None:
-        _positive("universal_perturbation.eps", self.eps)
-        if self.step is not None:
-            _positive("universal_perturbation.step", self.step)
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"universal_perturbation.fraction must lie in (0, 1], got {self.fraction!r}")
-        if self.objective not in ("loss", "attract"):
-            raise ValueError(f"universal_perturbation.objective must be 'loss' or 'attract', got {self.objective!r}")
-        if self.clamp is not None and (len(self.clamp) != 2 or not self.clamp[0] < self.clamp[1]):
-            raise ValueError(f"universal_perturbation.clamp must be (lo, hi) with lo < hi, got {self.clamp!r}")
-        if self.gradient not in ("shared", "separate"):
-            raise ValueError(f"universal_perturbation.gradient must be 'shared' or 'separate', got {self.gradient!r}")
-        if self.gradient == "shared" and self.objective != "loss":
-            raise ValueError("universal_perturbation.gradient='shared' needs objective='loss' (the training "
-                             f"backward only gives the true labels' loss gradient), got objective={self.objective!r}")
-        if self.scale not in ("range", "absolute"):
-            raise ValueError(f"universal_perturbation.scale must be 'range' or 'absolute', got {self.scale!r}")
-        if self.placement not in ("replace", "append"):
-            raise ValueError(f"universal_perturbation.placement must be 'replace' or 'append', got {self.placement!r}")
-        if self.schedule not in ("constant", "lr"):
-            raise ValueError(f"universal_perturbation.schedule must be 'constant' or 'lr', got {self.schedule!r}")
-
-    @property
-    def shared(self) -> bool:
-        """Whether δ's gradient comes from the training step's own backward (see ``gradient``)."""
-        return self.gradient == "shared"
-
-
 @dataclass(frozen=True)
 class PathAware:
     """rho: the distance (global L2, in parameter units) of the gradient point from w toward θ0 (PAM's 0.5).
@@ -144,11 +87,6 @@ class UnitReset:
             raise ValueError(f"reset_units.batch_size must be ≥ 1, got {self.batch_size!r}")
         if self.layers not in ("conv", "conv_linear"):
             raise ValueError(f"reset_units.layers must be 'conv' or 'conv_linear', got {self.layers!r}")
-
-
-def _positive(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
 
 
 def _as_option(name: str, value: Any, cls: type) -> Any:
@@ -197,118 +135,6 @@ def resolve_holding(universal_perturbation: Any = None, path_aware: Any = None, 
         raise ValueError(f"path_aware needs trace_estimator='fd' (or eta_F=0), got trace_estimator="
                          f"{trace_estimator!r}: the gradient point is shifted inside the closure only")
     return h
-
-
-# -------------------------------------------------------------------------------- universal perturbation
-class _Universal:
-    """The persistent perturbation δ (shape of one input, fp32) and its per-batch update."""
-
-    def __init__(self, cfg: UniversalPerturbation, x_train: Tensor, device: torch.device, world_size: int = 1):
-        self.cfg = cfg
-        self.world_size = world_size     # > 1: δ's gradient is summed over the ranks, so every rank keeps one δ
-        lo, hi = cfg.clamp if cfg.clamp is not None else (float(x_train.min()), float(x_train.max()))
-        if not hi > lo:
-            raise ValueError(f"universal_perturbation: the clean inputs are constant ({lo!r}), so x + δ has no range "
-                             "to move in; pass universal_perturbation=None or a clamp=(lo, hi)")
-        self.lo, self.hi = lo, hi
-        unit = (hi - lo) if cfg.scale == "range" else 1.0
-        self.eps = cfg.eps * unit                                     # in input units from here on
-        self.step_size = (cfg.step if cfg.step is not None else cfg.eps / 10) * unit
-        self.delta = torch.zeros(x_train.shape[1:], dtype=torch.float32, device=device)
-        self.skipped = 0
-        self.attracted: Optional[int] = None    # the last "attract" class
-        self._clean: Optional[Tensor] = None    # "shared": the clean originals of the last perturbed rows
-        self._rows: Optional[slice] = None      # ... and where they sit in the mixed batch
-
-    def perturb(self, x: Tensor, delta: Optional[Tensor] = None) -> Tensor:
-        d = self.delta if delta is None else delta
-        return (x + d.to(x.dtype)).clamp(self.lo, self.hi)
-
-    def update(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        """One signed-gradient step of δ on the batch (x, y), the model in eval mode (BatchNorm's running statistics
-        untouched, as AWM does) and only δ's gradient computed; a non-finite gradient leaves δ as it was."""
-        was = model.training
-        model.eval()
-        try:
-            d = self.delta.clone().requires_grad_(True)
-            with torch.enable_grad():
-                out = model(self.perturb(x, d)).float()
-                obj = self._objective(out, y)
-                (g,) = torch.autograd.grad(obj, d)
-        finally:
-            model.train(was)
-        g = self._reduce(g)
-        if not bool(torch.isfinite(g).all()):
-            self.skipped += 1
-            return
-        with torch.no_grad():
-            self.delta.add_(g.sign(), alpha=self.step_size).clamp_(-self.eps, self.eps)
-
-    def _reduce(self, g: Tensor) -> Tensor:
-        """Under data-parallel purification, the sum of every rank's gradient (the same signed step everywhere)."""
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            g = g.contiguous()
-            dist.all_reduce(g)
-        return g
-
-    def _objective(self, out: Tensor, y: Tensor) -> Tensor:
-        """What δ ascends: the true labels' cross-entropy, or minus the cross-entropy toward the class with the
-        most wrong-class probability mass (the samples of that class left out)."""
-        if self.cfg.objective == "loss":
-            return F.cross_entropy(out, y)
-        with torch.no_grad():
-            p = out.softmax(1)
-            p[torch.arange(p.shape[0], device=p.device), y] = 0.0
-            c = int(p.mean(0).argmax())
-        self.attracted = c
-        keep = y != c
-        if not bool(keep.any()):
-            return out.sum() * 0.0
-        return -F.cross_entropy(out[keep], torch.full_like(y[keep], c))
-
-    def mix(self, x: Tensor, y: Tensor, share: float = 1.0) -> Tuple[Tensor, Tensor]:
-        """``(x, y)`` with ⌊share·fraction·B⌉ samples perturbed (at least one at ``share`` 1): the first ones replaced
-        by x + δ, or perturbed copies of them appended (``placement``); labels unchanged.  With a shared gradient
-        the batch is a leaf that requires grad: the step's backward leaves ∂loss/∂(x + δ) in its ``.grad`` for
-        :meth:`update_shared`."""
-        k = int(round(share * self.cfg.fraction * x.shape[0]))
-        k = max(1, k) if share >= 1.0 else k
-        self._clean, self._rows = None, None
-        if k == 0:
-            return x, y
-        pert = self.perturb(x[:k])
-        if self.cfg.placement == "append":
-            out, y = torch.cat([x, pert]), torch.cat([y, y[:k]])
-            rows = slice(x.shape[0], x.shape[0] + k)
-        else:
-            out = x.clone()
-            out[:k] = pert
-            rows = slice(0, k)
-        if self.cfg.shared:
-            self._clean, self._rows = x[:k], rows
-            out.requires_grad_(True)
-        return out, y
-
-    def update_shared(self, mixed: Tensor) -> None:
-        """The signed step of δ from the gradient the training step left on ``mixed`` (the output of :meth:`mix`):
-        ∂loss/∂δ = Σ over the perturbed samples of ∂loss/∂(x + δ), where the clamp passes it.  Every closure call of
-        the step adds to it (FIP's fd suppressor: at w and at w + e).  No gradient (a step the optimizer skipped
-        before any backward) or a non-finite one leaves δ as it was."""
-        g_in, clean, rows = mixed.grad, self._clean, self._rows
-        self._clean = self._rows = None
-        with torch.no_grad():
-            if g_in is None or clean is None:   # a zero gradient still joins the ranks' sum (no rank may skip it)
-                g = torch.zeros_like(self.delta)
-            else:
-                z = clean.float() + self.delta
-                g = (g_in[rows].float() * ((z >= self.lo) & (z <= self.hi))).sum(0)
-            g = self._reduce(g)
-            if g_in is None or clean is None or not bool(torch.isfinite(g).all()):
-                self.skipped += clean is not None      # no perturbed sample this step is not a skip
-                return
-            self.delta.add_(g.sign(), alpha=self.step_size).clamp_(-self.eps, self.eps)
 
 
 # -------------------------------------------------------------------------------------------- path aware
@@ -518,20 +344,6 @@ def make_purifier(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Metho
         logger.info("fip_fast.pipeline: reset_units zeroed %d weights in %d units (%d ascent steps)", reset.zeroed,
                     len(reset.reset), reset.ascent_steps)
     return HoldingPurifier(model, optimizer, ctx.loss_fn, hold=hold, ctx=ctx, reset=reset, **kw)
-
-
-def auto_universal(x_train: Tensor) -> bool:
-    """``universal_perturbation="auto"`` (FIP's and Fast FIP's default): on for floating-point inputs with at least
-    two dimensions per sample — images (C, H, W), signals (C, T) — and off for flat feature vectors (N, D) and for
-    integer inputs (token ids, where adding δ means nothing).  Flat features are off because one L∞ budget over
-    heterogeneous features has no common unit: on the tabular MLP of examples/own_model the default budget cost
-    10 points of clean accuracy (100 → 90 %) on a model FIP alone purifies at no cost."""
-    on = bool(x_train.is_floating_point()) and x_train.dim() >= 3
-    if not on:
-        logger.info("fip_fast.pipeline: universal_perturbation='auto' is off for inputs of dtype %s and shape %s "
-                    "(it perturbs floating-point inputs with ≥ 2 dimensions per sample)", x_train.dtype,
-                    tuple(x_train.shape))
-    return on
 
 
 def describe(hold: HoldingOptions) -> Dict[str, Any]:
