@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _resume import uninterrupted_and_resumed  # tests/ is on sys.path
 from torch import nn
 
 from fip_fast import pipeline as P
@@ -196,25 +197,11 @@ def test_fisher_and_validation_see_unaugmented_data(clean, monkeypatch):
     assert again["val_loss"] == pytest.approx(rep1.final["val_loss"], rel=1e-5)
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_augmented_resume_matches_the_uninterrupted_run(clean, tmp_path):
     kw = dict(method="fip", steps=12, batch_size=8, eval_every=3, progress=False, checkpoint_every=6,
               augment="shift")
-    m_full, rep_full = P.purify(_net(), clean, checkpoint_dir=str(tmp_path / "full"), **kw)
-    seen = []
-
-    def crash(m):
-        seen.append(1)
-        if len(seen) > 3:                # θ0 + steps 3, 6 → crash at the evaluation of step 9
-            raise _Stop
-        return {}
-
-    with pytest.raises(_Stop):
-        P.purify(_net(), clean, checkpoint_dir=str(tmp_path / "cut"), eval_fn=crash, **kw)
-    m_res, rep_res = P.purify(_net(), clean, checkpoint_dir=str(tmp_path / "cut"), resume=True, **kw)
+    # θ0 + steps 3, 6 → crash at the evaluation of step 9
+    (m_full, rep_full), (m_res, rep_res) = uninterrupted_and_resumed(_net, clean, tmp_path, 3, **kw)
     assert rep_res.resumed_from == 6 and rep_res.steps_run == 12
     assert rep_res.config["augment"] == "shift(1)"
     for (k, a), b in zip(m_full.state_dict().items(), m_res.state_dict().values()):

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _synthetic import small_cnn  # tests/ is on sys.path
+from _resume import uninterrupted_and_resumed  # tests/ is on sys.path
+from _synthetic import small_cnn
 from test_purify import TARGET, _images, backdoored_tiny_cnn
 from torch import nn
 
@@ -345,30 +346,16 @@ def test_universal_auto_is_on_for_float_inputs_only():
     assert isinstance(pur, H.HoldingPurifier) and pur.universal.cfg == H.UniversalPerturbation()
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["fip", "fast_fip"])
 def test_universal_perturbation_resumes_with_its_delta(backdoored, tmp_path, method):
     """δ travels in the checkpoint: a run interrupted after step 8 and resumed ends where the uninterrupted one
     does (weights and δ); without δ restored the resumed run would restart δ from 0 and end elsewhere."""
     model, (xc, yc), _ = backdoored
     clean = (xc[:192], yc[:192])
-    kw = dict(method=method, steps=16, batch_size=32, eval_every=4, progress=False, checkpoint_every=8,
-              val_fraction=0, universal_perturbation=dict(eps=0.2, step=0.05))
-    m_full, rep_full = P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "full"), **kw)
-    seen = []
-
-    def crash(m):
-        seen.append(1)
-        if len(seen) > 3:           # θ0 + steps 4, 8 → crash at the evaluation of step 12
-            raise _Stop
-        return {}
-
-    with pytest.raises(_Stop):
-        P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "cut"), eval_fn=crash, **kw)
-    m_res, rep_res = P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "cut"), resume=True, **kw)
+    (m_full, rep_full), (m_res, rep_res) = uninterrupted_and_resumed(
+        lambda: copy.deepcopy(model), clean, tmp_path, 3,         # θ0 + steps 4, 8 → crash at step 12's evaluation
+        method=method, steps=16, batch_size=32, eval_every=4, progress=False, checkpoint_every=8, val_fraction=0,
+        universal_perturbation=dict(eps=0.2, step=0.05))
     assert rep_res.resumed_from == 8 and rep_res.steps_run == 16
     assert rep_res.extra["universal_perturbation"] == rep_full.extra["universal_perturbation"]
     for (k, a), b in zip(m_full.state_dict().items(), m_res.state_dict().values()):

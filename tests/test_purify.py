@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _synthetic import TinyCNN  # tests/ is on sys.path
+from _resume import uninterrupted_and_resumed  # tests/ is on sys.path
+from _synthetic import TinyCNN
 from torch import nn
 
 from fip_fast import pipeline as P
@@ -175,28 +176,13 @@ def test_selection_rule_on_clean_val(task):
     assert rep.selected_step > 0
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["fip", "fast_fip"])
 def test_resume_continues(task, tmp_path, method):
     model, clean, _, _ = task
     kw = dict(method=method, steps=24, batch_size=16, eval_every=4, progress=False, checkpoint_every=8)
-    m_full, rep_full = P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "full"), **kw)
-
-    seen = []
-
-    def crash(m):
-        seen.append(1)
-        if len(seen) > 4:           # θ0 + steps 4, 8, 12 → crash at the evaluation of step 16
-            raise _Stop
-        return {}
-
-    with pytest.raises(_Stop):
-        P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "cut"), eval_fn=crash, **kw)
-    m_res, rep_res = P.purify(copy.deepcopy(model), clean, checkpoint_dir=str(tmp_path / "cut"), resume=True,
-                              **kw)
+    # θ0 + steps 4, 8, 12 → crash at the evaluation of step 16
+    (m_full, rep_full), (m_res, rep_res) = uninterrupted_and_resumed(lambda: copy.deepcopy(model), clean, tmp_path,
+                                                                     4, **kw)
     assert rep_res.resumed_from == 8
     assert rep_res.steps_run == 24
     assert [h["step"] for h in rep_res.history] == [4, 8, 12, 16, 20, 24]
