@@ -360,3 +360,19 @@ def test_universal_perturbation_resumes_with_its_delta(backdoored, tmp_path, met
     assert rep_res.extra["universal_perturbation"] == rep_full.extra["universal_perturbation"]
     for (k, a), b in zip(m_full.state_dict().items(), m_res.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_universal_non_finite_gradient_leaves_delta():
+    """A gradient with one non-finite entry leaves δ as it was (no entry moves) and counts one skip; a finite one
+    then moves it.  Decided on the device: no host read per update."""
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(3, (8,))
+    u = H._Universal(H.UniversalPerturbation(gradient="shared"), x, torch.device("cpu"))
+    for bad in (True, False):
+        before = u.delta.clone()
+        xm, _ = u.mix(x, y)
+        g = torch.ones_like(xm)
+        if bad:
+            g[0, 0, 1, 2] = float("inf")
+        xm.grad = g
+        u.update_shared(xm)
+        assert torch.equal(u.delta, before) is bad and u.skipped == 1

@@ -93,7 +93,7 @@ class _Universal:
         self.eps = cfg.eps * unit                                     # in input units from here on
         self.step_size = (cfg.step if cfg.step is not None else cfg.eps / 10) * unit
         self.delta = torch.zeros(x_train.shape[1:], dtype=torch.float32, device=device)
-        self.skipped = 0
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)   # a tensor: no host sync per step
         self.attracted: Optional[int] = None    # the last "attract" class
         self._clean: Optional[Tensor] = None    # "shared": the clean originals of the last perturbed rows
         self._rows: Optional[slice] = None      # ... and where they sit in the mixed batch
@@ -115,12 +115,8 @@ class _Universal:
                 (g,) = torch.autograd.grad(obj, d)
         finally:
             model.train(was)
-        g = self._reduce(g)
-        if not bool(torch.isfinite(g).all()):
-            self.skipped += 1
-            return
         with torch.no_grad():
-            self.delta.add_(g.sign(), alpha=self.step_size).clamp_(-self.eps, self.eps)
+            self._signed_step(self._reduce(g))
 
     def _reduce(self, g: Tensor) -> Tensor:
         """Under data-parallel purification, the sum of every rank's gradient (the same signed step everywhere)."""
@@ -183,10 +179,27 @@ class _Universal:
                 z = clean.float() + self.delta
                 g = (g_in[rows].float() * ((z >= self.lo) & (z <= self.hi))).sum(0)
             g = self._reduce(g)
-            if g_in is None or clean is None or not bool(torch.isfinite(g).all()):
-                self.skipped += clean is not None      # no perturbed sample this step is not a skip
+            if g_in is None or clean is None:
+                self._skipped += int(clean is not None)     # no perturbed sample this step is not a skip
                 return
-            self.delta.add_(g.sign(), alpha=self.step_size).clamp_(-self.eps, self.eps)
+            self._signed_step(g)
+
+    def _signed_step(self, g: Tensor) -> None:
+        """δ ← clip(δ + step·sign(g)), or δ unchanged (and one more skip) when g is not finite — decided on the
+        device, without reading anything back to the host."""
+        ok = torch.isfinite(g).all()
+        moved = (self.delta + self.step_size * g.sign()).clamp_(-self.eps, self.eps)
+        self.delta.copy_(torch.where(ok, moved, self.delta))
+        self._skipped += (~ok).long()
+
+    @property
+    def skipped(self) -> int:
+        """Updates left out for a non-finite gradient (or a step without one)."""
+        return int(self._skipped)
+
+    @skipped.setter
+    def skipped(self, n: int) -> None:
+        self._skipped.fill_(int(n))
 
 
 def auto_universal(x_train: Tensor) -> bool:
