@@ -502,6 +502,12 @@ def group_hutchinson(cfg: "Config") -> list[Row]:
 AUTHORS = "nazmul-karim170/FIP@b787f04 src/networks/svd_layers.py, rewritten"
 
 
+def _authors_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The authors' per-forward weight of both layers: U·diag(relu(S + scale·δ))·Vh, in x's device and dtype."""
+    cast = dict(device=x.device, dtype=x.dtype)
+    return layer.U.to(**cast) @ torch.diag(F.relu(layer.S.to(**cast) + layer.scale * layer.delta)) @ layer.Vh.to(**cast)
+
+
 class AuthorsSVDConv2d(nn.Conv2d):
     """The authors' Fast FIP convolution, rewritten from nazmul-karim170/FIP (commit b787f04),
     ``src/networks/svd_layers.py`` (class ``SVDConv2d``): W = U·diag(relu(S + scale·δ))·Vh, from the thin SVD of
@@ -526,10 +532,7 @@ class AuthorsSVDConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor):
         if not self.done_svd:
             self.perform_svd()
-        w = (self.U.to(x.device, dtype=x.dtype) @ torch.diag(F.relu(self.S.to(x.device, dtype=x.dtype)
-                                                                     + self.scale * self.delta))
-             @ self.Vh.to(x.device, dtype=x.dtype))
-        w = w.reshape(self.weight.shape)
+        w = _authors_weight(self, x).reshape(self.weight.shape)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -552,10 +555,7 @@ class AuthorsSVDLinear(nn.Linear):
     def forward(self, x: torch.Tensor):
         if not self.done_svd:
             self.perform_svd()
-        w = (self.U.to(x.device, dtype=x.dtype) @ torch.diag(F.relu(self.S.to(x.device, dtype=x.dtype)
-                                                                     + self.scale * self.delta))
-             @ self.Vh.to(x.device, dtype=x.dtype))
-        return F.linear(x, w, bias=self.bias)
+        return F.linear(x, _authors_weight(self, x), bias=self.bias)
 
 
 def authors_swap(model: nn.Module) -> list[nn.Parameter]:
