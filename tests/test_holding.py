@@ -376,3 +376,67 @@ def test_universal_non_finite_gradient_leaves_delta():
         xm.grad = g
         u.update_shared(xm)
         assert torch.equal(u.delta, before) is bad and u.skipped == 1
+
+
+# --------------------------------------------------------------------------------------------------- distill
+def _step_from(model, x, y, **holding):
+    """One FIP step (plain SGD, no suppressor) of a copy of ``model``; its parameters after."""
+    m = copy.deepcopy(model)
+    o = dict(lr=0.1, rho=0.5, momentum=0.0, weight_decay=0.0, eta_F=0.0, eta_r=0.0, trace_every=1,
+             trace_estimator="fd", max_mix=1.0)
+    pur = build_fip(m, _ctx(x, y), universal_perturbation=None, **o, **holding)
+    pur.step(x, y)
+    return [p.detach().clone() for p in m.parameters()], pur
+
+
+def test_distill_teacher_matches_the_student_at_the_start(backdoored):
+    """At θ0 the teacher (the starting model, BatchNorm on batch statistics as the student's train-mode step) gives
+    the student's own outputs, so the term and its gradient vanish: the first step is the step without it (with a
+    teacher on BatchNorm's running estimates it is not)."""
+    model, (xc, yc), _ = backdoored
+    x, y = xc[:64], yc[:64]
+    plain, _ = _step_from(model, x, y)
+    kd, pur = _step_from(model, x, y, distill=dict(weight=1.0, temperature=2.0))
+    for a, b in zip(plain, kd):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert all(not p.requires_grad for p in pur.teacher.parameters())
+    for p, p0 in zip(pur.teacher.parameters(), model.parameters()):
+        assert torch.equal(p, p0)                     # the teacher is the model as purification found it
+    running = copy.deepcopy(pur.teacher)
+    for mod in running.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.eval()
+            mod.track_running_stats = True
+    with torch.no_grad():
+        assert float((running(x) - pur.teacher(x)).abs().max()) > 1e-2   # the two teachers differ on this batch
+
+
+def test_distill_term_is_the_tempered_kl_on_the_unperturbed_rows(backdoored):
+    """The term the closure adds is weight·T²·KL(teacher ‖ model) of the softmaxes at T, mean over the rows the
+    universal perturbation left clean; the teacher never moves."""
+    model, (xc, yc), _ = backdoored
+    m = copy.deepcopy(model)
+    pur = build_fip(m, _ctx(xc, yc), **_fip_opts(), universal_perturbation=dict(fraction=0.25, schedule="constant"),
+                    distill=dict(weight=0.7, temperature=3.0))
+    for i in range(3):
+        pur.step(xc[64 * i:64 * (i + 1)], yc[64 * i:64 * (i + 1)])
+    x, y = pur.universal.mix(xc[:64], yc[:64])
+    assert pur.universal.clean_rows == slice(16, 64)
+    term = pur._distill_term(x, pur.universal.clean_rows)
+    m.train()
+    out = m(x)
+    with torch.no_grad():
+        t = pur.teacher(x[16:])
+    p_t = F.softmax(t / 3.0, 1)
+    ref = 0.7 * 9.0 * (p_t * (p_t.log() - F.log_softmax(out[16:] / 3.0, 1))).sum(1).mean()
+    torch.testing.assert_close(term(out), ref, rtol=1e-5, atol=1e-7)
+    assert float(ref.detach()) > 1e-4                 # the student has moved off the teacher
+    for p, p0 in zip(pur.teacher.parameters(), model.parameters()):
+        assert torch.equal(p, p0)
+
+
+def test_distill_refuses_outputs_that_are_not_class_logits():
+    x, y = torch.randn(8, 3, 4), torch.randint(3, (8,))
+    seq = nn.Sequential(nn.Linear(4, 3))          # (batch, 3, 3): one row of logits per position
+    with pytest.raises(ValueError, match=r"distill needs the model to return class logits"):
+        _step_from(seq, x, y, distill=True)

@@ -97,6 +97,7 @@ class _Universal:
         self.attracted: Optional[int] = None    # the last "attract" class
         self._clean: Optional[Tensor] = None    # "shared": the clean originals of the last perturbed rows
         self._rows: Optional[slice] = None      # ... and where they sit in the mixed batch
+        self.clean_rows = slice(0, 0)           # set by mix(): the rows of the last batch left unperturbed
 
     def perturb(self, x: Tensor, delta: Optional[Tensor] = None) -> Tensor:
         d = self.delta if delta is None else delta
@@ -150,6 +151,7 @@ class _Universal:
         k = int(round(share * self.cfg.fraction * x.shape[0]))
         k = max(1, k) if share >= 1.0 else k
         self._clean, self._rows = None, None
+        self.clean_rows = slice(0, x.shape[0])      # where the unperturbed samples sit in the mixed batch
         if k == 0:
             return x, y
         pert = self.perturb(x[:k])
@@ -160,6 +162,7 @@ class _Universal:
             out = x.clone()
             out[:k] = pert
             rows = slice(0, k)
+            self.clean_rows = slice(k, x.shape[0])
         if self.cfg.shared:
             self._clean, self._rows = x[:k], rows
             out.requires_grad_(True)

@@ -38,8 +38,9 @@ from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier
 
 logger = logging.getLogger("fip_fast")
 
-__all__ = ["UniversalPerturbation", "PathAware", "UnitReset", "HoldingOptions", "resolve_holding",
-           "HoldingPurifier", "make_purifier", "prepare", "reset_units_", "ResetResult", "auto_universal"]
+__all__ = ["UniversalPerturbation", "PathAware", "UnitReset", "Distill", "HoldingOptions", "Prepared",
+           "resolve_holding", "HoldingPurifier", "make_purifier", "prepare", "reset_units_", "ResetResult",
+           "auto_universal"]
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -110,27 +111,42 @@ def _as_option(name: str, value: Any, cls: type) -> Any:
 
 
 @dataclass(frozen=True)
+class Distill:
+    """weight: the distillation term's weight beside the cross-entropy (1: equal).  temperature: T of both
+    softmaxes (the term is T²·KL, Hinton et al.'s scaling, so its gradient does not shrink as T grows)."""
+
+    weight: float = 1.0
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        _positive("distill.weight", self.weight)
+        _positive("distill.temperature", self.temperature)
+
+
+@dataclass(frozen=True)
 class HoldingOptions:
-    """The three mechanisms of one purification, resolved (None: off)."""
+    """The mechanisms of one purification, resolved (None: off)."""
 
     universal: Optional[UniversalPerturbation] = None
     path: Optional[PathAware] = None
     reset: Optional[UnitReset] = None
+    distill: Optional[Distill] = None
 
     @property
     def any(self) -> bool:
-        return self.universal is not None or self.path is not None or self.reset is not None
+        return any(v is not None for v in (self.universal, self.path, self.reset, self.distill))
 
 
-def resolve_holding(universal_perturbation: Any = None, path_aware: Any = None, reset_units: Any = None, *,
-                    trace_estimator: str = "fd", eta_F: float = 0.0) -> HoldingOptions:
-    """Parse the three options and check they fit the optimizer's suppressor.  ``path_aware`` shifts the weights
+def resolve_holding(universal_perturbation: Any = None, path_aware: Any = None, reset_units: Any = None,
+                    distill: Any = None, *, trace_estimator: str = "fd", eta_F: float = 0.0) -> HoldingOptions:
+    """Parse the options and check they fit the optimizer's suppressor.  ``path_aware`` shifts the weights
     inside the closure only, so it needs every gradient to be computed inside it: not with the ``"batch"`` /
     ``"exact"`` estimators (their double backward runs after the closure) nor ``"lagged"`` (the model holds a
     perturbation between steps)."""
     h = HoldingOptions(_as_option("universal_perturbation", universal_perturbation, UniversalPerturbation),
                        _as_option("path_aware", path_aware, PathAware),
-                       _as_option("reset_units", reset_units, UnitReset))
+                       _as_option("reset_units", reset_units, UnitReset),
+                       _as_option("distill", distill, Distill))
     if h.path is not None and eta_F > 0 and trace_estimator != "fd":
         raise ValueError(f"path_aware needs trace_estimator='fd' (or eta_F=0), got trace_estimator="
                          f"{trace_estimator!r}: the gradient point is shifted inside the closure only")
@@ -258,8 +274,12 @@ class HoldingPurifier(OptimizerPurifier):
     path-aware gradient point (the closure runs at w + s, the optimizer steps at w)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any, *, hold: HoldingOptions,
-                 ctx: MethodContext, reset: Optional[ResetResult] = None, **kw: Any):
+                 ctx: MethodContext, reset: Optional[ResetResult] = None, teacher: Optional[nn.Module] = None,
+                 **kw: Any):
         super().__init__(model, optimizer, loss_fn, **kw)
+        if hold.distill is not None and teacher is None:
+            raise ValueError("distill needs the teacher (the model as purification found it): see prepare()")
+        self.distill, self.teacher = hold.distill, teacher
         self.universal = (_Universal(hold.universal, ctx.x_train, ctx.device, ctx.world_size)
                           if hold.universal is not None else None)
         self.path = _Path(hold.path, self.params) if hold.path is not None else None
@@ -274,13 +294,34 @@ class HoldingPurifier(OptimizerPurifier):
                 u.update(self.model, x, y)
             x, y = u.mix(x, y, self._share())
         self._shift = self.path.shift() if self.path is not None else None
+        if self.distill is not None:
+            self._out_loss = self._distill_term(x, u.clean_rows if u is not None else slice(0, x.shape[0]))
         try:
             loss = super().step(x, y)
         finally:
-            self._shift = None
+            self._shift, self._out_loss = None, None
         if u is not None and u.cfg.shared:
             u.update_shared(x)
         return loss
+
+    def _distill_term(self, x: Tensor, rows: slice) -> Optional[Any]:
+        """The distillation term of this batch, a function of the model's outputs: weight·T²·KL(teacher ‖ model) of
+        the temperature-T softmaxes, mean over the unperturbed rows (None when there are none).  The teacher runs
+        once per batch, in eval mode, without gradients."""
+        if rows.stop - rows.start <= 0:
+            return None
+        d = self.distill
+        with torch.no_grad():
+            t_out = self.teacher(x[rows])
+        _check_logits(t_out)
+        target = torch.log_softmax(t_out.float() / d.temperature, dim=1)
+        scale = d.weight * d.temperature ** 2
+
+        def term(out: Tensor) -> Tensor:
+            _check_logits(out)
+            s = torch.log_softmax(out[rows].float() / d.temperature, dim=1)
+            return scale * torch.nn.functional.kl_div(s, target, log_target=True, reduction="batchmean")
+        return term
 
     def _share(self) -> float:
         """schedule "lr": the current learning rate over the largest so far (first parameter group); else 1."""
@@ -334,32 +375,72 @@ class HoldingPurifier(OptimizerPurifier):
         return out
 
 
+def _check_logits(out: Any) -> None:
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"distill needs the model to return class logits of shape (batch, classes), got {shape}; "
+                         "pass distill=None")
+
+
 def make_purifier(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext, hold: HoldingOptions,
-                  reset: Optional[ResetResult] = None, **kw: Any) -> OptimizerPurifier:
+                  reset: Optional[ResetResult] = None, teacher: Optional[nn.Module] = None,
+                  **kw: Any) -> OptimizerPurifier:
     """A plain :class:`OptimizerPurifier` when no mechanism is on (the purification is then exactly the
-    method's own), else a :class:`HoldingPurifier`.  ``kw``: ``finalize``, ``penalty``."""
+    method's own), else a :class:`HoldingPurifier`.  ``teacher``: :func:`prepare`'s (``distill``).  ``kw``:
+    ``finalize``, ``penalty``."""
     if not hold.any:
         return OptimizerPurifier(model, optimizer, ctx.loss_fn, **kw)
     if reset is not None:
         logger.info("fip_fast.pipeline: reset_units zeroed %d weights in %d units (%d ascent steps)", reset.zeroed,
                     len(reset.reset), reset.ascent_steps)
-    return HoldingPurifier(model, optimizer, ctx.loss_fn, hold=hold, ctx=ctx, reset=reset, **kw)
+    return HoldingPurifier(model, optimizer, ctx.loss_fn, hold=hold, ctx=ctx, reset=reset, teacher=teacher, **kw)
 
 
 def describe(hold: HoldingOptions) -> Dict[str, Any]:
     """The resolved options as plain dicts (for logs and reports)."""
     return {k: (asdict(v) if v is not None else None) for k, v in
-            (("universal_perturbation", hold.universal), ("path_aware", hold.path), ("reset_units", hold.reset))}
+            (("universal_perturbation", hold.universal), ("path_aware", hold.path), ("reset_units", hold.reset),
+             ("distill", hold.distill))}
+
+
+def _teacher(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` in eval mode, but for BatchNorm, which normalizes with the batch's statistics as
+    the student's does in its train-mode step (its running estimates untouched): with the running estimates, the
+    teacher's outputs would differ from the student's at θ0 itself, and the term would pull the weights toward
+    that difference instead of holding them."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    for m in teacher.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+            m.track_running_stats = False
+    return teacher
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` hands a builder: the resolved options, the unit reset's result, the teacher."""
+
+    hold: HoldingOptions
+    reset: Optional[ResetResult] = None
+    teacher: Optional[nn.Module] = None
+
+    def purifier(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext,
+                 **kw: Any) -> OptimizerPurifier:
+        return make_purifier(model, optimizer, ctx, self.hold, self.reset, self.teacher, **kw)
 
 
 def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_perturbation: Any, path_aware: Any,
-            reset_units: Any) -> Tuple[HoldingOptions, Optional[ResetResult]]:
+            reset_units: Any, distill: Any = None) -> Prepared:
     """What a builder calls first: resolve the options against its optimizer options ``o`` (``trace_estimator``,
-    ``eta_F``) and run the unit reset on ``model`` (also when resuming: the checkpoint's weights replace the
-    model's anyway, and the path's θ0 must be the same reset model as in the uninterrupted run)."""
+    ``eta_F``), copy the teacher of ``distill`` (a frozen, eval-mode copy of ``model`` as given: when resuming,
+    still the model purification started from) and run the unit reset on ``model`` (also when resuming: the
+    checkpoint's weights replace the model's anyway, and the path's θ0 must be the same reset model as in the
+    uninterrupted run)."""
     if isinstance(universal_perturbation, str) and universal_perturbation == "auto":
         universal_perturbation = auto_universal(ctx.x_train)
-    hold = resolve_holding(universal_perturbation, path_aware, reset_units,
+    hold = resolve_holding(universal_perturbation, path_aware, reset_units, distill,
                            trace_estimator=o.get("trace_estimator", "fd"), eta_F=o.get("eta_F", 0.0))
+    teacher = _teacher(model) if hold.distill is not None else None
     reset = reset_units_(model, ctx, hold.reset) if hold.reset is not None else None
-    return hold, reset
+    return Prepared(hold, reset, teacher)

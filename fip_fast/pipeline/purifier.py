@@ -124,6 +124,7 @@ class OptimizerPurifier(Purifier):
         self.penalty = penalty
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self._finalize = finalize
+        self._out_loss: Optional[Callable[[Tensor], Tensor]] = None   # a term of the outputs (holding: distill)
 
     def _closure(self, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
         """The closure :meth:`step` hands ``optimizer.step`` (a subclass may wrap it: see
@@ -138,6 +139,8 @@ class OptimizerPurifier(Purifier):
             with frozen_running_stats(model) if getattr(opt, "perturbed_pass", False) else contextlib.nullcontext():
                 out = model(x)
             loss = loss_fn(out, y)
+            if self._out_loss is not None:
+                loss = loss + self._out_loss(out)
             if self.penalty is not None:
                 loss = loss + self.penalty()
             if hasattr(opt, "backward"):
