@@ -124,12 +124,13 @@ def _purifier(variant: str, model: nn.Module, ctx, rank: Optional[int]):
     method = "fip" if variant == "fip" else "fast_fip"
     from dataclasses import fields
 
+    from fip_fast.pipeline.holding import HOLDING_DEFAULTS
     from fip_fast.pipeline.options import LoopOptions
 
     loop = {f.name for f in fields(LoopOptions)} | {"steps", "batch_size"}       # the loop's, not the builder's
-    # the universal perturbation (a holding option, on by default) is left out: this bench times the methods' own
-    # step; its cost is `python -m bench holding_cost`'s
-    opts = {k: v for k, v in DEFAULTS[method].items() if k not in loop and k != "universal_perturbation"}
+    # the holding options (on by default) are left out: this bench times the methods' own step; their cost is
+    # `python -m bench holding_cost`'s
+    opts = {k: v for k, v in DEFAULTS[method].items() if k not in loop and k not in HOLDING_DEFAULTS}
     if method == "fip":
         return build_fip(model, ctx, **opts)
     opts["rank"] = rank

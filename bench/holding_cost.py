@@ -23,14 +23,19 @@ from typing import Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parent / "results"
 
 #: (label, method, options) — the plain method first: the ratios are to it.
+_OFF = dict(universal_perturbation=None, distill=None, augment="none")   # every holding default off
+
 VARIANTS: Dict[str, List[Tuple[str, dict]]] = {
-    "fip": [("fip", dict(universal_perturbation=None)),          # the method without the (default) perturbation
-            ("fip + universal, separate gradient", dict(universal_perturbation=dict(gradient="separate"))),
-            ("fip + universal, shared gradient", dict(universal_perturbation=dict(gradient="shared"))),
-            ("fip + path aware", dict(universal_perturbation=None, path_aware=0.5))],
-    "fast_fip": [("fast_fip", dict(universal_perturbation=None)),
-                 ("fast_fip + universal, separate gradient", dict(universal_perturbation=dict(gradient="separate"))),
-                 ("fast_fip + universal, shared gradient", dict(universal_perturbation=dict(gradient="shared")))],
+    "fip": [("fip", dict(_OFF)),                                  # the method without the (default) holding options
+            ("fip + universal, separate gradient", dict(_OFF, universal_perturbation=dict(gradient="separate"))),
+            ("fip + universal, shared gradient", dict(_OFF, universal_perturbation=dict(gradient="shared"))),
+            ("fip + path aware", dict(_OFF, path_aware=0.5)),
+            ("fip, defaults (universal + distill + augment)", {})],
+    "fast_fip": [("fast_fip", dict(_OFF)),
+                 ("fast_fip + universal, separate gradient", dict(_OFF,
+                                                                  universal_perturbation=dict(gradient="separate"))),
+                 ("fast_fip + universal, shared gradient", dict(_OFF, universal_perturbation=dict(gradient="shared"))),
+                 ("fast_fip, defaults (universal + distill + augment)", {})],
 }
 
 

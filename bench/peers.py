@@ -596,6 +596,7 @@ def group_fast_fip(cfg: "Config") -> list[Row]:
     from dataclasses import fields
 
     from bench.fast_fip import DELTA_ONLY, SmallPreActResNet, _purifier
+    from fip_fast.pipeline.holding import HOLDING_DEFAULTS
     from fip_fast.pipeline.methods import DEFAULTS
     from fip_fast.pipeline.options import LoopOptions
     from fip_fast.pipeline.purifier import MethodContext
@@ -613,7 +614,7 @@ def group_fast_fip(cfg: "Config") -> list[Row]:
         if v == "authors":
             loop = {f.name for f in fields(LoopOptions)} | {"steps", "batch_size"}   # the loop's, as bench.fast_fip
             opts = {k: val for k, val in DEFAULTS["fast_fip"].items()
-                    if k not in loop and k not in DELTA_ONLY and k != "universal_perturbation"}
+                    if k not in loop and k not in DELTA_ONLY and k not in HOLDING_DEFAULTS}
             pur = _authors_purifier(model, ctx, **opts)
         else:
             pur = _purifier(v, model, ctx, None)

@@ -82,7 +82,7 @@ def test_make_augment_spellings_and_errors():
     assert make_augment("shift", torch.rand(2, 1, 10, 10)).shift == 1
     fn = lambda x, g: x                                                  # noqa: E731
     assert make_augment(fn, torch.randn(4, 5)) is fn                     # a callable is the user's business
-    assert AUGMENT_CHOICES == ("none", "shift", "shift_flip")
+    assert AUGMENT_CHOICES == ("none", "shift", "shift_flip", "auto")
     with pytest.raises(ValueError, match="augment must be one of"):
         make_augment("rotate", img)
     with pytest.raises(ValueError, match="augment must be one of"):
@@ -159,6 +159,22 @@ def test_augment_as_a_method_default_that_the_user_overrides(clean):
     assert rep.config["augment"] == "none" and all(torch.equal(a[0], p[0]) for a, p in zip(off, plain))
 
 
+def test_auto_shifts_images_by_a_sixteenth_and_leaves_other_inputs():
+    """"auto" (FIP's and Fast FIP's default): float images get shifts of up to max(1, round(H / 16)) pixels, no
+    flip; flat features, signals and token ids get no augmentation (not an error)."""
+    assert make_augment("auto", torch.rand(2, 1, 28, 28)) == Augment(2, False)
+    assert make_augment("auto", torch.rand(3, 32, 32)) == Augment(2, False)          # one sample
+    assert make_augment("auto", torch.rand(1, 3, 224, 224)).shift == 14
+    assert make_augment("auto", torch.rand(1, 1, 8, 8)).shift == 1
+    for other in (torch.randn(8, 5)[0], torch.randn(8, 2, 100)[0], torch.randint(0, 100, (8, 12))[0],
+                  torch.randint(0, 255, (3, 32, 32))):
+        assert make_augment("auto", other) is None
+    assert make_augment({"shift": 3}, torch.rand(2, 1, 28, 28)) == Augment(3, False)
+    assert make_augment({"shift": 1, "flip": True}, None) == Augment(1, True)
+    with pytest.raises(TypeError, match="augment: .*fields: shift, flip"):
+        make_augment({"rotate": 5}, torch.rand(2, 1, 28, 28))
+
+
 def test_augment_is_refused_for_non_image_inputs():
     x, y = torch.randn(40, 6), torch.arange(40) % 3
     with pytest.raises(ValueError, match="float image inputs"):
@@ -181,7 +197,7 @@ def test_fisher_and_validation_see_unaugmented_data(clean, monkeypatch):
     monkeypatch.setattr(fisher, "estimate_fisher", spy)
     # eta_r > 0: F0 is estimated only for the anchor (off by default).
     kw = dict(method="fip", steps=4, batch_size=8, eval_every=2, progress=False, eta_r=1.0, val_fraction=0.2)
-    m0, rep0 = P.purify(_net(), clean, **kw)
+    m0, rep0 = P.purify(_net(), clean, augment="none", **kw)
     m1, rep1 = P.purify(_net(), clean, augment="shift", **kw)
     (b0, f0), (b1, f1) = calls
     assert all(torch.equal(a, b) for a, b in zip(b0, b1))
@@ -206,7 +222,7 @@ def test_augmented_resume_matches_the_uninterrupted_run(clean, tmp_path):
     assert rep_res.config["augment"] == "shift(1)"
     for (k, a), b in zip(m_full.state_dict().items(), m_res.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
-    m_plain, _ = P.purify(_net(), clean, **{**kw, "augment": None})
+    m_plain, _ = P.purify(_net(), clean, **{**kw, "augment": "none"})
     assert any(not torch.equal(a, b) for a, b in zip(m_plain.state_dict().values(), m_res.state_dict().values()))
     # A checkpoint of an augmented run is not resumed without augmentation (and vice versa).
     with pytest.raises(P.ResumeMismatchError, match="augment differ"):

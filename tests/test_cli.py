@@ -470,7 +470,7 @@ def test_test_without_triggered_reports_acc(work, capsys):
 
 def test_augment_flag(work, capsys, monkeypatch):
     """--augment (both commands, the choices of fip_fast.augment) reaches purify: recorded in the method's config;
-    --augment with --set augment=… is refused up front."""
+    --set augment=… alone works; --augment with --set augment=… is refused up front."""
     from fip_fast.augment import AUGMENT_CHOICES
     from fip_fast.cli.parser import AUGMENT_CHOICES as CLI_CHOICES
 
@@ -482,6 +482,9 @@ def test_augment_flag(work, capsys, monkeypatch):
     rc, _, err = _run(_fast(work, out, "--augment", "shift"), capsys)
     assert rc == 0, err
     assert json.loads((out / "report.json").read_text())["reports"]["fip"]["config"]["augment"] == "shift(4)"
+    rc, _, err = _run(_fast(work, work / "o3", "--set", "augment=none"), capsys)       # --set alone: one value
+    assert rc == 0, err
+    assert json.loads((work / "o3" / "report.json").read_text())["reports"]["fip"]["config"]["augment"] == "none"
     from fip_fast import pipeline
 
     monkeypatch.setattr(pipeline, "purify", lambda *a, **k: pytest.fail("purify ran despite a bad flag"))

@@ -49,9 +49,12 @@ def _run(argv, capsys):
 
 
 def _argv(out, *extra, method="fast_fip"):
+    # These tests purify for a few steps to test what the CLI does around a purification.  Unaugmented: the default
+    # shifted batches (augment "auto") wipe the model at the peak learning rate and need the rest of a real budget to
+    # rebuild it (docs/holding.md), so a 3-step run ends below the accepted accuracy drop and is not saved.
     return ["purify", "--arch", "mymodels:make", "--checkpoint", "model.safetensors", "--clean", "clean.npz",
             "--num-classes", "4", "--method", method, "--no-progress", "--lambda-iters", "0", "--out", str(out),
-            *extra]
+            "--augment", "none", *extra]
 
 
 def _one_line_error(rc, err, status=2):
@@ -132,9 +135,10 @@ def test_help_examples_run(here, capsys, tmp_path, i):
     if i >= len(examples):
         pytest.skip("fewer examples")
     argv = shlex.split(examples[i])[1:]
-    # A fresh --out, a short run (the example's flags and their combination are what is tested here).
+    # A fresh --out, a short run (the example's flags and their combination are what is tested here), unaugmented
+    # as in _argv: 20 steps of the default shifted batches may end before the rebuild and below the accepted drop.
     rc, out, err = _run(argv + ["--out", str(tmp_path / "r"), "--steps", "20", "--no-progress",
-                                "--lambda-iters", "0"], capsys)
+                                "--lambda-iters", "0", "--augment", "none"], capsys)
     assert rc == 0, (examples[i], err)
     assert (tmp_path / "r" / "purified.safetensors").is_file()
 

@@ -46,12 +46,17 @@ def _run(model, clean, **kw):
 # ------------------------------------------------------------------------------------------- the pipeline option
 def test_shipped_default_is_the_protocol_choice():
     """DEFAULTS["fast_fip"]: clipped SGD on δ + the mixing band, at the lr_delta the protocol's rule chose."""
-    d = DEFAULTS["fast_fip"]
-    assert (d["delta_optimizer"], d["clip_norm"], d["mix_band"], d["lr_delta"], d["eta_r"]) == ("sgd", 0.3, 8, 0.5, 0)
-    from bench.protocol import GRIDS
+    import json
 
-    assert {k: d[k] for k in ("delta_optimizer", "clip_norm", "mix_band", "eta_r")} == {
-        k: GRIDS["fast_fip"][0][k] for k in ("delta_optimizer", "clip_norm", "mix_band", "eta_r")}
+    from bench.protocol import ROOT
+
+    d = DEFAULTS["fast_fip"]
+    assert (d["delta_optimizer"], d["clip_norm"], d["mix_band"], d["lr_delta"], d["eta_r"]) == ("sgd", 0.3, 8, 1.0, 0)
+    chosen = json.loads((ROOT / "protocol_dev.json").read_text())["chosen"]["fast_fip"]["cfg"]
+    keys = ("delta_optimizer", "clip_norm", "mix_band", "eta_r", "lr_delta", "distill", "augment")
+    assert {k: d[k] for k in keys if k not in ("distill", "augment")} == {k: chosen[k] for k in keys[:5]}
+    assert d["distill"] == "auto" and chosen["distill"] == {"weight": 1.0, "temperature": 2.0, "schedule": "late"}
+    assert d["augment"] == chosen["augment"] == "auto"
 
 
 @pytest.mark.parametrize("eta_r", [0.0, 1.0])

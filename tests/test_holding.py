@@ -62,8 +62,9 @@ def test_universal_perturbation_mixes_a_fraction_with_true_labels(backdoored):
     seen = []
     m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()) if mod.training else None)
     # separate: δ moves before the step, so the first training forward already sees it
-    opts = dict(DEFAULTS["fip"], universal_perturbation=dict(eps=0.2, fraction=0.25, gradient="separate"))
-    for k in ("steps", "batch_size", "patience", "lr_schedule"):
+    opts = dict(DEFAULTS["fip"], universal_perturbation=dict(eps=0.2, fraction=0.25, gradient="separate"),
+                distill=None)
+    for k in ("steps", "batch_size", "patience", "lr_schedule", "augment"):
         opts.pop(k)
     pur = build_fip(m, _ctx(xc, yc), **opts)
     assert isinstance(pur, H.HoldingPurifier)
@@ -101,9 +102,10 @@ def test_universal_append_and_lr_schedule(backdoored):
 
 
 def _fip_opts(**kw) -> dict:
-    """FIP's default builder options, without the loop's and without the holding option the tests set."""
+    """FIP's default builder options, without the loop's and without the holding options the tests set."""
     o = {k: v for k, v in DEFAULTS["fip"].items()
-         if k not in ("steps", "batch_size", "patience", "lr_schedule", "universal_perturbation")}
+         if k not in ("steps", "batch_size", "patience", "lr_schedule", "augment", "universal_perturbation",
+                      "distill")}
     o.update(kw)
     return o
 
@@ -285,11 +287,12 @@ def test_reset_zeroes_the_units_it_ranks_first(weight_fraction):
 # ---------------------------------------------------------------------------------------------- through purify
 @pytest.mark.parametrize("method", ["fip", "fast_fip"])
 def test_purify_with_every_mechanism(backdoored, method):
-    """All three options through ``purify``: the run completes, reports what each did, and the model keeps its
+    """All four options through ``purify``: the run completes, reports what each did, and the model keeps its
     architecture; with every option off the purifier is the plain one."""
     model, (xc, yc), _ = backdoored
     m, rep = P.purify(copy.deepcopy(model), (xc, yc), method=method, steps=6, progress=False, val_fraction=0,
-                      universal_perturbation=0.2, path_aware=True, reset_units=dict(fraction=0.1, steps=3))
+                      universal_perturbation=0.2, path_aware=True, reset_units=dict(fraction=0.1, steps=3),
+                      distill=True)
     assert rep.steps_run == 6 and rep.extra["reset_units"]["units_reset"] == 2
     assert 0 < rep.extra["universal_perturbation"]["linf"] <= 0.2 + 1e-7
     assert set(m.state_dict()) == set(model.state_dict())
@@ -440,3 +443,42 @@ def test_distill_refuses_outputs_that_are_not_class_logits():
     seq = nn.Sequential(nn.Linear(4, 3))          # (batch, 3, 3): one row of logits per position
     with pytest.raises(ValueError, match=r"distill needs the model to return class logits"):
         _step_from(seq, x, y, distill=True)
+
+
+def test_distill_late_weight_follows_one_minus_the_lr_ratio(backdoored):
+    """schedule="late": at the peak learning rate the term is off and the teacher does not run; at half the peak it
+    is half the constant schedule's term."""
+    model, (xc, yc), _ = backdoored
+    m = copy.deepcopy(model)
+    pur = build_fip(m, _ctx(xc, yc), **_fip_opts(), universal_perturbation=None, distill=dict(schedule="late"))
+    calls = [0]
+    pur.teacher.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    pur.step(xc[:64], yc[:64])                        # lr = its largest so far: factor 0
+    assert calls[0] == 0
+    for g in pur.optimizer.param_groups:
+        g["lr"] = g["lr"] / 2
+    pur.step(xc[64:128], yc[64:128])
+    assert calls[0] == 1
+    x, rows = xc[:64], slice(0, 64)
+    m.train()
+    out = m(x)
+    half, full = pur._distill_term(x, rows, 0.5)(out), pur._distill_term(x, rows, 1.0)(out)
+    assert float(full.detach()) > 1e-6               # the student has moved off the teacher
+    torch.testing.assert_close(half, 0.5 * full)
+    assert pur._lr_ratio() == pytest.approx(0.5)
+
+
+def test_distill_auto_is_on_for_image_classifiers_only():
+    """"auto" (the default): on for floating-point inputs with ≥ 2 dims per sample and (batch, classes) outputs."""
+    y = torch.randint(3, (32,))
+    torch.manual_seed(0)
+    img = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    pur = build_fip(img, _ctx(torch.rand(32, 1, 6, 6), y), **_fip_opts(), universal_perturbation=None,
+                    distill="auto")
+    assert pur.distill == H.Distill() and pur.distill.schedule == "late" and img.training
+    flat = nn.Linear(6, 3)
+    assert type(build_fip(flat, _ctx(torch.randn(32, 6), y), **_fip_opts(), universal_perturbation=None,
+                          distill="auto")) is OptimizerPurifier
+    per_row = nn.Conv1d(2, 3, 1)                      # (batch, 3, length): not class logits
+    assert type(build_fip(per_row, _ctx(torch.randn(32, 2, 5), y), **_fip_opts(), universal_perturbation=None,
+                          distill="auto")) is OptimizerPurifier

@@ -34,6 +34,8 @@ FAST_FIP_DEFAULTS_BEFORE = dict(
     lr_delta=0.5, rho_delta=2.0, relative=True, rank=None, fast_fip_extra="bias_bn",
     delta_optimizer="sgd", clip_norm=0.3, mix_band=8,
 )
+#: The pipeline-only options of both (docs/holding.md).
+HOLD = dict(universal_perturbation="auto", distill="auto", augment="auto")
 
 
 def _example():
@@ -55,9 +57,11 @@ def test_pipeline_defaults_are_the_recipe():
     Fast FIP shares PURIFY's suppressor, momentum and batch size."""
     from fip_fast.pipeline.methods import DEFAULTS
 
-    # the universal perturbation (a holding option of the pipeline, not of the optimizer) joined both on 2026-12-07
-    assert DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, universal_perturbation="auto")
-    assert DEFAULTS["fast_fip"] == dict(FAST_FIP_DEFAULTS_BEFORE, universal_perturbation="auto")
+    # the universal perturbation, the distillation and the augmentation (options of the pipeline, not of the
+    # optimizer) joined both on 2026-12-07
+    assert DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **HOLD)
+    # ... and the protocol's rule re-chose Fast FIP's lr_delta with them (0.5 → 1.0, protocol_dev.md)
+    assert DEFAULTS["fast_fip"] == dict(FAST_FIP_DEFAULTS_BEFORE, **HOLD, lr_delta=1.0)
     assert {k: DEFAULTS["fip"][k] for k in PURIFY.pipeline_options()} == PURIFY.pipeline_options()
     for k in ("momentum", "eta_F", "eta_r", "rho", "max_mix", "trace_every", "trace_estimator", "batch_size"):
         assert DEFAULTS["fast_fip"][k] == getattr(PURIFY, k), k
@@ -79,7 +83,7 @@ def test_pipeline_follows_a_changed_recipe(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(methods)
-    assert methods.DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, universal_perturbation="auto")
+    assert methods.DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **HOLD)
 
 
 def test_recipe_optimizer_equals_the_pipelines():
@@ -90,7 +94,7 @@ def test_recipe_optimizer_equals_the_pipelines():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     o = dict(DEFAULTS["fip"])
-    for k in ("steps", "batch_size", "patience", "lr_schedule"):
+    for k in ("steps", "batch_size", "patience", "lr_schedule", "augment"):
         o.pop(k)
     ctx = MethodContext(torch.randn(8, 4), torch.randint(0, 3, (8,)), torch.device("cpu"), F.cross_entropy, 0, False)
     built = build_fip(copy.deepcopy(net), ctx, **o).optimizer

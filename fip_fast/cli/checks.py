@@ -162,9 +162,12 @@ def check_method_options(args: argparse.Namespace) -> None:
     before any file is read — e.g. ``--set trace_estimator=lagged`` with Fast FIP's default SGD δ-optimizer."""
     from fip_fast.pipeline.run import check_options
 
-    kw = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "augment", "val_fraction")}
+    sets = parse_set(args.set)
+    # a flag's option given with --set instead (--set augment=none): one value, not two (both: refused earlier)
+    kw = {k: getattr(args, k) if getattr(args, k) is not None else sets.pop(k, None)
+          for k in ("steps", "batch_size", "lr", "augment", "val_fraction")}
     try:
-        check_options(args.method, **kw, **parse_set(args.set))
+        check_options(args.method, **kw, **sets)
     except (ValueError, TypeError) as e:
         flags = "--set" if args.set else "the options"
         raise CLIError(f"--method {args.method} with {flags}: {' '.join(str(e).split())}") from e

@@ -9,7 +9,7 @@ from fip_fast.cli.demo import DEMO_DEFAULTS, DEMO_METHODS, cmd_demo
 from fip_fast.cli.purify_cmd import TORCHRUN_CMD, cmd_purify
 
 #: ``--augment`` choices: :data:`fip_fast.augment.AUGMENT_CHOICES` (spelled out: the parser imports no torch).
-AUGMENT_CHOICES = ("none", "shift", "shift_flip")
+AUGMENT_CHOICES = ("none", "shift", "shift_flip", "auto")
 
 _DISTRIBUTED_HELP = (
     "data-parallel purification over the processes of a torchrun launch: "
@@ -37,8 +37,9 @@ def _add_run_flags(q: argparse.ArgumentParser) -> None:
                    "(default: steps/10)")
     q.add_argument("--augment", choices=AUGMENT_CHOICES, default=None, help="augmentation of the purification "
                    "batches: random shifts by up to H/8 pixels (shift), plus left-right flips (shift_flip: natural "
-                   "images, not digits); Fisher and clean validation stay unaugmented (default: the method's, "
-                   "none for every built-in method)")
+                   "images, not digits), shifts by up to H/16 for images and none otherwise (auto); Fisher and "
+                   "clean validation stay unaugmented (default: the method's — auto for fip and fast_fip, none for "
+                   "the baselines)")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra method option, e.g. "
                    "--set eta_F=0.01 --set rho=0.3 (repeatable; values parsed as JSON; names and combinations "
                    "are checked before any work: trace_estimator=lagged needs --method fip)")

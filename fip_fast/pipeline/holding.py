@@ -1,5 +1,6 @@
 """Mechanisms that make a purification *hold* (ours, beyond the FIP paper; docs/holding.md): options of the
-``fip`` and ``fast_fip`` methods.  The universal perturbation is on by default (``"auto"``); the other two are off.
+``fip`` and ``fast_fip`` methods.  The universal perturbation and the distillation are on by default (``"auto"``);
+the other two are off.
 
 * ``universal_perturbation`` (:class:`UniversalPerturbation`, :mod:`fip_fast.pipeline._universal`; after I-BAU's
   and AWM's universal perturbation and SAU's shared adversarial examples): one input-shaped perturbation δ,
@@ -17,9 +18,16 @@
   rows of hidden Linear layers — by their summed absolute weight change, and zero the most changed weights of the
   top ``fraction`` of units in the model (:func:`reset_units_`).  Cost: ``steps`` forward/backward passes, once.
 
+* ``distill`` (:class:`Distill`; knowledge distillation, Hinton et al. 2015, with the model purification started
+  from as the teacher): weight·T²·KL(teacher ‖ model) on the rows the universal perturbation left clean, its
+  weight growing as the learning rate decays (``schedule="late"``): purification wipes the model at the peak of the
+  learning rate and rebuilds it from the clean set as the rate decays; the teacher's outputs on the (augmented)
+  clean images give the rebuild more than their labels.  Cost: one teacher forward on the clean rows per step
+  (none at the peak), and one copy of the model.
+
 Each option accepts ``None``/``False`` (off), ``True`` (the defaults), a number (the first field: ``eps``,
 ``rho``, ``fraction``), a dict of fields, or the dataclass; ``universal_perturbation`` also ``"auto"``
-(:func:`auto_universal`).
+(:func:`auto_universal`), ``distill`` also ``"auto"`` (:func:`auto_distill`).
 """
 from __future__ import annotations
 
@@ -38,9 +46,13 @@ from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier
 
 logger = logging.getLogger("fip_fast")
 
+#: The builder options of this module that FIP's and Fast FIP's DEFAULTS set (benches that time the methods' own
+#: step leave them out).
+HOLDING_DEFAULTS = ("universal_perturbation", "distill")
+
 __all__ = ["UniversalPerturbation", "PathAware", "UnitReset", "Distill", "HoldingOptions", "Prepared",
            "resolve_holding", "HoldingPurifier", "make_purifier", "prepare", "reset_units_", "ResetResult",
-           "auto_universal"]
+           "auto_universal", "auto_distill", "HOLDING_DEFAULTS"]
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -113,14 +125,20 @@ def _as_option(name: str, value: Any, cls: type) -> Any:
 @dataclass(frozen=True)
 class Distill:
     """weight: the distillation term's weight beside the cross-entropy (1: equal).  temperature: T of both
-    softmaxes (the term is T²·KL, Hinton et al.'s scaling, so its gradient does not shrink as T grows)."""
+    softmaxes (the term is T²·KL, Hinton et al.'s scaling, so its gradient does not shrink as T grows).  schedule:
+    ``"constant"`` — the same weight every step; ``"late"`` — weight × (1 − lr / the largest lr so far): none at
+    the peak of the learning rate, where purification wipes the model, and the full weight as the rate decays and
+    the model is rebuilt (docs/holding.md, "Where the accuracy goes")."""
 
     weight: float = 1.0
     temperature: float = 2.0
+    schedule: str = "late"
 
     def __post_init__(self) -> None:
         _positive("distill.weight", self.weight)
         _positive("distill.temperature", self.temperature)
+        if self.schedule not in ("constant", "late"):
+            raise ValueError(f"distill.schedule must be 'constant' or 'late', got {self.schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -289,13 +307,15 @@ class HoldingPurifier(OptimizerPurifier):
 
     def step(self, x: Tensor, y: Tensor) -> float:
         u = self.universal
+        ratio = self._lr_ratio()
         if u is not None:
             if not u.cfg.shared:
                 u.update(self.model, x, y)
-            x, y = u.mix(x, y, self._share())
+            x, y = u.mix(x, y, ratio if u.cfg.schedule == "lr" else 1.0)
         self._shift = self.path.shift() if self.path is not None else None
         if self.distill is not None:
-            self._out_loss = self._distill_term(x, u.clean_rows if u is not None else slice(0, x.shape[0]))
+            factor = 1.0 - ratio if self.distill.schedule == "late" else 1.0
+            self._out_loss = self._distill_term(x, u.clean_rows if u is not None else slice(0, x.shape[0]), factor)
         try:
             loss = super().step(x, y)
         finally:
@@ -304,18 +324,18 @@ class HoldingPurifier(OptimizerPurifier):
             u.update_shared(x)
         return loss
 
-    def _distill_term(self, x: Tensor, rows: slice) -> Optional[Any]:
-        """The distillation term of this batch, a function of the model's outputs: weight·T²·KL(teacher ‖ model) of
-        the temperature-T softmaxes, mean over the unperturbed rows (None when there are none).  The teacher runs
-        once per batch, in eval mode, without gradients."""
-        if rows.stop - rows.start <= 0:
+    def _distill_term(self, x: Tensor, rows: slice, factor: float = 1.0) -> Optional[Any]:
+        """The distillation term of this batch, a function of the model's outputs: factor·weight·T²·KL(teacher ‖
+        model) of the temperature-T softmaxes, mean over the unperturbed rows (None when there are none or factor
+        is 0: then the teacher does not run).  The teacher runs once per batch, without gradients."""
+        if rows.stop - rows.start <= 0 or factor <= 0.0:
             return None
         d = self.distill
         with torch.no_grad():
             t_out = self.teacher(x[rows])
         _check_logits(t_out)
         target = torch.log_softmax(t_out.float() / d.temperature, dim=1)
-        scale = d.weight * d.temperature ** 2
+        scale = factor * d.weight * d.temperature ** 2
 
         def term(out: Tensor) -> Tensor:
             _check_logits(out)
@@ -323,9 +343,10 @@ class HoldingPurifier(OptimizerPurifier):
             return scale * torch.nn.functional.kl_div(s, target, log_target=True, reduction="batchmean")
         return term
 
-    def _share(self) -> float:
-        """schedule "lr": the current learning rate over the largest so far (first parameter group); else 1."""
-        if self.universal.cfg.schedule != "lr" or not self.optimizer.param_groups:
+    def _lr_ratio(self) -> float:
+        """The current learning rate over the largest so far (first parameter group; 1 without one): the share of
+        the universal perturbation's ``schedule="lr"`` and the complement of distill's ``schedule="late"``."""
+        if not self.optimizer.param_groups:
             return 1.0
         lr = float(self.optimizer.param_groups[0]["lr"])
         self._lr_max = max(self._lr_max, lr)
@@ -344,6 +365,7 @@ class HoldingPurifier(OptimizerPurifier):
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
+        sd["lr_max"] = self._lr_max
         u = self.universal
         if u is not None:
             sd["universal_perturbation"] = {"delta": u.delta.detach().cpu().clone(), "skipped": u.skipped,
@@ -352,6 +374,7 @@ class HoldingPurifier(OptimizerPurifier):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self._lr_max = float(state.get("lr_max", 0.0))
         u = self.universal
         if u is None:
             return
@@ -362,7 +385,7 @@ class HoldingPurifier(OptimizerPurifier):
                              "resume=False starts afresh")
         u.delta.copy_(saved["delta"])
         u.skipped, u.attracted = int(saved["skipped"]), saved["attracted"]
-        self._lr_max = float(saved.get("lr_max", 0.0))
+        self._lr_max = float(saved.get("lr_max", self._lr_max))
 
     def info(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
@@ -377,8 +400,8 @@ class HoldingPurifier(OptimizerPurifier):
 
 def _check_logits(out: Any) -> None:
     if not isinstance(out, Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"distill needs the model to return class logits of shape (batch, classes), got {shape}; "
+        got = f", got {tuple(out.shape)}" if isinstance(out, Tensor) else ""
+        raise ValueError(f"distill needs the model to return class logits of shape (batch, classes){got}; "
                          "pass distill=None")
 
 
@@ -401,6 +424,31 @@ def describe(hold: HoldingOptions) -> Dict[str, Any]:
     return {k: (asdict(v) if v is not None else None) for k, v in
             (("universal_perturbation", hold.universal), ("path_aware", hold.path), ("reset_units", hold.reset),
              ("distill", hold.distill))}
+
+
+def auto_distill(model: nn.Module, ctx: MethodContext) -> bool:
+    """``distill="auto"`` (FIP's and Fast FIP's default): on where the universal perturbation's ``"auto"`` is
+    (floating-point inputs with ≥ 2 dimensions per sample: where it was chosen, docs/holding.md) and the model
+    returns class logits ``(batch, classes)`` — checked on two clean samples, in eval mode, without gradients."""
+    if not (ctx.x_train.is_floating_point() and ctx.x_train.dim() >= 3):
+        return False
+    on = _returns_logits(model, ctx)
+    if not on:
+        logger.info("fip_fast.pipeline: distill='auto' is off: the model does not return class logits of shape "
+                    "(batch, classes)")
+    return on
+
+
+def _returns_logits(model: nn.Module, ctx: MethodContext) -> bool:
+    """Whether ``model`` maps two clean samples to a ``(2, classes)`` tensor (eval mode, no gradients; the model's
+    mode is restored)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(ctx.x_train[:2].to(ctx.device))
+    finally:
+        model.train(was_training)
+    return isinstance(out, Tensor) and out.dim() == 2
 
 
 def _teacher(model: nn.Module) -> nn.Module:
@@ -439,8 +487,14 @@ def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_p
     uninterrupted run)."""
     if isinstance(universal_perturbation, str) and universal_perturbation == "auto":
         universal_perturbation = auto_universal(ctx.x_train)
+    if isinstance(distill, str) and distill == "auto":
+        distill = auto_distill(model, ctx)
     hold = resolve_holding(universal_perturbation, path_aware, reset_units, distill,
                            trace_estimator=o.get("trace_estimator", "fd"), eta_F=o.get("eta_F", 0.0))
-    teacher = _teacher(model) if hold.distill is not None else None
+    teacher = None
+    if hold.distill is not None:
+        if not _returns_logits(model, ctx):
+            _check_logits(None)
+        teacher = _teacher(model)
     reset = reset_units_(model, ctx, hold.reset) if hold.reset is not None else None
     return Prepared(hold, reset, teacher)
