@@ -13,6 +13,7 @@ ratio to the plain method's in the same rounds.  The issue's budget: a default m
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -44,7 +45,9 @@ def _one(task, method: str, cfg: dict, steps: int) -> float:
     from fip_fast.pipeline import purify
 
     base = _FIP if method == "fip" else _FAST
-    _, rep = purify(task.model, task.clean, method=method, steps=steps, batch_size=64, seed=0, progress=False,
+    # a copy: purify works on the model it is given, and every variant must start from the backdoored one
+    _, rep = purify(copy.deepcopy(task.model), task.clean, method=method, steps=steps, batch_size=64, seed=0,
+                    progress=False,
                     eval_every=steps, **{**base, **cfg})
     return float(rep.timings["loop"])
 
