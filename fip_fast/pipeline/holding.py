@@ -41,6 +41,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from fip_fast.pipeline._distill import Distill, auto_distill, distill_term, make_teacher
 from fip_fast.pipeline._universal import UniversalPerturbation, _positive, _Universal, auto_universal
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier
 
@@ -120,25 +121,6 @@ def _as_option(name: str, value: Any, cls: type) -> Any:
             raise TypeError(f"{name}: {e} (fields: {list(cls.__dataclass_fields__)})") from None
     auto = ", or 'auto'" if cls is UniversalPerturbation else ""
     raise TypeError(f"{name} must be None, a bool, a number, a dict or a {cls.__name__}{auto}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class Distill:
-    """weight: the distillation term's weight beside the cross-entropy (1: equal).  temperature: T of both
-    softmaxes (the term is T²·KL, Hinton et al.'s scaling, so its gradient does not shrink as T grows).  schedule:
-    ``"constant"`` — the same weight every step; ``"late"`` — weight × (1 − lr / the largest lr so far): none at
-    the peak of the learning rate, where purification wipes the model, and the full weight as the rate decays and
-    the model is rebuilt (docs/holding.md, "Where the accuracy goes")."""
-
-    weight: float = 1.0
-    temperature: float = 2.0
-    schedule: str = "late"
-
-    def __post_init__(self) -> None:
-        _positive("distill.weight", self.weight)
-        _positive("distill.temperature", self.temperature)
-        if self.schedule not in ("constant", "late"):
-            raise ValueError(f"distill.schedule must be 'constant' or 'late', got {self.schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -315,7 +297,8 @@ class HoldingPurifier(OptimizerPurifier):
         self._shift = self.path.shift() if self.path is not None else None
         if self.distill is not None:
             factor = 1.0 - ratio if self.distill.schedule == "late" else 1.0
-            self._out_loss = self._distill_term(x, u.clean_rows if u is not None else slice(0, x.shape[0]), factor)
+            rows = u.clean_rows if u is not None else slice(0, x.shape[0])
+            self._out_loss = distill_term(self.teacher, self.distill, x, rows, factor)
         try:
             loss = super().step(x, y)
         finally:
@@ -323,25 +306,6 @@ class HoldingPurifier(OptimizerPurifier):
         if u is not None and u.cfg.shared:
             u.update_shared(x)
         return loss
-
-    def _distill_term(self, x: Tensor, rows: slice, factor: float = 1.0) -> Optional[Any]:
-        """The distillation term of this batch, a function of the model's outputs: factor·weight·T²·KL(teacher ‖
-        model) of the temperature-T softmaxes, mean over the unperturbed rows (None when there are none or factor
-        is 0: then the teacher does not run).  The teacher runs once per batch, without gradients."""
-        if rows.stop - rows.start <= 0 or factor <= 0.0:
-            return None
-        d = self.distill
-        with torch.no_grad():
-            t_out = self.teacher(x[rows])
-        _check_logits(t_out)
-        target = torch.log_softmax(t_out.float() / d.temperature, dim=1)
-        scale = factor * d.weight * d.temperature ** 2
-
-        def term(out: Tensor) -> Tensor:
-            _check_logits(out)
-            s = torch.log_softmax(out[rows].float() / d.temperature, dim=1)
-            return scale * torch.nn.functional.kl_div(s, target, log_target=True, reduction="batchmean")
-        return term
 
     def _lr_ratio(self) -> float:
         """The current learning rate over the largest so far (first parameter group; 1 without one): the share of
@@ -398,13 +362,6 @@ class HoldingPurifier(OptimizerPurifier):
         return out
 
 
-def _check_logits(out: Any) -> None:
-    if not isinstance(out, Tensor) or out.dim() != 2:
-        got = f", got {tuple(out.shape)}" if isinstance(out, Tensor) else ""
-        raise ValueError(f"distill needs the model to return class logits of shape (batch, classes){got}; "
-                         "pass distill=None")
-
-
 def make_purifier(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext, hold: HoldingOptions,
                   reset: Optional[ResetResult] = None, teacher: Optional[nn.Module] = None,
                   **kw: Any) -> OptimizerPurifier:
@@ -424,45 +381,6 @@ def describe(hold: HoldingOptions) -> Dict[str, Any]:
     return {k: (asdict(v) if v is not None else None) for k, v in
             (("universal_perturbation", hold.universal), ("path_aware", hold.path), ("reset_units", hold.reset),
              ("distill", hold.distill))}
-
-
-def auto_distill(model: nn.Module, ctx: MethodContext) -> bool:
-    """``distill="auto"`` (FIP's and Fast FIP's default): on where the universal perturbation's ``"auto"`` is
-    (floating-point inputs with ≥ 2 dimensions per sample: where it was chosen, docs/holding.md) and the model
-    returns class logits ``(batch, classes)`` — checked on two clean samples, in eval mode, without gradients."""
-    if not (ctx.x_train.is_floating_point() and ctx.x_train.dim() >= 3):
-        return False
-    on = _returns_logits(model, ctx)
-    if not on:
-        logger.info("fip_fast.pipeline: distill='auto' is off: the model does not return class logits of shape "
-                    "(batch, classes)")
-    return on
-
-
-def _returns_logits(model: nn.Module, ctx: MethodContext) -> bool:
-    """Whether ``model`` maps two clean samples to a ``(2, classes)`` tensor (eval mode, no gradients; the model's
-    mode is restored)."""
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            out = model.eval()(ctx.x_train[:2].to(ctx.device))
-    finally:
-        model.train(was_training)
-    return isinstance(out, Tensor) and out.dim() == 2
-
-
-def _teacher(model: nn.Module) -> nn.Module:
-    """A frozen copy of ``model`` in eval mode, but for BatchNorm, which normalizes with the batch's statistics as
-    the student's does in its train-mode step (its running estimates untouched): with the running estimates, the
-    teacher's outputs would differ from the student's at θ0 itself, and the term would pull the weights toward
-    that difference instead of holding them."""
-    teacher = copy.deepcopy(model).eval()
-    teacher.requires_grad_(False)
-    for m in teacher.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
-            m.track_running_stats = False
-    return teacher
 
 
 @dataclass
@@ -493,8 +411,6 @@ def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_p
                            trace_estimator=o.get("trace_estimator", "fd"), eta_F=o.get("eta_F", 0.0))
     teacher = None
     if hold.distill is not None:
-        if not _returns_logits(model, ctx):
-            _check_logits(None)
-        teacher = _teacher(model)
+        teacher = make_teacher(model, ctx)
     reset = reset_units_(model, ctx, hold.reset) if hold.reset is not None else None
     return Prepared(hold, reset, teacher)
