@@ -256,10 +256,15 @@ HOLDING_ABLATIONS: Dict[str, Tuple[str, dict]] = {
                                                                       distill=_KD, augment="auto")),
     "fip + universal + distill (late) + shift 3": ("fip", dict(_FIP, universal_perturbation=_LR, distill=_LATE,
                                                              augment=dict(shift=3))),
+    # the perturbation kept through the rebuild (constant share): trigger-like rows while the teacher is distilled
+    "fip + universal (constant) + distill (late) + augment auto": ("fip", dict(_FIP, universal_perturbation=_SEP,
+                                                                             distill=_LATE, augment="auto")),
     "fast_fip (frozen choice)": ("fast_fip", dict(_FAST)),
     "fast_fip + universal + distill (late) + augment auto": ("fast_fip", dict(_FAST, universal_perturbation=_LR,
                                                                             distill=_LATE, augment="auto")),
     "fast_fip + universal, lr schedule": ("fast_fip", dict(_FAST, universal_perturbation=_LR)),
+    "fast_fip + universal (constant) + distill (late) + augment auto": ("fast_fip", dict(
+        _FAST, universal_perturbation=_SEP, distill=_LATE, augment="auto")),
     "fast_fip + universal, lr schedule + distill (w 1, T 2)": ("fast_fip", dict(_FAST, universal_perturbation=_LR,
                                                                               distill=_KD)),
     "fast_fip + universal, separate gradient": ("fast_fip", dict(_FAST, universal_perturbation=_SEP)),
