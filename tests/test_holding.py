@@ -470,7 +470,8 @@ def test_distill_late_weight_follows_one_minus_the_lr_ratio(backdoored):
 
 
 def test_distill_auto_is_on_for_image_classifiers_only():
-    """"auto" (the default): on for floating-point inputs with ≥ 2 dims per sample and (batch, classes) outputs."""
+    """"auto" (the default): on for floating-point inputs with ≥ 2 dims per sample, the default cross-entropy and
+    (batch, classes) outputs."""
     y = torch.randint(3, (32,))
     torch.manual_seed(0)
     img = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
@@ -480,6 +481,9 @@ def test_distill_auto_is_on_for_image_classifiers_only():
     flat = nn.Linear(6, 3)
     assert type(build_fip(flat, _ctx(torch.randn(32, 6), y), **_fip_opts(), universal_perturbation=None,
                           distill="auto")) is OptimizerPurifier
+    bce = MethodContext(torch.rand(32, 1, 6, 6), y, torch.device("cpu"), lambda o, t: F.cross_entropy(o, t), 0, False)
+    assert type(build_fip(copy.deepcopy(img), bce, **_fip_opts(), universal_perturbation=None,
+                          distill="auto")) is OptimizerPurifier        # a loss of the user's: off
     per_row = nn.Conv1d(2, 3, 1)                      # (batch, 3, length): not class logits
     assert type(build_fip(per_row, _ctx(torch.randn(32, 2, 5), y), **_fip_opts(), universal_perturbation=None,
                           distill="auto")) is OptimizerPurifier

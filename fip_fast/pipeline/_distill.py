@@ -42,9 +42,15 @@ class Distill:
 
 def auto_distill(model: nn.Module, ctx: MethodContext) -> bool:
     """``distill="auto"`` (FIP's and Fast FIP's default): on where the universal perturbation's ``"auto"`` is
-    (floating-point inputs with ≥ 2 dimensions per sample: where it was chosen, docs/holding.md) and the model
-    returns class logits ``(batch, classes)`` — checked on two clean samples, in eval mode, without gradients."""
+    (floating-point inputs with ≥ 2 dimensions per sample: where it was chosen, docs/holding.md), the loss is the
+    default cross-entropy (the term's softmax KL assumes one label per sample: a loss of the user's, e.g.
+    multi-label, turns it off) and the model returns class logits ``(batch, classes)`` — checked on two clean
+    samples, in eval mode, without gradients."""
     if not (ctx.x_train.is_floating_point() and ctx.x_train.dim() >= 3):
+        return False
+    if ctx.loss_fn is not F.cross_entropy:
+        logger.info("fip_fast.pipeline: distill='auto' is off with a loss_fn of the user's (pass distill=True to "
+                    "distil anyway)")
         return False
     on = _returns_logits(model, ctx)
     if not on:
