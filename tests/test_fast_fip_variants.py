@@ -57,6 +57,7 @@ def test_shipped_default_is_the_protocol_choice():
     assert {k: d[k] for k in keys if k not in ("distill", "augment")} == {k: chosen[k] for k in keys[:5]}
     assert d["distill"] == "auto" and chosen["distill"] == {"weight": 1.0, "temperature": 2.0, "schedule": "late"}
     assert d["augment"] == chosen["augment"] == "auto"
+    assert d["universal_perturbation"]["schedule"] == chosen["universal_perturbation"]["schedule"] == "constant"
 
 
 @pytest.mark.parametrize("eta_r", [0.0, 1.0])

@@ -337,8 +337,8 @@ def test_universal_eps_is_a_share_of_the_input_range():
 
 
 def test_universal_auto_is_on_for_float_inputs_only():
-    """"auto" (FIP's and Fast FIP's default) perturbs floating-point inputs with ≥ 2 dimensions per sample (images,
-    signals) and leaves integer ones (token ids) and flat feature vectors alone."""
+    """"auto" (FIP's default; Fast FIP's with fields) perturbs floating-point inputs with ≥ 2 dimensions per sample
+    (images, signals) and leaves integer ones (token ids) and flat feature vectors alone."""
     y = torch.randint(3, (32,))
     emb = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(8 * 5, 3))
     assert type(build_fip(emb, _ctx(torch.randint(20, (32, 5)), y), **_fip_opts(),
@@ -347,7 +347,18 @@ def test_universal_auto_is_on_for_float_inputs_only():
                           universal_perturbation="auto")) is OptimizerPurifier
     conv = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 6, 3))
     pur = build_fip(conv, _ctx(torch.rand(32, 2, 8), y), **_fip_opts(), universal_perturbation="auto")
-    assert isinstance(pur, H.HoldingPurifier) and pur.universal.cfg == H.UniversalPerturbation()
+    assert isinstance(pur, H.HoldingPurifier) and pur.universal.cfg == H.UniversalPerturbation(inputs="auto")
+    # fields with the rule kept (Fast FIP's default): on for the signal, off for flat features
+    fields = {"inputs": "auto", "schedule": "constant"}
+    pur = build_fip(conv, _ctx(torch.rand(32, 2, 8), y), **_fip_opts(), universal_perturbation=fields)
+    assert pur.universal.cfg == H.UniversalPerturbation(inputs="auto", schedule="constant")
+    assert type(build_fip(nn.Linear(6, 3), _ctx(torch.rand(32, 6), y), **_fip_opts(),
+                          universal_perturbation=fields)) is OptimizerPurifier
+    # inputs="any" (a dict without it, as before): on whatever the inputs
+    assert isinstance(build_fip(nn.Linear(6, 3), _ctx(torch.rand(32, 6), y), **_fip_opts(),
+                                universal_perturbation={"schedule": "constant"}), H.HoldingPurifier)
+    with pytest.raises(ValueError, match="universal_perturbation.inputs"):
+        H.resolve_holding(dict(inputs="images"))
 
 
 @pytest.mark.parametrize("method", ["fip", "fast_fip"])

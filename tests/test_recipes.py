@@ -61,7 +61,9 @@ def test_pipeline_defaults_are_the_recipe():
     # optimizer) joined both on 2026-12-07
     assert DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **HOLD)
     # ... and the protocol's rule re-chose Fast FIP's lr_delta with them (0.5 → 1.0, protocol_dev.md)
-    assert DEFAULTS["fast_fip"] == dict(FAST_FIP_DEFAULTS_BEFORE, **HOLD, lr_delta=1.0)
+    # (Fast FIP's perturbation: the "auto" rule with the share constant through the rebuild)
+    assert DEFAULTS["fast_fip"] == dict(FAST_FIP_DEFAULTS_BEFORE, **dict(
+        HOLD, universal_perturbation={"inputs": "auto", "schedule": "constant"}), lr_delta=1.0)
     assert {k: DEFAULTS["fip"][k] for k in PURIFY.pipeline_options()} == PURIFY.pipeline_options()
     for k in ("momentum", "eta_F", "eta_r", "rho", "max_mix", "trace_every", "trace_estimator", "batch_size"):
         assert DEFAULTS["fast_fip"][k] == getattr(PURIFY, k), k

@@ -32,7 +32,10 @@ class UniversalPerturbation:
     of the first ⌊fraction·B⌉ samples are added to the batch (the clean samples all stay; the batch grows).
     schedule: ``"lr"`` — the share follows the learning rate (fraction × lr / the largest lr so far, rounded, so the
     last steps of a decaying schedule train on clean samples only; on the development cells this kept one point
-    more clean accuracy with the 2 % clean set at the same ASR); ``"constant"`` — the same share every step."""
+    more clean accuracy with the 2 % clean set at the same ASR); ``"constant"`` — the same share every step.
+    inputs: ``"any"`` — perturb whatever the inputs are; ``"auto"`` — only floating-point inputs with ≥ 2 dimensions
+    per sample (:func:`auto_universal`; off otherwise).  The string ``"auto"`` is ``UniversalPerturbation(inputs=
+    "auto")``; a dict with ``"inputs": "auto"`` changes fields and keeps the rule (Fast FIP's default)."""
 
     eps: float = 0.2
     step: Optional[float] = None
@@ -43,6 +46,7 @@ class UniversalPerturbation:
     scale: str = "range"
     placement: str = "replace"
     schedule: str = "lr"
+    inputs: str = "any"
 
     def __post_init__(self) -> None:
         _positive("universal_perturbation.eps", self.eps)
@@ -65,6 +69,8 @@ class UniversalPerturbation:
             raise ValueError(f"universal_perturbation.placement must be 'replace' or 'append', got {self.placement!r}")
         if self.schedule not in ("constant", "lr"):
             raise ValueError(f"universal_perturbation.schedule must be 'constant' or 'lr', got {self.schedule!r}")
+        if self.inputs not in ("any", "auto"):
+            raise ValueError(f"universal_perturbation.inputs must be 'any' or 'auto', got {self.inputs!r}")
 
     @property
     def shared(self) -> bool:

@@ -35,7 +35,7 @@ import contextlib
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -404,11 +404,13 @@ def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_p
     checkpoint's weights replace the model's anyway, and the path's θ0 must be the same reset model as in the
     uninterrupted run)."""
     if isinstance(universal_perturbation, str) and universal_perturbation == "auto":
-        universal_perturbation = auto_universal(ctx.x_train)
+        universal_perturbation = UniversalPerturbation(inputs="auto")
     if isinstance(distill, str) and distill == "auto":
         distill = auto_distill(model, ctx)
     hold = resolve_holding(universal_perturbation, path_aware, reset_units, distill,
                            trace_estimator=o.get("trace_estimator", "fd"), eta_F=o.get("eta_F", 0.0))
+    if hold.universal is not None and hold.universal.inputs == "auto" and not auto_universal(ctx.x_train):
+        hold = replace(hold, universal=None)
     teacher = None
     if hold.distill is not None:
         teacher = make_teacher(model, ctx)
