@@ -25,8 +25,9 @@ _FAST_FIP_SHARED = PURIFY.replace(steps=150, lr=0.1, weight_decay=0.01)
 _FAST_FIP_UNIVERSAL = {"inputs": "auto", "schedule": "constant"}
 
 #: Defaults of the built-in methods (see :func:`fip_fast.pipeline.purify` and docs/demo.md for how they were
-#: chosen on clean validation data only).  ``patience`` is a loop option: 0 never stops early.  ``augment`` (not set:
-#: no augmentation) and ``lr_schedule`` are loop options too, allowed here; ``purify(augment=…)`` overrides.
+#: chosen on clean validation data only).  ``patience`` is a loop option: 0 never stops early.  ``augment`` ("auto":
+#: shifted batches for images) and ``lr_schedule`` are loop options too, allowed here; ``purify(augment=…)``
+#: overrides.
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     # lr (lr_delta) and eta_r chosen on the development task of the fair protocol (bench/protocol.py,
     # bench/results/protocol_dev.md) by its clean-accuracy rule, at its equal budget of 100 steps for every method.
