@@ -177,3 +177,23 @@ def test_peers_quick_schema(tmp_path):
     ok = {(r["group"], r["peer"].split("(")[0]) for r in d["rows"] if r["status"] == "ok"}
     assert {("optimizer", "torch.optim.AdamW"), ("optimizer", "torch.optim.SGD"), ("fast_fip", "full FIP ")} <= ok
     assert "| work | ours | peer (version) |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("method", ["fip", "fast_fip"])
+def test_holding_cost_purifies_a_copy(method):
+    """bench.holding_cost times every variant on the same backdoored model: each purification works on a copy, so
+    the task's model leaves a timing run unchanged (purify works in place on the model it is given)."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from _synthetic import small_cnn
+
+    from bench.holding_cost import _one
+
+    torch.manual_seed(0)
+    task = SimpleNamespace(model=small_cnn(), clean=(torch.rand(64, 1, 10, 10), torch.arange(64) % 4))
+    before = copy.deepcopy(task.model.state_dict())
+    assert _one(task, method, {}, steps=2) > 0
+    for k, v in task.model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -486,9 +486,13 @@ def test_distill_auto_is_on_for_image_classifiers_only():
     y = torch.randint(3, (32,))
     torch.manual_seed(0)
     img = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    forwards = [0]
+    hook = img.register_forward_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))
     pur = build_fip(img, _ctx(torch.rand(32, 1, 6, 6), y), **_fip_opts(), universal_perturbation=None,
                     distill="auto")
+    hook.remove()
     assert pur.distill == H.Distill() and pur.distill.schedule == "late" and img.training
+    assert forwards == [1]                            # one check of the outputs, not one per decision
     flat = nn.Linear(6, 3)
     assert type(build_fip(flat, _ctx(torch.randn(32, 6), y), **_fip_opts(), universal_perturbation=None,
                           distill="auto")) is OptimizerPurifier

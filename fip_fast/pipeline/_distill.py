@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fip_fast.pipeline._universal import _positive
+from fip_fast.pipeline._universal import _positive, per_sample_array
 from fip_fast.pipeline.purifier import MethodContext
 
 logger = logging.getLogger("fip_fast")
@@ -46,7 +46,7 @@ def auto_distill(model: nn.Module, ctx: MethodContext) -> bool:
     default cross-entropy (the term's softmax KL assumes one label per sample: a loss of the user's, e.g.
     multi-label, turns it off) and the model returns class logits ``(batch, classes)`` — checked on two clean
     samples, in eval mode, without gradients."""
-    if not (ctx.x_train.is_floating_point() and ctx.x_train.dim() >= 3):
+    if not per_sample_array(ctx.x_train):
         return False
     if ctx.loss_fn is not F.cross_entropy:
         logger.info("fip_fast.pipeline: distill='auto' is off with a loss_fn of the user's (pass distill=True to "
@@ -77,12 +77,13 @@ def _check_logits(out: Any) -> None:
         raise ValueError(f"{_NOT_LOGITS} (got {got})")
 
 
-def make_teacher(model: nn.Module, ctx: MethodContext) -> nn.Module:
-    """A frozen copy of ``model`` (refused with ``ValueError`` unless it returns class logits) in eval mode, but for
+def make_teacher(model: nn.Module, ctx: MethodContext, checked: bool = False) -> nn.Module:
+    """A frozen copy of ``model`` (refused with ``ValueError`` unless it returns class logits; ``checked``: the caller
+    has checked that already, as :func:`auto_distill` does) in eval mode, but for
     BatchNorm, which normalizes with the batch's statistics as the student's does in its train-mode step (its
     running estimates untouched): with the running estimates, the teacher's outputs would differ from the
     student's at θ0 itself, and the term would pull the weights toward that difference instead of holding them."""
-    if not _returns_logits(model, ctx):
+    if not checked and not _returns_logits(model, ctx):
         raise ValueError(_NOT_LOGITS)
     teacher = copy.deepcopy(model).eval()
     teacher.requires_grad_(False)

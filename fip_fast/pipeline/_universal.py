@@ -211,13 +211,19 @@ class _Universal:
         self._skipped.fill_(int(n))
 
 
+def per_sample_array(x_train: Tensor) -> bool:
+    """Whether the inputs ``(N, …)`` are floating point with at least two dimensions per sample (images, signals):
+    where the ``"auto"`` holding options apply."""
+    return bool(x_train.is_floating_point()) and x_train.dim() >= 3
+
+
 def auto_universal(x_train: Tensor) -> bool:
     """``universal_perturbation="auto"`` (FIP's and Fast FIP's default): on for floating-point inputs with at least
     two dimensions per sample — images (C, H, W), signals (C, T) — and off for flat feature vectors (N, D) and for
     integer inputs (token ids, where adding δ means nothing).  Flat features are off because one L∞ budget over
     heterogeneous features has no common unit: on the tabular MLP of examples/own_model the default budget cost
     10 points of clean accuracy (100 → 90 %) on a model FIP alone purifies at no cost."""
-    on = bool(x_train.is_floating_point()) and x_train.dim() >= 3
+    on = per_sample_array(x_train)
     if not on:
         logger.info("fip_fast.pipeline: universal_perturbation='auto' is off for inputs of dtype %s and shape %s "
                     "(it perturbs floating-point inputs with ≥ 2 dimensions per sample)", x_train.dtype,

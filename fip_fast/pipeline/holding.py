@@ -405,14 +405,15 @@ def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_p
     uninterrupted run)."""
     if isinstance(universal_perturbation, str) and universal_perturbation == "auto":
         universal_perturbation = UniversalPerturbation(inputs="auto")
-    if isinstance(distill, str) and distill == "auto":
-        distill = auto_distill(model, ctx)
+    auto = isinstance(distill, str) and distill == "auto"
+    if auto:
+        distill = auto_distill(model, ctx)       # checks the model's outputs on the way
     hold = resolve_holding(universal_perturbation, path_aware, reset_units, distill,
                            trace_estimator=o.get("trace_estimator", "fd"), eta_F=o.get("eta_F", 0.0))
     if hold.universal is not None and hold.universal.inputs == "auto" and not auto_universal(ctx.x_train):
         hold = replace(hold, universal=None)
     teacher = None
     if hold.distill is not None:
-        teacher = make_teacher(model, ctx)
+        teacher = make_teacher(model, ctx, checked=auto)
     reset = reset_units_(model, ctx, hold.reset) if hold.reset is not None else None
     return Prepared(hold, reset, teacher)
