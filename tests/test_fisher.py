@@ -1,4 +1,6 @@
 """estimate_fisher against the explicit per-sample loop (fp64)."""
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,6 +173,21 @@ def test_linear_applied_twice_tokens():
     torch.manual_seed(0)
     m = _Twice(tokens=True).double()
     _check_loop(m, torch.randn(9, 4, 5, dtype=torch.float64), torch.randint(0, 3, (9,)), chunk_size=2)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_per_sample_weight_gradients_in_sample_chunks(monkeypatch, caplog, tokens):
+    """The exact form of a Linear applied twice forms its per-sample gradients a few samples at a time (on a CPU,
+    chunks of ~2^18 elements, in cache): with a chunk of 2 samples (2 · 5 · 5 elements) the squares and the
+    guard's projected sums are right — the hooks' result passes the guard (no torch.func fallback)."""
+    import fip_fast._fisher_capture as capture
+    monkeypatch.setattr(capture, "_CPU_CHUNK_ELEMS", 50)
+    torch.manual_seed(0)
+    m = _Twice(tokens=tokens).double()
+    x = torch.randn(9, 4, 5, dtype=torch.float64) if tokens else torch.randn(9, 5, dtype=torch.float64)
+    with caplog.at_level(logging.INFO, logger="fip_fast"):
+        _check_loop(m, x, torch.randint(0, 3, (9,)), bs=9)
+    assert "torch.func" not in caplog.text
 
 
 def test_linear_applied_twice_token_lm_outputs():
