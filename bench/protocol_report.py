@@ -2,7 +2,8 @@
 
 Means are over the cells whose backdoored model has ASR ≥ :data:`MIN_ASR` (the attack implanted); ± is the
 standard deviation over those cells.  *Dominates*: lower ASR by more than :data:`TIE` and clean ACC not lower by
-more than :data:`TIE` (half a point ≈ the resolution of a 1000-image test set).
+more than :data:`TIE` (half a point ≈ the resolution of a 1000-image test set); *Pareto*: no worse on either, better
+on one by more than :data:`TIE`.
 """
 from __future__ import annotations
 
@@ -122,6 +123,27 @@ def _dominates(a: dict, b: dict) -> bool:
     return a["asr"] < b["asr"] - TIE and a["acc"] >= b["acc"] - TIE
 
 
+def _pareto(a: dict, b: dict) -> bool:
+    """Pareto dominance at the resolution TIE: a is no worse than b on ASR and on ACC, and better on at least one
+    (unlike :func:`_dominates`, a cell where both ASRs are near zero is won by the higher clean accuracy)."""
+    no_worse = a["asr"] <= b["asr"] + TIE and a["acc"] >= b["acc"] - TIE
+    return no_worse and (a["asr"] < b["asr"] - TIE or a["acc"] > b["acc"] + TIE)
+
+
+def _wins_table(cells: Dict[str, Dict[str, dict]], title: str, rule) -> List[str]:
+    """``rule(row's run, column's run)`` counted over the cells both methods ran, as a markdown table."""
+    from bench.protocol import METHODS
+
+    out = [f"### {title}", "", "| | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    for a in METHODS:
+        row = []
+        for b in METHODS:
+            both = [c for c in cells.values() if a in c and b in c]
+            row.append("–" if a == b else f"{sum(rule(c[a], c[b]) for c in both)}/{len(both)}")
+        out.append(f"| {a} | " + " | ".join(row) + " |")
+    return out
+
+
 def _model_check(cells: Dict[str, Dict[str, dict]]) -> List[str]:
     """A line saying whether every run of each cell purified the same backdoored model (``model_sha``)."""
     shas = {k: {r.get("model_sha") for r in v.values()} for k, v in cells.items()}
@@ -166,14 +188,9 @@ def eval_md(doc: dict) -> List[str]:
     out += ["", f"Re-tuning attack on the **benign** models (same architecture and training, no poison): ASR "
             f"{_ms(benign)} % over {len(benign)} cells (the calibration: a benign model must stay low); the milder "
             f"attack: {_mild([c['before']['benign'] for c in complete.values()])} %.", ""]
-    out += ["### Cells won: row dominates column (lower ASR, ACC not lower, ± 0.5 pt)", "",
-            "| | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
-    for a in METHODS:
-        row = []
-        for b in METHODS:
-            both = [c for c in cells.values() if a in c and b in c]
-            row.append("–" if a == b else f"{sum(_dominates(c[a], c[b]) for c in both)}/{len(both)}")
-        out.append(f"| {a} | " + " | ".join(row) + " |")
+    out += _wins_table(cells, "Cells won: row dominates column (lower ASR, ACC not lower, ± 0.5 pt)", _dominates)
+    out += [""] + _wins_table(cells, "Cells won, Pareto: row no worse on ASR and ACC (± 0.5 pt), better on one by "
+                                     "more than 0.5 pt", _pareto)
     lam = [(m, c["before"].get("lambda_max"), c[m].get("lambda_max")) for c in cells.values() for m in METHODS
            if m in c and c[m].get("lambda_max") is not None]
     if lam:

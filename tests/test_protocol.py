@@ -8,7 +8,7 @@ import torch
 
 import bench.protocol as P
 import bench.protocol_tasks as T
-from bench.protocol_report import eval_md, write_report
+from bench.protocol_report import _dominates, _pareto, eval_md, write_report
 
 
 def _dev_doc(acc_by_point):
@@ -89,9 +89,20 @@ def test_report_counts_dominance_and_excludes_failed_attacks(tmp_path):
     fip_row = next(line for line in md.splitlines() if line.startswith("| fip |") and "/" in line)
     cols = [c.strip() for c in fip_row.strip("|").split("|")]
     assert cols[P.METHODS.index("ft") + 1] == "1/1"       # fip dominates ft on the one implanted cell
+    assert "### Cells won, Pareto" in md
     path = tmp_path / "e.json"
     path.write_text(json.dumps({"runs": runs}))
     assert write_report(tmp_path / "missing.json", path, ["x"]).read_text().startswith("# Fair protocol")
+
+
+def test_pareto_wins_on_accuracy_where_both_asrs_are_near_zero():
+    """Both ASRs within half a point: the ASR-first rule calls it a tie, Pareto gives it to the higher accuracy;
+    a trade (better ACC, worse ASR) and a copy are won by neither."""
+    a, b = {"acc": 0.95, "asr": 0.005}, {"acc": 0.91, "asr": 0.006}
+    assert _pareto(a, b) and not _pareto(b, a) and not _dominates(a, b)
+    trade = {"acc": 0.97, "asr": 0.10}
+    assert not _pareto(trade, a) and not _pareto(a, trade) and not _pareto(a, dict(a))
+    assert _pareto({"acc": 0.95, "asr": 0.0}, {"acc": 0.95, "asr": 0.2})
 
 
 @pytest.fixture
