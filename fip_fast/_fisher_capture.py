@@ -217,7 +217,9 @@ class _HookCapture:
         if kind == "embedding":
             sq, s, scale2 = rules.embedding_sq(recs, n, p, dt)
             return sq, (s, scale2, None)
-        per_elems = p.numel() + sum(rules.cols_per_sample(kind, m, x) for m, x, _ in recs)
+        # a weight's rule forms per-sample columns (im2col, g ⊙ x̂); a bias's only sums g
+        cols = sum(rules.cols_per_sample(kind, m, x) for m, x, _ in recs) if part == "weight" else 0
+        per_elems = p.numel() + cols
         step = max(1, _chunk_elems(p.device) // max(1, per_elems))
         sq = torch.zeros(p.shape, dtype=dt, device=p.device)
         s = torch.zeros(p.shape, dtype=dt, device=p.device)
