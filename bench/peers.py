@@ -42,6 +42,7 @@ imports only in its examples)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
@@ -380,6 +381,36 @@ def _backpack_sides(model_fn: Callable[[], nn.Module], x, y, ref: list[torch.Ten
     return sides, checks, "" if sides else f"BackPACK ran with neither extension: {checks}"
 
 
+@contextlib.contextmanager
+def _without_guard(x_leaf: torch.Tensor):
+    """Diagnostic only (a "where the time goes" row, never a result): ``estimate_fisher`` with its guard off — the
+    hooked backward asks autograd for the gradient of ``x_leaf`` (the batch, requiring grad) instead of the batch
+    gradients of the hooked parameters, and every hooked parameter's squares are taken as they are.  Hooks,
+    rules and squares run unchanged; what disappears is autograd's batch weight gradient of every hooked layer and
+    the comparison."""
+    from fip_fast._fisher_capture import _HookCapture
+
+    grad, flush = torch.autograd.grad, _HookCapture.flush
+
+    def grad_of_input(outputs, inputs, *args, **kwargs):
+        grad(outputs, [x_leaf], *args, **kwargs)
+        return [None] * len(inputs)
+
+    def flush_unchecked(self, grads, out):
+        for k in list(self.records):
+            self._process(k)
+        for k, sq in self.sq.items():
+            out[self.params[k]] += sq
+        for d in (self.expected, self.records, self.sq, self.check):
+            d.clear()
+
+    torch.autograd.grad, _HookCapture.flush = grad_of_input, flush_unchecked
+    try:
+        yield
+    finally:
+        torch.autograd.grad, _HookCapture.flush = grad, flush
+
+
 def _fisher_group(name: str, work: str, model_fn: Callable[[], nn.Module], x, y, cfg: "Config",
                   goals: tuple[str, str]) -> list[Row]:
     from fip_fast import estimate_fisher
@@ -396,11 +427,25 @@ def _fisher_group(name: str, work: str, model_fn: Callable[[], nn.Module], x, y,
     vm = model_fn().eval()
     sides = [Side("ours", ours), Side("vmap", lambda: vmap_fisher(vm, x, y))]
     vmap_check = dict(max_rel_diff=_max_rel(vmap_fisher(vm, x, y), ref))
+    if x.is_floating_point():        # the guard's share (the leaf it backpropagates to must be a float batch)
+        m2, x_leaf = model_fn().eval(), x.clone().requires_grad_()
+
+        def unguarded():
+            with _without_guard(x_leaf):
+                return estimate_fisher(m2, [(x_leaf, y)], estimator="per_sample", chunk_size=x.shape[0])
+        ps2 = list(m2.parameters())
+        unguarded_check = dict(max_rel_diff=_max_rel([f * x.shape[0] for f in map(unguarded().get, ps2)], ref))
+        sides.append(Side("unguarded", unguarded))
     bp_sides, bp_checks, why = _backpack_sides(model_fn, x, y, ref)
     t = measure(sides + bp_sides, cfg, cfg.steps, cfg.warmup)
     ours_label = "fip_fast.estimate_fisher(estimator='per_sample')"
-    rows = [fill(Row(name, work, ours_label, "torch.func vmap(grad) over all parameters", torch.__version__,
-                     "per batch", goals[0], check=vmap_check), t, "ours", "vmap")]
+    vmap_label = "torch.func vmap(grad) over all parameters"
+    rows = [fill(Row(name, work, ours_label, vmap_label, torch.__version__, "per batch", goals[0], check=vmap_check),
+                 t, "ours", "vmap")]
+    if "unguarded" in t:
+        rows.append(fill(Row(name, work, "the same without its guard (diagnostic: no batch weight gradients, no "
+                                         "comparison)", vmap_label, torch.__version__, "per batch",
+                             "none: where the time goes", check=unguarded_check), t, "unguarded", "vmap"))
     if why:
         print(f"[peers] {name}: BackPACK skipped: {why}")
         rows.append(Row(name, work, ours_label, "BackPACK", _version("backpack-for-pytorch"), "per batch", goals[1],

@@ -197,3 +197,25 @@ def test_holding_cost_purifies_a_copy(method):
     assert _one(task, method, {}, steps=2) > 0
     for k, v in task.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_peers_unguarded_diagnostic_matches_and_restores():
+    """The bench's guard-off diagnostic (``bench.peers._without_guard``) computes the shipped estimator's squares
+    and puts torch.autograd.grad and the guard back afterwards."""
+    import torch
+
+    from bench.peers import SmallCNN, _without_guard
+    from fip_fast import estimate_fisher
+    from fip_fast._fisher_capture import _HookCapture
+
+    torch.manual_seed(0)
+    m = SmallCNN(4).eval()
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    want = estimate_fisher(m, [(x, y)], estimator="per_sample")
+    grad, flush, x_leaf = torch.autograd.grad, _HookCapture.flush, x.clone().requires_grad_()
+    with _without_guard(x_leaf):
+        got = estimate_fisher(m, [(x_leaf, y)], estimator="per_sample")
+        assert torch.autograd.grad is not grad
+    assert torch.autograd.grad is grad and _HookCapture.flush is flush
+    for p in m.parameters():
+        torch.testing.assert_close(got[p], want[p])
