@@ -262,6 +262,19 @@ HOLDING_ABLATIONS: Dict[str, Tuple[str, dict]] = {
     # the perturbation kept through the rebuild (constant share): trigger-like rows while the teacher is distilled
     "fip + universal (constant) + distill (late) + augment auto": ("fip", dict(_FIP, universal_perturbation=_SEP,
                                                                              distill=_LATE, augment="auto")),
+    # the gradient taken where a re-tuning on the perturbation would take the model (reactivation_aware: SAM's step
+    # along the perturbed rows' loss ascent, from the perturbation's own backward), on FIP's defaults
+    "fip + universal + distill (late) + augment auto + reactivation aware (rho 0.05)": ("fip", dict(
+        _FIP, universal_perturbation=_LR, distill=_LATE, augment="auto", reactivation_aware=0.05)),
+    "fip + universal + distill (late) + augment auto + reactivation aware (rho 0.1)": ("fip", dict(
+        _FIP, universal_perturbation=_LR, distill=_LATE, augment="auto", reactivation_aware=0.1)),
+    # ... the shift returning to w as the rate decays (the rebuild plain), and ρ as a share of ‖w‖
+    "fip + universal + distill (late) + augment auto + reactivation aware (rho 0.1, lr schedule)": ("fip", dict(
+        _FIP, universal_perturbation=_LR, distill=_LATE, augment="auto",
+        reactivation_aware=dict(rho=0.1, schedule="lr"))),
+    "fip + universal + distill (late) + augment auto + reactivation aware (relative 0.005)": ("fip", dict(
+        _FIP, universal_perturbation=_LR, distill=_LATE, augment="auto",
+        reactivation_aware=dict(rho=0.005, relative=True))),
     "fast_fip (frozen choice)": ("fast_fip", dict(_FAST)),
     "fast_fip + universal + distill (late) + augment auto": ("fast_fip", dict(_FAST, universal_perturbation=_LR,
                                                                             distill=_LATE, augment="auto")),

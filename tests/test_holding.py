@@ -226,6 +226,74 @@ def test_path_aware_refuses_estimators_outside_the_closure():
         _plain_sgd(_mlp(), _ctx(x, y), 0.5, eta_F=0.005, trace_estimator="batch")
 
 
+# --------------------------------------------------------------------------------------- reactivation aware
+@pytest.mark.parametrize("relative", [False, True])
+def test_reactivation_aware_step_uses_the_gradient_at_the_shifted_point(relative):
+    """With plain SGD and every row perturbed: g = ∂CE(f(x + δ), y)/∂w at the δ before this step's update, the
+    step's gradient is that of the mixed batch (x + δ', δ' = δ after the update) at w + r·g/‖g‖ (r = ρ, or ρ·‖w‖
+    with ``relative``), and the new weights are w − lr·that gradient."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(3, (32,), generator=g)
+    model = _mlp()
+    up = dict(eps=0.3, scale="absolute", fraction=1.0, schedule="constant")
+    pur = _plain_sgd(model, _ctx(x, y), None, universal_perturbation=up,
+                     reactivation_aware=dict(rho=0.2, relative=relative))
+    pur.step(x, y)                                   # δ = 0 before the first update: move it off zero first
+    u = pur.universal
+    w, d_before = [p.detach().clone() for p in model.parameters()], u.delta.clone()
+    ref = copy.deepcopy(model)
+    # the perturbation's objective is the cross-entropy of the fp32-cast outputs (as for any model dtype)
+    gw = torch.autograd.grad(F.cross_entropy(ref(u.perturb(x, d_before)).float(), y), list(ref.parameters()))
+    r = 0.2 * (float(torch.sqrt(sum((wi * wi).sum() for wi in w))) if relative else 1.0)
+    norm = torch.sqrt(sum((gi * gi).sum() for gi in gw))
+    pur.step(x, y)
+    assert not torch.equal(u.delta, d_before)        # the update ran before the mix
+    with torch.no_grad():
+        for p, wi, gi in zip(ref.parameters(), w, gw):
+            p.copy_(wi + r * gi / norm)
+    g_shift = torch.autograd.grad(F.cross_entropy(ref(u.perturb(x)), y), list(ref.parameters()))
+    at_w = _with(model, w)
+    plain = torch.autograd.grad(F.cross_entropy(at_w(u.perturb(x)), y), list(at_w.parameters()))
+    assert max(float((a - b).abs().max()) for a, b in zip(g_shift, plain)) > 1e-3
+    for p, wi, gs in zip(model.parameters(), w, g_shift):
+        torch.testing.assert_close(p.grad, gs, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.detach(), wi - 0.1 * gs, rtol=0, atol=1e-7)
+
+
+def _with(model: nn.Module, w) -> nn.Module:
+    """A copy of ``model`` holding the weights ``w``."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, wi in zip(m.parameters(), w):
+            p.copy_(wi)
+    return m
+
+
+def test_reactivation_aware_costs_no_extra_forward_and_needs_a_separate_perturbation():
+    """The direction comes from the perturbation's own pass: with the fd suppressor, a step runs the same three
+    forwards with or without it (perturbation, w, w + e); without a separate-gradient perturbation it is refused."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(3, (32,), generator=g)
+    up = dict(eps=0.3, scale="absolute")
+    counts = []
+    for ra in (None, 0.05):
+        model, n = _mlp(), [0]
+        model.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        pur = _plain_sgd(model, _ctx(x, y), None, eta_F=0.005, universal_perturbation=up, reactivation_aware=ra)
+        for _ in range(3):
+            pur.step(x, y)
+        counts.append(n[0])
+    assert counts == [9, 9]
+    with pytest.raises(ValueError, match="reactivation_aware needs universal_perturbation"):
+        _plain_sgd(_mlp(), _ctx(x, y), None, reactivation_aware=0.05)
+    with pytest.raises(ValueError, match="reactivation_aware needs universal_perturbation"):
+        _plain_sgd(_mlp(), _ctx(x, y), None, universal_perturbation=dict(up, gradient="shared"),
+                   reactivation_aware=0.05)
+    with pytest.raises(ValueError, match="reactivation_aware needs trace_estimator='fd'"):
+        _plain_sgd(_mlp(), _ctx(x, y), None, eta_F=0.005, trace_estimator="batch", universal_perturbation=up,
+                   reactivation_aware=0.05)
+
+
 # ------------------------------------------------------------------------------------------------ unit reset
 def _reference_changes(model, x, y, cfg, seed):
     """Σ|Δw| per output unit of every conv after the ascent, computed independently of the implementation."""
@@ -288,12 +356,12 @@ def test_reset_zeroes_the_units_it_ranks_first(weight_fraction):
 # ---------------------------------------------------------------------------------------------- through purify
 @pytest.mark.parametrize("method", ["fip", "fast_fip"])
 def test_purify_with_every_mechanism(backdoored, method):
-    """All four options through ``purify``: the run completes, reports what each did, and the model keeps its
+    """All five options through ``purify``: the run completes, reports what each did, and the model keeps its
     architecture; with every option off the purifier is the plain one."""
     model, (xc, yc), _ = backdoored
     m, rep = P.purify(copy.deepcopy(model), (xc, yc), method=method, steps=6, progress=False, val_fraction=0,
                       universal_perturbation=0.2, path_aware=True, reset_units=dict(fraction=0.1, steps=3),
-                      distill=True)
+                      distill=True, reactivation_aware=0.05)
     assert rep.steps_run == 6 and rep.extra["reset_units"]["units_reset"] == 2
     assert 0 < rep.extra["universal_perturbation"]["linf"] <= 0.2 + 1e-7
     assert set(m.state_dict()) == set(model.state_dict())
@@ -321,6 +389,11 @@ def test_options_parse_and_reject():
         H.resolve_holding(dict(scale="pixels"))
     with pytest.raises(TypeError, match="or 'auto'"):
         H.resolve_holding("yes")
+    assert H.resolve_holding(0.2, reactivation_aware=0.1).react == H.ReactivationAware(rho=0.1)
+    with pytest.raises(ValueError, match="reactivation_aware.schedule"):
+        H.resolve_holding(0.2, reactivation_aware=dict(schedule="late"))
+    with pytest.raises(ValueError, match="reactivation_aware.rho"):
+        H.resolve_holding(0.2, reactivation_aware=-1.0)
 
 
 def test_universal_eps_is_a_share_of_the_input_range():

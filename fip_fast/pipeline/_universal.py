@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -109,21 +109,27 @@ class _Universal:
         d = self.delta if delta is None else delta
         return (x + d.to(x.dtype)).clamp(self.lo, self.hi)
 
-    def update(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+    def update(self, model: nn.Module, x: Tensor, y: Tensor,
+               params: Optional[Sequence[Tensor]] = None) -> Optional[List[Optional[Tensor]]]:
         """One signed-gradient step of δ on the batch (x, y), the model in eval mode (BatchNorm's running statistics
-        untouched, as AWM does) and only δ's gradient computed; a non-finite gradient leaves δ as it was."""
+        untouched, as AWM does) and only δ's gradient computed; a non-finite gradient leaves δ as it was.
+        ``params``: also return the objective's gradient with respect to them (at the δ before the step; None
+        for a parameter the objective does not reach) — the reactivation-aware direction
+        (:mod:`fip_fast.pipeline._reactivation`), from the same backward."""
         was = model.training
         model.eval()
+        wrt = list(params) if params is not None else []
         try:
             d = self.delta.clone().requires_grad_(True)
             with torch.enable_grad():
                 out = model(self.perturb(x, d)).float()
                 obj = self._objective(out, y)
-                (g,) = torch.autograd.grad(obj, d)
+                g, *gw = torch.autograd.grad(obj, [d] + wrt, allow_unused=True)
         finally:
             model.train(was)
         with torch.no_grad():
-            self._signed_step(self._reduce(g))
+            self._signed_step(self._reduce(torch.zeros_like(d) if g is None else g))
+        return gw if params is not None else None
 
     def _reduce(self, g: Tensor) -> Tensor:
         """Under data-parallel purification, the sum of every rank's gradient (the same signed step everywhere)."""

@@ -31,17 +31,17 @@ Each option accepts ``None``/``False`` (off), ``True`` (the defaults), a number 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from fip_fast.pipeline._distill import Distill, auto_distill, distill_term, make_teacher
+from fip_fast.pipeline._reactivation import ReactivationAware, reactivation_shift, shifted
 from fip_fast.pipeline._universal import UniversalPerturbation, _positive, _Universal, auto_universal
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier
 
@@ -51,7 +51,8 @@ logger = logging.getLogger("fip_fast")
 #: step leave them out).
 HOLDING_DEFAULTS = ("universal_perturbation", "distill")
 
-__all__ = ["UniversalPerturbation", "PathAware", "UnitReset", "Distill", "HoldingOptions", "Prepared",
+__all__ = ["UniversalPerturbation", "PathAware", "UnitReset", "Distill", "ReactivationAware", "HoldingOptions",
+           "Prepared",
            "resolve_holding", "HoldingPurifier", "make_purifier", "prepare", "reset_units_", "ResetResult",
            "auto_universal", "auto_distill", "HOLDING_DEFAULTS"]
 
@@ -131,25 +132,34 @@ class HoldingOptions:
     path: Optional[PathAware] = None
     reset: Optional[UnitReset] = None
     distill: Optional[Distill] = None
+    react: Optional[ReactivationAware] = None
 
     @property
     def any(self) -> bool:
-        return any(v is not None for v in (self.universal, self.path, self.reset, self.distill))
+        return any(v is not None for v in (self.universal, self.path, self.reset, self.distill, self.react))
 
 
 def resolve_holding(universal_perturbation: Any = None, path_aware: Any = None, reset_units: Any = None,
-                    distill: Any = None, *, trace_estimator: str = "fd", eta_F: float = 0.0) -> HoldingOptions:
-    """Parse the options and check they fit the optimizer's suppressor.  ``path_aware`` shifts the weights
-    inside the closure only, so it needs every gradient to be computed inside it: not with the ``"batch"`` /
-    ``"exact"`` estimators (their double backward runs after the closure) nor ``"lagged"`` (the model holds a
-    perturbation between steps)."""
+                    distill: Any = None, reactivation_aware: Any = None, *, trace_estimator: str = "fd",
+                    eta_F: float = 0.0) -> HoldingOptions:
+    """Parse the options and check they fit the optimizer's suppressor.  ``path_aware`` and
+    ``reactivation_aware`` shift the weights inside the closure only, so they need every gradient to be computed
+    inside it: not with the ``"batch"`` / ``"exact"`` estimators (their double backward runs after the closure)
+    nor ``"lagged"`` (the model holds a perturbation between steps).  ``reactivation_aware`` takes its direction
+    from the universal perturbation's own pass, so it needs one with ``gradient="separate"``."""
     h = HoldingOptions(_as_option("universal_perturbation", universal_perturbation, UniversalPerturbation),
                        _as_option("path_aware", path_aware, PathAware),
                        _as_option("reset_units", reset_units, UnitReset),
-                       _as_option("distill", distill, Distill))
-    if h.path is not None and eta_F > 0 and trace_estimator != "fd":
-        raise ValueError(f"path_aware needs trace_estimator='fd' (or eta_F=0), got trace_estimator="
-                         f"{trace_estimator!r}: the gradient point is shifted inside the closure only")
+                       _as_option("distill", distill, Distill),
+                       _as_option("reactivation_aware", reactivation_aware, ReactivationAware))
+    for name, opt in (("path_aware", h.path), ("reactivation_aware", h.react)):
+        if opt is not None and eta_F > 0 and trace_estimator != "fd":
+            raise ValueError(f"{name} needs trace_estimator='fd' (or eta_F=0), got trace_estimator="
+                             f"{trace_estimator!r}: the gradient point is shifted inside the closure only")
+    if h.react is not None and (h.universal is None or h.universal.shared):
+        raise ValueError("reactivation_aware needs universal_perturbation on with gradient='separate' (its "
+                         "direction is the gradient of that pass's perturbed samples), got universal_perturbation="
+                         f"{universal_perturbation!r}")
     return h
 
 
@@ -172,23 +182,17 @@ class _Path:
             return None
         return [d.mul_(self.rho if self.relative else self.rho / norm) for d in diff]
 
-    @contextlib.contextmanager
-    def applied(self, s: List[Tensor]) -> Iterator[None]:
-        """Inside: every parameter p + s; after: p exactly as before (a saved copy, not a subtraction)."""
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in self.params]
-            for p, si in zip(self.params, s):
-                p.add_(si.to(p.dtype))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(self.params, saved):
-                    p.copy_(v)
 
 
 def _acc(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
+
+
+def _sum_shifts(a: Optional[List[Tensor]], b: Optional[List[Tensor]]) -> Optional[List[Tensor]]:
+    """The gradient point's shift from both shifted-point options (either may be None)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return [x.add_(y) for x, y in zip(a, b)]
 
 
 # ------------------------------------------------------------------------------------------- unit reset
@@ -283,6 +287,7 @@ class HoldingPurifier(OptimizerPurifier):
         self.universal = (_Universal(hold.universal, ctx.x_train, ctx.device, ctx.world_size)
                           if hold.universal is not None else None)
         self.path = _Path(hold.path, self.params) if hold.path is not None else None
+        self.react = hold.react
         self.reset = reset
         self._shift: Optional[List[Tensor]] = None
         self._lr_max = 0.0          # schedule "lr": the largest learning rate so far
@@ -290,11 +295,14 @@ class HoldingPurifier(OptimizerPurifier):
     def step(self, x: Tensor, y: Tensor) -> float:
         u = self.universal
         ratio = self._lr_ratio()
+        react = None
         if u is not None:
             if not u.cfg.shared:
-                u.update(self.model, x, y)
+                gw = u.update(self.model, x, y, self.params if self.react is not None else None)
+                if gw is not None:
+                    react = reactivation_shift(gw, self.params, self.react, ratio, u.world_size)
             x, y = u.mix(x, y, ratio if u.cfg.schedule == "lr" else 1.0)
-        self._shift = self.path.shift() if self.path is not None else None
+        self._shift = _sum_shifts(self.path.shift() if self.path is not None else None, react)
         if self.distill is not None:
             factor = 1.0 - ratio if self.distill.schedule == "late" else 1.0
             rows = u.clean_rows if u is not None else slice(0, x.shape[0])
@@ -323,7 +331,7 @@ class HoldingPurifier(OptimizerPurifier):
             return inner
 
         def closure():
-            with self.path.applied(s):
+            with shifted(self.params, s):
                 return inner()
         return closure
 
@@ -380,7 +388,7 @@ def describe(hold: HoldingOptions) -> Dict[str, Any]:
     """The resolved options as plain dicts (for logs and reports)."""
     return {k: (asdict(v) if v is not None else None) for k, v in
             (("universal_perturbation", hold.universal), ("path_aware", hold.path), ("reset_units", hold.reset),
-             ("distill", hold.distill))}
+             ("distill", hold.distill), ("reactivation_aware", hold.react))}
 
 
 @dataclass
@@ -397,7 +405,7 @@ class Prepared:
 
 
 def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_perturbation: Any, path_aware: Any,
-            reset_units: Any, distill: Any = None) -> Prepared:
+            reset_units: Any, distill: Any = None, reactivation_aware: Any = None) -> Prepared:
     """What a builder calls first: resolve the options against its optimizer options ``o`` (``trace_estimator``,
     ``eta_F``), copy the teacher of ``distill`` (a frozen, eval-mode copy of ``model`` as given: when resuming,
     still the model purification started from) and run the unit reset on ``model`` (also when resuming: the
@@ -408,10 +416,10 @@ def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_p
     auto = isinstance(distill, str) and distill == "auto"
     if auto:
         distill = auto_distill(model, ctx)       # checks the model's outputs on the way
-    hold = resolve_holding(universal_perturbation, path_aware, reset_units, distill,
+    hold = resolve_holding(universal_perturbation, path_aware, reset_units, distill, reactivation_aware,
                            trace_estimator=o.get("trace_estimator", "fd"), eta_F=o.get("eta_F", 0.0))
     if hold.universal is not None and hold.universal.inputs == "auto" and not auto_universal(ctx.x_train):
-        hold = replace(hold, universal=None)
+        hold = replace(hold, universal=None, react=None)   # the direction comes from the perturbation
     teacher = None
     if hold.distill is not None:
         teacher = make_teacher(model, ctx, checked=auto)

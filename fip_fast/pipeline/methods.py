@@ -113,7 +113,7 @@ def _reinit_head(model: nn.Module, ctx: MethodContext, f0: Optional[Dict[Tensor,
 
 def build_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: float, impl: str = "auto",
               head: str = "keep", universal_perturbation: Any = None, path_aware: Any = None,
-              reset_units: Any = None, distill: Any = None, **o: Any) -> Purifier:
+              reset_units: Any = None, distill: Any = None, reactivation_aware: Any = None, **o: Any) -> Purifier:
     """Full FIP: every trainable parameter, one group, F0 normalized by its maximum.  ``head="reinit"``: see
     :func:`_reinit_head`.  ``universal_perturbation`` and ``distill`` (``"auto"`` in :data:`DEFAULTS`: on for
     floating-point image-like inputs), ``path_aware``, ``reset_units`` (off; ours, beyond the paper):
@@ -126,7 +126,8 @@ def build_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: float, im
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
-    prep = holding.prepare(model, ctx, o, universal_perturbation, path_aware, reset_units, distill)  # before F0
+    prep = holding.prepare(model, ctx, o, universal_perturbation, path_aware, reset_units, distill,  # before F0
+                           reactivation_aware)
     f0 = _normalized_fisher(model, ctx, [params]) if o["eta_r"] > 0 else None
     if head == "reinit":
         _reinit_head(model, ctx, f0)
@@ -147,7 +148,8 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
                     fast_fip_extra: str = "bias_bn", layer_types: Optional[Sequence[type]] = None,
                     impl: str = "auto", delta_optimizer: str = "fip", clip_norm: Optional[float] = None,
                     mix_band: int = 0, lr_mix: Optional[float] = None, universal_perturbation: Any = None,
-                    path_aware: Any = None, reset_units: Any = None, distill: Any = None, **o: Any) -> Purifier:
+                    path_aware: Any = None, reset_units: Any = None, distill: Any = None,
+                    reactivation_aware: Any = None, **o: Any) -> Purifier:
     """Fast FIP: train the singular-value shifts δ (+ biases / normalization affine parameters), in place
     (:mod:`fip_fast.spectral`: the layers keep their weights, no W(δ) rebuilt; δ's gradient from the activations,
     or from a dense dW where that is the cheaper GEMM).
@@ -173,7 +175,8 @@ def build_fast_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: floa
 
     _check_fast_fip_options(fast_fip_extra, delta_optimizer, clip_norm, mix_band, lr_mix, o)
     # holding options as for build_fip; the reset acts on W before its SVD, the path's θ0 is δ = 0 (extras: start)
-    prep = holding.prepare(model, ctx, o, universal_perturbation, path_aware, reset_units, distill)
+    prep = holding.prepare(model, ctx, o, universal_perturbation, path_aware, reset_units, distill,
+                           reactivation_aware)
     # The extras: parameters that were trainable before reparameterization (merge restores every flag).
     extras = [p for m in model.modules() for pname, p in m.named_parameters(recurse=False)
               if p.requires_grad and _is_extra(m, pname, fast_fip_extra)]
