@@ -275,6 +275,13 @@ HOLDING_ABLATIONS: Dict[str, Tuple[str, dict]] = {
     "fip + universal + distill (late) + augment auto + reactivation aware (relative 0.005)": ("fip", dict(
         _FIP, universal_perturbation=_LR, distill=_LATE, augment="auto",
         reactivation_aware=dict(rho=0.005, relative=True))),
+    # a stronger surrogate trigger on FIP's defaults: a larger bound, a larger step per batch, the targeted objective
+    "fip defaults, perturbation eps 0.3": ("fip", dict(_FIP, universal_perturbation=dict(_LR, eps=0.3),
+                                                       distill=_LATE, augment="auto")),
+    "fip defaults, perturbation step 0.04": ("fip", dict(_FIP, universal_perturbation=dict(_LR, step=0.04),
+                                                         distill=_LATE, augment="auto")),
+    "fip defaults, perturbation objective attract": ("fip", dict(_FIP, universal_perturbation=dict(
+        _LR, objective="attract"), distill=_LATE, augment="auto")),
     "fast_fip (frozen choice)": ("fast_fip", dict(_FAST)),
     "fast_fip + universal + distill (late) + augment auto": ("fast_fip", dict(_FAST, universal_perturbation=_LR,
                                                                             distill=_LATE, augment="auto")),
