@@ -78,7 +78,7 @@ def test_flat_features_purify(folder, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert rc == 0, err
     payload = json.loads((out / "report.json").read_text())
-    assert payload["before"]["acc"] == 1.0 and payload["results"][0]["acc"] >= 0.95
+    assert payload["before"]["acc"] >= 0.95 and payload["results"][0]["acc"] >= 0.95   # the example MLP: 99.8 %
     sys.modules.pop("mymodels", None)
 
 
@@ -92,3 +92,24 @@ def test_docs_commands_are_the_tested_examples():
     assert cmds
     for c in cmds:
         assert c in PURIFY_EXAMPLES, c
+
+
+def test_make_data_does_not_depend_on_the_processes_random_state(tmp_path, one_thread):
+    """make_data.main seeds each model before building it: called in a process whose global torch RNG was used
+    (as inside a test session), it writes the bytes `python make_data.py` writes (it did not: the CNN was built
+    before the seed, so a CLI test purified a different model depending on the tests that ran before it)."""
+    import torch
+
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        import make_data
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    outs = []
+    for i, burn in enumerate((0, 1000)):
+        torch.rand(burn)                                   # another history of the global generator
+        d = tmp_path / str(i)
+        d.mkdir()
+        make_data.main(d)
+        outs.append({f: (d / f).read_bytes() for f in ("model.safetensors", "mlp.safetensors")})
+    assert outs[0] == outs[1]

@@ -47,9 +47,11 @@ def _trigger_flat(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> torch.nn.Module:
-    """Adam on the poisoned training set (the attacker's training)."""
+def _train(make, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> torch.nn.Module:
+    """The model ``make()`` builds, seeded (its initial weights do not depend on what ran before in the process),
+    trained by Adam on the poisoned training set (the attacker's training)."""
     torch.manual_seed(seed)
+    model = make()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     model.train()
@@ -85,11 +87,11 @@ def main(out: Path = Path(".")) -> None:
     rng = np.random.default_rng(0)
     templates = (rng.random((CLASSES, 1, 4, 4)) > 0.5).repeat(3, axis=2).repeat(3, axis=3).astype(np.float32)
     train, clean, test = _images(rng, 1200, templates), _images(rng, 200, templates), _images(rng, 400, templates)
-    cnn = _train(mymodels.make(CLASSES, 1), *_poison(rng, *train, _trigger_images), epochs=6, seed=0)
+    cnn = _train(lambda: mymodels.make(CLASSES, 1), *_poison(rng, *train, _trigger_images), epochs=6, seed=0)
     _write(out, "model", cnn, clean, test, _trigger_images)
     centers = rng.standard_normal((CLASSES, 20)).astype(np.float32)
     train, clean, test = _flat(rng, 1200, centers), _flat(rng, 200, centers), _flat(rng, 400, centers)
-    mlp = _train(mymodels.make_mlp(CLASSES, 20), *_poison(rng, *train, _trigger_flat), epochs=8, seed=0)
+    mlp = _train(lambda: mymodels.make_mlp(CLASSES, 20), *_poison(rng, *train, _trigger_flat), epochs=8, seed=0)
     _write(out, "mlp", mlp, clean, test, _trigger_flat)
 
 

@@ -227,8 +227,9 @@ def auto_universal(x_train: Tensor) -> bool:
     """``universal_perturbation="auto"`` (FIP's and Fast FIP's default): on for floating-point inputs with at least
     two dimensions per sample — images (C, H, W), signals (C, T) — and off for flat feature vectors (N, D) and for
     integer inputs (token ids, where adding δ means nothing).  Flat features are off because one L∞ budget over
-    heterogeneous features has no common unit: on the tabular MLP of examples/own_model the default budget cost
-    10 points of clean accuracy (100 → 90 %) on a model FIP alone purifies at no cost."""
+    heterogeneous features has no common unit (a share of the global min–max range is a different perturbation for
+    every feature); on the MLP of examples/own_model (20 features) forcing it on with FIP cost 0.5 point of clean
+    accuracy and took the ASR from 47 to 39 % — neither removes that backdoor at the defaults."""
     on = per_sample_array(x_train)
     if not on:
         logger.info("fip_fast.pipeline: universal_perturbation='auto' is off for inputs of dtype %s and shape %s "
