@@ -1,6 +1,6 @@
 """Mechanisms that make a purification *hold* (ours, beyond the FIP paper; docs/holding.md): options of the
 ``fip`` and ``fast_fip`` methods.  The universal perturbation and the distillation are on by default (``"auto"``);
-the other two are off.
+the other three are off.
 
 * ``universal_perturbation`` (:class:`UniversalPerturbation`, :mod:`fip_fast.pipeline._universal`; after I-BAU's
   and AWM's universal perturbation and SAU's shared adversarial examples): one input-shaped perturbation δ,
@@ -25,6 +25,12 @@ the other two are off.
   clean images give the rebuild more than their labels.  Cost: one teacher forward on the clean rows per step
   (none at the peak), and one copy of the model.
 
+* ``reactivation_aware`` (:class:`ReactivationAware`, :mod:`fip_fast.pipeline._reactivation`; ours): every
+  gradient of the step is taken at w + ρ·g/‖g‖, g the gradient of the universal perturbation's perturbed samples
+  (from that pass's own backward) — where a re-tuning on trigger-carrying data would take the model.  On the
+  development cells it trades the CNN's clean accuracy for a lower re-tuned ASR.  Cost: the weight-gradient half
+  of one backward per step.
+
 Each option accepts ``None``/``False`` (off), ``True`` (the defaults), a number (the first field: ``eps``,
 ``rho``, ``fraction``), a dict of fields, or the dataclass; ``universal_perturbation`` also ``"auto"``
 (:func:`auto_universal`), ``distill`` also ``"auto"`` (:func:`auto_distill`).
@@ -41,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from fip_fast.pipeline._distill import Distill, auto_distill, distill_term, make_teacher
-from fip_fast.pipeline._reactivation import ReactivationAware, reactivation_shift, shifted
+from fip_fast.pipeline._reactivation import ReactivationAware, _acc, reactivation_shift, shifted
 from fip_fast.pipeline._universal import UniversalPerturbation, _positive, _Universal, auto_universal
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier
 
@@ -52,8 +58,7 @@ logger = logging.getLogger("fip_fast")
 HOLDING_DEFAULTS = ("universal_perturbation", "distill")
 
 __all__ = ["UniversalPerturbation", "PathAware", "UnitReset", "Distill", "ReactivationAware", "HoldingOptions",
-           "Prepared",
-           "resolve_holding", "HoldingPurifier", "make_purifier", "prepare", "reset_units_", "ResetResult",
+           "Prepared", "resolve_holding", "HoldingPurifier", "make_purifier", "prepare", "reset_units_", "ResetResult",
            "auto_universal", "auto_distill", "HOLDING_DEFAULTS"]
 
 
@@ -182,10 +187,6 @@ class _Path:
             return None
         return [d.mul_(self.rho if self.relative else self.rho / norm) for d in diff]
 
-
-
-def _acc(p: Tensor) -> torch.dtype:
-    return torch.promote_types(p.dtype, torch.float32)
 
 
 def _sum_shifts(a: Optional[List[Tensor]], b: Optional[List[Tensor]]) -> Optional[List[Tensor]]:
