@@ -260,7 +260,7 @@ def gemm_counts(m: int, n: int, k: int, N: int, passes: int = 2, updates: int = 
 
 
 def _ms(s: float) -> str:
-    return f"{s * 1e3:.1f}"
+    return f"{s * 1e3:.3g}"      # 3 significant digits: 126, 1.05, 0.0959 (a tiny layer's host time)
 
 
 def _table(sec: dict, base: str) -> list[str]:
@@ -315,6 +315,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="calls per variant per round")
     ap.add_argument("--cnn-width", type=int, default=16)
     ap.add_argument("--layer-tokens", type=int, default=512)
+    ap.add_argument("--layer-dim", type=int, default=4096, help="the layer section's Linear(d, d) (8 with "
+                    "--layer-tokens 4 and --layer-rank 8: the taps' host time per call, the GEMMs negligible)")
+    ap.add_argument("--layer-rank", type=int, default=64)
     ap.add_argument("--sections", default="cnn,stack,layer")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--conclusion", default="")
@@ -331,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     d["cnn"] = bench_cnn(4 if q else a.cnn_width, 8 if q else 32, r, s, w) if "cnn" in secs else empty
     sd, st = (64, (2, 16, 8)) if q else (1024, (8, 128, 64))
     d["stack"] = bench_stack(sd, 2 if q else 6, st[0], st[1], st[2], r, s, w) if "stack" in secs else empty
-    ld, lt, lk = (128, 32, 8) if q else (4096, a.layer_tokens, 64)
+    ld, lt, lk = (128, 32, 8) if q else (a.layer_dim, a.layer_tokens, a.layer_rank)
     d["layer"] = bench_layer(ld, lt, lk, r, s, w) if "layer" in secs else empty
     d["gemms"] = {
         "stack layer": dict(shape=f"{sd}x{sd}, k={st[2]}, N={st[0] * st[1]}",
