@@ -289,6 +289,9 @@ def test_reactivation_aware_costs_no_extra_forward_and_needs_a_separate_perturba
     with pytest.raises(ValueError, match="reactivation_aware needs universal_perturbation"):
         _plain_sgd(_mlp(), _ctx(x, y), None, universal_perturbation=dict(up, gradient="shared"),
                    reactivation_aware=0.05)
+    flat = MethodContext(torch.randn(8, 6), torch.randint(3, (8,)), torch.device("cpu"), F.cross_entropy, 0, False)
+    with pytest.raises(ValueError, match="universal_perturbation='auto' turns off"):   # not dropped silently
+        H.prepare(_mlp(), flat, {}, "auto", None, None, None, reactivation_aware=0.05)
     with pytest.raises(ValueError, match="reactivation_aware needs trace_estimator='fd'"):
         _plain_sgd(_mlp(), _ctx(x, y), None, eta_F=0.005, trace_estimator="batch", universal_perturbation=up,
                    reactivation_aware=0.05)

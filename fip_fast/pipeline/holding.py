@@ -420,7 +420,12 @@ def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_p
     hold = resolve_holding(universal_perturbation, path_aware, reset_units, distill, reactivation_aware,
                            trace_estimator=o.get("trace_estimator", "fd"), eta_F=o.get("eta_F", 0.0))
     if hold.universal is not None and hold.universal.inputs == "auto" and not auto_universal(ctx.x_train):
-        hold = replace(hold, universal=None, react=None)   # the direction comes from the perturbation
+        if hold.react is not None:          # asked for, but its direction would come from a perturbation now off
+            raise ValueError("reactivation_aware needs the universal perturbation, which universal_perturbation="
+                             f"'auto' turns off for inputs of dtype {ctx.x_train.dtype} and shape "
+                             f"{tuple(ctx.x_train.shape)}: pass universal_perturbation=True (or a dict of its "
+                             "fields) to force it on, or reactivation_aware=None")
+        hold = replace(hold, universal=None)
     teacher = None
     if hold.distill is not None:
         teacher = make_teacher(model, ctx, checked=auto)
