@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import torch
+
 ROOT = Path(__file__).resolve().parent / "results"
 
 #: (label, method, options) — the plain method first: the ratios are to it.
@@ -31,12 +33,15 @@ VARIANTS: Dict[str, List[Tuple[str, dict]]] = {
             ("fip + universal, separate gradient", dict(_OFF, universal_perturbation=dict(gradient="separate"))),
             ("fip + universal, shared gradient", dict(_OFF, universal_perturbation=dict(gradient="shared"))),
             ("fip + path aware", dict(_OFF, path_aware=0.5)),
-            ("fip, defaults (universal + distill + augment)", {})],
+            ("fip, defaults (universal + distill + augment)", {}),
+            # not a holding option: the plain method with the model and the clean set in channels_last (a CPU tip)
+            ("fip, channels_last model and data", dict(_OFF, _channels_last=True))],
     "fast_fip": [("fast_fip", dict(_OFF)),
                  ("fast_fip + universal, separate gradient", dict(_OFF,
                                                                   universal_perturbation=dict(gradient="separate"))),
                  ("fast_fip + universal, shared gradient", dict(_OFF, universal_perturbation=dict(gradient="shared"))),
-                 ("fast_fip, defaults (universal + distill + augment)", {})],
+                 ("fast_fip, defaults (universal + distill + augment)", {}),
+                 ("fast_fip, channels_last model and data", dict(_OFF, _channels_last=True))],
 }
 
 
@@ -45,9 +50,12 @@ def _one(task, method: str, cfg: dict, steps: int) -> float:
     from fip_fast.pipeline import purify
 
     base = _FIP if method == "fip" else _FAST
+    cfg = dict(cfg)
     # a copy: purify works on the model it is given, and every variant must start from the backdoored one
-    _, rep = purify(copy.deepcopy(task.model), task.clean, method=method, steps=steps, batch_size=64, seed=0,
-                    progress=False,
+    model, (x, y) = copy.deepcopy(task.model), task.clean
+    if cfg.pop("_channels_last", False):
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    _, rep = purify(model, (x, y), method=method, steps=steps, batch_size=64, seed=0, progress=False,
                     eval_every=steps, **{**base, **cfg})
     return float(rep.timings["loop"])
 
