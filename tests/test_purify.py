@@ -529,3 +529,24 @@ def test_loop_schedules_warm_up_and_cycle():
     assert seen[0] == pytest.approx(0.1 / 25) and max(seen) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="lr_schedule"):
         P.purify(net, data, method="fip", steps=2, lr_schedule="triangle", progress=False)
+
+
+@pytest.mark.parametrize("method", ["fip", "fast_fip"])
+def test_channels_last_model_and_data_train_in_channels_last(method):
+    """docs/purify.md's CPU tip: a channels_last model given channels_last clean images trains on channels_last
+    batches (the loop indexes the clean tensor, which keeps the layout) and purifies as in NCHW."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).to(memory_format=torch.channels_last)
+    x = torch.rand(48, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(48) % 4
+    layouts = []
+
+    def record(mod, args):
+        if mod.training and torch.is_grad_enabled():
+            layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                           and not args[0].is_contiguous())
+    model[0].register_forward_pre_hook(record)
+    _, rep = P.purify(model, (x, y), method=method, steps=3, batch_size=16, val_fraction=0, progress=False,
+                      augment="none", universal_perturbation=None, distill=None)
+    assert rep.steps_run == 3 and layouts and all(layouts)
