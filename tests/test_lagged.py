@@ -320,8 +320,14 @@ def _ddp_worker(rank, world, port, out_dir, steps):
         torch.save(dict(max_diff=max_diff, params=[p.detach().clone() for p in model.parameters()], clean=clean,
                         pert=[opt.state[p]["pert"].clone() for p in model.parameters()]),
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+        dist.barrier()                       # both ranks' results are on disk
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without tearing down: torch's gloo process group can deadlock in its destructor (seen once in CI: the
+    # main thread, holding the GIL while the DDP reducer frees the group, joins a gloo thread that waits for the GIL
+    # to free the last all_gather's tensors).  The results are saved and both ranks passed the barrier.
+    os._exit(0)
 
 
 @in_fresh_process
