@@ -74,7 +74,8 @@ class Augment:
 def make_augment(spec: Any, example: Optional[Tensor] = None) -> Optional[AugmentFn]:
     """The augmentation for ``spec`` (see the module docstring), or ``None`` for no augmentation.
 
-    ``example``: clean inputs — one sample ``(C, H, W)`` or a batch ``(N, C, H, W)`` — used to size the shift
+    ``example``: clean inputs — one sample ``(C, H, W)`` or a batch ``(N, C, H, W)``; a 3-dim tensor is read as one
+    sample, so pass one sample when the inputs may be 1-d signals ``(N, C, T)`` — used to size the shift
     (``round(H / 8)``, at least 1; ``"auto"``: ``round(H / 16)``, and no augmentation for non-image data) and to
     refuse image augmentation (a named spelling or an :class:`Augment`) of
     non-image data.  A plain callable is returned as it is."""

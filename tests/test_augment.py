@@ -296,3 +296,17 @@ def test_baselines_augment_their_fine_tuning_batches(clean):
     assert any(not torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values()))
     _, rep = P.purify(_net(), clean, method="ft", steps=2, batch_size=8, progress=False, augment="shift")
     assert rep.config["augment"] == "shift(1)"
+
+
+def test_batch_stream_sizes_auto_on_one_sample():
+    """The baselines' batch stream decides "auto" (and refuses image spellings) on one sample, as purify's loop
+    does: a batch of 1-d signals (N, C, T) is not an image (C, H, W) — it was taken for one, and the shift then
+    raised at the first batch."""
+    from fip_fast.baselines._common import batch_stream
+
+    x, y = torch.randn(32, 2, 40), torch.randint(0, 3, (32,))
+    xb, _ = next(batch_stream((x, y), 8, seed=0, augment="auto"))
+    xp, _ = next(batch_stream((x, y), 8, seed=0))
+    assert torch.equal(xb, xp)                                  # no augmentation for signals
+    with pytest.raises(ValueError, match="needs float image inputs"):
+        next(batch_stream((x, y), 8, seed=0, augment="shift"))

@@ -88,7 +88,7 @@ def _augmented(stream: Iterator[tuple[Tensor, Tensor]], augment: Any, seed: int
     fn = None
     for x, y in stream:
         if fn is None:
-            fn = make_augment(augment, x)
+            fn = make_augment(augment, x[0])      # one sample: a batch of signals (N, C, T) is no image
             if fn is None:          # "none": pass through
                 yield x, y
                 yield from stream
