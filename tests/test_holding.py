@@ -578,3 +578,36 @@ def test_distill_auto_is_on_for_image_classifiers_only():
     per_row = nn.Conv1d(2, 3, 1)                      # (batch, 3, length): not class logits
     assert type(build_fip(per_row, _ctx(torch.randn(32, 2, 5), y), **_fip_opts(), universal_perturbation=None,
                           distill="auto")) is OptimizerPurifier
+
+
+def test_reactivation_shift_reduces_over_ranks_in_one_collective():
+    """Under data-parallel purification the perturbed samples' gradients are summed over the ranks first: one
+    collective over the flattened tensors, written back in each tensor's shape (a one-rank gloo group: the sum is
+    the tensors themselves, so the shift equals the single-process one)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from fip_fast.pipeline._reactivation import reactivation_shift
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = [torch.randn(2, 3), torch.randn(4)]
+    grads = [torch.randn(2, 3), torch.randn(4)]
+    before = [g.clone() for g in grads]
+    want = reactivation_shift(grads, params, H.ReactivationAware(rho=0.3))
+    assert all(torch.equal(a, b) for a, b in zip(grads, before))      # the caller's gradients are not written
+    calls = []
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    real = dist.all_reduce
+    try:
+        dist.all_reduce = lambda t, *a, **k: (calls.append(t.shape), real(t, *a, **k))[1]
+        got = reactivation_shift(grads, params, H.ReactivationAware(rho=0.3), world_size=2)
+    finally:
+        dist.all_reduce = real
+        dist.destroy_process_group()
+    assert calls == [torch.Size([10])]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -49,19 +49,39 @@ def reactivation_shift(grads: Sequence[Optional[Tensor]], params: Sequence[Tenso
     × ``lr_ratio`` with ``schedule="lr"``), from the perturbed samples' gradients ``grads`` (None: the parameter
     took no part).  Under data-parallel purification the gradients are summed over the ranks first, so every rank
     shifts alike.  None when g is zero or not finite, or r is 0 (the step's gradient is then taken at w)."""
-    g = [torch.zeros_like(p, dtype=_acc(p)) if gi is None else gi.detach().to(_acc(p)) for gi, p in zip(grads, params)]
+    # copies: the shift is built in place and must not write into the caller's gradients
+    g = [torch.zeros_like(p, dtype=_acc(p)) if gi is None else gi.detach().to(_acc(p), copy=True)
+         for gi, p in zip(grads, params)]
     if world_size > 1:
-        import torch.distributed as dist
-
-        for t in g:
-            dist.all_reduce(t)
-    norm = math.sqrt(sum(float((t * t).sum()) for t in g))
+        _all_reduce(g)
     r = cfg.rho * (lr_ratio if cfg.schedule == "lr" else 1.0)
     if cfg.relative:
-        r *= math.sqrt(sum(float(p.detach().to(_acc(p)).pow(2).sum()) for p in params))
+        r *= host_norm([p.detach().to(_acc(p)) for p in params])
+    norm = host_norm(g)
     if norm == 0.0 or not math.isfinite(norm) or r == 0.0:
         return None
     return [t.mul_(r / norm) for t in g]
+
+
+def host_norm(tensors: Sequence[Tensor]) -> float:
+    """The global L2 norm of ``tensors`` as a Python float, with one read from the device: each tensor's sum of
+    squares in its own dtype, the total in fp64 (as summing the per-tensor Python floats did, one read each)."""
+    return math.sqrt(float(torch.stack([t.pow(2).sum().to(torch.float64) for t in tensors]).sum()))
+
+
+def _all_reduce(ts: List[Tensor]) -> None:
+    """Sum ``ts`` over the ranks in place: one collective over the flattened tensors (one per tensor when their
+    dtypes differ)."""
+    import torch.distributed as dist
+
+    if len({t.dtype for t in ts}) > 1:
+        for t in ts:
+            dist.all_reduce(t)
+        return
+    flat = torch.cat([t.reshape(-1) for t in ts])
+    dist.all_reduce(flat)
+    for t, part in zip(ts, flat.split([t.numel() for t in ts])):
+        t.copy_(part.view_as(t))
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from fip_fast.pipeline._distill import Distill, auto_distill, distill_term, make_teacher
-from fip_fast.pipeline._reactivation import ReactivationAware, _acc, reactivation_shift, shifted
+from fip_fast.pipeline._reactivation import ReactivationAware, _acc, host_norm, reactivation_shift, shifted
 from fip_fast.pipeline._universal import UniversalPerturbation, _positive, _Universal, auto_universal
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier
 
@@ -182,11 +182,10 @@ class _Path:
         """s at the current w (None at w = θ0: the direction is undefined, the gradient is taken at w)."""
         # fp32 math, fp64 for fp64 parameters (as the optimizer's)
         diff = [a.to(_acc(p)) - p.detach().to(_acc(p)) for a, p in zip(self.anchor, self.params)]
-        norm = math.sqrt(sum(float((d * d).sum()) for d in diff))
+        norm = host_norm(diff)                  # one read from the device, not one per parameter
         if norm == 0.0 or not math.isfinite(norm):
             return None
         return [d.mul_(self.rho if self.relative else self.rho / norm) for d in diff]
-
 
 
 def _sum_shifts(a: Optional[List[Tensor]], b: Optional[List[Tensor]]) -> Optional[List[Tensor]]:

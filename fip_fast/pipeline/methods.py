@@ -116,9 +116,8 @@ def build_fip(model: nn.Module, ctx: MethodContext, *, lr: float, rho: float, im
               reset_units: Any = None, distill: Any = None, reactivation_aware: Any = None, **o: Any) -> Purifier:
     """Full FIP: every trainable parameter, one group, F0 normalized by its maximum.  ``head="reinit"``: see
     :func:`_reinit_head`.  ``universal_perturbation`` and ``distill`` (``"auto"`` in :data:`DEFAULTS`: on for
-    floating-point image-like inputs), ``path_aware``, ``reset_units`` (off; ours, beyond the paper):
-    :mod:`fip_fast.pipeline.holding`,
-    docs/holding.md."""
+    floating-point image-like inputs), ``path_aware``, ``reset_units``, ``reactivation_aware`` (off; ours, beyond
+    the paper): :mod:`fip_fast.pipeline.holding`, docs/holding.md."""
     from fip_fast.optim import FIP
 
     if head not in ("keep", "reinit"):
