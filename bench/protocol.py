@@ -194,8 +194,21 @@ _FAST = dict(clip_norm=0.3, delta_optimizer="sgd", eta_r=0.0, lr_delta=0.5, mix_
 _SEP = dict(eps=0.2, gradient="separate", schedule="constant")   # the option's defaults of its first runs
 _SHARED = dict(eps=0.2, gradient="shared", schedule="constant")
 _LR = dict(_SEP, schedule="lr")                                     # the option's defaults since 2026-12-07
+SEED_OFFSET = "_seed_offset"                # bench-only cfg key: purify with seed = the cell's + this
+SEED_SUFFIX = " (purification seed +{})"
 _KD = dict(weight=1.0, temperature=2.0, schedule="constant")   # the option's first runs (2026-12-07)
 _LATE = dict(weight=1.0, temperature=2.0, schedule="late")      # its defaults since
+
+
+def _seeds(name: str, method: str, cfg: dict, n: int = 3) -> Dict[str, Tuple[str, dict]]:
+    """``name`` and ``n − 1`` copies run with another purification seed (``SEED_OFFSET``; the same cells and
+    backdoored models): the development cells' per-run spread (one seed: ± 1–2 points of ACC on the 2 % cells)
+    is larger than the differences between the variants of docs/holding.md; ``protocol report`` pools them."""
+    out = {name: (method, cfg)}
+    out.update({f"{name}{SEED_SUFFIX.format(k)}": (method, dict(cfg, **{SEED_OFFSET: k})) for k in range(1, n)})
+    return out
+
+
 TINY_ABLATIONS: Dict[str, Tuple[str, dict]] = {
     "fip, 20 % hold-out (the default until 2026-12-02)": ("fip", dict(_FIP, val_fraction=0.2)),
     "fip, no hold-out (val_fraction 0 = auto here)": ("fip", dict(_FIP, val_fraction=0)),
@@ -292,6 +305,16 @@ HOLDING_ABLATIONS: Dict[str, Tuple[str, dict]] = {
                                                                               distill=_KD)),
     "fast_fip + universal, separate gradient": ("fast_fip", dict(_FAST, universal_perturbation=_SEP)),
     "fast_fip + universal, shared gradient": ("fast_fip", dict(_FAST, universal_perturbation=_SHARED)),
+    # a second, local surrogate beside δ: the patch (mask + pattern; universal_perturbation.patch), three seeds each
+    **_seeds("fip defaults", "fip", dict(_FIP, universal_perturbation=_LR, distill=_LATE, augment="auto")),
+    **_seeds("fip defaults + patch 0.02", "fip", dict(_FIP, universal_perturbation=dict(_LR, patch=0.02),
+                                                      distill=_LATE, augment="auto")),
+    **_seeds("fip defaults + patch 0.04", "fip", dict(_FIP, universal_perturbation=dict(_LR, patch=0.04),
+                                                      distill=_LATE, augment="auto")),
+    **_seeds("fast_fip defaults", "fast_fip", dict(_FAST, lr_delta=1.0, universal_perturbation=_SEP,
+                                                   distill=_LATE, augment="auto")),
+    **_seeds("fast_fip defaults + patch 0.02", "fast_fip", dict(
+        _FAST, lr_delta=1.0, universal_perturbation=dict(_SEP, patch=0.02), distill=_LATE, augment="auto")),
 }
 
 
@@ -352,7 +375,9 @@ def run_one(cell: Cell, method: Optional[str], cfg: dict, cache: str) -> dict:
                          "retune_mild_asr": retune_mild_asr(benign, task, RETUNE_MILD)}
         return out
     t0 = time.perf_counter()
-    model, rep = purify(task.model, task.clean, method=method, steps=STEPS, batch_size=BATCH, seed=cell.seed,
+    cfg = dict(cfg)
+    seed = cell.seed + cfg.pop(SEED_OFFSET, 0)      # a bench-only key: the same cell, another purification seed
+    model, rep = purify(task.model, task.clean, method=method, steps=STEPS, batch_size=BATCH, seed=seed,
                         progress=False, **cfg)
     wall = rep.timings.get("loop", time.perf_counter() - t0) + rep.timings.get("setup", 0.0)
     out = measure(model, task, lam=lam)

@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 from itertools import product
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 MIN_ASR = 0.5
 TIE = 0.005
@@ -98,6 +98,35 @@ def ablate_md(doc: dict, holding: bool = False) -> List[str]:
                                f"{_ms([r['asr'] for r in rs])} | {_ms([r['ra'] for r in rs])} | "
                                f"{_ms([r['retune_asr'] for r in rs])} | {_mild(rs)} | "
                                f"{_ms([r['wall_s'] for r in rs], 1.0)} |")
+    return out + [""]
+
+
+def seeds_md(doc: dict) -> List[str]:
+    """The holding variants run with several purification seeds (``bench.protocol._seeds``), pooled: per variant,
+    architecture and clean-set size, the mean over cells × seeds of ΔACC (against the backdoored model), ASR and
+    both re-tuned ASRs, and the same over all the development cells."""
+    from bench.protocol import HOLDING_ABLATIONS, SEED_SUFFIX
+
+    runs = list(doc.get("runs", {}).values())
+    before = {r["cell"]: r for r in runs if r["method"] == "before"}
+    variants: Dict[str, List[Tuple[str, dict]]] = {}
+    for name, (m, cfg) in HOLDING_ABLATIONS.items():
+        variants.setdefault(name.split(SEED_SUFFIX.split("{")[0])[0], []).append((m, cfg))
+    out = ["## Holding variants over three purification seeds (pooled)", "",
+           "Mean over cells × purification seeds (n runs); ΔACC against the backdoored model.", "",
+           "| variant | arch | clean | n | ΔACC (pt) | ASR % | re-tuned ASR % | re-tuned (mild) ASR % |",
+           "|---|---|---|---|---|---|---|---|"]
+    for base, configs in ((b, c) for b, c in variants.items() if len(c) > 1):
+        mine = [r for r in runs if r["cell"] in before and (r["method"], r["cfg"]) in configs]
+        for arch, clean in [(a, c) for a in ("cnn", "resnet") for c in ("0.1", "0.02")] + [("all", "both")]:
+            rs = [r for r in mine if arch == "all" or (r["cell"].startswith(arch + "/") and f"/c{clean}/" in r["cell"])]
+            if rs:
+                def mean(f) -> float:
+                    return 100 * sum(f(r) for r in rs) / len(rs)
+                out.append(f"| {base} | {arch} | {clean} | {len(rs)} | "
+                           f"{mean(lambda r: r['acc'] - before[r['cell']]['acc']):+.2f} | "
+                           f"{mean(lambda r: r['asr']):.2f} | {mean(lambda r: r['retune_asr']):.2f} | "
+                           f"{mean(lambda r: r.get('retune_mild_asr', float('nan'))):.2f} |")
     return out + [""]
 
 
@@ -223,7 +252,7 @@ def write_report(dev_path: Path, eval_path: Path, argv) -> Path:
     hold = dev_path.with_name("protocol_holding.json")
     if hold.exists():
         doc = json.loads(hold.read_text())
-        hold.with_suffix(".md").write_text("\n".join(head + ablate_md(doc, holding=True) + [
+        hold.with_suffix(".md").write_text("\n".join(head + ablate_md(doc, holding=True) + seeds_md(doc) + [
             f"Updated {doc.get('updated')}; machine {doc.get('machine')}."]) + "\n")
     if eval_path.exists():
         doc = json.loads(eval_path.read_text())

@@ -439,14 +439,15 @@ def test_universal_auto_is_on_for_float_inputs_only():
 
 @pytest.mark.parametrize("method", ["fip", "fast_fip"])
 def test_universal_perturbation_resumes_with_its_delta(backdoored, tmp_path, method):
-    """δ travels in the checkpoint: a run interrupted after step 8 and resumed ends where the uninterrupted one
-    does (weights and δ); without δ restored the resumed run would restart δ from 0 and end elsewhere."""
+    """δ (and the patch surrogate's mask and pattern) travel in the checkpoint: a run interrupted after step 8 and
+    resumed ends where the uninterrupted one does (weights, δ, the mask's mass); without them restored the resumed
+    run would restart them and end elsewhere."""
     model, (xc, yc), _ = backdoored
     clean = (xc[:192], yc[:192])
     (m_full, rep_full), (m_res, rep_res) = uninterrupted_and_resumed(
         lambda: copy.deepcopy(model), clean, tmp_path, 3,         # θ0 + steps 4, 8 → crash at step 12's evaluation
         method=method, steps=16, batch_size=32, eval_every=4, progress=False, checkpoint_every=8, val_fraction=0,
-        universal_perturbation=dict(eps=0.2, step=0.05))
+        universal_perturbation=dict(eps=0.2, step=0.05, patch=0.04))
     assert rep_res.resumed_from == 8 and rep_res.steps_run == 16
     assert rep_res.extra["universal_perturbation"] == rep_full.extra["universal_perturbation"]
     for (k, a), b in zip(m_full.state_dict().items(), m_res.state_dict().values()):
@@ -467,6 +468,87 @@ def test_universal_non_finite_gradient_leaves_delta():
         xm.grad = g
         u.update_shared(xm)
         assert torch.equal(u.delta, before) is bad and u.skipped == 1
+
+
+# ------------------------------------------------------------------------------- universal perturbation: patch
+def test_patch_surrogate_finds_the_backdoor_patch(backdoored):
+    """40 updates of the patch surrogate (budget 4 of 100 pixels; δ held at 10⁻³) on clean batches: the patched
+    clean test images go to the target, the mask covers the trigger's two bright pixels, and the same patch moved
+    to the opposite corner (or δ alone) sends almost none there."""
+    model, (xc, yc), (xt, yt) = backdoored
+    u = H._Universal(H.UniversalPerturbation(eps=1e-3, scale="absolute", patch=0.04), xc, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        i = torch.randint(xc.shape[0], (64,), generator=g)
+        u.update(model, xc[i], yc[i])
+    keep = yt != TARGET
+
+    def target_rate(x):
+        with torch.no_grad():
+            return float((model(x).argmax(1) == TARGET).float().mean())
+
+    assert float(u.mask.sum()) <= 4.0 + 1e-4 and float(u.mask.min()) >= 0 and float(u.mask.max()) <= 1
+    assert float(u.mask[0, -2, -2]) > 0.9 and float(u.mask[0, -1, -1]) > 0.9    # the trigger's 1-pixels
+    assert target_rate(u.patched(xt[keep])) > 0.9
+    flipped = u.patched(xt[keep], u.mask.flip(-1, -2), u.pattern.flip(-1, -2))
+    assert target_rate(flipped) < 0.1 and target_rate(u.perturb(xt[keep])) < 0.1
+
+
+def test_patch_mask_projection():
+    """_project_mask: inside [0, 1], the sum at most the budget, equal to the exact projection (the threshold τ found
+    by sorting), and a mask already inside the set unchanged."""
+    from fip_fast.pipeline._universal import _project_mask
+
+    g = torch.Generator().manual_seed(0)
+    m = 1.5 * torch.rand(1, 8, 8, generator=g) - 0.2
+    p = _project_mask(m, 5.0)
+    assert float(p.min()) >= 0 and float(p.max()) <= 1 and float(p.sum()) == pytest.approx(5.0, abs=1e-4)
+    c = m.clamp(0, 1).flatten()                     # exact: Σ clip(c − τ, 0, 1) is piecewise linear in τ
+    taus = torch.linspace(0, 1, 200001)
+    sums = (c[None, :] - taus[:, None]).clamp(0, 1).sum(1)
+    tau = float(taus[int((sums > 5.0).sum())])
+    torch.testing.assert_close(p, (m.clamp(0, 1) - tau).clamp(0, 1), rtol=0, atol=1e-4)
+    small = 0.01 * torch.rand(1, 8, 8, generator=g)
+    assert torch.equal(_project_mask(small, 5.0), small)
+
+
+def test_patch_mix_appends_patched_copies_with_true_labels(backdoored):
+    """With ``patch`` the step's batch is the mixed one plus ⌊patch_fraction·k⌉ patched copies of the clean
+    samples after the k perturbed ones, with their own labels; the teacher sees only the unperturbed rows."""
+    model, (xc, yc), _ = backdoored
+    u = H._Universal(H.UniversalPerturbation(eps=0.2, fraction=0.25, patch=0.05), xc, torch.device("cpu"))
+    u.mask.fill_(0.05)
+    x, y = xc[:64], yc[:64]
+    xm, ym = u.mix(x, y)
+    assert xm.shape[0] == 64 + 8 and torch.equal(ym, torch.cat([y, y[16:24]]))
+    torch.testing.assert_close(xm[64:], 0.95 * x[16:24] + 0.05 * u.pattern, rtol=0, atol=1e-6)
+    assert torch.equal(xm[16:64], x[16:]) and u.clean_rows == slice(16, 64)
+    xm, ym = u.mix(x, y, share=0.0)                 # nothing perturbed: nothing patched either
+    assert xm is x and ym is y
+
+
+def test_patch_needs_the_separate_pass_and_positions():
+    with pytest.raises(ValueError, match="patch needs gradient='separate'"):
+        H.UniversalPerturbation(patch=0.04, gradient="shared")
+    with pytest.raises(ValueError, match="universal_perturbation.patch"):
+        H.UniversalPerturbation(patch=1.5)
+    with pytest.raises(ValueError, match="patch_fraction"):
+        H.UniversalPerturbation(patch=0.04, patch_fraction=0)
+    with pytest.raises(ValueError, match="≥ 2 dimensions per sample"):
+        H._Universal(H.UniversalPerturbation(patch=0.04), torch.rand(8, 6), torch.device("cpu"))
+
+
+def test_patch_non_finite_gradient_leaves_delta_mask_and_pattern():
+    """A non-finite gradient in any of δ, the mask or the pattern moves none of them and counts one skip."""
+    x = torch.rand(8, 1, 4, 4)
+    u = H._Universal(H.UniversalPerturbation(patch=0.25), x, torch.device("cpu"))
+    before = [u.delta.clone(), u.mask.clone(), u.pattern.clone()]
+    gs = [torch.ones_like(t) for t in before]
+    gs[1][0, 1, 1] = float("nan")
+    u._steps(gs)
+    assert all(torch.equal(a, b) for a, b in zip(before, (u.delta, u.mask, u.pattern))) and u.skipped == 1
+    u._steps([torch.ones_like(t) for t in before])
+    assert not torch.equal(u.mask, before[1]) and not torch.equal(u.delta, before[0]) and u.skipped == 1
 
 
 # --------------------------------------------------------------------------------------------------- distill

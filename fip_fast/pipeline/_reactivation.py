@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fip_fast.pipeline._universal import _positive
+from fip_fast.pipeline._universal import _all_reduce, _positive
 
 
 @dataclass(frozen=True)
@@ -67,21 +67,6 @@ def host_norm(tensors: Sequence[Tensor]) -> float:
     """The global L2 norm of ``tensors`` as a Python float, with one read from the device: each tensor's sum of
     squares in its own dtype, the total in fp64 (as summing the per-tensor Python floats did, one read each)."""
     return math.sqrt(float(torch.stack([t.pow(2).sum().to(torch.float64) for t in tensors]).sum()))
-
-
-def _all_reduce(ts: List[Tensor]) -> None:
-    """Sum ``ts`` over the ranks in place: one collective over the flattened tensors (one per tensor when their
-    dtypes differ)."""
-    import torch.distributed as dist
-
-    if len({t.dtype for t in ts}) > 1:
-        for t in ts:
-            dist.all_reduce(t)
-        return
-    flat = torch.cat([t.reshape(-1) for t in ts])
-    dist.all_reduce(flat)
-    for t, part in zip(ts, flat.split([t.numel() for t in ts])):
-        t.copy_(part.view_as(t))
 
 
 @contextlib.contextmanager

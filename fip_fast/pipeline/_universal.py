@@ -35,7 +35,15 @@ class UniversalPerturbation:
     more clean accuracy with the 2 % clean set at the same ASR); ``"constant"`` — the same share every step.
     inputs: ``"any"`` — perturb whatever the inputs are; ``"auto"`` — only floating-point inputs with ≥ 2 dimensions
     per sample (:func:`auto_universal`; off otherwise).  The string ``"auto"`` is ``UniversalPerturbation(inputs=
-    "auto")``; a dict with ``"inputs": "auto"`` changes fields and keeps the rule (Fast FIP's default)."""
+    "auto")``; a dict with ``"inputs": "auto"`` changes fields and keeps the rule (Fast FIP's default).
+    patch: a second, local surrogate beside δ (None: off) — a mask m over the input's positions (H×W for images,
+    shared by the channels) and a pattern p (the shape of one input): (1 − m)·x + m·p, after Neural Cleanse's
+    trigger model.  ``patch`` is the mask's budget Σm, as a share of the positions (0.04: 31 of 28×28 pixels);
+    an L∞ ball of eps cannot hold a saturated patch such as BadNets', the mask can.  The separate pass updates m
+    and p on half of its batch (m by its gradient over the gradient's largest entry, projected back onto
+    0 ≤ m ≤ 1, Σm ≤ budget; p by signed steps of a tenth of the range) and the step trains on ⌊patch_fraction·k⌉
+    patched copies of clean samples appended to the batch (k: the number of x + δ samples; true labels).  Needs
+    ``gradient="separate"`` and inputs with ≥ 2 dimensions per sample."""
 
     eps: float = 0.2
     step: Optional[float] = None
@@ -47,6 +55,8 @@ class UniversalPerturbation:
     placement: str = "replace"
     schedule: str = "lr"
     inputs: str = "any"
+    patch: Optional[float] = None
+    patch_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _positive("universal_perturbation.eps", self.eps)
@@ -71,6 +81,15 @@ class UniversalPerturbation:
             raise ValueError(f"universal_perturbation.schedule must be 'constant' or 'lr', got {self.schedule!r}")
         if self.inputs not in ("any", "auto"):
             raise ValueError(f"universal_perturbation.inputs must be 'any' or 'auto', got {self.inputs!r}")
+        if self.patch is not None:
+            _positive("universal_perturbation.patch", self.patch)
+            if self.patch > 1:
+                raise ValueError(f"universal_perturbation.patch (the mask's budget, a share of the positions) must "
+                                 f"lie in (0, 1], got {self.patch!r}")
+            if self.shared:
+                raise ValueError("universal_perturbation.patch needs gradient='separate' (the mask and the pattern "
+                                 "are updated in that pass), got gradient='shared'")
+        _positive("universal_perturbation.patch_fraction", self.patch_fraction)
 
     @property
     def shared(self) -> bool:
@@ -99,6 +118,17 @@ class _Universal:
         self.eps = cfg.eps * unit                                     # in input units from here on
         self.step_size = (cfg.step if cfg.step is not None else cfg.eps / 10) * unit
         self.delta = torch.zeros(x_train.shape[1:], dtype=torch.float32, device=device)
+        self.mask: Optional[Tensor] = None      # patch: the mask (1, *positions) in [0, 1] and the pattern
+        self.pattern: Optional[Tensor] = None
+        if cfg.patch is not None:
+            if x_train.dim() < 3:
+                raise ValueError("universal_perturbation.patch needs inputs with ≥ 2 dimensions per sample (a channel "
+                                 f"and positions), got inputs of shape {tuple(x_train.shape)}: pass patch=None")
+            self.mask = torch.zeros((1,) + tuple(x_train.shape[2:]), dtype=torch.float32, device=device)
+            # A seeded CPU draw: the same pattern on every rank and device, whatever the global RNG state.
+            g = torch.Generator().manual_seed(0)
+            self.pattern = (lo + (hi - lo) * torch.rand(x_train.shape[1:], generator=g)).to(device)
+            self.budget = cfg.patch * self.mask.numel()
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)   # a tensor: no host sync per step
         self.attracted: Optional[int] = None    # the last "attract" class
         self._clean: Optional[Tensor] = None    # "shared": the clean originals of the last perturbed rows
@@ -108,6 +138,12 @@ class _Universal:
     def perturb(self, x: Tensor, delta: Optional[Tensor] = None) -> Tensor:
         d = self.delta if delta is None else delta
         return (x + d.to(x.dtype)).clamp(self.lo, self.hi)
+
+    def patched(self, x: Tensor, mask: Optional[Tensor] = None, pattern: Optional[Tensor] = None) -> Tensor:
+        """(1 − m)·x + m·p (the patch surrogate; ``patch`` on)."""
+        m = (self.mask if mask is None else mask).to(x.dtype)
+        p = (self.pattern if pattern is None else pattern).to(x.dtype)
+        return x + m * (p - x)
 
     def update(self, model: nn.Module, x: Tensor, y: Tensor,
                params: Optional[Sequence[Tensor]] = None) -> Optional[List[Optional[Tensor]]]:
@@ -119,26 +155,33 @@ class _Universal:
         was = model.training
         model.eval()
         wrt = list(params) if params is not None else []
+        n = x.shape[0]
+        kp = n // 2 if self.mask is not None else 0      # the patch takes the batch's second half
         try:
             d = self.delta.clone().requires_grad_(True)
+            leaves = [d]
             with torch.enable_grad():
-                out = model(self.perturb(x, d)).float()
+                xin = self.perturb(x[:n - kp], d)
+                if kp:
+                    m, p = self.mask.clone().requires_grad_(True), self.pattern.clone().requires_grad_(True)
+                    leaves += [m, p]
+                    xin = torch.cat([xin, self.patched(x[n - kp:], m, p)])
+                out = model(xin).float()
                 obj = self._objective(out, y)
-                g, *gw = torch.autograd.grad(obj, [d] + wrt, allow_unused=True)
+                grads = torch.autograd.grad(obj, leaves + wrt, allow_unused=True)
         finally:
             model.train(was)
+        g_in = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
         with torch.no_grad():
-            self._signed_step(self._reduce(torch.zeros_like(d) if g is None else g))
-        return gw if params is not None else None
+            self._steps(self._reduce(g_in))
+        return list(grads[len(leaves):]) if params is not None else None
 
-    def _reduce(self, g: Tensor) -> Tensor:
-        """Under data-parallel purification, the sum of every rank's gradient (the same signed step everywhere)."""
+    def _reduce(self, gs: List[Tensor]) -> List[Tensor]:
+        """Under data-parallel purification, the sum of every rank's gradients, in place (one collective; the same
+        steps everywhere)."""
         if self.world_size > 1:
-            import torch.distributed as dist
-
-            g = g.contiguous()
-            dist.all_reduce(g)
-        return g
+            _all_reduce(gs)
+        return gs
 
     def _objective(self, out: Tensor, y: Tensor) -> Tensor:
         """What δ ascends: the true labels' cross-entropy, or minus the cross-entropy toward the class with the
@@ -156,8 +199,9 @@ class _Universal:
         return -F.cross_entropy(out[keep], torch.full_like(y[keep], c))
 
     def mix(self, x: Tensor, y: Tensor, share: float = 1.0) -> Tuple[Tensor, Tensor]:
-        """``(x, y)`` with ⌊share·fraction·B⌉ samples perturbed (at least one at ``share`` 1): the first ones replaced
-        by x + δ, or perturbed copies of them appended (``placement``); labels unchanged.  With a shared gradient
+        """``(x, y)`` with k = ⌊share·fraction·B⌉ samples perturbed (at least one at ``share`` 1): the first ones
+        replaced by x + δ, or perturbed copies of them appended (``placement``); with ``patch``, ⌊patch_fraction·k⌉
+        patched copies of the next samples appended after all of them; labels unchanged.  With a shared gradient
         the batch is a leaf that requires grad: the step's backward leaves ∂loss/∂(x + δ) in its ``.grad`` for
         :meth:`update_shared`."""
         k = int(round(share * self.cfg.fraction * x.shape[0]))
@@ -168,17 +212,21 @@ class _Universal:
             return x, y
         pert = self.perturb(x[:k])
         if self.cfg.placement == "append":
-            out, y = torch.cat([x, pert]), torch.cat([y, y[:k]])
+            out, y_out = torch.cat([x, pert]), torch.cat([y, y[:k]])
             rows = slice(x.shape[0], x.shape[0] + k)
         else:
-            out = x.clone()
+            out, y_out = x.clone(), y
             out[:k] = pert
             rows = slice(0, k)
             self.clean_rows = slice(k, x.shape[0])
+        kp = int(round(self.cfg.patch_fraction * k)) if self.mask is not None else 0
+        if kp:      # patched copies of the clean samples after the perturbed ones (wrapping around the batch)
+            src = torch.arange(k, k + kp, device=x.device) % x.shape[0]
+            out, y_out = torch.cat([out, self.patched(x[src])]), torch.cat([y_out, y[src]])
         if self.cfg.shared:
             self._clean, self._rows = x[:k], rows
             out.requires_grad_(True)
-        return out, y
+        return out, y_out
 
     def update_shared(self, mixed: Tensor) -> None:
         """The signed step of δ from the gradient the training step left on ``mixed`` (the output of :meth:`mix`):
@@ -193,7 +241,7 @@ class _Universal:
             else:
                 z = clean.float() + self.delta
                 g = (g_in[rows].float() * ((z >= self.lo) & (z <= self.hi))).sum(0)
-            g = self._reduce(g)
+            g, = self._reduce([g])
             if g_in is None or clean is None:
                 self._skipped += int(clean is not None)     # no perturbed sample this step is not a skip
                 return
@@ -202,10 +250,22 @@ class _Universal:
     def _signed_step(self, g: Tensor) -> None:
         """δ ← clip(δ + step·sign(g)), or δ unchanged (and one more skip) when g is not finite — decided on the
         device, without reading anything back to the host."""
-        ok = torch.isfinite(g).all()
-        moved = (self.delta + self.step_size * g.sign()).clamp_(-self.eps, self.eps)
+        self._steps([g])
+
+    def _steps(self, gs: List[Tensor]) -> None:
+        """The steps of δ and, with ``patch``, of the mask and the pattern (gradients in that order), or none of
+        them (and one more skip) when a gradient is not finite — decided on the device, no host read."""
+        ok = torch.stack([torch.isfinite(g).all() for g in gs]).all()
+        moved = (self.delta + self.step_size * gs[0].sign()).clamp_(-self.eps, self.eps)
         self.delta.copy_(torch.where(ok, moved, self.delta))
         self._skipped += (~ok).long()
+        if len(gs) == 3:
+            gm, gp = gs[1], gs[2]
+            top = gm.abs().max()
+            m = _project_mask(self.mask + _MASK_STEP * gm / torch.where(top > 0, top, 1.0), self.budget)
+            p = (self.pattern + 0.1 * (self.hi - self.lo) * gp.sign()).clamp_(self.lo, self.hi)
+            self.mask.copy_(torch.where(ok, m, self.mask))
+            self.pattern.copy_(torch.where(ok, p, self.pattern))
 
     @property
     def skipped(self) -> int:
@@ -215,6 +275,37 @@ class _Universal:
     @skipped.setter
     def skipped(self, n: int) -> None:
         self._skipped.fill_(int(n))
+
+
+def _all_reduce(ts: List[Tensor]) -> None:
+    """Sum ``ts`` over the ranks in place: one collective over the flattened tensors (one per tensor when their
+    dtypes differ)."""
+    import torch.distributed as dist
+
+    if len({t.dtype for t in ts}) > 1:
+        for t in ts:
+            dist.all_reduce(t)
+        return
+    flat = torch.cat([t.reshape(-1) for t in ts])
+    dist.all_reduce(flat)
+    for t, part in zip(ts, flat.split([t.numel() for t in ts])):
+        t.copy_(part.view_as(t))
+
+
+#: The mask's step: its gradient over the gradient's largest entry, times this (the mask's unit is 1).
+_MASK_STEP = 0.1
+
+
+def _project_mask(m: Tensor, budget: float, iters: int = 30) -> Tensor:
+    """m clipped to [0, 1] and, where its sum exceeds ``budget``, lowered by the τ with Σ clip(m − τ, 0, 1) =
+    budget (bisection on the device, no host read) — the projection onto {0 ≤ m ≤ 1, Σm ≤ budget}."""
+    m = m.clamp(0.0, 1.0)
+    lo, hi = torch.zeros((), device=m.device), torch.ones((), device=m.device)
+    for _ in range(iters):
+        t = (lo + hi) / 2
+        over = (m - t).clamp(0.0, 1.0).sum() > budget
+        lo, hi = torch.where(over, t, lo), torch.where(over, hi, t)
+    return torch.where(m.sum() > budget, (m - hi).clamp(0.0, 1.0), m)
 
 
 def per_sample_array(x_train: Tensor) -> bool:

@@ -342,6 +342,8 @@ class HoldingPurifier(OptimizerPurifier):
         if u is not None:
             sd["universal_perturbation"] = {"delta": u.delta.detach().cpu().clone(), "skipped": u.skipped,
                                             "attracted": u.attracted, "lr_max": self._lr_max}
+            if u.mask is not None:
+                sd["universal_perturbation"].update(mask=u.mask.cpu().clone(), pattern=u.pattern.cpu().clone())
         return sd
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -355,7 +357,13 @@ class HoldingPurifier(OptimizerPurifier):
             raise ValueError("the checkpoint holds no universal perturbation δ of shape "
                              f"{tuple(u.delta.shape)} (it was written without the option, or by an older fip_fast): "
                              "resume=False starts afresh")
+        if u.mask is not None and "mask" not in saved:
+            raise ValueError("the checkpoint holds no patch surrogate (it was written without "
+                             "universal_perturbation.patch): resume=False starts afresh")
         u.delta.copy_(saved["delta"])
+        if u.mask is not None:
+            u.mask.copy_(saved["mask"])
+            u.pattern.copy_(saved["pattern"])
         u.skipped, u.attracted = int(saved["skipped"]), saved["attracted"]
         self._lr_max = float(saved.get("lr_max", self._lr_max))
 
@@ -365,6 +373,8 @@ class HoldingPurifier(OptimizerPurifier):
             out["universal_perturbation"] = {"linf": float(self.universal.delta.abs().max()),
                                              "skipped": self.universal.skipped,
                                              "attracted_class": self.universal.attracted}
+            if self.universal.mask is not None:
+                out["universal_perturbation"]["patch_mass"] = float(self.universal.mask.sum())
         if self.reset is not None:
             out["reset_units"] = self.reset.summary()
         return out
