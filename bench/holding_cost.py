@@ -34,6 +34,7 @@ VARIANTS: Dict[str, List[Tuple[str, dict]]] = {
             ("fip + universal, shared gradient", dict(_OFF, universal_perturbation=dict(gradient="shared"))),
             ("fip + path aware", dict(_OFF, path_aware=0.5)),
             ("fip, defaults (universal + distill + augment)", {}),
+            ("fip, defaults + patch 0.04", dict(universal_perturbation=dict(inputs="auto", patch=0.04))),
             # not a holding option: the plain method with the model and the clean set in channels_last (a CPU tip)
             ("fip, channels_last model and data", dict(_OFF, _channels_last=True))],
     "fast_fip": [("fast_fip", dict(_OFF)),
@@ -41,6 +42,8 @@ VARIANTS: Dict[str, List[Tuple[str, dict]]] = {
                                                                   universal_perturbation=dict(gradient="separate"))),
                  ("fast_fip + universal, shared gradient", dict(_OFF, universal_perturbation=dict(gradient="shared"))),
                  ("fast_fip, defaults (universal + distill + augment)", {}),
+                 ("fast_fip, defaults + patch 0.04", dict(universal_perturbation=dict(
+                     inputs="auto", schedule="constant", patch=0.04))),
                  ("fast_fip, channels_last model and data", dict(_OFF, _channels_last=True))],
 }
 

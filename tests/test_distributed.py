@@ -194,6 +194,8 @@ def _worker(rank: int, world: int, port: int, outdir: str):
         fd.barrier()
         results["universal"] = _universal_check(rank, world)
         fd.barrier()
+        results["patch"] = _patch_check(rank, world)
+        fd.barrier()
         # the wrapper accepts 'lagged' on DTensor parameters (the core foreach step shards-propagates it)
         m = _model()
         fd.shard_fsdp(m)
@@ -250,6 +252,27 @@ def _universal_check(rank: int, world: int) -> torch.Tensor:
     mixed.grad = _universal_grads(world)[rank]
     u.update_shared(mixed)
     return u.delta.clone()
+
+
+def _patch_case(world: int):
+    """A tiny conv net, the patch surrogate's _Universal (budget 4.5 of 9 positions) and each rank's batch."""
+    from fip_fast.pipeline.holding import UniversalPerturbation, _Universal
+
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.rand(4, 2, 3, 3, generator=g) for _ in range(world)]
+    ys = [torch.randint(3, (4,), generator=g) for _ in range(world)]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten(), nn.Linear(12, 3))
+    cfg = UniversalPerturbation(eps=0.2, clamp=(0.0, 1.0), patch=0.5)
+    return model, lambda w: _Universal(cfg, xs[0], torch.device("cpu"), world_size=w), xs, ys
+
+
+def _patch_check(rank: int, world: int) -> dict:
+    """The patch surrogate's update under DDP: δ, the mask and the pattern after one update on each rank's batch."""
+    model, make, xs, ys = _patch_case(world)
+    u = make(world)
+    u.update(model, xs[rank], ys[rank])
+    return {"delta": u.delta.clone(), "mask": u.mask.clone(), "pattern": u.pattern.clone()}
 
 
 def _free_port() -> int:
@@ -316,6 +339,25 @@ def test_universal_perturbation_is_one_delta_across_ranks(dist_results):
     assert int((torch.stack([g[:2].sum(0).sign() for g in grads]).diff(dim=0) != 0).sum()) > 0   # ranks disagree
     for res in dist_results:
         torch.testing.assert_close(res["universal"], want, rtol=0, atol=0)
+
+
+def test_patch_surrogate_is_one_mask_and_pattern_across_ranks(dist_results):
+    """With ``patch``, δ's, the mask's and the pattern's gradients are summed over the ranks in the one collective:
+    every rank ends with the steps of the summed gradients (computed here rank by rank in one process), not with
+    its own."""
+    model, make, xs, ys = _patch_case(WORLD)
+    grads = []
+    for r in range(WORLD):
+        u = make(1)
+        u._steps = lambda gs: grads.append([g.clone() for g in gs])
+        u.update(model, xs[r], ys[r])
+    want = make(1)
+    want._steps([sum(gs) for gs in zip(*grads)])
+    assert any(bool((a.sign() != b.sign()).any()) for a, b in zip(*grads))            # the ranks disagree
+    for res in dist_results:
+        for k in ("delta", "mask", "pattern"):
+            torch.testing.assert_close(res["patch"][k], getattr(want, k), rtol=0, atol=1e-7, msg=k)
+        assert float(res["patch"]["mask"].sum()) > 0
 
 
 def test_fsdp_sync_gathers_every_delta_in_one_collective(dist_results):

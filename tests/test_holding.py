@@ -527,6 +527,23 @@ def test_patch_mix_appends_patched_copies_with_true_labels(backdoored):
     assert xm is x and ym is y
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_patch_keeps_the_batch_layout(channels):
+    """The batch with patched copies keeps the per-sample strides of the channels_last batch it came from, also
+    for one-channel images (where the concatenation alone returns NCHW strides and the step runs slower)."""
+    x = torch.rand(16, channels, 6, 6).to(memory_format=torch.channels_last)
+    x = x.as_strided(x.shape, (36 * channels, 1, 6 * channels, channels))          # channels_last, also for C = 1
+    y = torch.zeros(16, dtype=torch.long)
+    u = H._Universal(H.UniversalPerturbation(patch=0.1), x, torch.device("cpu"))
+    xm, _ = u.mix(x, y)
+    assert xm.shape[0] == 16 + 4 and xm.stride() == x.stride()
+    model = nn.Conv2d(channels, 2, 3)
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].stride()))
+    u.update(nn.Sequential(model, nn.Flatten(), nn.LazyLinear(3)), x, y)
+    assert seen == [x.stride()]
+
+
 def test_patch_needs_the_separate_pass_and_positions():
     with pytest.raises(ValueError, match="patch needs gradient='separate'"):
         H.UniversalPerturbation(patch=0.04, gradient="shared")

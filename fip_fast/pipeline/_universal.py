@@ -165,7 +165,7 @@ class _Universal:
                 if kp:
                     m, p = self.mask.clone().requires_grad_(True), self.pattern.clone().requires_grad_(True)
                     leaves += [m, p]
-                    xin = torch.cat([xin, self.patched(x[n - kp:], m, p)])
+                    xin = _in_layout_of(torch.cat([xin, self.patched(x[n - kp:], m, p)]), x)
                 out = model(xin).float()
                 obj = self._objective(out, y)
                 grads = torch.autograd.grad(obj, leaves + wrt, allow_unused=True)
@@ -222,7 +222,7 @@ class _Universal:
         kp = int(round(self.cfg.patch_fraction * k)) if self.mask is not None else 0
         if kp:      # patched copies of the clean samples after the perturbed ones (wrapping around the batch)
             src = torch.arange(k, k + kp, device=x.device) % x.shape[0]
-            out, y_out = torch.cat([out, self.patched(x[src])]), torch.cat([y_out, y[src]])
+            out, y_out = _in_layout_of(torch.cat([out, self.patched(x[src])]), x), torch.cat([y_out, y[src]])
         if self.cfg.shared:
             self._clean, self._rows = x[:k], rows
             out.requires_grad_(True)
@@ -290,6 +290,15 @@ def _all_reduce(ts: List[Tensor]) -> None:
     dist.all_reduce(flat)
     for t, part in zip(ts, flat.split([t.numel() for t in ts])):
         t.copy_(part.view_as(t))
+
+
+def _in_layout_of(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (a batch of ``x``'s samples, any count) with ``x``'s strides per sample where they differ and ``x`` is
+    dense.  The concatenation of elementwise results picks NCHW strides for one-channel images even when ``x``'s
+    are channels_last — and oneDNN runs a CNN's step markedly slower in that layout (``bench holding_cost``)."""
+    if t.stride() == x.stride() or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return t
+    return torch.empty_strided(t.shape, x.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
 #: The mask's step: its gradient over the gradient's largest entry, times this (the mask's unit is 1).
