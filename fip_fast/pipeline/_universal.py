@@ -245,16 +245,12 @@ class _Universal:
             if g_in is None or clean is None:
                 self._skipped += int(clean is not None)     # no perturbed sample this step is not a skip
                 return
-            self._signed_step(g)
-
-    def _signed_step(self, g: Tensor) -> None:
-        """δ ← clip(δ + step·sign(g)), or δ unchanged (and one more skip) when g is not finite — decided on the
-        device, without reading anything back to the host."""
-        self._steps([g])
+            self._steps([g])
 
     def _steps(self, gs: List[Tensor]) -> None:
-        """The steps of δ and, with ``patch``, of the mask and the pattern (gradients in that order), or none of
-        them (and one more skip) when a gradient is not finite — decided on the device, no host read."""
+        """δ ← clip(δ + step·sign(g)) and, with ``patch``, the mask's and the pattern's steps (gradients in that
+        order) — or none of them (and one more skip) when a gradient is not finite: decided on the device, without
+        reading anything back to the host."""
         ok = torch.stack([torch.isfinite(g).all() for g in gs]).all()
         moved = (self.delta + self.step_size * gs[0].sign()).clamp_(-self.eps, self.eps)
         self.delta.copy_(torch.where(ok, moved, self.delta))
