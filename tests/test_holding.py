@@ -31,21 +31,31 @@ def _ctx(x, y, seed: int = 0) -> MethodContext:
 
 
 # ------------------------------------------------------------------------------------ universal perturbation
+def _updated(model, xc, yc, cfg, n: int):
+    """A _Universal of ``cfg`` after ``n`` updates on seeded clean batches of 64; the generator, for more draws."""
+    u = H._Universal(cfg, xc, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        i = torch.randint(xc.shape[0], (64,), generator=g)
+        u.update(model, xc[i], yc[i])
+    return u, g
+
+
+def _target_rate(model, x) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == TARGET).float().mean())
+
+
 @pytest.mark.parametrize("objective", ["loss", "attract"])
 def test_universal_perturbation_finds_the_backdoor(backdoored, objective):
     """20 per-batch updates of δ (eps 0.2) on clean batches send most clean non-target test images of the backdoored
     model to the target class; no perturbation and a random sign pattern of the same L∞ norm send none."""
     model, (xc, yc), (xt, yt) = backdoored
-    u = H._Universal(H.UniversalPerturbation(eps=0.2, objective=objective, scale="absolute"), xc, torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        i = torch.randint(xc.shape[0], (64,), generator=g)
-        u.update(model, xc[i], yc[i])
+    u, g = _updated(model, xc, yc, H.UniversalPerturbation(eps=0.2, objective=objective, scale="absolute"), 20)
     keep = yt != TARGET
 
     def target_rate(x):
-        with torch.no_grad():
-            return float((model(x).argmax(1) == TARGET).float().mean())
+        return _target_rate(model, x)
 
     rand = torch.sign(torch.randn(xc.shape[1:], generator=g)) * 0.2
     assert float(u.delta.abs().max()) <= 0.2 + 1e-7
@@ -476,16 +486,11 @@ def test_patch_surrogate_finds_the_backdoor_patch(backdoored):
     clean test images go to the target, the mask covers the trigger's two bright pixels, and the same patch moved
     to the opposite corner (or δ alone) sends almost none there."""
     model, (xc, yc), (xt, yt) = backdoored
-    u = H._Universal(H.UniversalPerturbation(eps=1e-3, scale="absolute", patch=0.04), xc, torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        i = torch.randint(xc.shape[0], (64,), generator=g)
-        u.update(model, xc[i], yc[i])
+    u, _ = _updated(model, xc, yc, H.UniversalPerturbation(eps=1e-3, scale="absolute", patch=0.04), 40)
     keep = yt != TARGET
 
     def target_rate(x):
-        with torch.no_grad():
-            return float((model(x).argmax(1) == TARGET).float().mean())
+        return _target_rate(model, x)
 
     assert float(u.mask.sum()) <= 4.0 + 1e-4 and float(u.mask.min()) >= 0 and float(u.mask.max()) <= 1
     assert float(u.mask[0, -2, -2]) > 0.9 and float(u.mask[0, -1, -1]) > 0.9    # the trigger's 1-pixels
