@@ -249,8 +249,10 @@ def test_demo_draws_a_curve_for_every_method(tiny_demo):
     assert (out / "asr_acc.png").is_file()
 
 
-def test_a_runners_evaluations_on_the_way_change_nothing_in_its_run():
-    """Super-FT purified with and without test evaluations on the way (eval_fn): the same weights."""
+@pytest.mark.parametrize("method", ["superft", "ft", "fst", "sau", "ft_sam", "ngf", "salience_ar"])
+def test_a_runners_evaluations_on_the_way_change_nothing_in_its_run(method):
+    """Every runner method purified with and without test evaluations on the way (eval_fn): the same weights, and
+    a history record every eval_every steps (a curve in the reports, not θ0 and the result alone)."""
     import copy
 
     from _synthetic import make_task
@@ -259,7 +261,7 @@ def test_a_runners_evaluations_on_the_way_change_nothing_in_its_run():
 
     task = make_task(0, n=400, epochs=2)
     ev = lambda m: {"acc": task.acc(m), "asr": task.asr(m)}                     # noqa: E731
-    runs = [purify(copy.deepcopy(task.model), (task.clean_x, task.clean_y), method="superft", steps=12,
+    runs = [purify(copy.deepcopy(task.model), (task.clean_x, task.clean_y), method=method, steps=12,
                    batch_size=16, progress=False, val_fraction=0, eval_every=4, **kw) for kw in ({}, dict(eval_fn=ev))]
     (m0, r0), (m1, r1) = runs
     assert all(torch.equal(v, m1.state_dict()[k]) for k, v in m0.state_dict().items())

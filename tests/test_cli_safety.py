@@ -273,13 +273,13 @@ def _fip(out, *extra):
 
 
 def test_runner_method_has_a_history_curve(here, capsys, tmp_path):
-    """Super-FT, FT, … (runners) evaluate nothing on the way; their result is one history record, so that
-    asr_acc.png draws a curve (θ0 → result), not a legend alone."""
+    """Super-FT, FT, … (runners) are evaluated on the way, as the loop methods are (every step of 3 here), and
+    their result is the last history record, so that asr_acc.png draws a curve, not a legend alone."""
     out = tmp_path / "ft"
     rc, _, err = _run(_argv(out, "--steps", "3", "--test", "test.npz", method="ft"), capsys)
     assert rc == 0, err
     h = json.loads((out / "report.json").read_text())["results"][0]["history"]
-    assert len(h) == 1 and h[0]["step"] == 3 and h[0]["eval"]["acc"] is not None, h
+    assert [r["step"] for r in h] == [1, 2, 3] and all(r["eval"]["acc"] is not None for r in h), h
     assert (out / "asr_acc.png").is_file()
 
 

@@ -58,6 +58,7 @@ from fip_fast.baselines._common import (
     LrSchedule,
     PathOrModule,
     RunLog,
+    StepHook,
     Timer,
     batch_stream,
     check_common,
@@ -123,7 +124,7 @@ def run_fst(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
             momentum: float = 0.9, weight_decay: float = 5e-4, head: Optional[PathOrModule] = None,
             lr_schedule: str = "cosine", batch_size: int = 128, seed: int = 0, bn_train: bool = True,
             device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None, progress: bool = True,
-            augment: Any = None) -> tuple[nn.Module, dict]:
+            augment: Any = None, on_step: Optional[StepHook] = None) -> tuple[nn.Module, dict]:
     """Feature Shift Tuning: re-initialize the head, fine-tune everything with CE + α⟨W, W₀⟩_F, keep ‖W‖ = ‖W₀‖.
 
     Args:
@@ -137,6 +138,8 @@ def run_fst(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
         bn_train: BatchNorm in train mode (re-estimate its statistics) or eval mode.
         loss_fn: ``loss_fn(logits, y)`` → scalar, default cross-entropy; the penalty is added to it.
         augment: ``None`` or a spelling of :func:`fip_fast.augment.make_augment` (e.g. ``"shift"``).
+        on_step: ``on_step(done, loss)`` after every step (:data:`fip_fast.baselines._common.StepHook`);
+            :func:`fip_fast.pipeline.purify` evaluates the model there every ``eval_every`` steps.
     Returns:
         ``(model, info)``: the common keys (:mod:`fip_fast.baselines._common`) plus ``head`` (its name), ``alpha``,
         ``head_norm`` (‖W₀‖, kept throughout), ``cos_after_reinit`` and ``cos_to_original`` (cosine of W with W₀
@@ -154,7 +157,7 @@ def run_fst(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     lrs = LrSchedule(opt, lr_schedule, steps)
-    pen_hist, skipped, log = [], 0, RunLog(steps, "FST", progress)
+    pen_hist, skipped, log = [], 0, RunLog(steps, "FST", progress, on_step=on_step)
     with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
@@ -165,7 +168,7 @@ def run_fst(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
             loss.backward()
             if not grads_finite(params):
                 skipped += 1
-                log.bar.update(1)
+                log.skip(t)
                 continue
             opt.step()
             project_norm_(w, norm_ori)      # back onto the sphere ‖W‖ = ‖W₀‖ after every step

@@ -27,6 +27,7 @@ from fip_fast.baselines._common import (
     LossFn,
     LrSchedule,
     RunLog,
+    StepHook,
     Timer,
     batch_stream,
     check_common,
@@ -42,7 +43,8 @@ __all__ = ["run_ft"]
 def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.02, *, momentum: float = 0.9,
            weight_decay: float = 0.01, nesterov: bool = False, lr_schedule: str = "cosine", batch_size: int = 128,
            seed: int = 0, bn_train: bool = True, device: Optional[torch.device] = None,
-           loss_fn: Optional[LossFn] = None, progress: bool = True, augment: Any = None) -> tuple[nn.Module, dict]:
+           loss_fn: Optional[LossFn] = None, progress: bool = True, augment: Any = None,
+           on_step: Optional[StepHook] = None) -> tuple[nn.Module, dict]:
     """Fine-tune every parameter of ``model`` on clean data with SGD + momentum.
 
     Args:
@@ -55,6 +57,8 @@ def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.
         loss_fn: ``loss_fn(logits, y)`` → scalar, default cross-entropy.
         augment: augmentation of the training batches, a spelling of :func:`fip_fast.augment.make_augment`
             (``"shift"``, ``"shift_flip"``, an ``Augment``, a callable; None: none).
+        on_step: ``on_step(done, loss)`` after every step (:data:`fip_fast.baselines._common.StepHook`);
+            :func:`fip_fast.pipeline.purify` evaluates the model there every ``eval_every`` steps.
     Returns:
         ``(model, info)`` — see :mod:`fip_fast.baselines._common` for the keys of ``info``.
     """
@@ -64,7 +68,7 @@ def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     lrs = LrSchedule(opt, lr_schedule, steps)
-    skipped, log = 0, RunLog(steps, "FT", progress)
+    skipped, log = 0, RunLog(steps, "FT", progress, on_step=on_step)
     with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
@@ -74,6 +78,7 @@ def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.
             loss.backward()
             if not grads_finite(params):
                 skipped += 1
+                log.skip(t)
                 continue
             opt.step()
             log.record(t, loss)

@@ -36,6 +36,7 @@ from fip_fast.baselines._common import (
     LossFn,
     LrSchedule,
     RunLog,
+    StepHook,
     Timer,
     batch_stream,
     check_common,
@@ -169,11 +170,11 @@ def run_ft_sam(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float 
                adaptive: bool = False, eta: float = 0.0, momentum: float = 0.9, weight_decay: float = 5e-4,
                lr_schedule: str = "cosine", batch_size: int = 128, seed: int = 0, bn_train: bool = True,
                device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None, progress: bool = True,
-               augment: Any = None) -> tuple[nn.Module, dict]:
+               augment: Any = None, on_step: Optional[StepHook] = None) -> tuple[nn.Module, dict]:
     """Fine-tune every parameter with SAM(SGD + momentum) on clean data (FT-SAM).
 
-    Args are those of :func:`fip_fast.baselines.ft.run_ft` (``augment`` included) plus ``rho``, ``adaptive``,
-    ``eta`` of :class:`SAM`.
+    Args are those of :func:`fip_fast.baselines.ft.run_ft` (``augment`` and ``on_step`` included) plus ``rho``,
+    ``adaptive``, ``eta`` of :class:`SAM`.
     Each step costs two forward/backward passes.
     """
     check_common(steps, lr, lr_schedule)
@@ -183,7 +184,7 @@ def run_ft_sam(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float 
               weight_decay=weight_decay)
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     lrs = LrSchedule(opt, lr_schedule, steps)
-    log = RunLog(steps, "FT-SAM", progress)
+    log = RunLog(steps, "FT-SAM", progress, on_step=on_step)
     with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)

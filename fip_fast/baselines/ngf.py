@@ -78,6 +78,7 @@ from fip_fast.baselines._common import (
     LossFn,
     LrSchedule,
     RunLog,
+    StepHook,
     Timer,
     batch_stream,
     check_common,
@@ -220,7 +221,7 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
             fisher0: Optional[dict[Tensor, Tensor]] = None, fisher_batches: Optional[int] = None,
             lr_schedule: str = "cosine", batch_size: int = 128, seed: int = 0, device: Optional[torch.device] = None,
             loss_fn: Optional[LossFn] = None, impl: str = "auto", progress: bool = True,
-            augment: Any = None) -> tuple[nn.Module, dict]:
+            augment: Any = None, on_step: Optional[StepHook] = None) -> tuple[nn.Module, dict]:
     """Natural Gradient Fine-tuning of one layer with the Fisher anchor.
 
     Args:
@@ -237,6 +238,8 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
         fisher_batches: cap on the clean batches used for F0.
         augment: augmentation of the fine-tuning batches (:func:`fip_fast.augment.make_augment`; None: none) —
             F0 is estimated on the unaugmented clean data.
+        on_step: ``on_step(done, loss)`` after every step (:data:`fip_fast.baselines._common.StepHook`);
+            :func:`fip_fast.pipeline.purify` evaluates the model there every ``eval_every`` steps.
     """
     from fip_fast.fisher import estimate_fisher
 
@@ -263,7 +266,7 @@ def run_ngf(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
                               fisher0=fisher0 if eta_r > 0 else None, impl=impl)
         stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
         lrs = LrSchedule(opt, lr_schedule, steps)
-        nus, log = [], RunLog(steps, f"NGF-{curvature}", progress)
+        nus, log = [], RunLog(steps, f"NGF-{curvature}", progress, on_step=on_step)
         try:
             with training(model, params, False):
                 for t in range(steps):

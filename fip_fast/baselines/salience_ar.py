@@ -98,6 +98,7 @@ from fip_fast.baselines._common import (
     LossFn,
     LrSchedule,
     RunLog,
+    StepHook,
     Timer,
     batch_stream,
     check_common,
@@ -248,7 +249,8 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
                     salience_batches: Optional[int] = None, bn_train: bool = False, lr_schedule: str = "cosine",
                     batch_size: int = 128,
                     seed: int = 0, device: Optional[torch.device] = None, loss_fn: Optional[LossFn] = None,
-                    progress: bool = True, augment: Any = None) -> tuple[nn.Module, dict]:
+                    progress: bool = True, augment: Any = None,
+                    on_step: Optional[StepHook] = None) -> tuple[nn.Module, dict]:
     """Rank neurons by benign salience, then fine-tune with the adaptive regularizer (module docstring).
 
     Args:
@@ -261,6 +263,8 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
         eps: ε of the suspicion score.  bn_train: BatchNorm mode during fine-tuning.
         augment: augmentation of the fine-tuning batches (:func:`fip_fast.augment.make_augment`; None: none) —
             the salience is measured on the unaugmented clean data.
+        on_step: ``on_step(done, loss)`` after every step (:data:`fip_fast.baselines._common.StepHook`);
+            :func:`fip_fast.pipeline.purify` evaluates the model there every ``eval_every`` steps.
     Returns:
         ``(model, info)``; ``info["infected"]`` = ``{layer: [neuron indices]}``.
     """
@@ -285,7 +289,7 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
         stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
         lrs = LrSchedule(opt, lr_schedule, steps)
-        skipped, log = 0, RunLog(steps, "Salience-AR", progress)
+        skipped, log = 0, RunLog(steps, "Salience-AR", progress, on_step=on_step)
         with training(model, params, bn_train):
             for t in range(steps):
                 x, y = next(stream)
@@ -296,6 +300,7 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
                 with torch.no_grad():
                     if not grads_finite(params):
                         skipped += 1
+                        log.skip(t)
                         continue
                     for p in params:
                         if p.grad is None:

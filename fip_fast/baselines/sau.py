@@ -83,6 +83,7 @@ from fip_fast.baselines._common import (
     LossFn,
     LrSchedule,
     RunLog,
+    StepHook,
     Timer,
     batch_stream,
     check_common,
@@ -279,7 +280,8 @@ def run_sau(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 3
             lam_shared: float = 1.0, unlearn_on: str = "ref_fooled", optimizer: str = "adam",
             momentum: float = 0.9, weight_decay: float = 0.0, lr_schedule: str = "cosine", batch_size: int = 128,
             seed: int = 0, bn_train: bool = True, augment: Any = None, device: Optional[torch.device] = None,
-            loss_fn: Optional[LossFn] = None, progress: bool = True) -> tuple[nn.Module, dict]:
+            loss_fn: Optional[LossFn] = None, progress: bool = True,
+            on_step: Optional[StepHook] = None) -> tuple[nn.Module, dict]:
     """Purify ``model`` by Shared Adversarial Unlearning (formulas and sources in the module docstring).
 
     Args:
@@ -296,6 +298,8 @@ def run_sau(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 3
             ``"random"`` PGD start).  bn_train: BatchNorm in train mode for the outer step.
         augment: ``None`` or a :func:`fip_fast.augment.make_augment` spelling, applied to every clean batch.
         loss_fn: ``loss_fn(logits, y)`` → scalar for the clean and AT terms (default cross-entropy).
+        on_step: ``on_step(done, loss)`` after every step (:data:`fip_fast.baselines._common.StepHook`);
+            :func:`fip_fast.pipeline.purify` evaluates the model there every ``eval_every`` steps.
     Returns:
         ``(model, info)``: the keys of :mod:`fip_fast.baselines._common` plus ``shared_rate`` / ``ref_fooled_rate``
         (mean over steps of the fraction of each batch that is shared adversarial / fools θ0 at the outer step)
@@ -316,7 +320,7 @@ def run_sau(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 3
     lrs = LrSchedule(opt, lr_schedule, steps)
     skipped = 0
     rates, iters = [], []
-    log = RunLog(steps, "SAU", progress)
+    log = RunLog(steps, "SAU", progress, on_step=on_step)
     with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
@@ -334,6 +338,7 @@ def run_sau(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 3
             iters.append(it)
             if not grads_finite(params):
                 skipped += 1
+                log.skip(t)
                 continue
             opt.step()
             log.record(t, loss)
