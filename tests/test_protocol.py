@@ -70,6 +70,44 @@ def test_ablate_report_separates_the_clean_set_sizes():
     assert rows == [f"| {name} | cnn | 0.02 | 90.0 | 25.0 | 50.0 | 50.0 | 20.0 | 1.0 |"], rows
 
 
+def test_seeded_holding_variants_pool_over_their_seeds(monkeypatch):
+    """_seeds names n runs of one configuration that differ only in the bench-only SEED_OFFSET, and seeds_md pools
+    them (mean over cells × seeds, ΔACC against each cell's backdoored model)."""
+    from bench.protocol_report import seeds_md
+
+    table = P._seeds("v", "fip", {"lr": 0.05})
+    assert list(table) == ["v", "v (purification seed +1)", "v (purification seed +2)"]
+    assert [cfg.get(P.SEED_OFFSET, 0) for _, cfg in table.values()] == [0, 1, 2]
+    monkeypatch.setattr(P, "HOLDING_ABLATIONS", table)
+    runs = {}
+    for c in (P.DEV_CELLS[0], P.DEV_TINY_CELLS[0]):
+        runs[P.run_key(c, None, {})] = {"cell": c.key, "method": "before", "cfg": {}, "acc": 0.97}
+        for i, (m, cfg) in enumerate(table.values()):
+            runs[P.run_key(c, m, cfg)] = {"cell": c.key, "method": m, "cfg": cfg, "acc": 0.90 + 0.01 * i,
+                                          "asr": 0.01 * i, "retune_asr": 0.1, "retune_mild_asr": 0.2}
+    rows = [r for r in seeds_md({"runs": runs}) if r.startswith("| v |")]
+    assert "| v | cnn | 0.1 | 3 | -6.00 | 1.00 | 10.00 | 20.00 |" in rows
+    assert rows[-1] == "| v | all | both | 6 | -6.00 | 1.00 | 10.00 | 20.00 |", rows
+
+
+def test_run_one_purifies_with_the_seed_offset(monkeypatch, tmp_path):
+    """SEED_OFFSET never reaches purify: it moves the purification seed off the cell's."""
+    seen = {}
+
+    def fake_purify(model, clean, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr("fip_fast.pipeline.purify", fake_purify)
+    monkeypatch.setattr(T, "build_task", lambda cell, cache: T.Task(cell, torch.nn.Linear(2, 2), None, None,
+                                                                     None, None))
+    monkeypatch.setattr(T, "model_digest", lambda m: "x")
+    cfg = {"lr": 0.05, P.SEED_OFFSET: 2}
+    with pytest.raises(RuntimeError, match="stop"):
+        P.run_one(P.DEV_CELLS[0], "fip", cfg, str(tmp_path))
+    assert seen["seed"] == P.DEV_CELLS[0].seed + 2 and P.SEED_OFFSET not in seen and cfg[P.SEED_OFFSET] == 2
+
+
 def test_report_counts_dominance_and_excludes_failed_attacks(tmp_path):
     runs = {}
     for k, (asr0, fip, ft) in {"cnn/badnets/s0/c0.1/p0.1/t0": (1.0, (0.96, 0.01), (0.96, 0.20)),
