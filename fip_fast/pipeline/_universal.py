@@ -165,7 +165,7 @@ class _Universal:
                 if kp:
                     m, p = self.mask.clone().requires_grad_(True), self.pattern.clone().requires_grad_(True)
                     leaves += [m, p]
-                    xin = _in_layout_of(torch.cat([xin, self.patched(x[n - kp:], m, p)]), x)
+                    xin = _cat_like([xin, self.patched(x[n - kp:], m, p)], x)
                 out = model(xin).float()
                 obj = self._objective(out, y)
                 grads = torch.autograd.grad(obj, leaves + wrt, allow_unused=True)
@@ -222,7 +222,7 @@ class _Universal:
         kp = int(round(self.cfg.patch_fraction * k)) if self.mask is not None else 0
         if kp:      # patched copies of the clean samples after the perturbed ones (wrapping around the batch)
             src = torch.arange(k, k + kp, device=x.device) % x.shape[0]
-            out, y_out = _in_layout_of(torch.cat([out, self.patched(x[src])]), x), torch.cat([y_out, y[src]])
+            out, y_out = _cat_like([out, self.patched(x[src])], x), torch.cat([y_out, y[src]])
         if self.cfg.shared:
             self._clean, self._rows = x[:k], rows
             out.requires_grad_(True)
@@ -288,29 +288,37 @@ def _all_reduce(ts: List[Tensor]) -> None:
         t.copy_(part.view_as(t))
 
 
-def _in_layout_of(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` (a batch of ``x``'s samples, any count) with ``x``'s strides per sample where they differ and ``x`` is
-    dense.  The concatenation of elementwise results picks NCHW strides for one-channel images even when ``x``'s
-    are channels_last — and oneDNN runs a CNN's step markedly slower in that layout (``bench holding_cost``)."""
-    if t.stride() == x.stride() or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        return t
-    return torch.empty_strided(t.shape, x.stride(), dtype=t.dtype, device=t.device).copy_(t)
+def _cat_like(parts: Sequence[Tensor], x: Tensor) -> Tensor:
+    """``torch.cat(parts)`` (batches of ``x``'s samples) written into one buffer with ``x``'s per-sample strides
+    where ``x`` is dense: the concatenation of elementwise results picks NCHW strides for one-channel images even
+    when ``x``'s are channels_last — and oneDNN runs a CNN's step markedly slower in that layout
+    (``bench holding_cost``: 1.87× the plain loop instead of 1.29×)."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return torch.cat(parts)
+    out = torch.empty_strided((sum(t.shape[0] for t in parts),) + tuple(x.shape[1:]), x.stride(),
+                              dtype=parts[0].dtype, device=parts[0].device)
+    i = 0
+    for t in parts:         # a slice assignment: autograd follows it (CopySlices), as it follows torch.cat
+        out[i:i + t.shape[0]] = t
+        i += t.shape[0]
+    return out
 
 
 #: The mask's step: its gradient over the gradient's largest entry, times this (the mask's unit is 1).
 _MASK_STEP = 0.1
 
 
-def _project_mask(m: Tensor, budget: float, iters: int = 30) -> Tensor:
-    """m clipped to [0, 1] and, where its sum exceeds ``budget``, lowered by the τ with Σ clip(m − τ, 0, 1) =
-    budget (bisection on the device, no host read) — the projection onto {0 ≤ m ≤ 1, Σm ≤ budget}."""
-    m = m.clamp(0.0, 1.0)
-    lo, hi = torch.zeros((), device=m.device), torch.ones((), device=m.device)
-    for _ in range(iters):
-        t = (lo + hi) / 2
-        over = (m - t).clamp(0.0, 1.0).sum() > budget
-        lo, hi = torch.where(over, t, lo), torch.where(over, hi, t)
-    return torch.where(m.sum() > budget, (m - hi).clamp(0.0, 1.0), m)
+def _project_mask(m: Tensor, budget: float) -> Tensor:
+    """m clipped to [0, 1] and, where its sum exceeds ``budget``, lowered by the τ ≥ 0 with Σ max(c − τ, 0) =
+    budget (c the clipped m; for c in [0, 1] the upper clip of c − τ never binds) — the sorted-threshold
+    projection (Duchi et al., ICML 2008): one sort and a cumulative sum on the device, no loop, no host read."""
+    c = m.clamp(0.0, 1.0)
+    srt = c.flatten().sort(descending=True).values
+    cs = srt.cumsum(0)
+    j = torch.arange(1, srt.numel() + 1, device=m.device, dtype=c.dtype)
+    k = (srt - (cs - budget) / j > 0).sum().clamp(min=1)        # how many entries stay above τ
+    tau = ((cs.gather(0, (k - 1).view(1)) - budget) / k.to(c.dtype)).clamp(min=0.0)
+    return torch.where(c.sum() > budget, (c - tau).clamp(min=0.0), c)
 
 
 def per_sample_array(x_train: Tensor) -> bool:
