@@ -200,11 +200,11 @@ def test_holding_cost_purifies_a_copy(method):
 
 
 def test_peers_unguarded_diagnostic_matches_and_restores():
-    """The bench's guard-off diagnostic (``bench.peers._without_guard``) computes the shipped estimator's squares
+    """The bench's guard-off diagnostic (``bench.peers.fisher._without_guard``) computes the shipped estimator's squares
     and puts torch.autograd.grad and the guard back afterwards."""
     import torch
 
-    from bench.peers import SmallCNN, _without_guard
+    from bench.peers.fisher import SmallCNN, _without_guard
     from fip_fast import estimate_fisher
     from fip_fast._fisher_capture import _HookCapture
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.peers import SmallCNN, TokenModel, _seq_nll_sum, authors_swap, backpack_fisher, vmap_fisher
+from bench.peers.authors import authors_swap
+from bench.peers.fisher import SmallCNN, TokenModel, _seq_nll_sum, backpack_fisher, vmap_fisher
 from fip_fast import estimate_fisher, spectral
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,8 +75,9 @@ def test_bench_loss_is_the_per_sample_sum():
 
 
 def test_fast_fip_in_place_equals_the_authors_layer():
-    """At δ ≠ 0 the authors' layer (W = U·diag(relu(S + δ))·Vh rebuilt each forward, bench.peers.authors_swap) and
-    Fast FIP in place (additive δ, full rank) give the same outputs and the same δ-gradients, layer by layer."""
+    """At δ ≠ 0 the authors' layer (W = U·diag(relu(S + δ))·Vh rebuilt each forward,
+    bench.peers.authors.authors_swap) and Fast FIP in place (additive δ, full rank) give the same outputs and the
+    same δ-gradients, layer by layer."""
     torch.manual_seed(0)
     base = _cnn().train()
     x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
