@@ -75,9 +75,6 @@ _HOLD = dict(universal_perturbation=_UP, distill=dict(weight=1.0, temperature=2.
 #: ... Fast FIP's: the perturbed share constant through the rebuild (protocol_holding.md: lower ASR and re-tuned ASR
 #: than the share following the lr, at the same accuracy, on the development cells)
 _HOLD_FAST = dict(_HOLD, universal_perturbation=dict(_UP, schedule="constant"))
-#: ... FIP's: the patch surrogate beside δ (budget 0.04) with weight decay 0.01 instead of the recipe's 0.03
-#: (protocol_holding.md, three purification seeds: better than the defaults before on every pooled measure)
-_HOLD_FIP = dict(_HOLD, universal_perturbation=dict(_UP, patch=0.04), weight_decay=0.01)
 
 #: Each method's grid: a path along its purification pressure, weakest first (same size for every method).
 GRIDS: Dict[str, List[dict]] = {
@@ -92,10 +89,7 @@ GRIDS: Dict[str, List[dict]] = {
     # With the starting model distilled into the rebuild as the learning rate decays, on clean batches shifted by
     # up to H/16 pixels (docs/holding.md, "Where the accuracy goes"; 2026-12-07): the development cells lost
     # 2.2 points instead of 4.8 with the 2 % clean set and 0.7 instead of 1.6 with the 10 % set.
-    # With the patch surrogate beside δ and weight decay 0.01 (docs/holding.md, "The patch with less weight decay";
-    # 2026-12-07): on the development cells, three purification seeds, better accuracy (also on the 2 % clean
-    # set), ASR and both re-tuned ASRs than without; the rule re-chose the lr with them.
-    "fip": [dict(lr=v, eta_r=0.0, lr_schedule="onecycle", **_HOLD_FIP) for v in (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)],
+    "fip": [dict(lr=v, eta_r=0.0, lr_schedule="onecycle", **_HOLD) for v in (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)],
     # Fast FIP as SVFT-style spectral fine-tuning (ours): clipped SGD on δ plus a band of 8 trainable
     # off-diagonal core entries per layer (U, V mix inside the top-k subspace).  The development ablations
     # (protocol_ablate.md, docs/fast_fip_variants.md) found that δ alone purifies only by collapsing singular
@@ -195,7 +189,7 @@ ABLATIONS: Dict[str, Tuple[str, dict]] = {     # at FIP's lr 0.05 unless given; 
 #: evaluation suite's 2 % cells lost 6.3 points at 22 % ASR under FIP where its 10 % cells lost 1.0 at 9 %, and the
 #: development task had no cell of that size.  Same seed, models and attacks as the development cells; the rule
 #: never reads them.  val_fraction 0 is what "auto" resolves to at that size (80 clean samples).
-_FIP = dict(eta_r=0.0, lr=0.05, lr_schedule="onecycle")      # the frozen choice before the patch (the ablations' base)
+_FIP = dict(eta_r=0.0, lr=0.05, lr_schedule="onecycle")      # the frozen choice
 _FAST = dict(clip_norm=0.3, delta_optimizer="sgd", eta_r=0.0, lr_delta=0.5, mix_band=8)   # Fast FIP's
 _SEP = dict(eps=0.2, gradient="separate", schedule="constant")   # the option's defaults of its first runs
 _SHARED = dict(eps=0.2, gradient="shared", schedule="constant")
@@ -539,6 +533,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         doc = _open(eval_path, {**_config("eval"), "quick": args.quick}, args.fresh)
         doc["chosen"] = dev["chosen"]
         _execute(doc, eval_path, stage_jobs("eval", args.quick, dev["chosen"]), args.jobs, Path(args.cache), budget)
+        _save(doc, eval_path)       # the choice, also when every run it needs was already there
     write_report(dev_path, eval_path, sys.argv)
     return 0
 

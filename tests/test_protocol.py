@@ -228,3 +228,21 @@ def test_mild_retune_attack_is_milder_and_still_an_attack(tiny_protocol, tmp_pat
     mild = T.retune_mild_asr(benign, task)
     strong = T.retune_mild_asr(benign, task, T.MildRetune(n_trigger=40, epochs=40, lr=0.05))
     assert mild < 0.3 and strong > mild + 0.3
+
+
+def test_eval_records_the_dev_choice_also_when_every_run_is_there(tmp_path, monkeypatch):
+    """The eval JSON's frozen choice follows the development JSON's even when no run is left to make (a choice
+    changed back to runs made before): the report reads the choice from it."""
+    import bench.protocol_report as R
+
+    chosen = {m: {"cfg": P.GRIDS[m][0], "index": 0} for m in P.METHODS}
+    dev, out = tmp_path / "protocol_dev.json", tmp_path / "protocol_quick.json"
+    dev.write_text(json.dumps({"chosen": chosen}))
+    doc = P._open(out, {**P._config("eval"), "quick": True}, True)
+    for c, m, cfg in P.stage_jobs("eval", True, chosen):
+        doc["runs"][P.run_key(c, m, cfg)] = {"cell": c.key, "method": m or "before", "cfg": cfg}
+    doc["chosen"] = {m: {"cfg": P.GRIDS[m][1], "index": 1} for m in P.METHODS}     # the previous choice
+    P._save(doc, out)
+    monkeypatch.setattr(R, "write_report", lambda *a: None)
+    assert P.main(["eval", "--quick", "--dev-json", str(dev), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["chosen"] == chosen

@@ -36,8 +36,6 @@ FAST_FIP_DEFAULTS_BEFORE = dict(
 )
 #: The pipeline-only options of both (docs/holding.md).
 HOLD = dict(universal_perturbation="auto", distill="auto", augment="auto")
-#: FIP's in the pipeline: the patch beside δ, and the lr and weight decay chosen with it (docs/holding.md).
-FIP_PIPELINE = dict(HOLD, universal_perturbation={"inputs": "auto", "patch": 0.04}, lr=0.1, weight_decay=0.01)
 
 
 def _example():
@@ -60,15 +58,13 @@ def test_pipeline_defaults_are_the_recipe():
     from fip_fast.pipeline.methods import DEFAULTS
 
     # the universal perturbation, the distillation and the augmentation (options of the pipeline, not of the
-    # optimizer) joined both on 2026-12-07; FIP's perturbation then took the patch, its weight decay fell to Fast
-    # FIP's and the protocol's rule re-chose its lr (docs/holding.md)
-    assert DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **FIP_PIPELINE)
+    # optimizer) joined both on 2026-12-07
+    assert DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **HOLD)
     # ... and the protocol's rule re-chose Fast FIP's lr_delta with them (0.5 → 1.0, protocol_dev.md)
     # (Fast FIP's perturbation: the "auto" rule with the share constant through the rebuild)
     assert DEFAULTS["fast_fip"] == dict(FAST_FIP_DEFAULTS_BEFORE, **dict(
         HOLD, universal_perturbation={"inputs": "auto", "schedule": "constant"}), lr_delta=1.0)
-    assert {k: DEFAULTS["fip"][k] for k in PURIFY.pipeline_options()} == dict(PURIFY.pipeline_options(),
-                                                                             lr=0.1, weight_decay=0.01)
+    assert {k: DEFAULTS["fip"][k] for k in PURIFY.pipeline_options()} == PURIFY.pipeline_options()
     for k in ("momentum", "eta_F", "eta_r", "rho", "max_mix", "trace_every", "trace_estimator", "batch_size"):
         assert DEFAULTS["fast_fip"][k] == getattr(PURIFY, k), k
     assert fip_fast.recipes.PURIFY is PURIFY and "recipes" in fip_fast.__all__
@@ -84,17 +80,16 @@ def test_pipeline_follows_a_changed_recipe(monkeypatch):
     monkeypatch.setattr(recipes, "PURIFY", PURIFY.replace(eta_F=0.004, lr=0.07))
     try:
         fresh = importlib.reload(methods)
-        assert fresh.DEFAULTS["fip"]["eta_F"] == 0.004 and fresh.DEFAULTS["fip"]["lr"] == 0.1   # the pipeline's
+        assert fresh.DEFAULTS["fip"]["eta_F"] == 0.004 and fresh.DEFAULTS["fip"]["lr"] == 0.07
         assert fresh.DEFAULTS["fast_fip"]["eta_F"] == 0.004
     finally:
         monkeypatch.undo()
         importlib.reload(methods)
-    assert methods.DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **FIP_PIPELINE)
+    assert methods.DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **HOLD)
 
 
 def test_recipe_optimizer_equals_the_pipelines():
-    """PURIFY.optimizer() and the pipeline's build_fip give FIP optimizers with the same hyper-parameters but for
-    the two the pipeline chose with its holding options (lr 0.1, weight decay 0.01: the recipe's .replace)."""
+    """PURIFY.optimizer() and the pipeline's build_fip give FIP optimizers with the same hyper-parameters."""
     from fip_fast.pipeline.methods import DEFAULTS, build_fip
     from fip_fast.pipeline.purifier import MethodContext
 
@@ -105,15 +100,14 @@ def test_recipe_optimizer_equals_the_pipelines():
         o.pop(k)
     ctx = MethodContext(torch.randn(8, 4), torch.randint(0, 3, (8,)), torch.device("cpu"), F.cross_entropy, 0, False)
     built = build_fip(copy.deepcopy(net), ctx, **o).optimizer
-    mine = PURIFY.replace(lr=0.1, weight_decay=0.01).optimizer(net.parameters())
+    mine = PURIFY.optimizer(net.parameters())
     drop = {"params"}
     assert {k: v for k, v in built.param_groups[0].items() if k not in drop} == \
         {k: v for k, v in mine.param_groups[0].items() if k not in drop}
 
 
 def test_recipe_scheduler_is_the_loops_schedule():
-    """The learning rate of PURIFY.scheduler at every step equals what fip_fast.purify sets in its loop at the same
-    peak rate (the pipeline's own is 0.1: test_pipeline_defaults_are_the_recipe)."""
+    """The learning rate of PURIFY.scheduler at every step equals what fip_fast.purify sets in its loop."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 3))
     data = (torch.randn(40, 4), torch.randint(0, 3, (40,)))
@@ -129,7 +123,7 @@ def test_recipe_scheduler_is_the_loops_schedule():
     monkey.setattr(P.loop.PurifyLoop, "_train_step", spy)
     try:
         P.purify(copy.deepcopy(net), data, method="fip", steps=recipe.steps, batch_size=recipe.batch_size,
-                 lr=recipe.lr, progress=False)
+                 progress=False)
     finally:
         monkey.undo()
     opt = recipe.optimizer(net.parameters())
