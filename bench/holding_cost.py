@@ -49,7 +49,7 @@ VARIANTS: Dict[str, List[Tuple[str, dict]]] = {
 
 
 def _one(task, method: str, cfg: dict, steps: int) -> float:
-    from bench.protocol import _FAST, _FIP
+    from bench.protocol_ablations import _FAST, _FIP
     from fip_fast.pipeline import purify
 
     base = _FIP if method == "fip" else _FAST

@@ -69,7 +69,7 @@ def ablate_md(doc: dict, holding: bool = False) -> List[str]:
     """The development ablations: per variant, architecture and clean-set size, mean ACC / ASR / RA / re-tuned
     ASR over the development cells (``TINY_ABLATIONS`` on the 2 % ones).  ``holding``: the table of
     ``HOLDING_ABLATIONS`` (both clean-set sizes) instead."""
-    from bench.protocol import ABLATIONS, HOLDING_ABLATIONS, TINY_ABLATIONS
+    from bench.protocol_ablations import ABLATIONS, HOLDING_ABLATIONS, TINY_ABLATIONS
 
     cells = _by_cell(doc)
     title = ("## Holding mechanisms on the development cells (docs/holding.md)" if holding else
@@ -102,10 +102,10 @@ def ablate_md(doc: dict, holding: bool = False) -> List[str]:
 
 
 def seeds_md(doc: dict) -> List[str]:
-    """The holding variants run with several purification seeds (``bench.protocol._seeds``), pooled: per variant,
-    architecture and clean-set size, the mean over cells × seeds of ΔACC (against the backdoored model), ASR and
-    both re-tuned ASRs, and the same over all the development cells."""
-    from bench.protocol import HOLDING_ABLATIONS, SEED_SUFFIX
+    """The holding variants run with several purification seeds (``bench.protocol_ablations._seeds``), pooled: per
+    variant, architecture and clean-set size, the mean over cells × seeds of ΔACC (against the backdoored model),
+    ASR and both re-tuned ASRs, and the same over all the development cells."""
+    from bench.protocol_ablations import HOLDING_ABLATIONS, SEED_SUFFIX
 
     runs = list(doc.get("runs", {}).values())
     before = {r["cell"]: r for r in runs if r["method"] == "before"}

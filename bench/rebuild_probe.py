@@ -29,7 +29,8 @@ LRS = (0.05, 0.03)
 
 
 def _one(cell, lr: float, every: int, cache: Path) -> dict:
-    from bench.protocol import _FIP, _LR, BATCH, RETUNE, STEPS
+    from bench.protocol import BATCH, RETUNE, STEPS
+    from bench.protocol_ablations import _FIP, _LR
     from bench.protocol_tasks import build_task, measure, retune_asr
     from fip_fast.evaluation.metrics import evaluate
     from fip_fast.pipeline import purify

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench.protocol as P
+import bench.protocol_ablations as A
 import bench.protocol_tasks as T
 from bench.protocol_report import _dominates, _pareto, eval_md, write_report
 
@@ -54,7 +55,7 @@ def test_grids_same_size_and_eval_cells_disjoint_from_dev():
 def test_ablate_report_separates_the_clean_set_sizes():
     from bench.protocol_report import ablate_md
 
-    name, (m, cfg) = next(iter(P.TINY_ABLATIONS.items()))
+    name, (m, cfg) = next(iter(A.TINY_ABLATIONS.items()))
     runs = {}
     for c, asr in ((P.DEV_TINY_CELLS[0], 0.25), (P.DEV_CELLS[0], 0.75)):
         runs[P.run_key(c, None, {})] = {"cell": c.key, "method": "before", "cfg": {}, "acc": 0.97, "asr": 1.0,
@@ -75,10 +76,10 @@ def test_seeded_holding_variants_pool_over_their_seeds(monkeypatch):
     them (mean over cells × seeds, ΔACC against each cell's backdoored model)."""
     from bench.protocol_report import seeds_md
 
-    table = P._seeds("v", "fip", {"lr": 0.05})
+    table = A._seeds("v", "fip", {"lr": 0.05})
     assert list(table) == ["v", "v (purification seed +1)", "v (purification seed +2)"]
     assert [cfg.get(P.SEED_OFFSET, 0) for _, cfg in table.values()] == [0, 1, 2]
-    monkeypatch.setattr(P, "HOLDING_ABLATIONS", table)
+    monkeypatch.setattr(A, "HOLDING_ABLATIONS", table)
     runs = {}
     for c in (P.DEV_CELLS[0], P.DEV_TINY_CELLS[0]):
         runs[P.run_key(c, None, {})] = {"cell": c.key, "method": "before", "cfg": {}, "acc": 0.97}
