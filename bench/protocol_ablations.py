@@ -231,6 +231,10 @@ HOLDING_ABLATIONS: Dict[str, Tuple[str, dict]] = {
         _FIP, weight_decay=0.02, universal_perturbation=dict(_LR, patch=0.02), distill=_LATE, augment="auto")),
     **_seeds("fip defaults, weight decay 0 + patch 0.02", "fip", dict(
         _FIP, weight_decay=0.0, universal_perturbation=dict(_LR, patch=0.02), distill=_LATE, augment="auto")),
+    # the candidate at the lr the rule chose for it (the suite's run: protocol_eval_candidate_patch_wd.md)
+    **_seeds("fip defaults, weight decay 0.01 + patch 0.04, lr 0.1", "fip", dict(
+        _FIP, lr=0.1, weight_decay=0.01, universal_perturbation=dict(_LR, patch=0.04), distill=_LATE,
+        augment="auto")),
 }
 
 
