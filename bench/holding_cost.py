@@ -33,8 +33,9 @@ VARIANTS: Dict[str, List[Tuple[str, dict]]] = {
             ("fip + universal, separate gradient", dict(_OFF, universal_perturbation=dict(gradient="separate"))),
             ("fip + universal, shared gradient", dict(_OFF, universal_perturbation=dict(gradient="shared"))),
             ("fip + path aware", dict(_OFF, path_aware=0.5)),
-            ("fip, defaults (universal + distill + augment)", {}),
-            ("fip, defaults + patch 0.04", dict(universal_perturbation=dict(inputs="auto", patch=0.04))),
+            ("fip, defaults without the patch (universal + distill + augment)",
+             dict(universal_perturbation="auto", weight_decay=0.03)),
+            ("fip, defaults (universal with the patch + distill + augment)", {}),
             # not a holding option: the plain method with the model and the clean set in channels_last (a CPU tip)
             ("fip, channels_last model and data", dict(_OFF, _channels_last=True))],
     "fast_fip": [("fast_fip", dict(_OFF)),

@@ -6,7 +6,8 @@ Public names (imported lazily, so ``import fip_fast`` stays light):
 * :func:`estimate_fisher` — diagonal empirical Fisher (``fip_fast.fisher``)
 * :func:`purify` — the purification pipeline (``fip_fast.pipeline.purify``)
 * :mod:`spectral` — Fast FIP's spectral reparameterization (``reparameterize``, ``merge``)
-* :mod:`recipes` — the settings that purify (:data:`fip_fast.recipes.PURIFY`, the pipeline's FIP defaults)
+* :mod:`recipes` — the settings that purify (:data:`fip_fast.recipes.PURIFY`: FIP in a plain loop, the base of
+  the pipeline's FIP defaults)
 * :mod:`reference` — the readable specification every fast path is tested against
 """
 from __future__ import annotations

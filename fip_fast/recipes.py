@@ -1,9 +1,11 @@
 """Recipes: the FIP settings that purify, as one object shared by the optimizer's users and the pipeline.
 
-:data:`PURIFY` is the recipe of ``fip_fast.purify(method="fip")``: the pipeline's defaults
-(:data:`fip_fast.pipeline.methods.DEFAULTS`) are *read from it*, so a plain training loop built from
-:meth:`FIPRecipe.optimizer` and :meth:`FIPRecipe.scheduler` runs the same optimizer, at the same rates, on the same
-schedule as the pipeline.  ``FIP(...)``'s own constructor defaults are a different thing — the authors' values
+:data:`PURIFY` is the recipe of FIP in a plain training loop, and the base of ``fip_fast.purify(method="fip")``:
+the pipeline's defaults (:data:`fip_fast.pipeline.methods.DEFAULTS`) are *read from it* but for the weight decay
+(0.02 there), which was chosen together with the pipeline's own holding options (the universal perturbation's
+patch: docs/holding.md) that a plain loop does not have.  A plain training loop built from
+:meth:`FIPRecipe.optimizer` and :meth:`FIPRecipe.scheduler` runs the same optimizer, at the same learning rate, on
+the same schedule as the pipeline.  ``FIP(...)``'s own constructor defaults are a different thing — the authors' values
 (lr 5e-3, momentum 0.95, η_F 1e-3, ρ 0.05, η_r 1, suppressor every 5th step), kept for compatibility; with a
 plain loop they do not remove a backdoor (``tests/test_recipes.py`` measures both).
 
@@ -147,7 +149,8 @@ class FIPRecipe:
         return dataclasses.replace(self, **changes)
 
 
-#: The settings of ``fip_fast.purify(method="fip")`` — chosen on the development task of the fair protocol
-#: (docs/protocol.md) on clean data only: lr 0.05 one-cycle over 300 steps of 64, momentum 0.9, weight decay
-#: 0.03, η_F 5e-3 with ρ 0.5 on every step, and no Fisher anchor (η_r 0: there it protected the trigger).
+#: The settings of FIP in a plain loop — chosen on the development task of the fair protocol (docs/protocol.md) on
+#: clean data only: lr 0.05 one-cycle over 300 steps of 64, momentum 0.9, weight decay 0.03, η_F 5e-3 with ρ 0.5 on
+#: every step, and no Fisher anchor (η_r 0: there it protected the trigger).  ``purify(method="fip")`` uses it with
+#: weight decay 0.02, chosen with its patch surrogate (docs/holding.md).
 PURIFY = FIPRecipe()

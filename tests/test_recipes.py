@@ -36,6 +36,8 @@ FAST_FIP_DEFAULTS_BEFORE = dict(
 )
 #: The pipeline-only options of both (docs/holding.md).
 HOLD = dict(universal_perturbation="auto", distill="auto", augment="auto")
+#: FIP's in the pipeline: the patch beside δ, and the weight decay chosen with it (docs/holding.md).
+FIP_PIPELINE = dict(HOLD, universal_perturbation={"inputs": "auto", "patch": 0.02}, weight_decay=0.02)
 
 
 def _example():
@@ -58,13 +60,14 @@ def test_pipeline_defaults_are_the_recipe():
     from fip_fast.pipeline.methods import DEFAULTS
 
     # the universal perturbation, the distillation and the augmentation (options of the pipeline, not of the
-    # optimizer) joined both on 2026-12-07
-    assert DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **HOLD)
+    # optimizer) joined both on 2026-12-07; then FIP's perturbation took the patch, with less weight decay
+    assert DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **FIP_PIPELINE)
     # ... and the protocol's rule re-chose Fast FIP's lr_delta with them (0.5 → 1.0, protocol_dev.md)
     # (Fast FIP's perturbation: the "auto" rule with the share constant through the rebuild)
     assert DEFAULTS["fast_fip"] == dict(FAST_FIP_DEFAULTS_BEFORE, **dict(
         HOLD, universal_perturbation={"inputs": "auto", "schedule": "constant"}), lr_delta=1.0)
-    assert {k: DEFAULTS["fip"][k] for k in PURIFY.pipeline_options()} == PURIFY.pipeline_options()
+    assert {k: DEFAULTS["fip"][k] for k in PURIFY.pipeline_options()} == dict(PURIFY.pipeline_options(),
+                                                                             weight_decay=0.02)
     for k in ("momentum", "eta_F", "eta_r", "rho", "max_mix", "trace_every", "trace_estimator", "batch_size"):
         assert DEFAULTS["fast_fip"][k] == getattr(PURIFY, k), k
     assert fip_fast.recipes.PURIFY is PURIFY and "recipes" in fip_fast.__all__
@@ -85,11 +88,12 @@ def test_pipeline_follows_a_changed_recipe(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(methods)
-    assert methods.DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **HOLD)
+    assert methods.DEFAULTS["fip"] == dict(FIP_DEFAULTS_BEFORE, **FIP_PIPELINE)
 
 
 def test_recipe_optimizer_equals_the_pipelines():
-    """PURIFY.optimizer() and the pipeline's build_fip give FIP optimizers with the same hyper-parameters."""
+    """PURIFY.optimizer() and the pipeline's build_fip give FIP optimizers with the same hyper-parameters but the
+    weight decay the pipeline chose with its patch (0.02: the recipe's .replace)."""
     from fip_fast.pipeline.methods import DEFAULTS, build_fip
     from fip_fast.pipeline.purifier import MethodContext
 
@@ -100,7 +104,7 @@ def test_recipe_optimizer_equals_the_pipelines():
         o.pop(k)
     ctx = MethodContext(torch.randn(8, 4), torch.randint(0, 3, (8,)), torch.device("cpu"), F.cross_entropy, 0, False)
     built = build_fip(copy.deepcopy(net), ctx, **o).optimizer
-    mine = PURIFY.optimizer(net.parameters())
+    mine = PURIFY.replace(weight_decay=0.02).optimizer(net.parameters())
     drop = {"params"}
     assert {k: v for k, v in built.param_groups[0].items() if k not in drop} == \
         {k: v for k, v in mine.param_groups[0].items() if k not in drop}
