@@ -91,7 +91,10 @@ ABLATIONS: Dict[str, Tuple[str, dict]] = {     # at FIP's lr 0.05 unless given; 
 #: evaluation suite's 2 % cells lost 6.3 points at 22 % ASR under FIP where its 10 % cells lost 1.0 at 9 %, and the
 #: development task had no cell of that size.  Same seed, models and attacks as the development cells; the rule
 #: never reads them.  val_fraction 0 is what "auto" resolves to at that size (80 clean samples).
-_FIP = dict(eta_r=0.0, lr=0.05, lr_schedule="onecycle")      # the frozen choice
+#: FIP's frozen choice (lr, schedule, anchor).  Runs are keyed by the options named: the recorded runs that do not
+#: name weight_decay ran with the recipe's 0.03, FIP's default until its patch took 0.02 — a rerun with --fresh
+#: would take today's default.
+_FIP = dict(eta_r=0.0, lr=0.05, lr_schedule="onecycle")
 _FAST = dict(clip_norm=0.3, delta_optimizer="sgd", eta_r=0.0, lr_delta=0.5, mix_band=8)   # Fast FIP's
 _SEP = dict(eps=0.2, gradient="separate", schedule="constant")   # the option's defaults of its first runs
 _SHARED = dict(eps=0.2, gradient="shared", schedule="constant")
