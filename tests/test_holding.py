@@ -447,6 +447,27 @@ def test_universal_auto_is_on_for_float_inputs_only():
         H.resolve_holding(dict(inputs="images"))
 
 
+def test_fip_default_perturbation_carries_the_patch_where_the_inputs_allow():
+    """FIP's shipped perturbation ({"inputs": "auto", "patch": 0.02}) builds the patch surrogate — a mask over the
+    positions with a budget of 2 % of them — for images and signals, and nothing for flat features or token ids
+    (where "auto" turns the perturbation off, the patch goes with it instead of raising)."""
+    fip = DEFAULTS["fip"]["universal_perturbation"]
+    y = torch.randint(3, (32,))
+    img = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
+    pur = build_fip(img, _ctx(torch.rand(32, 1, 10, 10), y), **_fip_opts(), universal_perturbation=fip)
+    u = pur.universal
+    assert u.mask is not None and u.mask.shape == (1, 10, 10) and u.budget == pytest.approx(0.02 * 100)
+    conv = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 6, 3))
+    sig = build_fip(conv, _ctx(torch.rand(32, 2, 8), y), **_fip_opts(), universal_perturbation=fip).universal
+    assert sig.mask is not None and sig.mask.shape == (1, 8)
+    assert type(build_fip(nn.Linear(6, 3), _ctx(torch.rand(32, 6), y), **_fip_opts(),
+                          universal_perturbation=fip)) is OptimizerPurifier
+    emb = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(8 * 5, 3))
+    assert type(build_fip(emb, _ctx(torch.randint(20, (32, 5)), y), **_fip_opts(),
+                          universal_perturbation=fip)) is OptimizerPurifier
+    assert DEFAULTS["fip"]["weight_decay"] == 0.02 and pur.optimizer.param_groups[0]["weight_decay"] == 0.02
+
+
 @pytest.mark.parametrize("method", ["fip", "fast_fip"])
 def test_universal_perturbation_resumes_with_its_delta(backdoored, tmp_path, method):
     """δ (and the patch surrogate's mask and pattern) travel in the checkpoint: a run interrupted after step 8 and
