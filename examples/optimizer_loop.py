@@ -1,4 +1,4 @@
-"""FIP as a drop-in optimizer in a plain training loop, with the settings ``fip_fast.purify(method="fip")`` uses.
+"""FIP as a drop-in optimizer in a plain training loop, with the recipe ``fip_fast.purify(method="fip")`` starts from.
 
     python examples/optimizer_loop.py         # backdoors a tiny CNN on synthetic images, purifies it, prints ACC / ASR
 
