@@ -210,19 +210,18 @@ class _Universal:
         self.clean_rows = slice(0, x.shape[0])      # where the unperturbed samples sit in the mixed batch
         if k == 0:
             return x, y
-        pert = self.perturb(x[:k])
-        if self.cfg.placement == "append":
-            out, y_out = torch.cat([x, pert]), torch.cat([y, y[:k]])
-            rows = slice(x.shape[0], x.shape[0] + k)
-        else:
-            out, y_out = x.clone(), y
-            out[:k] = pert
-            rows = slice(0, k)
-            self.clean_rows = slice(k, x.shape[0])
+        n, pert = x.shape[0], self.perturb(x[:k])
         kp = int(round(self.cfg.patch_fraction * k)) if self.mask is not None else 0
-        if kp:      # patched copies of the clean samples after the perturbed ones (wrapping around the batch)
-            src = torch.arange(k, k + kp, device=x.device) % x.shape[0]
-            out, y_out = _cat_like([out, self.patched(x[src])], x), torch.cat([y_out, y[src]])
+        # patched copies of the clean samples after the perturbed ones (wrapping around the batch), last
+        src = torch.arange(k, k + kp, device=x.device) % n if kp else None
+        extra_x, extra_y = ([self.patched(x[src])], [y[src]]) if kp else ([], [])
+        if self.cfg.placement == "append":
+            out, y_out = _cat_like([x, pert, *extra_x], x), torch.cat([y, y[:k], *extra_y])
+            rows = slice(n, n + k)
+        else:       # the whole batch written once: perturbed rows, the rest, the patched copies
+            out, y_out = _cat_like([pert, x[k:], *extra_x], x), (torch.cat([y, *extra_y]) if kp else y)
+            rows = slice(0, k)
+            self.clean_rows = slice(k, n)
         if self.cfg.shared:
             self._clean, self._rows = x[:k], rows
             out.requires_grad_(True)
