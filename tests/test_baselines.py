@@ -463,3 +463,30 @@ def test_ngf_on_a_named_conv_layer(backdoored):
     assert moved == {"0.weight", "0.bias"}
     with pytest.raises(ValueError, match="no sub-module"):
         run_ngf(copy.deepcopy(net), clean, steps=1, layer="nope", progress=False)
+
+
+@pytest.mark.parametrize("name", ["ft", "fst", "sau", "superft", "salience_ar"])
+def test_runners_count_the_steps_they_skip(backdoored, name):
+    """A runner that skips a step with a non-finite gradient inside its own loop counts it once in
+    ``info["skipped_steps"]`` (RunLog.skip) and reports it to ``on_step`` with a NaN loss; the weights stay finite."""
+    from fip_fast.baselines import RUNNERS
+
+    net, clean, _, _ = backdoored
+    poison = {"on": False}
+
+    def loss_fn(out, y):          # NaN for the whole of step 3 (switched by the hook after step 2)
+        loss = F.cross_entropy(out, y)
+        return loss * float("nan") if poison["on"] else loss
+
+    seen = []
+
+    def on_step(done, loss):
+        seen.append((done, loss))
+        poison["on"] = done == 2
+
+    m, info = RUNNERS[name][0](copy.deepcopy(net), clean, steps=5, batch_size=16, progress=False, loss_fn=loss_fn,
+                               on_step=on_step)
+    assert info["skipped_steps"] == 1
+    assert [d for d, _ in seen] == [1, 2, 3, 4, 5] and math.isnan(seen[2][1])
+    assert not any(math.isnan(v) for d, v in seen if d != 3)
+    assert all(torch.isfinite(p).all() for p in m.parameters())

@@ -284,6 +284,7 @@ class RunLog:
         self.loss_history: list[tuple[int, float]] = []
         self.bar = progress_bar(steps, desc, progress)
         self.on_step, self.hook_seconds = on_step, 0.0
+        self.skipped = 0            # steps reported through skip()
 
     def due(self, t: int) -> bool:
         """Whether step ``t`` (0-based) is one whose values are recorded."""
@@ -297,7 +298,8 @@ class RunLog:
         self._hook(t, loss)
 
     def skip(self, t: int) -> None:
-        """Step ``t`` skipped (a non-finite gradient): advance the bar, call the hook with a NaN loss."""
+        """Step ``t`` skipped (a non-finite gradient): count it, advance the bar, call the hook with a NaN loss."""
+        self.skipped += 1
         self.bar.update(1)
         self._hook(t, None)
 
@@ -318,12 +320,14 @@ def training(model: nn.Module, params: Sequence[Tensor], train: bool):
         yield
 
 
-def run_info(method: str, steps: int, timer: Timer, params: Iterable[Tensor], log: RunLog, skipped_steps: int,
-             **extra: Any) -> dict:
-    """The ``info`` dict of a run: the common keys (module docstring), then ``extra`` in its order."""
+def run_info(method: str, steps: int, timer: Timer, params: Iterable[Tensor], log: RunLog,
+             skipped_steps: Optional[int] = None, **extra: Any) -> dict:
+    """The ``info`` dict of a run: the common keys (module docstring), then ``extra`` in its order.
+    ``skipped_steps``: the steps :meth:`RunLog.skip` counted, unless the caller counts them elsewhere (an optimizer
+    that skips inside its own ``step``)."""
     return {"method": method, "steps": steps, "wall_time_s": timer.seconds - log.hook_seconds,
             "trainable_params": count_trainable(params), "loss_history": log.loss_history,
-            "skipped_steps": skipped_steps, **extra}
+            "skipped_steps": log.skipped if skipped_steps is None else skipped_steps, **extra}
 
 
 def upcast(t: Tensor) -> Tensor:

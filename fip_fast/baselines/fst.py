@@ -157,7 +157,7 @@ def run_fst(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     lrs = LrSchedule(opt, lr_schedule, steps)
-    pen_hist, skipped, log = [], 0, RunLog(steps, "FST", progress, on_step=on_step)
+    pen_hist, log = [], RunLog(steps, "FST", progress, on_step=on_step)
     with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
@@ -167,7 +167,6 @@ def run_fst(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
             loss = loss_fn(model(x), y) + pen
             loss.backward()
             if not grads_finite(params):
-                skipped += 1
                 log.skip(t)
                 continue
             opt.step()
@@ -177,5 +176,5 @@ def run_fst(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0
             log.record(t, loss)
     log.close()
     model.eval()
-    return model, run_info("fst", steps, timer, params, log, skipped, head=name, alpha=alpha, head_norm=norm_ori,
+    return model, run_info("fst", steps, timer, params, log, head=name, alpha=alpha, head_norm=norm_ori,
                            cos_after_reinit=cos0, cos_to_original=_cos(w.detach(), w_ori), penalty_history=pen_hist)

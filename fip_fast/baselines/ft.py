@@ -68,7 +68,7 @@ def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     lrs = LrSchedule(opt, lr_schedule, steps)
-    skipped, log = 0, RunLog(steps, "FT", progress, on_step=on_step)
+    log = RunLog(steps, "FT", progress, on_step=on_step)
     with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
             x, y = next(stream)
@@ -77,11 +77,10 @@ def run_ft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 0.
             loss = loss_fn(model(x), y)
             loss.backward()
             if not grads_finite(params):
-                skipped += 1
                 log.skip(t)
                 continue
             opt.step()
             log.record(t, loss)
     log.close()
     model.eval()
-    return model, run_info("ft", steps, timer, params, log, skipped)
+    return model, run_info("ft", steps, timer, params, log)

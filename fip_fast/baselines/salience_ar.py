@@ -289,7 +289,7 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
         stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
         lrs = LrSchedule(opt, lr_schedule, steps)
-        skipped, log = 0, RunLog(steps, "Salience-AR", progress, on_step=on_step)
+        log = RunLog(steps, "Salience-AR", progress, on_step=on_step)
         with training(model, params, bn_train):
             for t in range(steps):
                 x, y = next(stream)
@@ -299,7 +299,6 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
                 loss.backward()
                 with torch.no_grad():
                     if not grads_finite(params):
-                        skipped += 1
                         log.skip(t)
                         continue
                     for p in params:
@@ -324,5 +323,5 @@ def run_salience_ar(model: nn.Module, clean_loader: Any, steps: int = 300, lr: f
     return model, {"method": "salience_ar", "steps": steps, "wall_time_s": timer.seconds,
                    "trainable_params": trainable, "infected_params": n_infected_params,
                    "infected": {n: torch.nonzero(mk).flatten().tolist() for n, mk in masks.items()},
-                   "loss_history": log.loss_history, "skipped_steps": skipped, "fraction": fraction, "lam": lam,
+                   "loss_history": log.loss_history, "skipped_steps": log.skipped, "fraction": fraction, "lam": lam,
                    "others_lr_scale": others_lr_scale}

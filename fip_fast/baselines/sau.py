@@ -318,7 +318,6 @@ def run_sau(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 3
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     gen = torch.Generator().manual_seed(int(seed) + 7919)              # the "random" PGD start only
     lrs = LrSchedule(opt, lr_schedule, steps)
-    skipped = 0
     rates, iters = [], []
     log = RunLog(steps, "SAU", progress, on_step=on_step)
     with training(model, params, bn_train), Timer(dev) as timer:
@@ -337,13 +336,12 @@ def run_sau(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float = 3
             rates.append((shared_rate, fooled_rate))
             iters.append(it)
             if not grads_finite(params):
-                skipped += 1
                 log.skip(t)
                 continue
             opt.step()
             log.record(t, loss)
     log.close()
     model.eval()
-    return model, run_info("sau", steps, timer, params, log, skipped, shared_rate=_mean([r[0] for r in rates]),
+    return model, run_info("sau", steps, timer, params, log, shared_rate=_mean([r[0] for r in rates]),
                            ref_fooled_rate=_mean([r[1] for r in rates]), pgd_iterations=_mean(iters), eps=eps,
                            pgd_steps=pgd_steps)

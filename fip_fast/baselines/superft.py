@@ -157,7 +157,7 @@ def run_superft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     stream = batch_stream(clean_loader, batch_size, seed, dev, augment=augment)
     lrs = LrSchedule(opt)
-    lr_hist, skipped, clipped, max_norm = [], 0, 0, 0.0
+    lr_hist, clipped, max_norm = [], 0, 0.0
     log = RunLog(steps, "Super-FT", progress, points=40, on_step=on_step)
     with training(model, params, bn_train), Timer(dev) as timer:
         for t in range(steps):
@@ -175,7 +175,6 @@ def run_superft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float
             else:
                 norm, finite = float("nan"), grads_finite(params)
             if not finite:
-                skipped += 1
                 log.skip(t)
                 continue
             if clip_grad is not None:
@@ -185,6 +184,6 @@ def run_superft(model: nn.Module, clean_loader: Any, steps: int = 300, lr: float
             log.record(t, loss)
     log.close()
     model.eval()
-    return model, run_info("superft", steps, timer, params, log, skipped, lr_history=lr_hist, peak_lr=lr,
+    return model, run_info("superft", steps, timer, params, log, lr_history=lr_hist, peak_lr=lr,
                            lr_schedule=lr_schedule, warmup=warm, clip_grad=clip_grad, clipped_steps=clipped,
                            max_grad_norm=max_norm if clip_grad is not None else None)
