@@ -159,8 +159,14 @@ def _pareto(a: dict, b: dict) -> bool:
     return no_worse and (a["asr"] < b["asr"] - TIE or a["acc"] > b["acc"] + TIE)
 
 
-def _wins_table(cells: Dict[str, Dict[str, dict]], title: str, rule) -> List[str]:
-    """``rule(row's run, column's run)`` counted over the cells both methods ran, as a markdown table."""
+def _winnable(b: dict) -> bool:
+    """Whether any run could :func:`_dominates` ``b``: only if b's ASR is above TIE (an ASR cannot go below 0)."""
+    return b["asr"] > TIE
+
+
+def _wins_table(cells: Dict[str, Dict[str, dict]], title: str, rule, ceiling=None) -> List[str]:
+    """``rule(row's run, column's run)`` counted over the cells both methods ran, as a markdown table; with
+    ``ceiling(column's run)``, a last row counts the cells the rule lets any row win against each column."""
     from bench.protocol import METHODS
 
     out = [f"### {title}", "", "| | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
@@ -170,6 +176,9 @@ def _wins_table(cells: Dict[str, Dict[str, dict]], title: str, rule) -> List[str
             both = [c for c in cells.values() if a in c and b in c]
             row.append("–" if a == b else f"{sum(rule(c[a], c[b]) for c in both)}/{len(both)}")
         out.append(f"| {a} | " + " | ".join(row) + " |")
+    if ceiling is not None:
+        cols = [[c[b] for c in cells.values() if b in c] for b in METHODS]
+        out.append("| *at most* | " + " | ".join(f"{sum(map(ceiling, rs))}/{len(rs)}" for rs in cols) + " |")
     return out
 
 
@@ -217,7 +226,11 @@ def eval_md(doc: dict) -> List[str]:
     out += ["", f"Re-tuning attack on the **benign** models (same architecture and training, no poison): ASR "
             f"{_ms(benign)} % over {len(benign)} cells (the calibration: a benign model must stay low); the milder "
             f"attack: {_mild([c['before']['benign'] for c in complete.values()])} %.", ""]
-    out += _wins_table(cells, "Cells won: row dominates column (lower ASR, ACC not lower, ± 0.5 pt)", _dominates)
+    out += _wins_table(cells, "Cells won: row dominates column (lower ASR, ACC not lower, ± 0.5 pt)", _dominates,
+                       ceiling=_winnable)
+    out += ["", "*At most*: the cells where the column's ASR is above 0.5 %, the only ones this rule lets any row win "
+            "(where the column has removed the trigger too, the higher clean accuracy wins nothing here; the Pareto "
+            "table below counts it)."]
     out += [""] + _wins_table(cells, "Cells won, Pareto: row no worse on ASR and ACC (± 0.5 pt), better on one by "
                                      "more than 0.5 pt", _pareto)
     lam = [(m, c["before"].get("lambda_max"), c[m].get("lambda_max")) for c in cells.values() for m in METHODS

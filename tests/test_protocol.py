@@ -134,6 +134,27 @@ def test_report_counts_dominance_and_excludes_failed_attacks(tmp_path):
     assert write_report(tmp_path / "missing.json", path, ["x"]).read_text().startswith("# Fair protocol")
 
 
+def test_dominance_table_says_how_many_cells_a_row_could_win_at_most():
+    """Against a column whose ASR is already within half a point of 0, no row can win a cell by lower ASR: the
+    *at most* row counts only the cells where the column's ASR is above it."""
+    runs = {}
+    for k, ft_asr in {"cnn/badnets/s0/c0.1/p0.1/t0": 0.20, "cnn/blend/s0/c0.1/p0.1/t0": 0.004,
+                      "cnn/sig/s0/c0.1/p0.1/t0": 0.006}.items():
+        runs[k + "|before"] = {"cell": k, "method": "before", "cfg": {}, "acc": 0.97, "asr": 1.0, "ra": 0.0,
+                               "retune_asr": 1.0, "benign": {"retune_asr": 0.02}}
+        for m in P.METHODS:
+            runs[k + "|" + m] = {"cell": k, "method": m, "cfg": {}, "acc": 0.96, "asr": ft_asr if m == "ft" else 0.0,
+                                 "ra": 0.5, "retune_asr": 0.1, "wall_s": 1.0}
+    lines = eval_md({"runs": runs})
+    first = lines.index(next(line for line in lines if line.startswith("### Cells won: row dominates")))
+    ceiling = next(line for line in lines[first:] if line.startswith("| *at most* |"))
+    cols = [c.strip() for c in ceiling.strip("|").split("|")]
+    assert cols[P.METHODS.index("ft") + 1] == "2/3" and cols[P.METHODS.index("fip") + 1] == "0/3"
+    fip_row = next(line for line in lines[first:] if line.startswith("| fip |"))
+    assert [c.strip() for c in fip_row.strip("|").split("|")][P.METHODS.index("ft") + 1] == "2/3"  # reached
+    assert sum(line.startswith("| *at most* |") for line in lines) == 1      # not under the Pareto table
+
+
 def test_pareto_wins_on_accuracy_where_both_asrs_are_near_zero():
     """Both ASRs within half a point: the ASR-first rule calls it a tie, Pareto gives it to the higher accuracy;
     a trade (better ACC, worse ASR) and a copy are won by neither."""
