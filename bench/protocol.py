@@ -6,6 +6,7 @@
     python -m bench protocol eval           # the frozen choices on the evaluation suite
     python -m bench protocol eval --quick   # a 4-cell subset
     python -m bench protocol holding        # FIP's choice with each holding mechanism (docs/holding.md), dev cells
+    python -m bench protocol heldout        # the frozen choices on held-out data (digits on colour textures)
     python -m bench protocol report         # JSON -> markdown (also written after every stage)
 
 **Development task** (``DEV_CELLS``): both architectures × the attacks ``badnets`` and ``blend`` at seed 100,
@@ -31,6 +32,11 @@ purification, the re-tuning attack's ASR (:class:`bench.protocol_tasks.Retune`; 
 attack is reported per cell) and the milder one's (PAM's, :class:`bench.protocol_tasks.MildRetune`), and λ_max
 for the cells of seed 0 with the 10 % clean set and 10 % poison.  A cell
 whose backdoored model has ASR < 50 % (the attack failed to implant) is reported and left out of the means.
+
+**Held-out data** (``HELDOUT_CELLS``): the suite's attacks, architectures and clean-set sizes at 10 % poison, seeds
+0 and 1, on data that no choice or default has seen: the same digits blended onto procedural colour textures
+(:func:`fip_fast.evaluation.data.mnist_on_textures`, three channels, MNIST-M-like).  The frozen choices run there
+unchanged; nothing is selected on it.
 
 Resumable: every finished run is written to the JSON at once, and a run that is already there (same
 configuration fingerprint) is skipped.  ``--jobs N`` runs N processes of one thread each.
@@ -118,6 +124,8 @@ DEV_CELLS = [Cell(a, atk, 100, 0.1, 0.1, target=5) for a, atk in product(ARCHS, 
 DEV_TINY_CELLS = [Cell(a, atk, 100, 0.02, 0.1, target=5) for a, atk in product(ARCHS, SEEN_ATTACKS)]
 EVAL_CELLS = [Cell(a, atk, s, c, p) for a, atk, s, c, p in product(ARCHS, ATTACKS, (0, 1, 2), (0.02, 0.1),
                                                                       (0.05, 0.1))]
+HELDOUT_CELLS = [Cell(a, atk, s, c, 0.1, data="textures") for a, atk, s, c in product(ARCHS, ATTACKS, (0, 1),
+                                                                                     (0.02, 0.1))]
 QUICK_CELLS = [Cell(a, atk, 0, 0.1, 0.1) for a, atk in product(ARCHS, ("badnets", "wanet"))]
 RETUNE = Retune()
 #: PAM's milder re-tuning attack, reported beside :data:`RETUNE` (``retune_mild_asr``; not in the stage
@@ -251,7 +259,7 @@ def stage_jobs(stage: str, quick: bool, frozen: Optional[Dict[str, dict]]) -> Li
         return ([(c, None, {}) for c in DEV_CELLS + DEV_TINY_CELLS]
                 + [(c, m, cfg) for cells in (DEV_CELLS, DEV_TINY_CELLS) for c in cells
                    for m, cfg in HOLDING_ABLATIONS.values()])
-    cells = QUICK_CELLS if quick else EVAL_CELLS
+    cells = HELDOUT_CELLS if stage == "heldout" else QUICK_CELLS if quick else EVAL_CELLS
     return [(c, None, {}) for c in cells] + [(c, m, frozen[m]["cfg"]) for c in cells for m in METHODS]
 
 
@@ -270,7 +278,7 @@ def _config(stage: str) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench protocol", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=("dev", "ablate", "holding", "eval", "report"))
+    p.add_argument("stage", choices=("dev", "ablate", "holding", "eval", "heldout", "report"))
     p.add_argument("--quick", action="store_true", help="eval: the 4-cell subset")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     p.add_argument("--dev-json", default=str(ROOT / "protocol_dev.json"))
@@ -293,14 +301,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         path = dev_path.with_name(f"protocol_{args.stage}.json")
         doc = _open(path, _config(args.stage), args.fresh)
         _execute(doc, path, stage_jobs(args.stage, False, None), args.jobs, Path(args.cache), budget)
-    elif args.stage == "eval":
+    elif args.stage in ("eval", "heldout"):
         dev = json.loads(dev_path.read_text()) if dev_path.exists() else {}
         if "chosen" not in dev:
             raise SystemExit(f"{dev_path} holds no frozen choice: run `python -m bench protocol dev` first")
-        doc = _open(eval_path, {**_config("eval"), "quick": args.quick}, args.fresh)
+        path = eval_path if args.stage == "eval" else dev_path.with_name("protocol_heldout.json")
+        doc = _open(path, {**_config(args.stage), "quick": args.quick}, args.fresh)
         doc["chosen"] = dev["chosen"]
-        _execute(doc, eval_path, stage_jobs("eval", args.quick, dev["chosen"]), args.jobs, Path(args.cache), budget)
-        _save(doc, eval_path)       # the choice, also when every run it needs was already there
+        _execute(doc, path, stage_jobs(args.stage, args.quick, dev["chosen"]), args.jobs, Path(args.cache), budget)
+        _save(doc, path)            # the choice, also when every run it needs was already there
     write_report(dev_path, eval_path, sys.argv)
     return 0
 

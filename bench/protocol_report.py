@@ -195,7 +195,7 @@ def _model_check(cells: Dict[str, Dict[str, dict]]) -> List[str]:
     return ["Every run of a cell purified the same backdoored model (the runs' `model_sha` agree).", ""]
 
 
-def eval_md(doc: dict) -> List[str]:
+def eval_md(doc: dict, title: str = "Evaluation suite (frozen choices)") -> List[str]:
     from bench.protocol import METHODS, SEEN_ATTACKS
 
     chosen = doc.get("chosen")
@@ -206,7 +206,7 @@ def eval_md(doc: dict) -> List[str]:
     complete = {k: v for k, v in all_cells.items() if all(m in v for m in ("before",) + tuple(METHODS))}
     cells = _implanted(complete)
     failed = sorted(k for k, v in complete.items() if v["before"]["asr"] < MIN_ASR)
-    out = ["## Evaluation suite (frozen choices)", "",
+    out = [f"## {title}", "",
            f"{len(complete)} cells complete (every method run; {len(all_cells) - len(complete)} in progress); "
            f"{len(cells)} with an implanted backdoor (ASR ≥ {MIN_ASR:.0%}) enter the means; the attack failed in "
            f"{len(failed)}: {', '.join(failed) or '–'}.", "", *_model_check(complete),
@@ -267,6 +267,13 @@ def write_report(dev_path: Path, eval_path: Path, argv) -> Path:
         doc = json.loads(hold.read_text())
         hold.with_suffix(".md").write_text("\n".join(head + ablate_md(doc, holding=True) + seeds_md(doc) + [
             f"Updated {doc.get('updated')}; machine {doc.get('machine')}."]) + "\n")
+    heldout = dev_path.with_name("protocol_heldout.json")
+    if heldout.exists():
+        doc = json.loads(heldout.read_text())
+        lines = ([h.replace("MNIST-5k", "MNIST-5k on colour textures") for h in head]
+                 + eval_md(doc, title="Held-out data (frozen choices)")
+                 + [f"Updated {doc.get('updated')}; machine {doc.get('machine')}."])
+        heldout.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if eval_path.exists():
         doc = json.loads(eval_path.read_text())
         lines = head + eval_md(doc) + [f"Updated {doc.get('updated')}; machine {doc.get('machine')}; command: "

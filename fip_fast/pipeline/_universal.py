@@ -43,7 +43,14 @@ class UniversalPerturbation:
     and p on half of its batch (m by its gradient over the gradient's largest entry, projected back onto
     0 ≤ m ≤ 1, Σm ≤ budget; p by signed steps of a tenth of the range) and the step trains on ⌊patch_fraction·k⌉
     patched copies of clean samples appended to the batch (k: the number of x + δ samples; true labels).  Needs
-    ``gradient="separate"`` and inputs with ≥ 2 dimensions per sample."""
+    ``gradient="separate"`` and inputs with ≥ 2 dimensions per sample.
+    calibrate: None (off), or the share q of the starting model's clean accuracy that sets δ's bound from the data
+    (:func:`calibrate_eps`, once before the loop): eps becomes 2·r, r the largest of eps/2, eps/4, eps/8, eps/16 at
+    which a universal perturbation that may not use the class it attracts most (a backdoor's target) leaves at
+    least q of the clean accuracy — never more than eps.  On the bundled digits r ≥ eps/2 (eps stays 0.2); on the
+    same digits over colour textures, where strokes have a fraction of the contrast, a bound of 0.2 erases the
+    digits' own evidence, and training on x + δ at that bound cost FIP 23 points of clean accuracy
+    (docs/holding.md, "Calibrating the bound")."""
 
     eps: float = 0.2
     step: Optional[float] = None
@@ -57,6 +64,7 @@ class UniversalPerturbation:
     inputs: str = "any"
     patch: Optional[float] = None
     patch_fraction: float = 0.5
+    calibrate: Optional[float] = None
 
     def __post_init__(self) -> None:
         _positive("universal_perturbation.eps", self.eps)
@@ -90,6 +98,11 @@ class UniversalPerturbation:
                 raise ValueError("universal_perturbation.patch needs gradient='separate' (the mask and the pattern "
                                  "are updated in that pass), got gradient='shared'")
         _positive("universal_perturbation.patch_fraction", self.patch_fraction)
+        if self.calibrate is not None:
+            _positive("universal_perturbation.calibrate", self.calibrate)
+            if self.calibrate >= 1:
+                raise ValueError("universal_perturbation.calibrate (the share of the clean accuracy the calibrating "
+                                 f"perturbation must leave) must lie in (0, 1), got {self.calibrate!r}")
 
     @property
     def shared(self) -> bool:
@@ -318,6 +331,87 @@ def _project_mask(m: Tensor, budget: float) -> Tensor:
     k = (srt - (cs - budget) / j > 0).sum().clamp(min=1)        # how many entries stay above τ
     tau = ((cs.gather(0, (k - 1).view(1)) - budget) / k.to(c.dtype)).clamp(min=0.0)
     return torch.where(c.sum() > budget, (c - tau).clamp(min=0.0), c)
+
+
+#: calibrate_eps: the probed radii are eps/2 … eps/2^RUNGS; at each, STEPS signed steps of radius/4 on at most
+#: BATCH clean samples (a few percent of a 100-step purification's passes where the first radius passes).
+_CAL_RUNGS, _CAL_STEPS, _CAL_BATCH = 4, 8, 128
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What :func:`calibrate_eps` found: the bound it set (a share of the input range, like ``eps``), the clean
+    accuracy of the starting model on the calibration batch, and the accuracy left at each radius it probed."""
+
+    eps: float
+    clean_acc: float
+    probed: Tuple[Tuple[float, float], ...]
+
+
+def calibrate_eps(model: nn.Module, x: Tensor, y: Tensor, cfg: UniversalPerturbation,
+                  device: Optional[torch.device] = None) -> Calibration:
+    """δ's bound from the data (``calibrate``): the bound must stay below the radius at which a universal
+    perturbation erases the data's own class evidence, or training on x + δ with true labels is adversarial
+    training at a budget that costs clean accuracy.  The starting model is backdoored, and its trigger's shortcut
+    makes it look fragile; so the probing perturbation may not use the class it attracts most (that class's logit
+    is left out, and its samples too), which leaves the radius of the clean features.
+
+    For r = eps/2, eps/4, …, eps/2^4 (shares of the range, largest first): run ``_CAL_STEPS`` signed steps of r/4 on
+    the first ``_CAL_BATCH`` samples of ``(x, y)`` (the model in eval mode), and stop at the first r where the
+    accuracy left (the left-out class excluded) is ≥ ``calibrate`` × the model's clean accuracy there; the bound is
+    2·r (eps where r = eps/2 passes, eps/16 where none does).  Deterministic; only input gradients.
+
+    Args:
+        model: the starting model; x ``(N, …)``, y ``(N,)``: the clean purification data (its min and max are the
+            range, as for δ); device: where the batch goes (default: x's).
+    """
+    was = model.training
+    model.eval()
+    n = min(int(x.shape[0]), _CAL_BATCH)
+    xb, yb = x[:n].to(device or x.device), y[:n].to(device or x.device)
+    lo, hi = (cfg.clamp if cfg.clamp is not None else (float(x.min()), float(x.max())))
+    unit = (hi - lo) if cfg.scale == "range" else 1.0
+    try:
+        with torch.no_grad():
+            acc0 = float((model(xb).argmax(1) == yb).float().mean())
+        probed: List[Tuple[float, float]] = []
+        for k in range(1, _CAL_RUNGS + 1):
+            r = cfg.eps / 2 ** k
+            probed.append((r, _excluded_accuracy(model, xb, yb, r * unit, lo, hi)))
+            if probed[-1][1] >= cfg.calibrate * acc0:
+                break
+        return Calibration(2 * probed[-1][0], acc0, tuple(probed))
+    finally:
+        model.train(was)
+
+
+def _excluded_accuracy(model: nn.Module, x: Tensor, y: Tensor, radius: float, lo: float, hi: float) -> float:
+    """Accuracy left on (x, y) after a universal perturbation of L∞ ``radius`` (input units) that ascends the
+    cross-entropy with the most attracted wrong class left out of the logits and of the samples."""
+    d = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
+    for _ in range(_CAL_STEPS):
+        d.requires_grad_(True)
+        with torch.enable_grad():
+            logits, keep = _excluded_logits(model((x + d.to(x.dtype)).clamp(lo, hi)).float(), y)
+            if not bool(keep.any()):
+                return 0.0
+            g, = torch.autograd.grad(F.cross_entropy(logits, y[keep]), d)
+        with torch.no_grad():
+            d = (d + radius / 4 * g.sign()).clamp_(-radius, radius)
+    with torch.no_grad():
+        logits, keep = _excluded_logits(model((x + d.to(x.dtype)).clamp(lo, hi)).float(), y)
+        return float((logits.argmax(1) == y[keep]).float().mean()) if bool(keep.any()) else 0.0
+
+
+def _excluded_logits(out: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    """The logits of the samples not of class c, with c's logit pushed out of reach (c: the class with the most
+    wrong-class probability mass, as ``objective="attract"`` finds it), and which samples those are."""
+    with torch.no_grad():
+        p = out.softmax(1)
+        p[torch.arange(p.shape[0], device=p.device), y] = 0.0
+        c = int(p.mean(0).argmax())
+    keep = y != c
+    return out[keep].index_fill(1, torch.tensor([c], device=out.device), -1e4), keep
 
 
 def per_sample_array(x_train: Tensor) -> bool:

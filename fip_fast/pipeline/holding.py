@@ -48,7 +48,14 @@ from torch import Tensor, nn
 
 from fip_fast.pipeline._distill import Distill, auto_distill, distill_term, make_teacher
 from fip_fast.pipeline._reactivation import ReactivationAware, _acc, host_norm, reactivation_shift, shifted
-from fip_fast.pipeline._universal import UniversalPerturbation, _positive, _Universal, auto_universal
+from fip_fast.pipeline._universal import (
+    Calibration,
+    UniversalPerturbation,
+    _positive,
+    _Universal,
+    auto_universal,
+    calibrate_eps,
+)
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier
 
 logger = logging.getLogger("fip_fast")
@@ -279,7 +286,7 @@ class HoldingPurifier(OptimizerPurifier):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any, *, hold: HoldingOptions,
                  ctx: MethodContext, reset: Optional[ResetResult] = None, teacher: Optional[nn.Module] = None,
-                 **kw: Any):
+                 calibration: Optional[Calibration] = None, **kw: Any):
         super().__init__(model, optimizer, loss_fn, **kw)
         if hold.distill is not None and teacher is None:
             raise ValueError("distill needs the teacher (the model as purification found it): see prepare()")
@@ -288,7 +295,7 @@ class HoldingPurifier(OptimizerPurifier):
                           if hold.universal is not None else None)
         self.path = _Path(hold.path, self.params) if hold.path is not None else None
         self.react = hold.react
-        self.reset = reset
+        self.reset, self.calibration = reset, calibration
         self._shift: Optional[List[Tensor]] = None
         self._lr_max = 0.0          # schedule "lr": the largest learning rate so far
 
@@ -370,9 +377,12 @@ class HoldingPurifier(OptimizerPurifier):
     def info(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         if self.universal is not None:
-            out["universal_perturbation"] = {"linf": float(self.universal.delta.abs().max()),
+            out["universal_perturbation"] = {"eps": self.universal.cfg.eps,
+                                             "linf": float(self.universal.delta.abs().max()),
                                              "skipped": self.universal.skipped,
                                              "attracted_class": self.universal.attracted}
+            if self.calibration is not None:
+                out["universal_perturbation"]["calibration"] = asdict(self.calibration)
             if self.universal.mask is not None:
                 out["universal_perturbation"]["patch_mass"] = float(self.universal.mask.sum())
         if self.reset is not None:
@@ -382,16 +392,17 @@ class HoldingPurifier(OptimizerPurifier):
 
 def make_purifier(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext, hold: HoldingOptions,
                   reset: Optional[ResetResult] = None, teacher: Optional[nn.Module] = None,
-                  **kw: Any) -> OptimizerPurifier:
+                  calibration: Optional[Calibration] = None, **kw: Any) -> OptimizerPurifier:
     """A plain :class:`OptimizerPurifier` when no mechanism is on (the purification is then exactly the
-    method's own), else a :class:`HoldingPurifier`.  ``teacher``: :func:`prepare`'s (``distill``).  ``kw``:
-    ``finalize``, ``penalty``."""
+    method's own), else a :class:`HoldingPurifier`.  ``teacher``, ``calibration``: :func:`prepare`'s
+    (``distill``; ``universal_perturbation.calibrate``).  ``kw``: ``finalize``, ``penalty``."""
     if not hold.any:
         return OptimizerPurifier(model, optimizer, ctx.loss_fn, **kw)
     if reset is not None:
         logger.info("fip_fast.pipeline: reset_units zeroed %d weights in %d units (%d ascent steps)", reset.zeroed,
                     len(reset.reset), reset.ascent_steps)
-    return HoldingPurifier(model, optimizer, ctx.loss_fn, hold=hold, ctx=ctx, reset=reset, teacher=teacher, **kw)
+    return HoldingPurifier(model, optimizer, ctx.loss_fn, hold=hold, ctx=ctx, reset=reset, teacher=teacher,
+                           calibration=calibration, **kw)
 
 
 def describe(hold: HoldingOptions) -> Dict[str, Any]:
@@ -403,15 +414,17 @@ def describe(hold: HoldingOptions) -> Dict[str, Any]:
 
 @dataclass
 class Prepared:
-    """What :func:`prepare` hands a builder: the resolved options, the unit reset's result, the teacher."""
+    """What :func:`prepare` hands a builder: the resolved options (δ's bound calibrated), the unit reset's result,
+    the teacher, the calibration of δ's bound."""
 
     hold: HoldingOptions
     reset: Optional[ResetResult] = None
     teacher: Optional[nn.Module] = None
+    calibration: Optional[Calibration] = None
 
     def purifier(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: MethodContext,
                  **kw: Any) -> OptimizerPurifier:
-        return make_purifier(model, optimizer, ctx, self.hold, self.reset, self.teacher, **kw)
+        return make_purifier(model, optimizer, ctx, self.hold, self.reset, self.teacher, self.calibration, **kw)
 
 
 def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_perturbation: Any, path_aware: Any,
@@ -435,8 +448,29 @@ def prepare(model: nn.Module, ctx: MethodContext, o: Dict[str, Any], universal_p
                              f"{tuple(ctx.x_train.shape)}: pass universal_perturbation=True (or a dict of its "
                              "fields) to force it on, or reactivation_aware=None")
         hold = replace(hold, universal=None)
+    cal = None
+    if hold.universal is not None and hold.universal.calibrate is not None:
+        cal = _calibrate(model, ctx, hold.universal)
+        hold = replace(hold, universal=replace(hold.universal, eps=cal.eps))
     teacher = None
     if hold.distill is not None:
         teacher = make_teacher(model, ctx, checked=auto)
     reset = reset_units_(model, ctx, hold.reset) if hold.reset is not None else None
-    return Prepared(hold, reset, teacher)
+    return Prepared(hold, reset, teacher, cal)
+
+
+def _calibrate(model: nn.Module, ctx: MethodContext, cfg: UniversalPerturbation) -> Calibration:
+    """:func:`calibrate_eps` on the model as given (also when resuming: the same bound as the uninterrupted run),
+    on the clean data's first samples; under data-parallel purification the smallest bound of the ranks."""
+    cal = calibrate_eps(model, ctx.x_train, ctx.y_train, cfg, ctx.device)
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([cal.eps], dtype=torch.float64, device=ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        cal = replace(cal, eps=float(t))
+    if cal.eps < cfg.eps:
+        logger.info("fip_fast.pipeline: universal_perturbation.calibrate lowered δ's bound from %g to %g of the input "
+                    "range (clean accuracy %.3f; left at the radii probed: %s)", cfg.eps, cal.eps, cal.clean_acc,
+                    ", ".join(f"{r:g}: {a:.3f}" for r, a in cal.probed))
+    return cal
