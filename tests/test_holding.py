@@ -166,6 +166,7 @@ def test_universal_shared_costs_no_extra_forward(backdoored, gradient, forwards)
     m, n = copy.deepcopy(model), [0]
     m.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
     pur = build_fip(m, _ctx(xc, yc), **_fip_opts(trace_every=1), universal_perturbation=dict(gradient=gradient))
+    n[0] = 0                    # the steps' forwards (not the calibration's, once in build_fip)
     for _ in range(3):
         pur.step(xc[:64], yc[:64])
     assert n[0] == forwards
@@ -290,6 +291,7 @@ def test_reactivation_aware_costs_no_extra_forward_and_needs_a_separate_perturba
         model, n = _mlp(), [0]
         model.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
         pur = _plain_sgd(model, _ctx(x, y), None, eta_F=0.005, universal_perturbation=up, reactivation_aware=ra)
+        n[0] = 0                # the steps' forwards (not the calibration's, once in build_fip)
         for _ in range(3):
             pur.step(x, y)
         counts.append(n[0])

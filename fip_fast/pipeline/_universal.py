@@ -44,13 +44,13 @@ class UniversalPerturbation:
     0 ≤ m ≤ 1, Σm ≤ budget; p by signed steps of a tenth of the range) and the step trains on ⌊patch_fraction·k⌉
     patched copies of clean samples appended to the batch (k: the number of x + δ samples; true labels).  Needs
     ``gradient="separate"`` and inputs with ≥ 2 dimensions per sample.
-    calibrate: None (off), or the share q of the starting model's clean accuracy that sets δ's bound from the data
-    (:func:`calibrate_eps`, once before the loop): eps becomes 2·r, r the largest of eps/2, eps/4, eps/8, eps/16 at
-    which a universal perturbation that may not use the class it attracts most (a backdoor's target) leaves at
-    least q of the clean accuracy — never more than eps.  On the bundled digits r ≥ eps/2 (eps stays 0.2); on the
-    same digits over colour textures, where strokes have a fraction of the contrast, a bound of 0.2 erases the
-    digits' own evidence, and training on x + δ at that bound cost FIP 23 points of clean accuracy
-    (docs/holding.md, "Calibrating the bound")."""
+    calibrate: the share q of the starting model's clean accuracy that sets δ's bound from the data
+    (:func:`calibrate_eps`, once before the loop; None: eps as given): eps becomes 2·r, r the largest of eps/2, eps/4,
+    eps/8, eps/16 at which a universal perturbation that may not use the class it attracts most (a backdoor's target)
+    leaves at least q of the clean accuracy — eps is the largest bound, never exceeded.  On the bundled digits
+    r = eps/2 passes (the bound stays 0.2); on the same digits over colour textures, where strokes have a fraction of
+    the contrast, a bound of 0.2 erases the digits' own evidence, and training on x + δ at that bound cost FIP 23
+    points of clean accuracy on the development cells (docs/holding.md, "calibrate: the bound from the data")."""
 
     eps: float = 0.2
     step: Optional[float] = None
@@ -64,7 +64,7 @@ class UniversalPerturbation:
     inputs: str = "any"
     patch: Optional[float] = None
     patch_fraction: float = 0.5
-    calibrate: Optional[float] = None
+    calibrate: Optional[float] = 0.5
 
     def __post_init__(self) -> None:
         _positive("universal_perturbation.eps", self.eps)

@@ -405,13 +405,6 @@ def make_purifier(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Metho
                            calibration=calibration, **kw)
 
 
-def describe(hold: HoldingOptions) -> Dict[str, Any]:
-    """The resolved options as plain dicts (for logs and reports)."""
-    return {k: (asdict(v) if v is not None else None) for k, v in
-            (("universal_perturbation", hold.universal), ("path_aware", hold.path), ("reset_units", hold.reset),
-             ("distill", hold.distill), ("reactivation_aware", hold.react))}
-
-
 @dataclass
 class Prepared:
     """What :func:`prepare` hands a builder: the resolved options (δ's bound calibrated), the unit reset's result,
