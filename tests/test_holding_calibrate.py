@@ -39,6 +39,8 @@ def test_calibration_takes_twice_the_largest_radius_that_keeps_the_share(monkeyp
         assert cal.eps == pytest.approx(want) and len(cal.probed) == probes == len(seen)
         assert [r for r, _ in cal.probed] == pytest.approx([0.2 / 2 ** k for k in range(1, probes + 1)])
         assert cal.clean_acc == pytest.approx(acc0)
+    with pytest.raises(ValueError, match="needs universal_perturbation.calibrate"):
+        U.calibrate_eps(model, x, y, U.UniversalPerturbation(calibrate=None))
 
 
 def test_excluded_perturbation_erases_weak_evidence_not_strong():

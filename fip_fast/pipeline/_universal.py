@@ -365,6 +365,8 @@ def calibrate_eps(model: nn.Module, x: Tensor, y: Tensor, cfg: UniversalPerturba
         model: the starting model; x ``(N, …)``, y ``(N,)``: the clean purification data (its min and max are the
             range, as for δ); device: where the batch goes (default: x's).
     """
+    if cfg.calibrate is None:
+        raise ValueError("calibrate_eps needs universal_perturbation.calibrate (the share of the clean accuracy)")
     was = model.training
     model.eval()
     n = min(int(x.shape[0]), _CAL_BATCH)
