@@ -7,6 +7,14 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+
+def _sgd(lr: float, band: int = 0, clip: float = 0.3, **kw) -> dict:
+    """Fast FIP with clipped SGD on δ (global norm ``clip``) at ``lr_delta`` ``lr`` and, with ``band``, a trainable
+    mixing band of that width; no anchor.  The same dicts as written out in full: the run keys do not change."""
+    return dict(delta_optimizer="sgd", clip_norm=clip, lr_delta=lr, eta_r=0.0, **({"mix_band": band} if band else {}),
+                **kw)
+
+
 #: Development ablations (issue "a FIP that wins"): variants of our methods on the development cells, read with
 #: their development ASR to design the method; the evaluation suite never enters.
 ABLATIONS: Dict[str, Tuple[str, dict]] = {     # at FIP's lr 0.05 unless given; eta_r explicit (its default moved)
@@ -41,12 +49,9 @@ ABLATIONS: Dict[str, Tuple[str, dict]] = {     # at FIP's lr 0.05 unless given; 
     "fast_fip, adamw lr 0.3": ("fast_fip", dict(delta_optimizer="adamw", lr_delta=0.3, eta_r=0.0)),
     "fast_fip, adamw lr 0.1, onecycle": ("fast_fip", dict(delta_optimizer="adamw", lr_delta=0.1, eta_r=0.0,
                                                           lr_schedule="onecycle")),
-    "fast_fip, sgd clip 0.3, lr 1": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3, lr_delta=1.0,
-                                                      eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 2": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3, lr_delta=2.0,
-                                                      eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 1, wd 0.03": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3, lr_delta=1.0,
-                                                               weight_decay=0.03, eta_r=0.0)),
+    "fast_fip, sgd clip 0.3, lr 1": ("fast_fip", _sgd(1.0)),
+    "fast_fip, sgd clip 0.3, lr 2": ("fast_fip", _sgd(2.0)),
+    "fast_fip, sgd clip 0.3, lr 1, wd 0.03": ("fast_fip", _sgd(1.0, weight_decay=0.03)),
     "fast_fip, lr 1, onecycle": ("fast_fip", dict(lr_delta=1.0, eta_r=0.0, lr_schedule="onecycle")),
     "fast_fip, absolute delta": ("fast_fip", dict(relative=False, eta_r=0.0)),
     "fast_fip, exp delta, lr 1": ("fast_fip", dict(relative="exp", lr_delta=1.0, eta_r=0.0)),
@@ -57,34 +62,22 @@ ABLATIONS: Dict[str, Tuple[str, dict]] = {     # at FIP's lr 0.05 unless given; 
     "fast_fip + mix band 2, lr 0.5": ("fast_fip", dict(mix_band=2, lr_delta=0.5, eta_r=0.0)),
     "fast_fip + mix band 4": ("fast_fip", dict(mix_band=4, eta_r=0.0)),
     "fast_fip + mix band 2, lr_mix 1": ("fast_fip", dict(mix_band=2, lr_mix=1.0, eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 1 + mix band 2": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3, lr_delta=1.0,
-                                                                   mix_band=2, eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 0.5 + mix band 2": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
-                                                                     lr_delta=0.5, mix_band=2, eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 0.5 + mix band 4": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
-                                                                     lr_delta=0.5, mix_band=4, eta_r=0.0)),
+    "fast_fip, sgd clip 0.3, lr 1 + mix band 2": ("fast_fip", _sgd(1.0, band=2)),
+    "fast_fip, sgd clip 0.3, lr 0.5 + mix band 2": ("fast_fip", _sgd(0.5, band=2)),
+    "fast_fip, sgd clip 0.3, lr 0.5 + mix band 4": ("fast_fip", _sgd(0.5, band=4)),
     "fast_fip, adamw lr 0.03 + mix band 2": ("fast_fip", dict(delta_optimizer="adamw", lr_delta=0.03, mix_band=2,
                                                               eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 1 + mix band 4": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3, lr_delta=1.0,
-                                                                   mix_band=4, eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 0.5 + mix band 8": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
-                                                                     lr_delta=0.5, mix_band=8, eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 1 + mix band 8": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3, lr_delta=1.0,
-                                                                   mix_band=8, eta_r=0.0)),
-    "fast_fip, sgd clip 1, lr 0.5 + mix band 4": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=1.0, lr_delta=0.5,
-                                                                   mix_band=4, eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 0.3 + mix band 8": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
-                                                                     lr_delta=0.3, mix_band=8, eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 0.5 + mix band 16": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
-                                                                      lr_delta=0.5, mix_band=16, eta_r=0.0)),
+    "fast_fip, sgd clip 0.3, lr 1 + mix band 4": ("fast_fip", _sgd(1.0, band=4)),
+    "fast_fip, sgd clip 0.3, lr 0.5 + mix band 8": ("fast_fip", _sgd(0.5, band=8)),
+    "fast_fip, sgd clip 0.3, lr 1 + mix band 8": ("fast_fip", _sgd(1.0, band=8)),
+    "fast_fip, sgd clip 1, lr 0.5 + mix band 4": ("fast_fip", _sgd(0.5, band=4, clip=1.0)),
+    "fast_fip, sgd clip 0.3, lr 0.3 + mix band 8": ("fast_fip", _sgd(0.3, band=8)),
+    "fast_fip, sgd clip 0.3, lr 0.5 + mix band 16": ("fast_fip", _sgd(0.5, band=16)),
     "fast_fip + mix band 8 (unclipped)": ("fast_fip", dict(mix_band=8, eta_r=0.0)),
     # the rest of a 6-point lr_delta path (0.1 0.2 0.3 0.5 0.7 1.0) for clipped SGD + mix band 8, for the rule
-    "fast_fip, sgd clip 0.3, lr 0.1 + mix band 8": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
-                                                                     lr_delta=0.1, mix_band=8, eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 0.2 + mix band 8": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
-                                                                     lr_delta=0.2, mix_band=8, eta_r=0.0)),
-    "fast_fip, sgd clip 0.3, lr 0.7 + mix band 8": ("fast_fip", dict(delta_optimizer="sgd", clip_norm=0.3,
-                                                                     lr_delta=0.7, mix_band=8, eta_r=0.0)),
+    "fast_fip, sgd clip 0.3, lr 0.1 + mix band 8": ("fast_fip", _sgd(0.1, band=8)),
+    "fast_fip, sgd clip 0.3, lr 0.2 + mix band 8": ("fast_fip", _sgd(0.2, band=8)),
+    "fast_fip, sgd clip 0.3, lr 0.7 + mix band 8": ("fast_fip", _sgd(0.7, band=8)),
 }
 
 #: Development ablations on the development cells with the 2 % clean set (:data:`DEV_TINY_CELLS`, 2026-12-02): the

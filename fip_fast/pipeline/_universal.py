@@ -122,12 +122,8 @@ class _Universal:
     def __init__(self, cfg: UniversalPerturbation, x_train: Tensor, device: torch.device, world_size: int = 1):
         self.cfg = cfg
         self.world_size = world_size     # > 1: δ's gradient is summed over the ranks, so every rank keeps one δ
-        lo, hi = cfg.clamp if cfg.clamp is not None else (float(x_train.min()), float(x_train.max()))
-        if not hi > lo:
-            raise ValueError(f"universal_perturbation: the clean inputs are constant ({lo!r}), so x + δ has no range "
-                             "to move in; pass universal_perturbation=None or a clamp=(lo, hi)")
+        lo, hi, unit = _input_range(cfg, x_train)
         self.lo, self.hi = lo, hi
-        unit = (hi - lo) if cfg.scale == "range" else 1.0
         self.eps = cfg.eps * unit                                     # in input units from here on
         self.step_size = (cfg.step if cfg.step is not None else cfg.eps / 10) * unit
         self.delta = torch.zeros(x_train.shape[1:], dtype=torch.float32, device=device)
@@ -201,11 +197,7 @@ class _Universal:
         most wrong-class probability mass (the samples of that class left out)."""
         if self.cfg.objective == "loss":
             return F.cross_entropy(out, y)
-        with torch.no_grad():
-            p = out.softmax(1)
-            p[torch.arange(p.shape[0], device=p.device), y] = 0.0
-            c = int(p.mean(0).argmax())
-        self.attracted = c
+        c = self.attracted = _attracted_class(out, y)
         keep = y != c
         if not bool(keep.any()):
             return out.sum() * 0.0
@@ -283,6 +275,25 @@ class _Universal:
     @skipped.setter
     def skipped(self, n: int) -> None:
         self._skipped.fill_(int(n))
+
+
+def _input_range(cfg: UniversalPerturbation, x: Tensor) -> Tuple[float, float, float]:
+    """(lo, hi): the range of x + δ (``clamp``, or the clean inputs' min and max), and the unit of ``eps`` and
+    ``step`` in input units (hi − lo for ``scale="range"``, 1 for ``"absolute"``)."""
+    lo, hi = cfg.clamp if cfg.clamp is not None else (float(x.min()), float(x.max()))
+    if not hi > lo:
+        raise ValueError(f"universal_perturbation: the clean inputs are constant ({lo!r}), so x + δ has no range "
+                         "to move in; pass universal_perturbation=None or a clamp=(lo, hi)")
+    return lo, hi, (hi - lo) if cfg.scale == "range" else 1.0
+
+
+def _attracted_class(out: Tensor, y: Tensor) -> int:
+    """The class with the most wrong-class probability mass over the batch (the true class of each sample left out
+    of its row): for a backdoored model under a universal perturbation, the target.  One read back to the host."""
+    with torch.no_grad():
+        p = out.softmax(1)
+        p[torch.arange(p.shape[0], device=p.device), y] = 0.0
+        return int(p.mean(0).argmax())
 
 
 def _all_reduce(ts: List[Tensor]) -> None:
@@ -371,8 +382,7 @@ def calibrate_eps(model: nn.Module, x: Tensor, y: Tensor, cfg: UniversalPerturba
     model.eval()
     n = min(int(x.shape[0]), _CAL_BATCH)
     xb, yb = x[:n].to(device or x.device), y[:n].to(device or x.device)
-    lo, hi = (cfg.clamp if cfg.clamp is not None else (float(x.min()), float(x.max())))
-    unit = (hi - lo) if cfg.scale == "range" else 1.0
+    lo, hi, unit = _input_range(cfg, x)
     try:
         with torch.no_grad():
             acc0 = float((model(xb).argmax(1) == yb).float().mean())
@@ -408,10 +418,7 @@ def _excluded_accuracy(model: nn.Module, x: Tensor, y: Tensor, radius: float, lo
 def _excluded_logits(out: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     """The logits of the samples not of class c, with c's logit pushed out of reach (c: the class with the most
     wrong-class probability mass, as ``objective="attract"`` finds it), and which samples those are."""
-    with torch.no_grad():
-        p = out.softmax(1)
-        p[torch.arange(p.shape[0], device=p.device), y] = 0.0
-        c = int(p.mean(0).argmax())
+    c = _attracted_class(out, y)
     keep = y != c
     return out[keep].index_fill(1, torch.tensor([c], device=out.device), -1e4), keep
 
