@@ -5,7 +5,8 @@ Commands: ``ops`` (kernel microbenchmarks), ``end_to_end`` (per-step time and ti
 those modules are present in ``bench/`` (and ``fast_fip``: in place vs full FIP vs reference; ``protocol``: the fair
 comparison of every defense, ``docs/protocol.md``; ``trigger_probe``: where each trigger lives and how much of it a
 defense removes; ``peers``: fip_fast next to torch's fused optimizers, BackPACK, PyHessian and the authors'
-Fast FIP, ``docs/peers.md``; ``holding_cost`` and ``rebuild_probe``: docs/holding.md).
+Fast FIP, ``docs/peers.md``; ``holding_cost`` and ``rebuild_probe``: docs/holding.md; ``retries``: what
+``purify``'s retries do, docs/purify.md).
 
 ``python -m bench all --out-dir DIR [--device cuda] [--quick]`` writes ``DIR/ops_<device>.json``,
 ``DIR/end_to_end_<device>.json`` and their ``.md`` tables (the GPU recipe: ``--out-dir $OUT``).
@@ -19,7 +20,7 @@ import sys
 
 CORE = ("ops", "end_to_end", "report", "all")
 OPTIONAL = ("baselines", "lagged_vs_fd", "fast_fip", "protocol", "lm_throughput", "trigger_probe", "peers",
-            "holding_cost", "rebuild_probe")
+            "holding_cost", "rebuild_probe", "retries")
 ALIASES = {"end-to-end": "end_to_end", "e2e": "end_to_end", "lagged-vs-fd": "lagged_vs_fd", "fast-fip": "fast_fip",
            "trigger-probe": "trigger_probe"}
 

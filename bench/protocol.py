@@ -168,8 +168,9 @@ def run_one(cell: Cell, method: Optional[str], cfg: dict, cache: str) -> dict:
     t0 = time.perf_counter()
     cfg = dict(cfg)
     seed = cell.seed + cfg.pop(SEED_OFFSET, 0)      # a bench-only key: the same cell, another purification seed
+    retries = cfg.pop("retries", 0)     # 0: every method runs once, at the budget (bench/retries.py: more)
     model, rep = purify(task.model, task.clean, method=method, steps=STEPS, batch_size=BATCH, seed=seed,
-                        progress=False, **cfg)
+                        progress=False, retries=retries, **cfg)
     wall = rep.timings.get("loop", time.perf_counter() - t0) + rep.timings.get("setup", 0.0)
     out = measure(model, task, lam=lam)
     out.update(model_sha=digest, wall_s=wall, val_acc0=rep.initial.get("val_acc"), val_acc=rep.final.get("val_acc"),
@@ -177,7 +178,7 @@ def run_one(cell: Cell, method: Optional[str], cfg: dict, cache: str) -> dict:
                retune_mild_asr=retune_mild_asr(model, task, RETUNE_MILD),
                # what actually ran, the method's DEFAULTS included: runs are keyed by the options named in the
                # grid, so this is how a run made under older defaults can be told apart
-               config=rep.config)
+               config=rep.config, retries=[{"lrs": r.lrs, "drop": r.accuracy.drop} for r in rep.retries])
     return out
 
 

@@ -81,6 +81,23 @@ def test_accuracy_collapse_is_refused(here, capsys, tmp_path):
     assert check["data"] == "purification" and check["n"] == 200 and check["before"] == 1.0
     assert check["drop"] > 0.2 and check["exceeded"] and check["limit"] == 0.10
     assert "NOT SAVED" in (out / "report.md").read_text()
+    # purified three times (the default --retries 2), each from the input model at half the rate before
+    tries = payload["results"][0]["retries"]
+    assert [t["lrs"]["lr_delta"] for t in tries] == [1e4, 5e3] and all("points lost" in t["text"] for t in tries)
+    assert (out / "report.md").read_text().count("Abandoned try (") == 2
+
+
+def test_retries_flag(here, capsys, tmp_path):
+    from fip_fast.cli.parser import RETRIES as CLI_RETRIES
+    from fip_fast.pipeline.report import RETRIES
+
+    assert CLI_RETRIES == RETRIES
+    out = tmp_path / "once"
+    rc, _, err = _run(_argv(out, *RUIN, "--retries", "0"), capsys)
+    assert rc == checks.EXIT_NOT_SAVED, err
+    assert json.loads((out / "report.json").read_text())["results"][0]["retries"] == []
+    rc, _, err = _run(_argv(tmp_path / "bad", *RUIN, "--retries", "-1"), capsys)
+    assert "retries must be an int ≥ 0" in _one_line_error(rc, err)
 
 
 def test_accept_accuracy_drop_saves_with_a_warning(here, capsys, tmp_path):

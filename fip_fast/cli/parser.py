@@ -11,6 +11,9 @@ from fip_fast.cli.purify_cmd import TORCHRUN_CMD, cmd_purify
 #: ``--augment`` choices: :data:`fip_fast.augment.AUGMENT_CHOICES` (spelled out: the parser imports no torch).
 AUGMENT_CHOICES = ("none", "shift", "shift_flip", "auto")
 
+#: ``--retries`` default: :data:`fip_fast.pipeline.report.RETRIES` (spelled out for the same reason).
+RETRIES = 2
+
 _DISTRIBUTED_HELP = (
     "data-parallel purification over the processes of a torchrun launch: "
     f"`{TORCHRUN_CMD.replace('N', '2', 1)}` (or torchrun with the installed fip-fast console script's "
@@ -148,6 +151,9 @@ def _add_purify_run(q: argparse.ArgumentParser) -> None:
     q.add_argument("--accept-accuracy-drop", action="store_true", help="save the purified model even when its clean "
                    "accuracy fell by more than 10 points (measured on the clean-validation part, or on the clean "
                    "data when there is none).  Without it such a result is reported but not saved (exit 3)")
+    q.add_argument("--retries", type=int, default=RETRIES, help="run a purification that lost more than the "
+                   "accepted clean accuracy again from the input model at half the learning rate, at most this many "
+                   f"times (default: {RETRIES}; 0: never; off with --checkpoint-dir and --distributed)")
     q.add_argument("--save", default=None, help="purified weights: NAME.safetensors, or NAME.pt / NAME.pth for a "
                    "weights-only torch state dict — the format the suffix says (default: OUT/purified.safetensors)")
     q.add_argument("--checkpoint-dir", default=None, help="save purification checkpoints here")

@@ -178,7 +178,7 @@ def _run_purify(args: argparse.Namespace, model, clean, dev, progress: bool, eva
         return purify(model, clean, method=args.method, eval_fn=eval_fn, eval_every=args.eval_every,
                       val_fraction=args.val_fraction, seed=args.seed, device=dev, progress=progress,
                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                      resume=args.resume, **kw)
+                      resume=args.resume, retries=args.retries, **kw)
     except ResumeMismatchError as e:
         raise CLIError(f"--checkpoint-dir: {e}") from e
     except TypeError as e:

@@ -118,6 +118,7 @@ def method_row(name: str, report, metrics: Dict[str, Any], lam: float, diverged:
         "initial_val_acc": report.initial.get("val_acc"), "final_val_acc": report.final.get("val_acc"),
         "warnings": list(getattr(report, "warnings", []) or []), "diverged": diverged,
         "accuracy_check": _accuracy_check(report),
+        "retries": [{"lrs": dict(t.lrs), "text": t.accuracy.describe()} for t in getattr(report, "retries", [])],
         "history": [{k: v for k, v in h.items()} for h in report.history],
     }
 
@@ -176,6 +177,9 @@ def _method_md(r: Dict[str, Any]) -> List[str]:
     md += [f"steps run {r['steps_run']} ({r.get('skipped_steps', 0)} skipped for non-finite gradients), "
            f"returned weights of step {r['selected_step']}; clean-val accuracy "
            f"{fmt_pct(r.get('initial_val_acc'))} % → {fmt_pct(r.get('final_val_acc'))} %", ""]
+    for t in r.get("retries") or []:
+        lrs = ", ".join(f"{k} {v:g}" for k, v in t["lrs"].items())
+        md += [f"Abandoned try ({lrs}): {t['text']}; purified again from the input model at half the rate.", ""]
     if r.get("accuracy_check"):
         md += [f"Accuracy check: {r['accuracy_check']['text']}.", ""]
     md += [f"* warning: {w}" for w in r.get("warnings") or []] + ([""] if r.get("warnings") else [])

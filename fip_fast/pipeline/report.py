@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import Tensor
 
-__all__ = ["PurifyReport", "AccuracyCheck", "ACCURACY_DROP_LIMIT"]
+__all__ = ["PurifyReport", "AccuracyCheck", "Retry", "ACCURACY_DROP_LIMIT", "RETRIES"]
 
 #: The largest fall of clean accuracy (absolute, as a fraction: 0.10 = 10 points) that :func:`purify` accepts
 #: silently; beyond it ``report.warnings`` says so and ``fip-fast purify`` refuses to save the model (exit 3)
@@ -19,6 +19,12 @@ __all__ = ["PurifyReport", "AccuracyCheck", "ACCURACY_DROP_LIMIT"]
 #: never recovered, 33 %).  On a 20-image hold-out one error is 5 points, so a tighter limit would
 #: refuse good runs on noise.  See docs/own-model.md.
 ACCURACY_DROP_LIMIT = 0.10
+
+#: How many times :func:`purify` runs a purification again, from θ0 at half the learning rate, when its clean
+#: accuracy fell by more than the limit (``purify(retries=…)``).  Why: the runs that lose that much are mostly a
+#: learning rate too large for the model (a warm-up spike it never recovers from: docs/purify.md, "Retries"), and
+#: two halvings reach a quarter of the rate.
+RETRIES = 2
 
 
 @dataclass
@@ -58,6 +64,15 @@ class AccuracyCheck:
 
 
 @dataclass
+class Retry:
+    """A purification try that lost more clean accuracy than accepted and was abandoned: ``lrs``, the learning
+    rates it ran with (the next try ran at half of each), and ``accuracy``, its :class:`AccuracyCheck`."""
+
+    lrs: Dict[str, float]
+    accuracy: AccuracyCheck
+
+
+@dataclass
 class PurifyReport:
     """What :func:`purify` returns beside the model.  ``to_dict()`` gives a JSON-serializable dict.
 
@@ -81,6 +96,8 @@ class PurifyReport:
         accuracy: the clean-accuracy check of the result (:class:`AccuracyCheck`; None when the labels are not
             class indices).  ``accuracy.drop`` is the accuracy lost; ``accuracy.exceeded`` says that it is more
             than ``accuracy.limit`` — the model should not be used without a look.
+        retries: the abandoned tries (:class:`Retry`, in order), when the first ones lost more clean accuracy
+            than accepted (``purify(retries=…)``); the returned model is the last try's.
     """
 
     method: str
@@ -99,6 +116,7 @@ class PurifyReport:
     extra: Dict[str, Any] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     accuracy: Optional[AccuracyCheck] = None
+    retries: List[Retry] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))

@@ -135,7 +135,7 @@ from fip_fast.pipeline.loop import PurifyLoop, loop_plan
 from fip_fast.pipeline.options import LoopOptions, loop_config, resolve_options
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier, Purifier
 from fip_fast.pipeline.registry import MethodSpec, available_methods, get_method, register_method
-from fip_fast.pipeline.report import ACCURACY_DROP_LIMIT, AccuracyCheck, PurifyReport, _jsonable
+from fip_fast.pipeline.report import ACCURACY_DROP_LIMIT, RETRIES, AccuracyCheck, PurifyReport, Retry, _jsonable
 from fip_fast.pipeline.selection import Selection
 from fip_fast.pipeline.strategy import SingleProcess, make_strategy, sync
 
@@ -152,7 +152,8 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
            seed: int = 0, device: Optional[Union[str, torch.device]] = None, loss_fn: Optional[LossFn] = None,
            progress: bool = True, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 50,
            resume: bool = False, distributed: Optional[str] = None, augment: Any = None,
-           max_accuracy_drop: float = ACCURACY_DROP_LIMIT, **options: Any) -> Tuple[nn.Module, PurifyReport]:
+           max_accuracy_drop: float = ACCURACY_DROP_LIMIT, retries: int = RETRIES,
+           **options: Any) -> Tuple[nn.Module, PurifyReport]:
     """Purify ``model`` of a backdoor using the small clean set ``clean_loader``; return ``(model, report)``.
 
     Args:
@@ -196,6 +197,13 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
             :class:`~fip_fast.pipeline.report.AccuracyCheck`); a larger drop adds a warning to
             ``report.warnings`` (and the log).  The model is returned either way; ``fip-fast purify`` refuses to
             save it.
+        retries: how many times a run whose clean accuracy fell by more than ``max_accuracy_drop`` is run again,
+            from θ0, at half the learning rates of the try before (the options ``lr`` and ``lr_delta`` it names:
+            FIP's and Fast FIP's, or a method called with ``lr=…``); default :data:`RETRIES`.  Each abandoned try
+            is recorded in ``report.retries`` (a :class:`~fip_fast.pipeline.report.Retry`) and logged, and
+            ``report.config`` holds the rates of the try returned.  θ0 is kept in host memory for this (one copy of
+            the model's state); ``retries=0`` keeps no copy.  Off (0) with ``checkpoint_dir`` (the tries would share
+            its checkpoints) and under ``distributed``.
         **options: method options, e.g. ``eta_F``, ``eta_r``, ``rho``, ``trace_estimator``, ``lr_delta``,
             ``rho_delta`` for FIP / Fast FIP (see :data:`DEFAULTS`), or a runner's own keyword arguments.
 
@@ -240,19 +248,53 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
                                       eval_every=eval_every, augment=augment)
     data = split_clean(clean_loader, val_data, loop_opts.val_fraction, seed, loop_opts.val_margin)
     augment_fn = make_augment(loop_opts.augment, data.x_train[0])      # checked before any work
-    report = _start_report(spec, model, data, opts, loop_opts, augment_fn, seed=seed, device=dev, strategy=strategy,
-                           val_requested=val_data is not None or bool(loop_opts.val_fraction))
-    evaluator = Evaluator(data, loss_fn, dev, eval_fn, strategy)
-    report.initial = evaluator(model)
-    guard = _AccuracyGuard(model, data, loss_fn, dev, strategy, float(max_accuracy_drop), report.initial)
-    if spec.kind == "runner":
-        return guard.check(*_run_runner(spec, model, data, opts, report, evaluator, seed=seed, progress=progress,
-                                        t_total=t_total, augment=(loop_opts.augment, augment_fn),
-                                        eval_every=loop_opts.eval_every))
-    model = _run_loop(spec, model, data, opts, loop_opts, augment_fn, report, evaluator, seed=seed, progress=progress,
-                      t_total=t_total, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                      resume=resume, theta0=theta0)
-    return guard.check(model, report)
+    retries = _retries(retries, opts, checkpoint_dir, distributed)
+    saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if retries else None
+    abandoned = []
+    while True:
+        run_opts = dict(opts)       # the run takes steps and batch_size out of its copy (loop_plan)
+        report = _start_report(spec, model, data, run_opts, loop_opts, augment_fn, seed=seed, device=dev,
+                               strategy=strategy, val_requested=val_data is not None or bool(loop_opts.val_fraction))
+        evaluator = Evaluator(data, loss_fn, dev, eval_fn, strategy)
+        report.initial = evaluator(model)
+        guard = _AccuracyGuard(model, data, loss_fn, dev, strategy, float(max_accuracy_drop), report.initial)
+        if spec.kind == "runner":
+            model, report = guard.check(*_run_runner(spec, model, data, run_opts, report, evaluator, seed=seed,
+                                                     progress=progress, t_total=t_total,
+                                                     augment=(loop_opts.augment, augment_fn),
+                                                     eval_every=loop_opts.eval_every))
+        else:
+            model, report = guard.check(_run_loop(spec, model, data, run_opts, loop_opts, augment_fn, report, evaluator,
+                                                  seed=seed, progress=progress, t_total=t_total,
+                                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                                                  resume=resume, theta0=theta0), report)
+        report.retries = abandoned
+        if len(abandoned) == retries or report.accuracy is None or not report.accuracy.exceeded:
+            return model, report
+        abandoned.append(Retry({k: opts[k] for k in _LR_OPTIONS if k in opts}, report.accuracy))
+        opts = {**opts, **{k: 0.5 * v for k, v in abandoned[-1].lrs.items()}}
+        if strategy.is_main:
+            logger.warning("fip_fast.pipeline: %s: purifying again from θ0 at half the learning rate (%s)",
+                           report.accuracy.describe(), _describe_lrs(opts))
+        model.load_state_dict(saved)
+
+
+#: The options :func:`purify`'s ``retries`` halves.
+_LR_OPTIONS = ("lr", "lr_delta")
+
+
+def _retries(retries: Any, opts: Dict[str, Any], checkpoint_dir: Optional[str], distributed: Optional[str]) -> int:
+    """``retries`` checked (an int ≥ 0), or 0 where a retry cannot run: no learning rate among the options, a
+    ``checkpoint_dir`` or ``distributed``."""
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int ≥ 0, got {retries!r}")
+    if not any(isinstance(opts.get(k), (int, float)) for k in _LR_OPTIONS):
+        return 0
+    return 0 if checkpoint_dir is not None or distributed is not None else retries
+
+
+def _describe_lrs(opts: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={opts[k]:g}" for k in _LR_OPTIONS if k in opts)
 
 
 def _start_report(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict[str, Any], loop_opts: LoopOptions,
