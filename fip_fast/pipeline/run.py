@@ -120,7 +120,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -129,13 +129,14 @@ from torch import nn
 from fip_fast._utils import model_device
 from fip_fast.augment import make_augment
 from fip_fast.pipeline.checkpoint import ResumeMismatchError, open_checkpoint, theta0_fingerprint
-from fip_fast.pipeline.data import CleanSplit, LossFn, data_warnings, split_clean, val_metrics
+from fip_fast.pipeline.data import CleanSplit, LossFn, data_warnings, split_clean
 from fip_fast.pipeline.evaluator import EvalFn, Evaluator, RunnerEvals
+from fip_fast.pipeline.guard import AccuracyGuard, checked_retries, learning_rates
 from fip_fast.pipeline.loop import PurifyLoop, loop_plan
 from fip_fast.pipeline.options import LoopOptions, loop_config, resolve_options
 from fip_fast.pipeline.purifier import MethodContext, OptimizerPurifier, Purifier
 from fip_fast.pipeline.registry import MethodSpec, available_methods, get_method, register_method
-from fip_fast.pipeline.report import ACCURACY_DROP_LIMIT, RETRIES, AccuracyCheck, PurifyReport, Retry, _jsonable
+from fip_fast.pipeline.report import ACCURACY_DROP_LIMIT, RETRIES, PurifyReport, Retry, _jsonable
 from fip_fast.pipeline.selection import Selection
 from fip_fast.pipeline.strategy import SingleProcess, make_strategy, sync
 
@@ -248,58 +249,57 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
                                       eval_every=eval_every, augment=augment)
     data = split_clean(clean_loader, val_data, loop_opts.val_fraction, seed, loop_opts.val_margin)
     augment_fn = make_augment(loop_opts.augment, data.x_train[0])      # checked before any work
-    retries = _retries(retries, opts, checkpoint_dir, distributed)
+    retries = checked_retries(retries, opts, checkpoint_dir, distributed)
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if retries else None
-    abandoned = []
+    run = _Run(spec, data, loop_opts, augment_fn, lambda: Evaluator(data, loss_fn, dev, eval_fn, strategy),
+               dict(seed=seed, progress=progress, t_total=t_total),
+               dict(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, theta0=theta0),
+               float(max_accuracy_drop), val_requested=val_data is not None or bool(loop_opts.val_fraction))
+    abandoned: List[Retry] = []
     while True:
-        run_opts = dict(opts)       # the run takes steps and batch_size out of its copy (loop_plan)
-        report = _start_report(spec, model, data, run_opts, loop_opts, augment_fn, seed=seed, device=dev,
-                               strategy=strategy, val_requested=val_data is not None or bool(loop_opts.val_fraction))
-        evaluator = Evaluator(data, loss_fn, dev, eval_fn, strategy)
-        report.initial = evaluator(model)
-        guard = _AccuracyGuard(model, data, loss_fn, dev, strategy, float(max_accuracy_drop), report.initial)
-        if spec.kind == "runner":
-            model, report = guard.check(*_run_runner(spec, model, data, run_opts, report, evaluator, seed=seed,
-                                                     progress=progress, t_total=t_total,
-                                                     augment=(loop_opts.augment, augment_fn),
-                                                     eval_every=loop_opts.eval_every))
-        else:
-            model, report = guard.check(_run_loop(spec, model, data, run_opts, loop_opts, augment_fn, report, evaluator,
-                                                  seed=seed, progress=progress, t_total=t_total,
-                                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                                                  resume=resume, theta0=theta0), report)
+        model, report = run(model, opts, log_warnings=not abandoned)
         report.retries = abandoned
         if len(abandoned) == retries or report.accuracy is None or not report.accuracy.exceeded:
             return model, report
-        abandoned.append(Retry({k: opts[k] for k in _LR_OPTIONS if k in opts}, report.accuracy))
+        abandoned.append(Retry(learning_rates(opts), report.accuracy))
         opts = {**opts, **{k: 0.5 * v for k, v in abandoned[-1].lrs.items()}}
         if strategy.is_main:
             logger.warning("fip_fast.pipeline: %s: purifying again from θ0 at half the learning rate (%s)",
-                           report.accuracy.describe(), _describe_lrs(opts))
+                           report.accuracy.describe(), ", ".join(f"{k}={v:g}" for k, v in learning_rates(opts).items()))
         model.load_state_dict(saved)
 
 
-#: The options :func:`purify`'s ``retries`` halves.
-_LR_OPTIONS = ("lr", "lr_delta")
+class _Run:
+    """One try of :func:`purify` on the model as it is: a new report, θ0's clean-val metrics, the method's run,
+    the accuracy check."""
 
+    def __init__(self, spec: MethodSpec, data: CleanSplit, loop_opts: LoopOptions, augment_fn: Any,
+                 evaluator: Callable[[], Evaluator], common: Dict[str, Any], loop_kw: Dict[str, Any], limit: float,
+                 val_requested: bool):
+        self.spec, self.data, self.loop_opts, self.augment_fn = spec, data, loop_opts, augment_fn
+        self.evaluator, self.common, self.loop_kw, self.limit = evaluator, common, loop_kw, limit
+        self.val_requested = val_requested
 
-def _retries(retries: Any, opts: Dict[str, Any], checkpoint_dir: Optional[str], distributed: Optional[str]) -> int:
-    """``retries`` checked (an int ≥ 0), or 0 where a retry cannot run: no learning rate among the options, a
-    ``checkpoint_dir`` or ``distributed``."""
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int ≥ 0, got {retries!r}")
-    if not any(isinstance(opts.get(k), (int, float)) for k in _LR_OPTIONS):
-        return 0
-    return 0 if checkpoint_dir is not None or distributed is not None else retries
-
-
-def _describe_lrs(opts: Dict[str, Any]) -> str:
-    return ", ".join(f"{k}={opts[k]:g}" for k in _LR_OPTIONS if k in opts)
+    def __call__(self, model: nn.Module, opts: Dict[str, Any], log_warnings: bool = True
+                 ) -> Tuple[nn.Module, PurifyReport]:
+        ev, lo = self.evaluator(), self.loop_opts      # a new one per try: its timings are the try's
+        opts = dict(opts)       # the run takes steps and batch_size out of its copy (loop_plan)
+        report = _start_report(self.spec, model, self.data, opts, lo, self.augment_fn, seed=self.common["seed"],
+                               device=ev.device, strategy=ev.strategy, val_requested=self.val_requested,
+                               log_warnings=log_warnings)
+        report.initial = ev(model)
+        guard = AccuracyGuard(model, self.data, ev.loss_fn, ev.device, ev.strategy, self.limit, report.initial)
+        if self.spec.kind == "runner":
+            return guard.check(*_run_runner(self.spec, model, self.data, opts, report, ev, **self.common,
+                                            augment=(lo.augment, self.augment_fn), eval_every=lo.eval_every))
+        model = _run_loop(self.spec, model, self.data, opts, lo, self.augment_fn, report, ev, **self.common,
+                          **self.loop_kw)
+        return guard.check(model, report)
 
 
 def _start_report(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict[str, Any], loop_opts: LoopOptions,
                   augment_fn: Any, *, seed: int, device: torch.device, strategy: SingleProcess,
-                  val_requested: bool) -> PurifyReport:
+                  val_requested: bool, log_warnings: bool = True) -> PurifyReport:
     """The report of a run: its configuration (recorded after ``strategy.configure`` has adapted the model, e.g.
     SyncBatchNorm, and noted its choices in it), the parameter count and the clean data's warnings (logged on the
     main rank)."""
@@ -309,7 +309,7 @@ def _start_report(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Di
     strategy.configure(model, opts.get("batch_size"), config)
     report = PurifyReport(method=spec.name, config=config, total_params=sum(p.numel() for p in model.parameters()))
     report.warnings = data_warnings(data, opts.get("batch_size"), val_requested, loop_opts.val_fraction)
-    for w in report.warnings if strategy.is_main else ():
+    for w in report.warnings if strategy.is_main and log_warnings else ():
         logger.warning("fip_fast.pipeline: %s", w)
     return report
 
@@ -338,41 +338,6 @@ def _run_loop(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict[s
         loop.resume()
     loop.run()
     return loop.finish()
-
-
-class _AccuracyGuard:
-    """Clean accuracy before and after, on the defender's data: the clean-validation part when there is one
-    (θ0's is ``report.initial["val_acc"]``), else the purification part (measured on θ0 here, before any step).
-    Without it nothing but non-finite values stopped a ruined model (a learning rate of 1e6 returned a model at
-    7.6 % clean accuracy without a word)."""
-
-    def __init__(self, theta0: nn.Module, data: CleanSplit, loss_fn: LossFn, dev: torch.device,
-                 strategy: SingleProcess, limit: float, initial: Dict[str, Any]):
-        self.data, self.loss_fn, self.dev, self.strategy, self.limit = data, loss_fn, dev, strategy, limit
-        y = data.y_val if data.has_val else data.y_train
-        self.enabled = y.dim() == 1 and not y.is_floating_point() and y.numel() > 0   # class-index labels only
-        self.before = float("nan")
-        if self.enabled:
-            self.before = float(initial["val_acc"]) if data.has_val else self._accuracy_on_train(theta0)
-
-    def _accuracy_on_train(self, model: nn.Module) -> float:
-        return float(val_metrics(model, self.data.x_train, self.data.y_train, self.loss_fn, self.dev,
-                                 shard=self.strategy.val_shard)["val_acc"])
-
-    def check(self, model: nn.Module, report: PurifyReport) -> Tuple[nn.Module, PurifyReport]:
-        """Record :class:`AccuracyCheck` in ``report.accuracy``; warn when the drop exceeds the limit."""
-        if not self.enabled:
-            return model, report
-        after = float(report.final["val_acc"]) if self.data.has_val else self._accuracy_on_train(model)
-        report.accuracy = AccuracyCheck("validation" if self.data.has_val else "purification",
-                                        int((self.data.y_val if self.data.has_val else self.data.y_train).numel()),
-                                        self.before, after, self.limit)
-        if report.accuracy.exceeded:
-            w = f"{report.accuracy.describe()}: check this model before using it"
-            report.warnings.append(w)
-            if self.strategy.is_main:
-                logger.warning("fip_fast.pipeline: %s", w)
-        return model, report
 
 
 def _probe_model() -> nn.Module:
