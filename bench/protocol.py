@@ -313,7 +313,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         doc["chosen"] = dev["chosen"]
         _execute(doc, path, stage_jobs(args.stage, args.quick, dev["chosen"]), args.jobs, Path(args.cache), budget)
         _save(doc, path)            # the choice, also when every run it needs was already there
-    write_report(dev_path, eval_path, sys.argv)
+    write_report(dev_path, eval_path)
     return 0
 
 

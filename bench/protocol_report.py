@@ -245,7 +245,13 @@ def eval_md(doc: dict, title: str = "Evaluation suite (frozen choices)") -> List
     return out + [""]
 
 
-def write_report(dev_path: Path, eval_path: Path, argv) -> Path:
+def _command(stage: str, doc: dict) -> str:
+    """The command that (re)runs ``doc``'s stage: each report names its own, whichever stage wrote it last."""
+    quick = " --quick" if doc.get("config", {}).get("quick") else ""
+    return f"`python -m bench protocol {stage}{quick} --jobs 2`"
+
+
+def write_report(dev_path: Path, eval_path: Path) -> Path:
     """Write ``<eval_path>.md`` (and ``<dev_path>.md``) from the JSON files that exist."""
     from bench.protocol import BATCH, STEPS
 
@@ -255,7 +261,8 @@ def write_report(dev_path: Path, eval_path: Path, argv) -> Path:
     out_path = None
     if dev_path.exists():
         dev = json.loads(dev_path.read_text())
-        lines = head + dev_md(dev) + [f"Updated {dev.get('updated')}; machine {dev.get('machine')}."]
+        lines = head + dev_md(dev) + [f"Updated {dev.get('updated')}; machine {dev.get('machine')}; command: "
+                                      f"{_command('dev', dev)}."]
         out_path = dev_path.with_suffix(".md")
         out_path.write_text("\n".join(lines) + "\n")
     abl = dev_path.with_name("protocol_ablate.json")
@@ -272,12 +279,13 @@ def write_report(dev_path: Path, eval_path: Path, argv) -> Path:
         doc = json.loads(heldout.read_text())
         lines = ([h.replace("MNIST-5k", "MNIST-5k on colour textures") for h in head]
                  + eval_md(doc, title="Held-out data (frozen choices)")
-                 + [f"Updated {doc.get('updated')}; machine {doc.get('machine')}."])
+                 + [f"Updated {doc.get('updated')}; machine {doc.get('machine')}; command: "
+                    f"{_command('heldout', doc)}."])
         heldout.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if eval_path.exists():
         doc = json.loads(eval_path.read_text())
         lines = head + eval_md(doc) + [f"Updated {doc.get('updated')}; machine {doc.get('machine')}; command: "
-                                       f"`{' '.join(str(a) for a in argv)}`."]
+                                       f"{_command('eval', doc)}."]
         out_path = eval_path.with_suffix(".md")
         out_path.write_text("\n".join(lines) + "\n")
     return out_path

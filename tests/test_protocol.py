@@ -150,11 +150,14 @@ def test_report_counts_dominance_and_excludes_failed_attacks(tmp_path):
     assert "### Cells won, Pareto" in md
     path = tmp_path / "e.json"
     path.write_text(json.dumps({"runs": runs}))
-    assert write_report(tmp_path / "missing.json", path, ["x"]).read_text().startswith("# Fair protocol")
+    assert write_report(tmp_path / "missing.json", path).read_text().startswith("# Fair protocol")
     (tmp_path / "protocol_heldout.json").write_text(json.dumps({"runs": runs}))     # beside the dev JSON
-    write_report(tmp_path / "missing.json", path, ["x"])
+    write_report(tmp_path / "missing.json", path)
     held = (tmp_path / "protocol_heldout.md").read_text()
     assert "MNIST-5k on colour textures" in held and "## Held-out data (frozen choices)" in held
+    # each report names the command of its own stage, whichever stage wrote the reports last
+    assert held.rstrip().endswith("command: `python -m bench protocol heldout --jobs 2`.")
+    assert path.with_suffix(".md").read_text().rstrip().endswith("command: `python -m bench protocol eval --jobs 2`.")
 
 
 def test_dominance_table_says_how_many_cells_a_row_could_win_at_most():
