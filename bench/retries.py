@@ -58,6 +58,14 @@ def _measure(jobs, n_proc: int, cache: str) -> List[tuple]:
     return out
 
 
+#: The measurements kept per run in retries.json.
+_KEPT = ("acc", "asr", "ra", "retune_asr", "retune_mild_asr", "wall_s", "retries", "model_sha")
+
+
+def _kept(run: dict) -> dict:
+    return {k: run[k] for k in _KEPT if k in run}
+
+
 def _row(label: str, runs: List[dict], befores: List[dict]) -> str:
     def ms(xs):
         return f"{100 * statistics.mean(xs):.1f}"
@@ -139,8 +147,9 @@ def main(argv=None) -> int:
         cfg = chosen[m]["cfg"]
         base = c.key.replace("/c0.02/", "/c0.1/")
         before = befores.get(f"{c.key}|before|{{}}") or befores[f"{base}|before|{{}}"]
-        results.append({"cells": name, "cell": c.key, "method": m, "before": before,
-                        "once": once or got[_key(c, m, cfg)], "retried": got[_key(c, m, dict(cfg, retries=RETRIES))]})
+        results.append({"cells": name, "cell": c.key, "method": m, "before": _kept(before),
+                        "once": _kept(once or got[_key(c, m, cfg)]),
+                        "retried": _kept(got[_key(c, m, dict(cfg, retries=RETRIES))])})
     path = RESULTS / "retries.json"
     ran = set(args.cells.split(","))
     kept = [r for r in json.loads(path.read_text())["results"] if r["cells"] not in ran] if path.exists() else []
