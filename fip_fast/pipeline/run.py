@@ -120,7 +120,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -251,13 +251,27 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
     augment_fn = make_augment(loop_opts.augment, data.x_train[0])      # checked before any work
     retries = checked_retries(retries, opts, checkpoint_dir, distributed)
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if retries else None
-    run = _Run(spec, data, loop_opts, augment_fn, lambda: Evaluator(data, loss_fn, dev, eval_fn, strategy),
-               dict(seed=seed, progress=progress, t_total=t_total),
-               dict(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, theta0=theta0),
-               float(max_accuracy_drop), val_requested=val_data is not None or bool(loop_opts.val_fraction))
+    val_requested = val_data is not None or bool(loop_opts.val_fraction)
+
+    def run_once(model: nn.Module, opts: Dict[str, Any], log_warnings: bool) -> Tuple[nn.Module, PurifyReport]:
+        """One try on the model as it is: its own report, evaluator (so its timings) and accuracy check."""
+        opts = dict(opts)       # the run takes steps and batch_size out of its copy (loop_plan)
+        report = _start_report(spec, model, data, opts, loop_opts, augment_fn, seed=seed, device=dev,
+                               strategy=strategy, val_requested=val_requested, log_warnings=log_warnings)
+        evaluator = Evaluator(data, loss_fn, dev, eval_fn, strategy)
+        report.initial = evaluator(model)
+        guard = AccuracyGuard(model, data, loss_fn, dev, strategy, float(max_accuracy_drop), report.initial)
+        if spec.kind == "runner":
+            return guard.check(*_run_runner(spec, model, data, opts, report, evaluator, seed=seed, progress=progress,
+                                            t_total=t_total, augment=(loop_opts.augment, augment_fn),
+                                            eval_every=loop_opts.eval_every))
+        return guard.check(_run_loop(spec, model, data, opts, loop_opts, augment_fn, report, evaluator, seed=seed,
+                                     progress=progress, t_total=t_total, checkpoint_dir=checkpoint_dir,
+                                     checkpoint_every=checkpoint_every, resume=resume, theta0=theta0), report)
+
     abandoned: List[Retry] = []
     while True:
-        model, report = run(model, opts, log_warnings=not abandoned)
+        model, report = run_once(model, opts, log_warnings=not abandoned)
         report.retries = abandoned
         if len(abandoned) == retries or report.accuracy is None or not report.accuracy.exceeded:
             return model, report
@@ -267,34 +281,6 @@ def purify(model: nn.Module, clean_loader: Any, method: str = "fast_fip", steps:
             logger.warning("fip_fast.pipeline: %s: purifying again from θ0 at half the learning rate (%s)",
                            report.accuracy.describe(), ", ".join(f"{k}={v:g}" for k, v in learning_rates(opts).items()))
         model.load_state_dict(saved)
-
-
-class _Run:
-    """One try of :func:`purify` on the model as it is: a new report, θ0's clean-val metrics, the method's run,
-    the accuracy check."""
-
-    def __init__(self, spec: MethodSpec, data: CleanSplit, loop_opts: LoopOptions, augment_fn: Any,
-                 evaluator: Callable[[], Evaluator], common: Dict[str, Any], loop_kw: Dict[str, Any], limit: float,
-                 val_requested: bool):
-        self.spec, self.data, self.loop_opts, self.augment_fn = spec, data, loop_opts, augment_fn
-        self.evaluator, self.common, self.loop_kw, self.limit = evaluator, common, loop_kw, limit
-        self.val_requested = val_requested
-
-    def __call__(self, model: nn.Module, opts: Dict[str, Any], log_warnings: bool = True
-                 ) -> Tuple[nn.Module, PurifyReport]:
-        ev, lo = self.evaluator(), self.loop_opts      # a new one per try: its timings are the try's
-        opts = dict(opts)       # the run takes steps and batch_size out of its copy (loop_plan)
-        report = _start_report(self.spec, model, self.data, opts, lo, self.augment_fn, seed=self.common["seed"],
-                               device=ev.device, strategy=ev.strategy, val_requested=self.val_requested,
-                               log_warnings=log_warnings)
-        report.initial = ev(model)
-        guard = AccuracyGuard(model, self.data, ev.loss_fn, ev.device, ev.strategy, self.limit, report.initial)
-        if self.spec.kind == "runner":
-            return guard.check(*_run_runner(self.spec, model, self.data, opts, report, ev, **self.common,
-                                            augment=(lo.augment, self.augment_fn), eval_every=lo.eval_every))
-        model = _run_loop(self.spec, model, self.data, opts, lo, self.augment_fn, report, ev, **self.common,
-                          **self.loop_kw)
-        return guard.check(model, report)
 
 
 def _start_report(spec: MethodSpec, model: nn.Module, data: CleanSplit, opts: Dict[str, Any], loop_opts: LoopOptions,
